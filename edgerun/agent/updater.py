@@ -1,0 +1,359 @@
+"""The update state machine of one device: manifest → verify → choose → fetch → verify → stage → warm → swap.
+
+Every transition is saved to the journal (fsync) before it is reported. ``EDGERUN_TEST_PAUSE_AT=state`` (or
+``state:version``) makes the agent sleep ``EDGERUN_TEST_PAUSE_SECONDS`` (default 60) right after reporting
+that state — a test-only hook so a test can ``kill -9`` the device in a known state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from edgerun import manifest as manifest_mod
+from edgerun.agent.transfer import ChunkTransfer, TransferError, http_fetch
+from edgerun.choice import no_fit_error
+from edgerun.errors import EdgerunError, IntegrityError, ManifestError
+from edgerun.package import ModelPackage, save_package, verify_file
+from edgerun.store import IN_PROGRESS, JournalEntry, Pointer, atomic_write_json
+
+if TYPE_CHECKING:
+    from edgerun.agent.agent import Agent
+    from edgerun.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+STALL_TIMEOUT = float(os.environ.get("EDGERUN_TRANSFER_STALL_TIMEOUT", "600"))
+
+
+class Cancelled(Exception):
+    """A newer release for the same model arrived, or the agent is stopping."""
+
+
+class Updater:
+    """Applies releases to the runtime and the store, reporting through the agent."""
+
+    def __init__(self, agent: "Agent"):
+        self.agent = agent
+        self.store = agent.store
+        self.runtime = agent.runtime
+        self.cfg = agent.config.mqtt
+
+    # --- reporting --------------------------------------------------------------------------
+
+    def transition(self, entry: JournalEntry, state: str, detail: str = "", **changes) -> JournalEntry:
+        """Save, then publish, one state transition."""
+        entry = replace(entry, state=state, detail=detail, ts=time.time(), **changes)
+        if state not in IN_PROGRESS:
+            entry.manifest = None
+            if entry.digest:
+                self.store_done(entry.digest)
+        self.store.save_journal(entry)
+        self.agent.report(entry)
+        _test_pause(state, entry.version)
+        return entry
+
+    def store_done(self, digest: str) -> None:
+        done = self.agent.done_digests
+        done[digest] = time.time()
+        if len(done) > 200:
+            for k in sorted(done, key=done.get)[:len(done) - 200]:
+                del done[k]
+        atomic_write_json(self.store.journal_dir / "done.digests", done)
+
+    # --- entry point ------------------------------------------------------------------------
+
+    def process(self, model: str, payload: bytes, cancelled: Callable[[], bool]) -> None:
+        """Handle one (effective) release payload for ``model``."""
+        if not payload:
+            self.retire(model)
+            return
+        digest = hashlib.sha256(payload).hexdigest()
+        try:
+            m = manifest_mod.parse(payload, self.agent.trusted, topic_model=model, clock_skew=self.cfg.clock_skew)
+        except ManifestError as exc:
+            if digest in self.agent.done_digests:
+                return
+            self.transition(JournalEntry(model, _guess_version(payload), "queued", digest=digest), "rejected",
+                            str(exc))
+            return
+        active = self.agent.active_version(model)
+        if active is not None and m.version < active and self.store.has_version(model, m.version) \
+                and self._same_release(m):
+            self.rollback_to(m)  # the hub names the kept version again (or a canary release was withdrawn)
+            return
+        if m.digest in self.agent.done_digests:
+            return
+        if active is not None and m.version <= active:
+            saved = self.store.saved_manifest(model, m.version)
+            if m.version == active and saved is not None and manifest_mod.digest(saved) == m.digest:
+                self.store_done(m.digest)  # the release already active, delivered again
+            else:
+                self.transition(JournalEntry(model, m.version, "queued", digest=m.digest), "rejected",
+                                f"downgrade: v{m.version} is not newer than the active v{active}")
+            return
+        self.update(m, cancelled)
+
+    def _same_release(self, m: "Manifest") -> bool:
+        saved = self.store.saved_manifest(m.model, m.version)
+        if not saved:
+            return False
+        have = {f["sha256"] for v in saved.get("variants", []) for f in v.get("files", [])}
+        return any(f.sha256 in have for v in m.variants for f in v.files)
+
+    # --- the update -------------------------------------------------------------------------
+
+    def update(self, m: "Manifest", cancelled: Callable[[], bool], resume_from: str | None = None) -> None:
+        j = JournalEntry(m.model, m.version, "queued", digest=m.digest, manifest=m.raw)
+        j = self.transition(j, "queued", f"release v{m.version} signed by {m.key_id!r}"
+                            + (f" (resuming after restart in state {resume_from})" if resume_from else ""))
+        try:
+            choice = self.runtime.explain(m.package)
+        except EdgerunError as exc:
+            self.transition(j, "rejected", f"incompatible: {exc}")
+            return
+        cand = choice.chosen
+        old = self._loaded(m.model)
+        unload_first = False
+        if cand is None and self.cfg.unload_first and old is not None:
+            retry = self.runtime.explain(m.package, memory_budget=choice.budget + old.memory_bytes)
+            if retry.chosen is not None:
+                cand, unload_first = retry.chosen, True
+        if cand is None:
+            err = no_fit_error(m.package, choice.candidates, choice.budget)
+            hint = "" if old is None else " while the active version stays loaded (set mqtt.unload_first to " \
+                                          "unload it first, with a short unavailability)"
+            self.transition(j, "rejected", f"too large: {err}{hint}")
+            return
+        variant = cand.variant
+        j = self.transition(j, "downloading", f"variant {variant.id} on {cand.backend}, {variant.size} bytes",
+                            variant=variant.id, backend=cand.backend, progress=0.0)
+        try:
+            paths = self.fetch(j, variant, cancelled)
+        except Cancelled:
+            log.info("update of %s to v%d superseded or stopped during download", m.model, m.version)
+            return
+        except (TransferError, IntegrityError, OSError) as exc:
+            for f in variant.files:
+                self.store.drop_partial(f.sha256)
+            self.transition(j, "failed", f"download: {exc}")
+            return
+        j = self.transition(j, "verifying", f"checking size and sha256 of {len(paths)} file(s)", progress=1.0)
+        try:
+            for f, p in zip(variant.files, paths):
+                verify_file(p, f)
+        except IntegrityError as exc:
+            for f in variant.files:
+                self.store.drop_partial(f.sha256)
+            self.transition(j, "failed", f"verification: {exc}")
+            return
+        vdir = self._stage(m, variant, paths)
+        j = self.transition(j, "staged", f"stored in {vdir}")
+        self.warm_and_swap(j, m.model, m.version, vdir, variant.id, cand.backend, unload_first)
+
+    def warm_and_swap(self, j: JournalEntry, model: str, version: int, vdir: Path, variant: str,
+                      backend: str | None, unload_first: bool = False) -> bool:
+        j = self.transition(j, "warming", f"loading {variant} on {backend or 'the chosen backend'} and running "
+                                          f"the warm-up samples")
+        old = self._loaded(model)
+        if unload_first and old is not None:
+            log.warning("unloading %s v%d before loading v%d: both do not fit (mqtt.unload_first)", model,
+                        old.version, version)
+            self.runtime.unload(model)
+        try:
+            loaded = self.agent.in_loader(lambda: self.runtime.prepare(vdir, variant=variant, backend=backend,
+                                                                       verify=False))
+        except Exception as exc:  # any load/warm-up failure leaves the old version serving
+            self.store.remove_version(model, version)
+            if unload_first and old is not None:
+                self._reload_pointer(model)
+            reason = str(exc) if isinstance(exc, EdgerunError) else f"{type(exc).__name__}: {exc}"
+            self.transition(j, "failed", f"v{version} did not load or warm up; v{old.version if old else '-'} "
+                                         f"keeps serving: {reason}")
+            return False
+        self.runtime.activate(loaded)
+        prev = self.store.pointer(model)
+        previous = prev.version if prev and prev.version != version else (prev.previous if prev else None)
+        self.store.set_pointer(model, Pointer(version, variant, loaded.backend, previous))
+        self.transition(j, "active", f"serving v{version} ({variant} on {loaded.backend})"
+                        + (f"; v{previous} kept for rollback" if previous else ""), progress=None)
+        self.store.prune(model)
+        self._prune_partials()
+        return True
+
+    def rollback_to(self, m: "Manifest") -> None:
+        """The hub names a version this device keeps: serve it again (an explicit roll-back)."""
+        ptr = self.store.pointer(m.model)
+        j = JournalEntry(m.model, m.version, "queued", digest=m.digest)
+        vdir = self.store.version_dir(m.model, m.version)
+        pkg = ModelPackage.load(vdir)
+        variant = pkg.variants[0].id
+        j = self.transition(j, "staged", f"the hub rolls back to v{m.version}, kept in {vdir}", variant=variant)
+        self.warm_and_swap(j, m.model, m.version, vdir, variant, None)
+
+    def fetch(self, j: JournalEntry, variant, cancelled: Callable[[], bool]) -> list[Path]:
+        total = max(1, variant.size)
+        done_before = 0
+        paths = []
+        for f in variant.files:
+            src = f.source or {"mqtt": True}
+            url = src.get("url")
+            path = None
+            if url:
+                dest = self.store.partial_dir / f"{f.sha256}.http"
+                try:
+                    http_fetch(url, dest, f.size, cancelled=cancelled,
+                               progress=lambda n, b=done_before: self.agent.progress(j, (b + n) / total))
+                    path = dest
+                except TransferError as exc:
+                    if not src.get("mqtt"):
+                        raise
+                    log.warning("HTTP download failed (%s); falling back to MQTT chunks", exc)
+            if cancelled():
+                raise Cancelled()
+            if path is None:
+                path = self._fetch_chunks(j, f, cancelled, done_before, total)
+            paths.append(path)
+            done_before += f.size
+        return paths
+
+    def _fetch_chunks(self, j: JournalEntry, f, cancelled, done_before: int, total: int) -> Path:
+        t = ChunkTransfer(self.store.partial_path(f.sha256), f, self.agent.blob_prefix)
+        if t.resumed_chunks:
+            log.info("resuming %s: %d of %d chunks already on disk", f.path, t.resumed_chunks, t.count)
+        try:
+            if not t.done.is_set():
+                self.agent.add_transfer(t)
+                last_progress = -1
+                while not t.done.wait(0.25):
+                    if cancelled():
+                        raise Cancelled()
+                    n = t.received
+                    if n != last_progress:
+                        last_progress = n
+                        self.agent.progress(j, (done_before + t.bytes_on_disk) / total)
+                    if not self.agent.connected:
+                        t.last_chunk_at = time.monotonic()
+                    elif time.monotonic() - t.last_chunk_at > STALL_TIMEOUT:
+                        raise TransferError(f"no chunk of {f.path} for {STALL_TIMEOUT:.0f}s "
+                                            f"({t.received} of {t.count} received): are the blobs still retained?")
+            if t.error:
+                raise TransferError(t.error)
+        finally:
+            self.agent.remove_transfer(t)
+            t.close()
+        self.agent.progress(j, (done_before + f.size) / total)
+        return t.path
+
+    def _stage(self, m: "Manifest", variant, paths: list[Path]) -> Path:
+        tmp = self.store.stage_dir(m.model)
+        for f, p in zip(variant.files, paths):
+            dest = tmp / f.path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(p, dest)
+            self.store.drop_partial(f.sha256)
+        pkg = replace(m.package, variants=[variant], root=None)
+        save_package(pkg, tmp)
+        (tmp / "manifest.json").write_text(json.dumps(m.raw, indent=1, ensure_ascii=False))
+        return self.store.commit_stage(tmp, m.model, m.version)
+
+    def _prune_partials(self) -> None:
+        keep = {t.entry.sha256 for t in self.agent.transfers()}
+        self.store.prune_partials(keep)
+
+    # --- retire, restore --------------------------------------------------------------------
+
+    def retire(self, model: str) -> None:
+        """An empty release: stop serving the model and forget it (its files are deleted)."""
+        loaded = self._loaded(model)
+        version = loaded.version if loaded else 0
+        if loaded is None and self.store.pointer(model) is None:
+            return
+        if loaded is not None:
+            self.runtime.unload(model)
+        self.store.clear_pointer(model)
+        shutil.rmtree(self.store.models_dir / model, ignore_errors=True)
+        self.transition(JournalEntry(model, version, "queued"), "retired", "the hub retired the model")
+
+    def restore(self) -> list[tuple[str, JournalEntry]]:
+        """Serve every model's active version; roll back interrupted swaps; return updates to resume."""
+        resume = []
+        models = set(self.store.models()) | {j.model for j in self.store.journals()}
+        for model in sorted(models):
+            j = self.store.journal(model)
+            ptr = self.store.pointer(model)
+            if j is not None and j.state in ("staged", "warming"):
+                if ptr is not None and ptr.version == j.version:
+                    j = self.transition(j, "active", f"v{j.version} was activated just before a restart")
+                else:
+                    if ptr is None or j.version not in (ptr.version, ptr.previous):
+                        self.store.remove_version(model, j.version)
+                    kept = f"v{ptr.version} keeps serving" if ptr else "no version to serve"
+                    j = self.transition(j, "rolled_back", f"the device restarted while v{j.version} was {j.state}; "
+                                                          f"{kept}")
+            serving = self._loaded(model)
+            if ptr is not None and serving is not None and serving.version > ptr.version:
+                log.info("%s: the configured package v%d is newer than the store's v%d; serving the package",
+                         model, serving.version, ptr.version)
+            elif ptr is not None:
+                self._reload_pointer(model, ptr)
+            if j is not None and j.state in ("queued", "downloading", "verifying") and j.manifest:
+                resume.append((model, j))
+        return resume
+
+    def _reload_pointer(self, model: str, ptr: Pointer | None = None) -> None:
+        """Load the active version; if it fails, fall back to the previous good one and say so."""
+        ptr = ptr or self.store.pointer(model)
+        if ptr is None:
+            return
+        try:
+            loaded = self.runtime.prepare(self.store.version_dir(model, ptr.version), variant=ptr.variant or None,
+                                          backend=ptr.backend or None)
+            self.runtime.activate(loaded)
+            log.info("restored %s v%d (%s on %s)", model, ptr.version, ptr.variant, ptr.backend)
+            return
+        except Exception as exc:
+            reason = str(exc)
+        log.error("active %s v%d does not load: %s", model, ptr.version, reason)
+        if ptr.previous is not None and self.store.has_version(model, ptr.previous):
+            bad = ptr.version
+            prev_pkg = ModelPackage.load(self.store.version_dir(model, ptr.previous))
+            self.store.set_pointer(model, Pointer(ptr.previous, prev_pkg.variants[0].id, "", None))
+            self.transition(JournalEntry(model, bad, "queued"), "rolled_back",
+                            f"v{bad} failed to load at startup ({reason}); rolled back to v{ptr.previous}")
+            self._reload_pointer(model)
+        else:
+            self.transition(JournalEntry(model, ptr.version, "queued"), "failed",
+                            f"v{ptr.version} failed to load at startup and no previous version is kept: {reason}")
+
+    def _loaded(self, model: str):
+        try:
+            return self.runtime.model(model)
+        except EdgerunError:
+            return None
+
+
+def _guess_version(payload: bytes) -> int:
+    try:
+        v = json.loads(payload).get("version")
+        return v if isinstance(v, int) and not isinstance(v, bool) else 0
+    except Exception:
+        return 0
+
+
+def _test_pause(state: str, version: int) -> None:
+    spec = os.environ.get("EDGERUN_TEST_PAUSE_AT")
+    if not spec:
+        return
+    want, _, ver = spec.partition(":")
+    if want == state and (not ver or int(ver) == version):
+        seconds = float(os.environ.get("EDGERUN_TEST_PAUSE_SECONDS", "60"))
+        log.warning("EDGERUN_TEST_PAUSE_AT=%s: pausing %.0fs (test-only hook)", spec, seconds)
+        time.sleep(seconds)

@@ -1,0 +1,91 @@
+"""What a backend plugin provides: a Backend that loads model files into Sessions."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from edgerun.tensors import TensorSpec
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can be used here; when not, why and how to fix it."""
+
+    available: bool
+    version: str | None = None
+    reason: str | None = None
+    install_hint: str | None = None
+
+    def __str__(self) -> str:
+        if self.available:
+            return "available"
+        hint = f" ({self.install_hint})" if self.install_hint else ""
+        return f"unavailable: {self.reason}{hint}"
+
+
+@dataclass
+class LoadOptions:
+    """How to load a model: the target device, thread count and backend-specific options."""
+
+    device: str | None = None
+    threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Session(abc.ABC):
+    """A loaded model, ready to run."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @abc.abstractmethod
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model on already-validated inputs; return every output by name."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the model and the memory it holds; the session is unusable afterwards."""
+
+    @property
+    def device(self) -> str:
+        """The device the session runs on (e.g. CPU, GPU, NPU, CUDA)."""
+        return "CPU"
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Backend(abc.ABC):
+    """A way of running model files of some formats on some devices."""
+
+    name: ClassVar[str]
+    formats: ClassVar[tuple[str, ...]]
+    install_hint: ClassVar[str]
+
+    @abc.abstractmethod
+    def availability(self) -> Availability:
+        """Whether the backend's library is importable and working here."""
+
+    def check(self) -> Availability:
+        """``availability()``, with a plugin that raises reported as unavailable instead of crashing."""
+        try:
+            return self.availability()
+        except Exception as exc:
+            return Availability(False, reason=f"availability check failed: {type(exc).__name__}: {exc}",
+                                install_hint=getattr(self, "install_hint", None))
+
+    def devices(self) -> list[str]:
+        """The devices this backend can target on this host."""
+        return ["CPU"]
+
+    @abc.abstractmethod
+    def load(self, path: Path, options: LoadOptions) -> Session:
+        """Load one model file; raise ModelLoadError with the backend's message on failure."""

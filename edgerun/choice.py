@@ -1,0 +1,111 @@
+"""Variant choice: which variant, on which backend, fits this device's memory budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgerun.backend import Backend
+from edgerun.errors import NoVariantFits
+from edgerun.hookspecs import hookimpl
+from edgerun.package import ModelPackage, Variant
+from edgerun.profiles import Profile
+from edgerun.units import format_size
+
+# Resident memory a loaded session needs, estimated from the variant's file size when the package
+# records no measurement: need = base + factor * size. Calibrated with benchmarks/calibrate_memory.py
+# (peak RSS growth over load + one inference, median of 5 processes); see docs/variant-choice.md.
+MEMORY_ESTIMATE: dict[str, tuple[int, float]] = {
+    "onnxruntime": (11 << 20, 1.5),
+    "openvino": (40 << 20, 2.0),
+    "litert": (3 << 20, 2.0),
+}
+DEFAULT_ESTIMATE = (32 << 20, 2.5)
+
+
+@dataclass
+class Candidate:
+    """One variant on one backend, with its memory need and whether it was kept."""
+
+    variant: Variant
+    backend: str
+    memory_bytes: int
+    memory_measured: bool
+    kept: bool = True
+    reason: str = ""
+    chosen: bool = False
+
+    @property
+    def latency_ms(self) -> float | None:
+        m = self.variant.measured.get(self.backend)
+        return m.latency_ms if m else None
+
+    @property
+    def accuracy(self) -> float | None:
+        m = self.variant.measured.get(self.backend)
+        if m and m.accuracy is not None:
+            return m.accuracy
+        return self.variant.accuracy
+
+
+def memory_need(variant: Variant, backend: str) -> tuple[int, bool]:
+    """Bytes the variant needs on ``backend`` and whether that figure was measured."""
+    m = variant.measured.get(backend)
+    if m and m.memory_bytes:
+        return m.memory_bytes, True
+    if variant.memory_bytes:
+        return variant.memory_bytes, True
+    base, factor = MEMORY_ESTIMATE.get(backend, DEFAULT_ESTIMATE)
+    return int(base + factor * variant.size), False
+
+
+def candidates(package: ModelPackage, profile: Profile, backends: dict[str, Backend], budget: int) -> list[Candidate]:
+    """Every (variant, backend) pair, each marked kept or dropped with the reason."""
+    order = list(profile.prefer) + [b for b in backends if b not in profile.prefer]
+    rank = {name: i for i, name in enumerate(order)}
+    out: list[Candidate] = []
+    for variant in package.variants:
+        able = sorted((b for b in backends.values() if variant.format in b.formats), key=lambda b: rank.get(b.name, 99))
+        if not able:
+            out.append(Candidate(variant, "-", 0, False, False, f"no installed backend loads format {variant.format!r}"))
+            continue
+        for backend in able:
+            need, measured = memory_need(variant, backend.name)
+            avail = backend.check()
+            if not avail.available:
+                out.append(Candidate(variant, backend.name, need, measured, False, f"backend {avail}"))
+            elif need > budget:
+                out.append(Candidate(variant, backend.name, need, measured, False,
+                                     f"needs {format_size(need)} > budget {format_size(budget)}"))
+            else:
+                out.append(Candidate(variant, backend.name, need, measured, True, "fits"))
+    return out
+
+
+def sort_key(c: Candidate, rank: dict[str, int]) -> tuple:
+    """Most accurate first, then most precise, then fastest, then the profile's backend order."""
+    acc = c.accuracy
+    latency = c.latency_ms
+    return (-(acc if acc is not None else -1.0), c.variant.precision_rank,
+            latency if latency is not None else float("inf"), rank.get(c.backend, 99))
+
+
+@hookimpl(trylast=True)
+def choose_variant(package: ModelPackage, profile: Profile, candidates: list[Candidate]) -> Candidate | None:
+    """The built-in rule: among kept candidates, the most accurate, then precise, then fast."""
+    kept = [c for c in candidates if c.kept]
+    if not kept:
+        return None
+    rank = {name: i for i, name in enumerate(profile.prefer)}
+    return min(kept, key=lambda c: sort_key(c, rank))
+
+
+def no_fit_error(package: ModelPackage, cands: list[Candidate], budget: int) -> NoVariantFits:
+    """The error when nothing fits: the smallest need and the budget, or why no backend can run it."""
+    sized = [c for c in cands if c.backend != "-" and "budget" in c.reason]
+    if sized:
+        smallest = min(sized, key=lambda c: c.memory_bytes)
+        return NoVariantFits(
+            f"no variant of {package.name!r} fits the memory budget of {format_size(budget)}: the smallest, "
+            f"{smallest.variant.id!r} on {smallest.backend}, needs {format_size(smallest.memory_bytes)}")
+    reasons = "; ".join(f"{c.variant.id}: {c.reason}" for c in cands) or "the package has no variants"
+    return NoVariantFits(f"no variant of {package.name!r} can run here ({reasons})")

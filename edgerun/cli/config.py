@@ -1,0 +1,39 @@
+"""``edgerun config check`` and ``edgerun config show``: validate and print the effective configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from edgerun.cli.app import app
+
+config_app = typer.Typer(help="Check or show the configuration (file, EDGERUN_* environment, defaults).",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default /etc/edgerun/edgerun.toml, or EDGERUN_CONFIG).")
+
+
+@config_app.command("check")
+def check(config: Path = ConfigOpt) -> None:
+    """Validate the config file and what it points at; exit 0 when good, 78 naming file, key and expectation."""
+    from edgerun.config import DEFAULT_CONFIG_PATH, check_config, load_config
+
+    cfg = load_config(config)
+    check_config(cfg)
+    where = cfg.source or f"no config file ({config or DEFAULT_CONFIG_PATH} absent): built-in defaults"
+    listen = f"{cfg.server.host}:{cfg.server.port}" if cfg.server.host else ""
+    if cfg.server.uds:
+        listen = ", ".join(p for p in (listen, f"unix:{cfg.server.uds}") if p)
+    env = f", environment overrides: {', '.join(cfg.overrides)}" if cfg.overrides else ""
+    typer.echo(f"ok: {where}: {len(cfg.models)} model(s), HTTP on {listen}, "
+               f"MQTT {'on' if cfg.mqtt.enabled else 'off'}{env}")
+
+
+@config_app.command("show")
+def show(config: Path = ConfigOpt) -> None:
+    """Print the effective configuration as TOML; secret values are never printed, only where they come from."""
+    from edgerun.config import load_config, to_toml
+
+    typer.echo(to_toml(load_config(config)), nl=False)

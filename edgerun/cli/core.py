@@ -1,0 +1,130 @@
+"""Commands about this device: backends, device facts and profile, variant choice, one-shot inference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from edgerun.cli.app import app, console, fail
+from edgerun.units import format_size
+
+ProfileOpt = typer.Option(None, "--profile", "-p", help="Device profile name or TOML file (default: detected).")
+BudgetOpt = typer.Option(None, "--memory-budget", "-m", help="Memory budget, e.g. 200MiB or 60% (default: profile).")
+
+
+def _runtime(profile: str | None = None, memory_budget: str | None = None):
+    from edgerun.runtime import Runtime
+
+    return Runtime(profile=profile, memory_budget=memory_budget)
+
+
+@app.command()
+def backends() -> None:
+    """List backend plugins: available or not, version, devices, and how to install the missing ones."""
+    rt = _runtime()
+    table = Table(title="Backends")
+    for col in ("name", "available", "version", "formats", "devices", "reason / install"):
+        table.add_column(col)
+    for backend, avail in rt.backend_status():
+        table.add_row(backend.name, "[green]yes[/]" if avail.available else "[red]no[/]", avail.version or "-",
+                      ", ".join(backend.formats), ", ".join(backend.devices()) if avail.available else "-",
+                      "" if avail.available else f"{avail.reason}\n{avail.install_hint or ''}".strip())
+    for failure in rt.plugin_failures:
+        table.add_row(failure.name, "[red]broken[/]", "-", "-", "-", f"plugin failed to load: {failure.error}")
+    console.print(table)
+
+
+@app.command()
+def device(profile: str = ProfileOpt) -> None:
+    """Show this host's facts, the device profile chosen and why."""
+    rt = _runtime(profile)
+    facts = rt.facts
+    table = Table(title="Device facts", show_header=False)
+    table.add_column("fact", style="bold")
+    table.add_column("value")
+    table.add_row("arch", facts.arch)
+    table.add_row("cpu", f"{facts.cpu_model} ({facts.cpu_count} usable cores)")
+    interesting = sorted(facts.cpu_flags & {"avx", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "fma",
+                                            "neon", "asimd", "asimddp", "sve", "f16c"})
+    table.add_row("cpu features", ", ".join(interesting) or "-")
+    table.add_row("board", facts.device_tree_model or "-")
+    table.add_row("memory", f"{format_size(facts.memory_available)} available of {format_size(facts.memory_total)}")
+    table.add_row("accelerators", ", ".join(sorted(facts.accelerators)) or "none found")
+    for key, value in facts.extra.items():
+        table.add_row(key, str(value))
+    console.print(table)
+    choice = rt.profile_choice
+    p = choice.profile
+    console.print(f"[bold]profile:[/] {p.name} — {p.description}" + (f"  [dim]({p.source})[/]" if p.source else ""))
+    console.print(f"[bold]why:[/] {choice.why}")
+    console.print(f"[bold]memory budget:[/] {p.memory_budget} = {format_size(rt.memory_budget())}"
+                  f"; backend preference: {', '.join(p.prefer) or '(none)'}")
+    if choice.considered:
+        t2 = Table(title="Profiles considered")
+        t2.add_column("profile")
+        t2.add_column("matches")
+        t2.add_column("specificity", justify="right")
+        t2.add_column("reasons")
+        for prof, ok, reasons in sorted(choice.considered, key=lambda c: (-c[1], -c[0].specificity)):
+            t2.add_row(prof.name, "[green]yes[/]" if ok else "no", str(prof.specificity), "; ".join(reasons))
+        console.print(t2)
+
+
+@app.command()
+def explain(package: Path = typer.Argument(..., help="Model package directory."),
+            memory_budget: str = BudgetOpt, profile: str = ProfileOpt) -> None:
+    """Show every variant of a package: kept or dropped and why, and the one that would be loaded."""
+    from edgerun.choice import no_fit_error
+
+    rt = _runtime(profile, memory_budget)
+    c = rt.explain(package, memory_budget=memory_budget)
+    console.print(f"[bold]{c.package.name}[/] v{c.package.version} on profile [bold]{c.profile.name}[/], "
+                  f"memory budget {format_size(c.budget)}")
+    table = Table()
+    for col in ("", "variant", "format", "precision", "backend", "memory need", "accuracy", "latency", "verdict"):
+        table.add_column(col, justify="right" if col in ("memory need", "accuracy", "latency") else "left")
+    for cand in c.candidates:
+        mark = "[bold green]→[/]" if cand.chosen else ""
+        need = format_size(cand.memory_bytes) + ("" if cand.memory_measured else " (est.)") if cand.backend != "-" else "-"
+        acc = f"{cand.accuracy:.4f}" if cand.accuracy is not None else "-"
+        lat = f"{cand.latency_ms:.3f} ms" if cand.latency_ms is not None else "-"
+        verdict = "[bold green]chosen[/]" if cand.chosen else ("kept" if cand.kept else f"[red]dropped:[/] {cand.reason}")
+        table.add_row(mark, cand.variant.id, cand.variant.format, cand.variant.precision, cand.backend, need, acc, lat,
+                      verdict)
+    console.print(table)
+    if c.chosen is None:
+        raise no_fit_error(c.package, c.candidates, c.budget)
+
+
+@app.command()
+def run(package: Path = typer.Argument(..., help="Model package directory."),
+        input: list[str] = typer.Option(..., "--input", "-i", help="NAME=file.npy (repeat for each input)."),
+        variant: str = typer.Option(None, help="Force a variant id."),
+        backend: str = typer.Option(None, help="Force a backend."),
+        save: Path = typer.Option(None, help="Write outputs to this .npz file."),
+        memory_budget: str = BudgetOpt, profile: str = ProfileOpt) -> None:
+    """Run one inference on a package with inputs from .npy files and print the outputs."""
+    rt = _runtime(profile, memory_budget)
+    inputs = {}
+    for item in input:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise fail(f"--input expects NAME=file.npy, got {item!r}", 2)
+        try:
+            inputs[name] = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise fail(f"cannot read {file}: {exc}", 66)
+    model = rt.load(package, variant=variant, backend=backend)
+    console.print(f"[dim]{model.name} v{model.version}: {model.variant.id} on {model.backend}[/]")
+    outputs = rt.infer(model.name, inputs)
+    with np.printoptions(precision=4, suppress=True, threshold=50):
+        for name, arr in outputs.items():
+            console.print(f"[bold]{name}[/] {arr.dtype} {list(arr.shape)}")
+            console.print(str(arr), highlight=False)
+    if save:
+        np.savez(save, **outputs)
+        console.print(f"[dim]saved to {save}[/]")
+    rt.close()

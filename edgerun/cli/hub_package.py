@@ -1,0 +1,115 @@
+"""``edgerun hub package``: make, measure and choose a model's variants and write the package."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgerun.cli.app import console, fail, hub_app
+from edgerun.units import format_size
+
+REQUIRED = ("onnx", "onnxruntime")
+
+
+def _split(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+class _Bar:
+    def __init__(self, progress: Progress):
+        self._p = progress
+        self._task = progress.add_task("packaging", total=None)
+
+    def total(self, n: int) -> None:
+        self._p.update(self._task, total=n)
+
+    def step(self, message: str) -> None:
+        self._p.update(self._task, advance=1, description=message)
+
+
+@hub_app.command("package")
+def package(
+    model: Path = typer.Argument(..., help="The fp32 model (.onnx)."),
+    name: str = typer.Option(..., "--name", help="Model name in the package."),
+    version: int = typer.Option(..., "--version", help="Package version (positive integer)."),
+    validation: Path = typer.Option(..., "--validation", help=".npz: arrays named after the model inputs, plus 'labels'."),
+    out: Path = typer.Option(..., "--out", help="Package directory to write (must not exist unless --force)."),
+    precisions: str = typer.Option("fp32,fp16,int8", "--precisions", help="Comma list of fp32, fp16, int8, int4."),
+    calibration: Path = typer.Option(None, "--calibration", help=".npz like --validation, for int8 ranges (default: the validation set)."),
+    formats: str = typer.Option("onnx,openvino", "--formats", help="Comma list of onnx, openvino, tflite."),
+    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Drop variants more than this many points below fp32."),
+    metric: str = typer.Option("auto", "--metric", help="accuracy (needs labels), agreement (top-1 agreement with fp32) or auto."),
+    prune: float = typer.Option(None, "--prune", help="Also make a magnitude-pruned fp32 variant at this sparsity (e.g. 0.5)."),
+    backends: str = typer.Option(None, "--backends", help="Measure only on these backends (default: every available one)."),
+    repeats: int = typer.Option(50, "--repeats", help="Timed batch-1 runs per variant and backend (median reported)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+) -> None:
+    """Make fp16/int8/int4/OpenVINO variants of an ONNX model, measure each here, keep the ones worth shipping."""
+    missing = [m for m in REQUIRED if not _importable(m)]
+    if missing:
+        raise fail(escape(f"edgerun hub package needs {', '.join(missing)}: pip install 'edgerun[hub]'"), 69)
+    from edgerun.errors import EdgerunError
+    from edgerun.hub.packager import PackageRequest, package_model
+
+    req = PackageRequest(model=model, name=name, version=version, validation=validation, out=out,
+                         precisions=_split(precisions) or (), formats=_split(formats) or (), calibration=calibration,
+                         max_accuracy_drop=max_accuracy_drop, metric=metric, prune=prune, backends=_split(backends),
+                         force=force, repeats=repeats)
+    with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        try:
+            report = package_model(req, _Bar(progress))
+        except EdgerunError as exc:  # printed here: messages hold brackets ([N, 64], edgerun[hub]) that are not markup
+            raise fail(escape(str(exc)), exc.exit_code) from None
+    console.print(summary_table(report))
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    console.print(f"[bold green]wrote[/] {report.out} ({len(report.kept)} variant(s)); details in "
+                  f"{report.out / 'packaging-report.json'}")
+
+
+def summary_table(report) -> Table:
+    """One row per planned variant: size, score, latency and memory per backend, and the verdict."""
+    metric = "accuracy" if report.metric == "accuracy" else "agreement w/ fp32"
+    table = Table(title=f"{report.name} v{report.version} — {report.weights}")
+    for col in ("variant", "precision", "size", "zlib size", metric, "latency (1 thread, batch 1)", "peak memory",
+                "verdict"):
+        table.add_column(col, justify="right" if col in ("size", "zlib size", metric) else "left")
+    shown_skips: set[tuple[str, str]] = set()
+    for v in report.variants:
+        if v.status == "skipped" and v.format == "tflite":
+            if (v.format, v.reason) in shown_skips:
+                continue
+            shown_skips.add((v.format, v.reason))
+            precs = ", ".join(x.precision for x in report.variants if x.format == v.format and x.reason == v.reason)
+            table.add_row(f"{v.format}-*", precs, "-", "-", "-", "-", "-", f"[yellow]skipped:[/] {v.reason}")
+            continue
+        ok = v.ok_results()
+        score = v.score(report.metric)
+        lat = "\n".join(f"{r.latency_ms:.3f} ms {b}" for b, r in ok.items()) or "-"
+        mem = "\n".join(f"{format_size(r.memory_bytes)} {b}" for b, r in ok.items()) or "-"
+        verdict = {"kept": "[green]kept[/]", "dropped": "[red]dropped:[/] ", "skipped": "[yellow]skipped:[/] "}[v.status]
+        if v.status != "kept":
+            verdict += v.reason
+        elif v.note:
+            verdict += f" ({v.note})"
+        verdict = verdict.replace(v.reason, escape(v.reason)) if v.reason else verdict
+        table.add_row(v.id, v.precision, format_size(v.size) if v.size else "-",
+                      format_size(v.compressed_size) if v.size else "-",
+                      f"{100 * score:.2f}%" if score is not None else "-", lat, mem, verdict)
+    return table

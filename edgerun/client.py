@@ -1,0 +1,103 @@
+"""``edgerun.Client``: a small KServe v2 client for a running ``edgerun serve`` (httpx, binary tensors)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import httpx
+import numpy as np
+
+from edgerun.errors import EdgerunError, InvalidInput, ModelNotFound, ModelNotReady
+
+
+class ServerError(EdgerunError):
+    """The server answered with an error status that has no more specific edgerun error."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class Client:
+    """Talk to an edgerun (or any KServe v2) server.
+
+    >>> c = Client("http://127.0.0.1:8000", token=None)              # doctest: +SKIP
+    >>> c.infer("digits", {"input": x})["probabilities"]               # doctest: +SKIP
+    """
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", *, token: str | None = None, timeout: float = 30.0,
+                 uds: str | None = None):
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        transport = httpx.HTTPTransport(uds=uds) if uds else None
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def live(self) -> bool:
+        return self._http.get("/v2/health/live").status_code == 200
+
+    def ready(self) -> bool:
+        """Whether the server is up and serving at least one model."""
+        try:
+            return self._http.get("/v2/health/ready").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def server_metadata(self) -> dict[str, Any]:
+        return self._get("/v2")
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every served model version: name, version, state, variant, backend."""
+        return self._check(self._http.post("/v2/repository/index", content=b"{}")).json()
+
+    def metadata(self, model: str, version: int | None = None) -> dict[str, Any]:
+        return self._get(_model_path(model, version))
+
+    def model_ready(self, model: str, version: int | None = None) -> bool:
+        r = self._http.get(_model_path(model, version) + "/ready")
+        return r.status_code == 200
+
+    def infer(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None, binary: bool = True,
+              outputs: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Run ``{input name: array}`` on the server; returns ``{output name: array}``."""
+        from edgerun.server.codec import HEADER_LENGTH, decode_response, encode_request
+
+        body, header_len = encode_request({k: np.asarray(v) for k, v in inputs.items()}, binary=binary,
+                                          outputs=list(outputs) if outputs is not None else None)
+        headers = {"content-type": "application/octet-stream" if header_len is not None else "application/json"}
+        if header_len is not None:
+            headers[HEADER_LENGTH] = str(header_len)
+        r = self._check(self._http.post(_model_path(model, version) + "/infer", content=body, headers=headers))
+        length = r.headers.get(HEADER_LENGTH)
+        _, out = decode_response(r.content, int(length) if length is not None else None)
+        return out
+
+    def _get(self, path: str) -> Any:
+        return self._check(self._http.get(path)).json()
+
+    @staticmethod
+    def _check(r: httpx.Response) -> httpx.Response:
+        if r.status_code < 400:
+            return r
+        try:
+            message = r.json().get("error", r.text)
+        except ValueError:
+            message = r.text
+        if r.status_code == 400:
+            raise InvalidInput(message)
+        if r.status_code == 404:
+            raise ModelNotFound(message)
+        if r.status_code == 503:
+            raise ModelNotReady(message)
+        raise ServerError(r.status_code, message)
+
+
+def _model_path(model: str, version: int | None) -> str:
+    return f"/v2/models/{model}" + (f"/versions/{version}" if version is not None else "")

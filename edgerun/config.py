@@ -1,0 +1,366 @@
+"""edgerun's configuration: one TOML file, ``EDGERUN_*`` environment overrides, then CLI flags."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from edgerun.errors import ConfigError
+from edgerun.tomlfile import Table, read_toml
+from edgerun.units import parse_size
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_PATH = Path("/etc/edgerun/edgerun.toml")
+DEFAULT_STATE_DIR = Path(os.environ.get("STATE_DIRECTORY", "/var/lib/edgerun").split(":")[0])
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Dynamic batching for one model: off unless the model has a dynamic batch dimension."""
+
+    enabled: bool | None = None  # None: on when the model's first input dim is dynamic
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 500
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model to serve from a local package directory."""
+
+    path: Path
+    name: str | None = None  # defaults to the package's name
+    variant: str | None = None
+    backend: str | None = None
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    max_inflight: int = 4  # concurrent runs of this model
+    max_queue: int = 256  # waiting requests before 503
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The local inference HTTP server."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+    uds: Path | None = None
+    token_file: Path | None = None  # bearer token; env EDGERUN_API_TOKEN also works
+    max_body: int = 64 << 20
+    drain_timeout: float = 30.0
+    allow_insecure: bool = False  # allow a non-loopback host without a token (logged loudly)
+
+    def token(self) -> str | None:
+        """The bearer token, from EDGERUN_API_TOKEN or token_file; None when not configured."""
+        env = os.environ.get("EDGERUN_API_TOKEN")
+        if env:
+            return env.strip()
+        if self.token_file:
+            try:
+                return self.token_file.read_text().strip() or None
+            except OSError as exc:
+                raise ConfigError(f"cannot read token file: {exc}", key="server.token_file") from None
+        return None
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """The connection to the fleet's broker and the device's identity in it."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 1883
+    fleet: str = "default"
+    device_id: str = field(default_factory=lambda: os.uname().nodename)
+    username: str | None = None
+    password_file: Path | None = None  # env EDGERUN_MQTT_PASSWORD also works
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive: int = 30
+    trusted_keys: Path | None = None  # directory of <key_id>.pub (Ed25519, PEM or raw base64)
+    clock_skew: int = 300  # seconds of tolerance on a manifest's "expires"
+    unload_first: bool = False  # when old and new versions don't both fit: unload first (short outage)
+
+    def password(self) -> str | None:
+        env = os.environ.get("EDGERUN_MQTT_PASSWORD")
+        if env:
+            return env
+        if self.password_file:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read password file: {exc}", key="mqtt.password_file") from None
+        return None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything ``edgerun serve`` needs."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    profile: str | None = None
+    memory_budget: str | None = None
+    threads: int | None = None
+    log_level: str = "INFO"
+    models: tuple[ModelConfig, ...] = ()
+    server: ServerConfig = field(default_factory=ServerConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    source: str | None = None  # the file read, if any
+    overrides: tuple[str, ...] = ()  # the EDGERUN_* variables applied on top of it
+
+
+def _dataclass_from_table(cls: type, t: Table, converters: dict[str, Any] | None = None) -> Any:
+    """Build a config dataclass from a TOML table, checking types against the dataclass defaults."""
+    converters = converters or {}
+    names = [f.name for f in fields(cls) if f.name not in ("source", "overrides")]
+    t.only(*names)
+    kwargs: dict[str, Any] = {}
+    defaults = cls()  # type: ignore[call-arg]
+    for name in names:
+        if name not in t.data:
+            continue
+        if name in converters:
+            kwargs[name] = converters[name](t, name)
+            continue
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            kwargs[name] = t.get(name, bool)
+        elif isinstance(default, int):
+            kwargs[name] = t.get(name, int)
+        elif isinstance(default, float):
+            kwargs[name] = t.get(name, float)
+        elif isinstance(default, Path) or name.endswith(("_file", "_dir", "keys")) or name == "uds":
+            kwargs[name] = Path(t.get(name, str))
+        else:
+            kwargs[name] = t.get(name, str)
+    return cls(**kwargs)
+
+
+def _size(t: Table, name: str) -> int:
+    value = t.get(name, (str, int))
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise t.fail(name, str(exc)) from None
+
+
+def _model(t: Table, base: Path) -> ModelConfig:
+    t.only("path", "name", "variant", "backend", "batching", "max_inflight", "max_queue")
+    path = Path(t.get("path", str, required=True))
+    if not path.is_absolute():
+        path = base / path
+    b = t.table("batching")
+    batching = (_dataclass_from_table(BatchingConfig, b, {"enabled": lambda tt, n: tt.get(n, bool)}) if b.data
+                else BatchingConfig())
+    for key in ("max_inflight", "max_queue"):
+        if key in t.data and t.get(key, int) < 1:
+            raise t.fail(key, "expected a positive integer")
+    return ModelConfig(path=path, name=t.get("name", str, None), variant=t.get("variant", str, None),
+                       backend=t.get("backend", str, None), batching=batching,
+                       max_inflight=t.get("max_inflight", int, 4), max_queue=t.get("max_queue", int, 256))
+
+
+def parse_config(data: dict[str, Any], source: str | None = None, base: Path | None = None) -> Config:
+    """Check and build a Config from a parsed TOML document."""
+    t = Table(data, source)
+    t.only("state_dir", "profile", "memory_budget", "threads", "log_level", "models", "server", "mqtt")
+    base = base or Path.cwd()
+    for section, key, where in (("server", "token", "server.token_file or EDGERUN_API_TOKEN"),
+                                ("server", "api_token", "server.token_file or EDGERUN_API_TOKEN"),
+                                ("mqtt", "password", "mqtt.password_file or EDGERUN_MQTT_PASSWORD")):
+        if isinstance(data.get(section), dict) and key in data[section]:
+            raise t.fail(f"{section}.{key}", f"secrets are not read from the config file itself; use {where}")
+    server = _dataclass_from_table(ServerConfig, t.table("server"), {"max_body": _size})
+    mqtt = _dataclass_from_table(MqttConfig, t.table("mqtt"))
+    for key, value, low, high, what in (
+            ("server.port", server.port, 1, 65535, "a port number 1-65535"),
+            ("mqtt.port", mqtt.port, 1, 65535, "a port number 1-65535"),
+            ("server.max_body", server.max_body, 1, None, "a size above 0, e.g. \"64MiB\""),
+            ("server.drain_timeout", server.drain_timeout, 0, None, "seconds >= 0"),
+            ("mqtt.keepalive", mqtt.keepalive, 1, 65535, "seconds 1-65535"),
+            ("mqtt.clock_skew", mqtt.clock_skew, 0, None, "seconds >= 0"),
+            ("threads", t.get("threads", int, None), 1, None, "a positive number of threads")):
+        if value is not None and (value < low or (high is not None and value > high)):
+            raise t.fail(key, f"expected {what}, got {value!r}")
+    level = t.get("log_level", str, "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise t.fail("log_level", f"expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    return Config(state_dir=Path(t.get("state_dir", str, str(DEFAULT_STATE_DIR))),
+                  profile=t.get("profile", str, None), memory_budget=t.get("memory_budget", str, None),
+                  threads=t.get("threads", int, None), log_level=level,
+                  models=tuple(_model(m, base) for m in t.tables("models")),
+                  server=server, mqtt=mqtt, source=source)
+
+
+# EDGERUN_<SECTION>_<KEY> (or EDGERUN_<KEY> for top-level keys) override the file.
+ENV_PREFIX = "EDGERUN_"
+_SECRET_ENV = {"EDGERUN_API_TOKEN", "EDGERUN_MQTT_PASSWORD"}
+
+
+def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The overrides as TOML-like data, and which variable set each dotted key."""
+    out: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    sections = {"SERVER": ("server", ServerConfig), "MQTT": ("mqtt", MqttConfig)}
+    top = {f.name.upper(): f.name for f in fields(Config)
+           if f.name not in ("models", "server", "mqtt", "source", "overrides")}
+    for key, value in sorted(environ.items()):
+        if not key.startswith(ENV_PREFIX) or key in _SECRET_ENV:
+            continue
+        rest = key[len(ENV_PREFIX):]
+        section, _, sub = rest.partition("_")
+        if section in sections and sub:
+            name, cls = sections[section]
+            names = {f.name.upper(): f.name for f in fields(cls)}
+            if sub not in names:
+                log.warning("ignoring %s: %s has no key %r", key, name, sub.lower())
+                continue
+            out.setdefault(name, {})[names[sub]] = _coerce(key, value, getattr(cls(), names[sub]))
+            origin[f"{name}.{names[sub]}"] = key
+        elif rest in top:
+            default = 0 if top[rest] == "threads" else getattr(Config(), top[rest])
+            out[top[rest]] = _coerce(key, value, default)
+            origin[top[rest]] = key
+    return out, origin
+
+
+def _coerce(var: str, value: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        v = value.strip().lower()
+        if v not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ConfigError(f"environment variable {var}: expected true or false (1/0, yes/no), got {value!r}")
+        return v in ("1", "true", "yes", "on")
+    for kind, what in ((int, "an integer"), (float, "a number")):
+        if isinstance(default, kind):
+            try:
+                return kind(value)
+            except ValueError:
+                raise ConfigError(f"environment variable {var}: expected {what}, got {value!r}") from None
+    return value
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None,
+                required: bool = False) -> Config:
+    """The effective configuration: file (if any), then environment overrides."""
+    environ = dict(os.environ if environ is None else environ)
+    explicit = path is not None or bool(environ.get("EDGERUN_CONFIG"))
+    path = Path(path or environ.get("EDGERUN_CONFIG") or DEFAULT_CONFIG_PATH)
+    data: dict[str, Any] = {}
+    source = None
+    if path.exists():
+        data = read_toml(path)
+        source = str(path)
+    elif explicit or required:
+        raise ConfigError("file not found", file=str(path))
+    env, origin = _env_overrides(environ)
+    for key, value in env.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    try:
+        config = parse_config(data, source=source, base=path.parent if source else Path.cwd())
+    except ConfigError as exc:
+        var = origin.get(exc.key or "")
+        if var is None:
+            raise
+        detail = str(exc).split(": ", 1)[1] if exc.file or exc.key else str(exc)
+        raise ConfigError(f"environment variable {var} (key '{exc.key}'): {detail}") from None
+    return replace(config, overrides=tuple(sorted(set(origin.values()))))
+
+
+def with_overrides(config: Config, **changes: Any) -> Config:
+    """A copy with CLI flags applied (None means "not given")."""
+    top = {k: v for k, v in changes.items() if v is not None and "." not in k}
+    server = {k.split(".", 1)[1]: v for k, v in changes.items() if v is not None and k.startswith("server.")}
+    mqtt = {k.split(".", 1)[1]: v for k, v in changes.items() if v is not None and k.startswith("mqtt.")}
+    return replace(config, **top, server=replace(config.server, **server), mqtt=replace(config.mqtt, **mqtt))
+
+
+# --- checking and showing ----------------------------------------------------------------------
+
+def check_config(config: Config) -> None:
+    """What loading cannot see: model packages, secret files and the budget; raises the first problem."""
+    from edgerun.package import ModelPackage
+    from edgerun.units import parse_budget
+
+    src = config.source
+    for i, m in enumerate(config.models):
+        if not m.path.is_dir():
+            raise ConfigError(f"expected a model package directory, but {m.path} does not exist or is not one",
+                              file=src, key=f"models[{i}].path")
+        try:
+            ModelPackage.load(m.path)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"not a valid model package: {exc}", file=src, key=f"models[{i}].path") from None
+    for key, path in (("server.token_file", config.server.token_file), ("mqtt.password_file", config.mqtt.password_file),
+                      ("mqtt.ca_file", config.mqtt.ca_file), ("mqtt.cert_file", config.mqtt.cert_file),
+                      ("mqtt.key_file", config.mqtt.key_file)):
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f"expected a readable file, cannot read {path}", file=src, key=key)
+    if config.mqtt.enabled and config.mqtt.trusted_keys is not None and not config.mqtt.trusted_keys.is_dir():
+        raise ConfigError(f"expected a directory of <key_id>.pub files, {config.mqtt.trusted_keys} is not one",
+                          file=src, key="mqtt.trusted_keys")
+    if config.memory_budget is not None:
+        try:
+            parse_budget(config.memory_budget, 1 << 30)
+        except ValueError as exc:
+            raise ConfigError(f"expected a size or a percentage, e.g. \"512MiB\" or \"60%\": {exc}",
+                              file=src, key="memory_budget") from None
+
+
+_SECRETS = {"server": ("api token", "EDGERUN_API_TOKEN", "token_file"),
+            "mqtt": ("password", "EDGERUN_MQTT_PASSWORD", "password_file")}
+
+
+def to_toml(config: Config, environ: dict[str, str] | None = None) -> str:
+    """The configuration as a TOML document that ``load_config`` reads back; secret values never appear."""
+    environ = dict(os.environ if environ is None else environ)
+    lines = [f"# edgerun effective configuration: {config.source or 'no config file (built-in defaults)'}"]
+    if config.overrides:
+        lines.append(f"# overridden by the environment: {', '.join(config.overrides)}")
+    _emit(lines, config, skip=("models", "server", "mqtt", "source", "overrides"))
+    for section in ("server", "mqtt"):
+        lines += ["", f"[{section}]"]
+        value = getattr(config, section)
+        _emit(lines, value)
+        what, var, file_key = _SECRETS[section]
+        if environ.get(var):
+            lines.append(f"# {what}: <from {var}>")
+        elif getattr(value, file_key) is not None:
+            lines.append(f"# {what}: <from {file_key} {getattr(value, file_key)}>")
+        else:
+            lines.append(f"# {what}: not set")
+    for m in config.models:
+        lines += ["", "[[models]]"]
+        _emit(lines, m, skip=("batching",))
+        lines.append("[models.batching]")
+        _emit(lines, m.batching)
+    return "\n".join(lines) + "\n"
+
+
+def _emit(lines: list[str], obj: Any, skip: tuple[str, ...] = ()) -> None:
+    for f in fields(obj):
+        if f.name in skip:
+            continue
+        value = getattr(obj, f.name)
+        if value is None:
+            lines.append(f"# {f.name} = (not set)")
+        else:
+            lines.append(f"{f.name} = {_toml_value(value)}")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string

@@ -1,0 +1,117 @@
+"""Facts about the host: architecture, CPU flags, board model, memory and accelerators."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+# What ``platform.machine()`` reports on other systems, mapped to the Linux names profiles use.
+ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8l": "aarch64"}
+
+
+@dataclass
+class DeviceFacts:
+    """What edgerun knows about the machine it runs on."""
+
+    arch: str
+    cpu_model: str = ""
+    cpu_flags: frozenset[str] = frozenset()
+    cpu_count: int = 1
+    device_tree_model: str = ""
+    memory_total: int = 0
+    memory_available: int = 0
+    accelerators: frozenset[str] = frozenset()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The facts as plain JSON-able values (for status reports and ``edgerun device``)."""
+        return {
+            "arch": self.arch, "cpu_model": self.cpu_model, "cpu_count": self.cpu_count,
+            "cpu_flags": sorted(self.cpu_flags), "device_tree_model": self.device_tree_model,
+            "memory_total": self.memory_total, "memory_available": self.memory_available,
+            "accelerators": sorted(self.accelerators), **self.extra,
+        }
+
+
+def normalize_arch(arch: str) -> str:
+    """The Linux name of an architecture: ``arm64`` is ``aarch64``, ``amd64`` is ``x86_64``."""
+    arch = arch.strip().lower()
+    return ARCH_ALIASES.get(arch, arch)
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _cpuinfo() -> tuple[str, frozenset[str], str]:
+    """CPU model, flags (x86 ``flags``, Arm ``Features``) and board (a Pi's ``Model``) from /proc/cpuinfo."""
+    model, flags, board = "", set(), ""
+    for line in _read("/proc/cpuinfo").splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and not model:
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = set(value.split())
+        elif key == "model" and not value.strip().isdigit():  # x86 has a numeric "model"
+            board = value.strip()
+    return model, frozenset(flags), board
+
+
+def _accelerators() -> frozenset[str]:
+    """Accelerators visible through device nodes and sysfs, without importing any backend library."""
+    found = set()
+    nvidia = ("/dev/nvidia0", "/dev/nvhost-ctrl-gpu", "/dev/nvgpu", "/proc/driver/nvidia")
+    if any(Path(p).exists() for p in nvidia):
+        found.add("cuda")
+    if Path("/etc/nv_tegra_release").exists():
+        found.add("jetson")
+    for card in Path("/sys/class/drm").glob("card[0-9]*/device/vendor"):
+        if _read(str(card)).strip() == "0x8086":
+            found.add("intel_gpu")
+    if Path("/dev/accel").is_dir() and any(Path("/dev/accel").iterdir()):
+        for dev in Path("/sys/class/accel").glob("accel*/device/vendor"):
+            if _read(str(dev)).strip() == "0x8086":
+                found.add("intel_npu")
+    if Path("/dev/apex_0").exists():
+        found.add("edgetpu")
+    return frozenset(found)
+
+
+def detect(pm: Any = None) -> DeviceFacts:
+    """Read the host's facts; plugins may add to them through ``describe_device``."""
+    model, flags, board = _cpuinfo()
+    mem = psutil.virtual_memory()
+    facts = DeviceFacts(
+        arch=normalize_arch(platform.machine()),
+        cpu_model=model,
+        cpu_flags=flags,
+        cpu_count=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+        device_tree_model=_read("/proc/device-tree/model").rstrip("\x00").strip() or board,
+        memory_total=mem.total,
+        memory_available=mem.available,
+        accelerators=_accelerators(),
+    )
+    if pm is not None:
+        for contribution in pm.hook.describe_device(facts=facts):
+            if not contribution:
+                continue
+            contribution = dict(contribution)
+            facts.accelerators = facts.accelerators | frozenset(contribution.pop("accelerators", ()))
+            facts.cpu_flags = facts.cpu_flags | frozenset(contribution.pop("cpu_flags", ()))
+            facts.extra.update(contribution)
+    return facts
+
+
+def refresh_memory(facts: DeviceFacts) -> DeviceFacts:
+    """Update the available-memory reading (it changes as models load)."""
+    facts.memory_available = psutil.virtual_memory().available
+    return facts

@@ -1,0 +1,1 @@
+"""Hub-side tools: packaging, signing, publishing releases and watching the fleet."""

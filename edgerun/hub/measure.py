@@ -1,0 +1,153 @@
+"""Measuring one variant on one backend in a fresh subprocess: latency, peak memory and its outputs.
+
+The parent calls ``measure``; the child (``python -m edgerun.hub.measure JOB.json``) loads the variant with
+``Runtime.prepare`` on one thread, times batch-1 runs, reads its peak RSS, then runs the whole validation set
+and the package's warm-up samples and saves the outputs for the parent to score.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgerun.errors import EdgerunError
+
+
+@dataclass
+class Measured:
+    """What one (variant, backend) run produced; ``error`` is set instead when it could not run."""
+
+    backend: str
+    latency_ms: float | None = None
+    memory_bytes: int | None = None
+    outputs: np.ndarray | None = None  # first output over the whole validation set
+    sample_outputs: list[dict[str, np.ndarray]] | None = None
+    error: str | None = None
+
+
+def measure(package_dir: Path, variant: str, backend: str, inputs_npz: Path, work: Path, *, repeats: int = 50,
+            max_seconds: float = 3.0, timeout: float = 600.0) -> Measured:
+    """Run the measuring child for ``variant`` on ``backend``; never raises for a variant that fails to run."""
+    work.mkdir(parents=True, exist_ok=True)
+    job = work / f"{variant}.{backend}.json"
+    out = work / f"{variant}.{backend}.npz"
+    job.write_text(json.dumps({"package": str(package_dir), "variant": variant, "backend": backend,
+                               "inputs": str(inputs_npz), "out": str(out), "repeats": repeats,
+                               "max_seconds": max_seconds}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EDGERUN_LOG_LEVEL": "ERROR"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edgerun.hub.measure", str(job)], capture_output=True,
+                              text=True, timeout=timeout, env=env, cwd=work)
+    except subprocess.TimeoutExpired:
+        return Measured(backend, error=f"measurement timed out after {timeout:.0f}s")
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        return Measured(backend, error=lines[-1] if lines else f"measuring process exited with {proc.returncode}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    with np.load(out, allow_pickle=False) as z:
+        outputs = z["__outputs__"]
+        samples: list[dict[str, np.ndarray]] = []
+        for key in z.files:
+            if key.startswith("sample"):
+                i, name = key[len("sample"):].split("/", 1)
+                while len(samples) <= int(i):
+                    samples.append({})
+                samples[int(i)][name] = z[key]
+    return Measured(backend, result["latency_ms"], result["memory_bytes"], outputs, samples)
+
+
+# --- the child ---------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _child(job: dict[str, Any]) -> dict[str, Any]:
+    import psutil
+
+    from edgerun.runtime import Runtime
+
+    rt = Runtime(threads=1)
+    b = rt.backends.get(job["backend"])
+    if b is None:
+        raise EdgerunError(f"backend {job['backend']!r} is not installed")
+    avail = b.availability()
+    if not avail.available:
+        raise EdgerunError(f"backend {job['backend']}: {avail}")
+    rt.explain(job["package"], memory_budget=1 << 40)  # device facts and every backend library, before the baseline
+    with np.load(job["inputs"], allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
+    n = len(next(iter(data.values())))
+    first = {k: v[:1] for k, v in data.items()}
+    proc = psutil.Process()
+    peak_resettable = _reset_peak()
+    rss0 = proc.memory_info().rss
+    model = rt.prepare(job["package"], variant=job["variant"], backend=job["backend"], verify=False, warmup=False,
+                       memory_budget=1 << 40)
+    for _ in range(3):
+        model.run_unchecked(first)
+    times = []
+    deadline = time.perf_counter() + float(job["max_seconds"])
+    for i in range(int(job["repeats"])):
+        row = {k: v[i % n:i % n + 1] for k, v in data.items()}
+        t0 = time.perf_counter()
+        model.run_unchecked(row)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 5 and time.perf_counter() > deadline:
+            break
+    hwm = _status_kib("VmHWM")
+    peak = hwm * 1024 if (hwm is not None and peak_resettable) else proc.memory_info().rss
+    memory = max(0, peak - rss0)
+    # accuracy: the whole validation set, batched when the model's batch dimension is dynamic
+    dynamic = all(s.shape and s.shape[0] < 0 for s in model.inputs)
+    step = 64 if dynamic else 1
+    first_out = model.outputs[0].name
+    chunks = [model.run_unchecked({k: v[i:i + step] for k, v in data.items()})[first_out] for i in range(0, n, step)]
+    arrays: dict[str, np.ndarray] = {"__outputs__": np.concatenate(chunks)}
+    for i, sample in enumerate(model.package.samples):
+        for name, arr in model.run(sample.inputs).items():
+            arrays[f"sample{i}/{name}"] = arr
+    np.savez(job["out"], **arrays)
+    model.retire()
+    return {"latency_ms": float(np.median(times) * 1000.0), "memory_bytes": int(memory)}
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text())
+    try:
+        result = _child(job)
+    except EdgerunError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,508 @@
+"""Packaging an ONNX model: make the variants, measure each on every backend here, drop the losers, write the package."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import tempfile
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgerun.errors import PackageError
+from edgerun.hub import quantize as q
+from edgerun.hub.measure import Measured, measure
+from edgerun.package import FORMATS, PRECISIONS, ModelPackage, Measurement, Sample, Variant, file_entry, save_package
+from edgerun.tensors import TensorSpec
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "packaging-report.json"
+METRICS = ("auto", "accuracy", "agreement")
+SPEED_NOISE = 0.03  # a variant must be >3% faster somewhere to count as faster (median timing noise)
+FORMAT_BACKENDS_HINT = {"onnx": "onnxruntime", "openvino": "openvino", "tflite": "litert"}  # also each format's primary
+
+
+@dataclass
+class PackageRequest:
+    """What ``edgerun hub package`` was asked to do."""
+
+    model: Path
+    name: str
+    version: int
+    validation: Path
+    out: Path
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    formats: tuple[str, ...] = ("onnx", "openvino")
+    calibration: Path | None = None
+    max_accuracy_drop: float = 1.0  # percentage points
+    metric: str = "auto"
+    prune: float | None = None
+    backends: tuple[str, ...] | None = None
+    force: bool = False
+    samples: int = 2
+    repeats: int = 50
+    description: str = ""
+
+
+@dataclass
+class BackendResult:
+    """One (variant, backend) measurement, scored against the labels and the fp32 reference."""
+
+    latency_ms: float | None = None
+    memory_bytes: int | None = None
+    accuracy: float | None = None
+    agreement: float | None = None
+    max_deviation: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class VariantReport:
+    """A variant the packager planned: made or skipped, measured, then kept or dropped, with the reason."""
+
+    id: str
+    format: str
+    precision: str
+    method: str
+    files: list[str] = field(default_factory=list)
+    status: str = "planned"  # kept | dropped | skipped
+    reason: str = ""
+    note: str = ""
+    size: int = 0
+    compressed_size: int = 0
+    results: dict[str, BackendResult] = field(default_factory=dict)
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+    def ok_results(self) -> dict[str, BackendResult]:
+        return {b: r for b, r in self.results.items() if r.error is None}
+
+    def score(self, metric: str) -> float | None:
+        """The worst accuracy (or agreement with fp32) over the backends it ran on."""
+        vals = [getattr(r, metric) for r in self.ok_results().values() if getattr(r, metric) is not None]
+        return min(vals) if vals else None
+
+    @property
+    def precision_rank(self) -> int:
+        return PRECISIONS.index(self.precision)
+
+
+@dataclass
+class PackagingReport:
+    """Everything the packager decided, for the summary table and ``packaging-report.json``."""
+
+    name: str
+    version: int
+    out: Path
+    metric: str
+    weights: str
+    backends: list[str]
+    variants: list[VariantReport]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kept(self) -> list[VariantReport]:
+        return [v for v in self.variants if v.status == "kept"]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        d["host"] = {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version()}
+        return d
+
+
+class Progress:
+    """Progress callbacks; the CLI draws a bar, the default does nothing."""
+
+    def total(self, n: int) -> None:
+        pass
+
+    def step(self, message: str) -> None:
+        pass
+
+
+# --- inputs -----------------------------------------------------------------------------------------
+
+
+def load_dataset(path: Path, inputs: list[TensorSpec], what: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Arrays named after the model inputs (row i of each is one example) and optional int ``labels``."""
+    path = Path(path)
+    if not path.is_file():
+        raise PackageError(f"{what} data {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:
+        raise PackageError(f"{what} data {path}: not a readable .npz file ({exc})") from None
+    names = {s.name for s in inputs}
+    missing = sorted(names - arrays.keys())
+    extra = sorted(arrays.keys() - names - {"labels"})
+    if missing or extra:
+        parts = ([f"lacks model input(s) {missing}"] if missing else []) + ([f"has unknown array(s) {extra}"] if extra else [])
+        raise PackageError(f"{what} data {path}: {'; '.join(parts)}; expected arrays named {sorted(names)} "
+                           f"(and optionally 'labels'), found {sorted(arrays)}")
+    data: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        arr = arrays[spec.name]
+        want = spec.dtype
+        if arr.dtype.kind != want.kind and not (want.kind == "f" and arr.dtype.kind in "iu"):
+            raise PackageError(f"{what} data {path}: {spec.name!r} is {arr.dtype}, the model takes {want}")
+        expected = f"[N, {', '.join(str(d) if d > 0 else '?' for d in spec.shape[1:])}]"
+        if arr.ndim != len(spec.shape) or any(w > 0 and w != g for w, g in zip(spec.shape[1:], arr.shape[1:])):
+            raise PackageError(f"{what} data {path}: {spec.name!r} has shape {list(arr.shape)}, the model needs "
+                               f"{expected} (N examples along the first axis)")
+        data[spec.name] = np.ascontiguousarray(arr.astype(want, copy=False))
+    counts = {k: len(v) for k, v in data.items()}
+    if len(set(counts.values())) > 1:
+        raise PackageError(f"{what} data {path}: inputs have different numbers of examples {counts}")
+    n = next(iter(counts.values()))
+    if n == 0:
+        raise PackageError(f"{what} data {path}: the {what} set is empty (0 examples)")
+    labels = arrays.get("labels")
+    if labels is not None:
+        if labels.dtype.kind not in "iu" or labels.ndim != 1 or len(labels) != n:
+            raise PackageError(f"{what} data {path}: 'labels' must be {n} integer class ids (shape [{n}]), got "
+                               f"{labels.dtype} {list(labels.shape)}")
+        labels = labels.astype(np.int64)
+    return data, labels
+
+
+def _check_request(req: PackageRequest) -> None:
+    if req.out.exists() and not req.force:
+        raise PackageError(f"{req.out} already exists; choose another --out or pass --force to replace it")
+    if not req.name or "/" in req.name or req.name.startswith("."):
+        raise PackageError(f"--name: expected a model name without '/', got {req.name!r}")
+    if req.version < 1:
+        raise PackageError(f"--version: expected a positive integer, got {req.version}")
+    bad = [p for p in req.precisions if p not in PRECISIONS]
+    if bad or not req.precisions:
+        raise PackageError(f"--precisions: unknown {bad or 'empty list'}; choose from {', '.join(PRECISIONS)}")
+    bad = [f for f in req.formats if f not in FORMATS]
+    if bad or not req.formats:
+        raise PackageError(f"--formats: unknown {bad or 'empty list'}; choose from {', '.join(FORMATS)}")
+    if req.metric not in METRICS:
+        raise PackageError(f"--metric: expected one of {', '.join(METRICS)}, got {req.metric!r}")
+    if req.prune is not None and not 0 < req.prune < 1:
+        raise PackageError(f"--prune: expected a sparsity between 0 and 1 (e.g. 0.5), got {req.prune}")
+    if req.max_accuracy_drop < 0:
+        raise PackageError(f"--max-accuracy-drop: expected points >= 0, got {req.max_accuracy_drop}")
+    if req.model.suffix.lower() != ".onnx":
+        raise PackageError(f"{req.model}: expected an ONNX model (.onnx); convert other formats to ONNX first")
+
+
+# --- planning ---------------------------------------------------------------------------------------
+
+# (id, format, precision, method); int8 has two methods per format, one is kept by measuring
+_PLAN = [
+    ("onnx-fp32", "onnx", "fp32", "original"),
+    ("onnx-fp16", "onnx", "fp16", "fp16"),
+    ("onnx-int8-qdq", "onnx", "int8", "static"),
+    ("onnx-int8-dynamic", "onnx", "int8", "dynamic"),
+    ("onnx-int4", "onnx", "int4", "matmulnbits"),
+    ("openvino-fp32", "openvino", "fp32", "convert"),
+    ("openvino-fp16", "openvino", "fp16", "convert"),
+    ("openvino-int8-nncf", "openvino", "int8", "nncf"),
+    ("openvino-int8-weights", "openvino", "int8", "weights"),
+    ("openvino-int4", "openvino", "int4", "weights"),
+    ("tflite-fp32", "tflite", "fp32", "convert"),
+    ("tflite-fp16", "tflite", "fp16", "convert"),
+    ("tflite-int8", "tflite", "int8", "convert"),
+    ("tflite-int4", "tflite", "int4", "convert"),
+]
+_TFLITE_REASON = ("no ONNX→TFLite converter is available to the hub (onnx2tf/TensorFlow are not part of "
+                  "edgerun[hub]); convert with your own tools and add the .tflite as a variant")
+
+
+def _make(v: VariantReport, src: Path, stage: Path, profile: q.WeightProfile,
+          calibration: dict[str, np.ndarray] | None, prune: float | None) -> None:
+    """Write ``v``'s files under ``stage``; PrecisionUnavailable when it cannot be made."""
+    if v.format == "tflite":
+        raise q.PrecisionUnavailable(_TFLITE_REASON)
+    if v.format == "openvino":
+        rel = f"{v.id}/model.xml"
+        (stage / v.id).mkdir(parents=True, exist_ok=True)
+        q.make_openvino(src, stage / rel, v.precision, v.method, calibration, profile)
+        v.files = [rel, f"{v.id}/model.bin"]
+        return
+    rel = f"{v.id}.onnx"
+    dst = stage / rel
+    if v.method == "original":
+        q.copy_fp32(src, dst)
+    elif v.method == "fp16":
+        q.make_fp16(src, dst)
+    elif v.method == "static":
+        if not calibration:
+            raise q.PrecisionUnavailable("static int8 needs calibration data")
+        q.make_int8_static(src, dst, calibration)
+    elif v.method == "dynamic":
+        q.make_int8_dynamic(src, dst)
+    elif v.method == "matmulnbits":
+        n = q.make_int4(src, dst, profile)
+        v.note = f"{n} MatMul/Gemm layer(s) as 4-bit MatMulNBits, block 32"
+    elif v.method == "prune":
+        sparsity = q.prune(src, dst, prune or 0.5)
+        v.note = f"{100 * sparsity:.0f}% of MatMul/Gemm/Conv weights zeroed (magnitude)"
+    v.files = [rel]
+
+
+def _compressed_size(paths: list[Path]) -> int:
+    return sum(len(zlib.compress(p.read_bytes(), 6)) for p in paths)
+
+
+# --- the whole job ----------------------------------------------------------------------------------
+
+
+def package_model(req: PackageRequest, progress: Progress | None = None) -> PackagingReport:
+    """Make, measure and choose the variants of ``req.model``; write the package to ``req.out``."""
+    progress = progress or Progress()
+    _check_request(req)
+    model = q.load_onnx(req.model)
+    inputs, outputs = q.interface(model)
+    profile = q.weight_profile(model)
+    val, labels = load_dataset(req.validation, inputs, "validation")
+    metric = req.metric
+    if metric == "auto":
+        metric = "accuracy" if labels is not None else "agreement"
+    if metric == "accuracy" and labels is None:
+        raise PackageError(f"validation data {req.validation}: --metric accuracy needs an integer array named "
+                           f"'labels' (one class id per example); without labels use --metric agreement")
+    first = outputs[0]
+    if len(first.shape) != 2:
+        raise PackageError(f"the model's first output {first.name!r} has shape {list(first.shape)}; accuracy and "
+                           f"agreement are top-1 over a [batch, classes] output")
+    notes: list[str] = []
+    calibration = None
+    if "int8" in req.precisions:
+        if req.calibration is not None:
+            calibration, _ = load_dataset(req.calibration, inputs, "calibration")
+        else:
+            calibration = val
+            notes.append("no --calibration given: int8 ranges were calibrated on the validation set, which "
+                         "flatters int8 accuracy; pass a separate calibration set")
+    backends = _backends(req)
+    planned = [VariantReport(i, f, p, m) for i, f, p, m in _PLAN
+               if (f in req.formats and p in req.precisions) or i == "onnx-fp32"]
+    if req.prune is not None:
+        planned.insert(1, VariantReport(f"onnx-fp32-pruned{round(100 * req.prune)}", "onnx", "fp32", "prune"))
+    if "openvino" in req.formats and not any("openvino" in fmts for fmts in backends.values()):
+        notes.append("no OpenVINO backend is available here: OpenVINO IR variants cannot be measured")
+    per_format = {f: [b for b, fmts in backends.items() if f in fmts] for f in FORMATS}
+    progress.total(len(planned) + sum(max(1, len(per_format[v.format])) for v in planned) + 1)
+
+    out = Path(req.out).resolve()  # the measuring children run in another directory
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix="edgerun-package-"))
+    try:
+        for v in planned:
+            progress.step(f"making {v.id}")
+            try:
+                _make(v, req.model, stage, profile, calibration, req.prune)
+            except q.PrecisionUnavailable as exc:
+                v.status, v.reason = "skipped", str(exc)
+                log.info("skipped %s: %s", v.id, exc)
+                continue
+            paths = [stage / f for f in v.files]
+            v.size = sum(p.stat().st_size for p in paths)
+            v.compressed_size = _compressed_size(paths)
+        made = [v for v in planned if v.status == "planned"]
+        n_samples = min(req.samples, len(next(iter(val.values()))))
+        sample_inputs = [{k: a[i:i + 1] for k, a in val.items()} for i in range(n_samples)]
+        staging = ModelPackage(name=req.name, version=req.version, inputs=inputs, outputs=outputs,
+                               variants=[Variant(v.id, v.format, v.precision,
+                                                 tuple(file_entry(stage, f) for f in v.files)) for v in made],
+                               samples=[Sample(s, {}) for s in sample_inputs])
+        save_package(staging, stage)
+        inputs_npz = work / "inputs.npz"
+        np.savez(inputs_npz, **val)
+        raw: dict[tuple[str, str], Measured] = {}
+        for v in made:
+            able = per_format[v.format]
+            if not able:
+                progress.step(f"{v.id}: no backend")
+                v.status = "dropped"
+                v.reason = (f"no available backend runs format {v.format!r} here, so it could not be measured "
+                            f"(install {FORMAT_BACKENDS_HINT[v.format]})")
+                continue
+            for b in able:
+                progress.step(f"measuring {v.id} on {b}")
+                m = measure(stage, v.id, b, inputs_npz, work, repeats=req.repeats)
+                raw[(v.id, b)] = m
+                v.results[b] = BackendResult(m.latency_ms, m.memory_bytes, error=m.error)
+        ref = raw.get(("onnx-fp32", "onnxruntime")) or next(
+            (m for (vid, _), m in raw.items() if vid == "onnx-fp32" and m.error is None), None)
+        if ref is None or ref.error is not None or ref.outputs is None:
+            why = ref.error if ref is not None else "no backend could run it"
+            raise PackageError(f"{req.model}: the fp32 model could not be measured ({why})")
+        ref_top = np.argmax(ref.outputs, axis=1)
+        for v in made:
+            for b, r in v.results.items():
+                m = raw[(v.id, b)]
+                if r.error is not None or m.outputs is None:
+                    continue
+                top = np.argmax(m.outputs, axis=1)
+                r.agreement = round(float(np.mean(top == ref_top)), 4)
+                if labels is not None:
+                    r.accuracy = round(float(np.mean(top == labels)), 4)
+                r.max_deviation = _max_deviation(m.sample_outputs or [], ref.sample_outputs or [])
+            devs = [r.max_deviation for r in v.ok_results().values() if r.max_deviation is not None]
+            if devs:
+                v.atol = _round_up(max(1e-4, 3.0 * max(devs)))
+        progress.step("choosing variants")
+        _decide(planned, req, metric)
+        kept = [v for v in planned if v.status == "kept"]
+        for v in planned:
+            if v.status != "kept":
+                for f in v.files:
+                    shutil.rmtree(stage / f, ignore_errors=True) if (stage / f).is_dir() else (stage / f).unlink(
+                        missing_ok=True)
+                if v.format == "openvino" and (stage / v.id).is_dir():
+                    shutil.rmtree(stage / v.id, ignore_errors=True)
+        expected = [{k: a for k, a in s.items()} for s in ref.sample_outputs or []]
+        pkg = ModelPackage(
+            name=req.name, version=req.version, inputs=inputs, outputs=outputs,
+            variants=[_variant(v, stage, metric) for v in kept],
+            samples=[Sample(s, e) for s, e in zip(sample_inputs, expected)],
+            description=req.description or (f"{req.model.name}, packaged by edgerun hub; variants measured on "
+                                             f"{platform.machine()} with {', '.join(backends) or 'no backend'}"
+                                             + ("; accuracy = top-1 on the validation labels" if metric == "accuracy"
+                                                else "; no labels: variants scored by top-1 agreement with fp32")))
+        save_package(pkg, stage)
+        report = PackagingReport(req.name, req.version, out, metric, profile.describe(), list(backends), planned, notes)
+        (stage / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, default=_json_default))
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(stage, out)
+        return report
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _backends(req: PackageRequest) -> dict[str, tuple[str, ...]]:
+    """Available backends here (optionally only those asked for) and the formats each loads."""
+    from edgerun.runtime import Runtime
+
+    rt = Runtime()
+    found = {name: b.formats for name, b in rt.backends.items() if b.availability().available}
+    if req.backends:
+        unknown = [b for b in req.backends if b not in found]
+        if unknown:
+            raise PackageError(f"--backends: {unknown} not available here; available: {sorted(found)}")
+        found = {b: found[b] for b in req.backends}
+    if "onnxruntime" not in found:
+        raise PackageError("packaging measures against onnxruntime, which is not available: "
+                           f"{q.HUB_EXTRA_HINT}")
+    return found
+
+
+def _max_deviation(got: list[dict[str, np.ndarray]], want: list[dict[str, np.ndarray]]) -> float | None:
+    devs = [float(np.max(np.abs(g[k].astype(np.float64) - w[k].astype(np.float64))))
+            for g, w in zip(got, want) for k in w if k in g and w[k].dtype.kind == "f" and g[k].shape == w[k].shape]
+    return max(devs) if devs else None
+
+
+def _round_up(x: float) -> float:
+    """Round up to two significant digits (atol margins stay readable in edgerun.toml)."""
+    exp = math.floor(math.log10(x)) - 1
+    return math.ceil(x / 10**exp) * 10**exp if exp < 0 else float(math.ceil(x))
+
+
+def _decide(variants: list[VariantReport], req: PackageRequest, metric: str) -> None:
+    """Apply the drop rules in order; every variant ends kept, dropped or skipped, with the reason."""
+    made = [v for v in variants if v.status == "planned"]
+    for v in made:
+        if not v.ok_results():
+            errors = "; ".join(f"{b}: {r.error}" for b, r in v.results.items())
+            v.status, v.reason = "dropped", f"failed on every backend tried ({errors})"
+    ref = next((v for v in made if v.id == "onnx-fp32"), None)
+    ref_score = ref.score(metric) if ref else None
+    bound = req.max_accuracy_drop / 100.0
+    live = [v for v in made if v.status == "planned"]
+    for v in live:
+        s = v.score(metric)
+        if ref_score is not None and s is not None and ref_score - s > bound + 1e-9:
+            v.status = "dropped"
+            v.reason = (f"{metric} {100 * s:.2f}% is {100 * (ref_score - s):.2f} points below fp32's "
+                        f"{100 * ref_score:.2f}% (bound {req.max_accuracy_drop:g})")
+    # int8 has two methods per format; keep the one that measures faster on the format's own backend
+    for fmt in ("onnx", "openvino"):
+        alts = [v for v in made if v.status == "planned" and v.format == fmt and v.precision == "int8"]
+        if len(alts) > 1:
+            on = _speed_backends(alts, FORMAT_BACKENDS_HINT[fmt])
+            best = min(alts, key=lambda v: _speed(v, on))
+            for v in alts:
+                if v is not best:
+                    v.status = "dropped"
+                    v.reason = (f"{best.id} is faster on {', '.join(sorted(on)) or 'the backends tried'} "
+                                f"({_latencies(best)} vs {_latencies(v)})")
+    # fp32 is measured as the reference even when not asked for
+    if ref is not None and ref.status == "planned" and ("fp32" not in req.precisions or "onnx" not in req.formats):
+        ref.status, ref.reason = "dropped", "ONNX fp32 not requested (measured as the reference)"
+    contenders = [v for v in made if v.status == "planned"]
+    for v in contenders:
+        if v is ref:  # the model as given stays: it is the reference the others are judged by
+            continue
+        s = v.score(metric)
+        for u in contenders:
+            if u is v:
+                continue
+            su = u.score(metric)
+            if s is None or su is None:
+                continue
+            better = su > s or (su == s and u.precision_rank < v.precision_rank)
+            mine = v.ok_results()
+            theirs = u.ok_results()
+            faster = all(b in theirs and r.latency_ms > theirs[b].latency_ms * (1 - SPEED_NOISE)
+                         for b, r in mine.items())
+            if better and faster:
+                v.status = "dropped"
+                v.reason = (f"not faster than {u.id}, which is as accurate or more ({100 * su:.2f}% vs {100 * s:.2f}%), "
+                            f"on every backend tried ({_latencies(u)} vs {_latencies(v)})")
+                break
+    for v in made:
+        if v.status == "planned":
+            v.status, v.reason = "kept", "measured"
+
+
+def _speed_backends(alts: list[VariantReport], primary: str) -> set[str]:
+    """Where to compare alternatives: the format's own backend if all ran there, else every backend all ran on."""
+    common = set.intersection(*(set(a.ok_results()) for a in alts))
+    return {primary} if primary in common else common
+
+
+def _speed(v: VariantReport, backends: set[str]) -> float:
+    """Mean log latency over ``backends`` (lower is faster)."""
+    bs = backends or set(v.ok_results())
+    return float(np.mean([math.log(v.results[b].latency_ms) for b in bs])) if bs else float("inf")
+
+
+def _latencies(v: VariantReport) -> str:
+    return ", ".join(f"{r.latency_ms:.3g} ms on {b}" for b, r in v.ok_results().items())
+
+
+def _variant(v: VariantReport, stage: Path, metric: str) -> Variant:
+    ok = v.ok_results()
+    measured = {b: Measurement(round(r.latency_ms, 4) if r.latency_ms is not None else None, r.memory_bytes,
+                               r.accuracy if metric == "accuracy" else None) for b, r in ok.items()}
+    mems = [r.memory_bytes for r in ok.values() if r.memory_bytes is not None]
+    return Variant(v.id, v.format, v.precision, tuple(file_entry(stage, f) for f in v.files),
+                   accuracy=v.score("accuracy") if metric == "accuracy" else None,
+                   memory_bytes=max(mems) if mems else None, atol=v.atol, rtol=v.rtol, measured=measured)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o).__name__)

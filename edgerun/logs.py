@@ -1,0 +1,65 @@
+"""Logging set-up for the CLI and the daemon: journald-friendly under systemd, plain on a terminal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# syslog priorities, as sd-daemon(3) prefixes: journald reads "<N>" at the start of a line.
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+class JournalFormatter(logging.Formatter):
+    """``<priority>logger: message`` with no timestamp (journald adds its own)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _PRIORITY.get(record.levelno, 6)
+        text = f"{record.name}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+
+
+class _HideSecrets(logging.Filter):
+    """Replace registered secret values (API token, MQTT password) in messages with ``***``."""
+
+    secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            text = record.getMessage()
+            if any(s in text for s in self.secrets):
+                for s in self.secrets:
+                    text = text.replace(s, "***")
+                record.msg, record.args = text, None
+        return True
+
+
+def hide(*secrets: str | None) -> None:
+    """Never log these values (4+ characters; shorter ones would mask ordinary words)."""
+    _HideSecrets.secrets.update(s for s in secrets if s and len(s) >= 4)
+
+
+def under_systemd() -> bool:
+    return bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
+
+
+def configure(level: str | int = "INFO") -> None:
+    """Send edgerun's logs to stderr at ``level``."""
+    if isinstance(level, str):
+        name = level.upper()
+        if name not in logging.getLevelNamesMapping():
+            raise ValueError(f"unknown log level {level!r}; expected DEBUG, INFO, WARNING or ERROR")
+        level = logging.getLevelNamesMapping()[name]
+    handler = logging.StreamHandler(sys.stderr)
+    if under_systemd():
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(_HideSecrets())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("uvicorn.access",):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

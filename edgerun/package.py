@@ -1,0 +1,327 @@
+"""Model packages: ``edgerun.toml`` plus variant files, read, checked and verified."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgerun.errors import IntegrityError, PackageError
+from edgerun.tensors import DATATYPE_TO_DTYPE, TensorSpec, dtype_of
+from edgerun.tomlfile import Table, read_toml
+
+PACKAGE_FILE = "edgerun.toml"
+FORMATS = ("onnx", "openvino", "tflite")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # most to least precise
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a variant, with the size and sha256 it must have."""
+
+    path: str
+    sha256: str
+    size: int
+    chunk_size: int | None = None
+    source: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What the hub measured for a variant on one backend."""
+
+    latency_ms: float | None = None
+    memory_bytes: int | None = None
+    accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the model: a format, a precision and its files."""
+
+    id: str
+    format: str
+    precision: str
+    files: tuple[FileEntry, ...]
+    accuracy: float | None = None
+    memory_bytes: int | None = None
+    atol: float = 1e-3
+    rtol: float = 1e-3
+    measured: dict[str, Measurement] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def main_file(self) -> FileEntry:
+        """The file a backend loads (an OpenVINO IR's .xml; its .bin sits beside it)."""
+        for f in self.files:
+            if f.path.endswith(".xml"):
+                return f
+        return self.files[0]
+
+    @property
+    def precision_rank(self) -> int:
+        """0 for fp32, larger for less precise."""
+        return PRECISIONS.index(self.precision) if self.precision in PRECISIONS else len(PRECISIONS)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Warm-up inputs and, optionally, the outputs they must produce."""
+
+    inputs: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]
+
+
+@dataclass
+class ModelPackage:
+    """A model with its interface, samples and variants, rooted at a directory (or not yet on disk)."""
+
+    name: str
+    version: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    variants: list[Variant]
+    samples: list[Sample] = field(default_factory=list)
+    description: str = ""
+    root: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, root: str | Path) -> "ModelPackage":
+        """Read and check ``root/edgerun.toml``."""
+        root = Path(root)
+        if root.is_file() and root.name == PACKAGE_FILE:
+            root = root.parent
+        toml_path = root / PACKAGE_FILE
+        if not root.is_dir():
+            raise PackageError(f"{root}: not a model package directory")
+        if not toml_path.is_file():
+            raise PackageError(f"{root}: no {PACKAGE_FILE} (is this a model package directory?)")
+        data = read_toml(toml_path, PackageError)
+        return cls.from_dict(data, root=root, source=str(toml_path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], root: Path | None = None, source: str | None = None) -> "ModelPackage":
+        """Build a package from its edgerun.toml content (also the ``package`` of a release manifest)."""
+        t = Table(data, source, error=PackageError)
+        t.only("name", "version", "description", "inputs", "outputs", "samples", "variants")
+        name = t.get("name", str, required=True)
+        if not name or "/" in name or name.startswith("."):
+            raise t.fail("name", f"expected a model name without '/', got {name!r}")
+        version = t.get("version", int, required=True)
+        if version < 1:
+            raise t.fail("version", f"expected a positive integer, got {version}")
+        inputs = [_tensor_spec(x) for x in t.tables("inputs", required=True)]
+        outputs = [_tensor_spec(x) for x in t.tables("outputs", required=True)]
+        if not inputs or not outputs:
+            raise t.fail("inputs" if not inputs else "outputs", "expected at least one tensor")
+        variants = [_variant(v) for v in t.tables("variants")]
+        ids = [v.id for v in variants]
+        if len(set(ids)) != len(ids):
+            raise t.fail("variants", f"variant ids must be unique, got {ids}")
+        samples = [_sample(s, inputs, outputs) for s in t.tables("samples")]
+        return cls(name=name, version=version, inputs=inputs, outputs=outputs, variants=variants,
+                   samples=samples, description=t.get("description", str, ""), root=root, raw=data)
+
+    def variant(self, variant_id: str) -> Variant:
+        for v in self.variants:
+            if v.id == variant_id:
+                return v
+        raise PackageError(f"package {self.name!r} has no variant {variant_id!r}; it has {[v.id for v in self.variants]}")
+
+    def path_of(self, entry: FileEntry) -> Path:
+        if self.root is None:
+            raise PackageError(f"package {self.name!r} has no directory on disk")
+        return self.root / entry.path
+
+    def verify(self, variant: Variant) -> None:
+        """Check that every file of ``variant`` is present with the recorded size and sha256."""
+        for entry in variant.files:
+            verify_file(self.path_of(entry), entry)
+
+
+def verify_file(path: Path, entry: FileEntry) -> None:
+    """Raise IntegrityError unless ``path`` has ``entry``'s size and sha256."""
+    if not path.is_file():
+        raise IntegrityError(f"{path}: file missing (variant file {entry.path!r})")
+    size = path.stat().st_size
+    if size != entry.size:
+        raise IntegrityError(f"{path}: size {size} bytes, expected {entry.size}")
+    digest = sha256_file(path)
+    if digest != entry.sha256:
+        raise IntegrityError(f"{path}: sha256 {digest}, expected {entry.sha256}")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tensor_spec(t: Table) -> TensorSpec:
+    t.only("name", "datatype", "shape")
+    datatype = t.get("datatype", str, required=True)
+    if datatype not in DATATYPE_TO_DTYPE:
+        raise t.fail("datatype", f"expected one of {', '.join(DATATYPE_TO_DTYPE)}, got {datatype!r}")
+    shape = t.list_of("shape", int)
+    if any(d < -1 or d == 0 for d in shape):
+        raise t.fail("shape", f"dimensions must be positive or -1 (dynamic), got {shape}")
+    return TensorSpec(t.get("name", str, required=True), datatype, tuple(shape))
+
+
+def _variant(t: Table) -> Variant:
+    t.only("id", "format", "precision", "files", "accuracy", "memory_bytes", "atol", "rtol", "measured",
+           "latency_ms")
+    fmt = t.get("format", str, required=True)
+    if fmt not in FORMATS:
+        raise t.fail("format", f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    precision = t.get("precision", str, required=True)
+    if precision not in PRECISIONS:
+        raise t.fail("precision", f"expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    files = []
+    for f in t.tables("files", required=True):
+        f.only("path", "sha256", "size", "chunk_size", "source")
+        path = f.get("path", str, required=True)
+        if path.startswith("/") or ".." in Path(path).parts:
+            raise f.fail("path", f"expected a relative path inside the package, got {path!r}")
+        sha = f.get("sha256", str, required=True).lower()
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise f.fail("sha256", f"expected 64 hex digits, got {sha!r}")
+        size = f.get("size", int, required=True)
+        chunk = f.get("chunk_size", int, None)
+        if size < 0 or (chunk is not None and chunk <= 0):
+            raise f.fail("size" if size < 0 else "chunk_size", "expected a positive integer")
+        files.append(FileEntry(path, sha, size, chunk, f.get("source", dict, None)))
+    if not files:
+        raise t.fail("files", "expected at least one file")
+    measured = {}
+    m = t.table("measured")
+    for backend in m.data:
+        b = m.table(backend)
+        b.only("latency_ms", "memory_bytes", "accuracy")
+        measured[backend] = Measurement(b.get("latency_ms", float, None), b.get("memory_bytes", int, None),
+                                        b.get("accuracy", float, None))
+    return Variant(id=t.get("id", str, required=True), format=fmt, precision=precision, files=tuple(files),
+                   accuracy=t.get("accuracy", float, None), memory_bytes=t.get("memory_bytes", int, None),
+                   atol=t.get("atol", float, 1e-3), rtol=t.get("rtol", float, 1e-3), measured=measured)
+
+
+def _sample(t: Table, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> Sample:
+    t.only("inputs", "expected")
+    ins = {spec.name: spec for spec in inputs}
+    outs = {spec.name: spec for spec in outputs}
+    arrays: dict[str, dict[str, np.ndarray]] = {}
+    for part, specs in (("inputs", ins), ("expected", outs)):
+        table = t.table(part, required=(part == "inputs"))
+        arrays[part] = {}
+        for name in table.data:
+            if name not in specs:
+                raise table.fail(name, f"not a model {'input' if part == 'inputs' else 'output'}; expected one of {sorted(specs)}")
+            arrays[part][name] = decode_array(table.table(name))
+    missing = set(ins) - set(arrays["inputs"])
+    if missing:
+        raise t.fail("inputs", f"sample lacks inputs {sorted(missing)}")
+    return Sample(arrays["inputs"], arrays["expected"])
+
+
+def decode_array(t: Table) -> np.ndarray:
+    """A tensor written as {datatype, shape, data=[...]} or {datatype, shape, b64="..."} (little-endian)."""
+    t.only("datatype", "shape", "data", "b64")
+    try:
+        dtype = dtype_of(t.get("datatype", str, required=True))
+    except ValueError as exc:
+        raise t.fail("datatype", str(exc)) from None
+    shape = tuple(t.list_of("shape", int))
+    count = int(np.prod(shape)) if shape else 1
+    if "b64" in t.data:
+        raw = base64.b64decode(t.get("b64", str))
+        arr = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
+    else:
+        arr = np.asarray(t.get("data", list, required=True), dtype=dtype)
+    if arr.size != count:
+        raise t.fail(None, f"has {arr.size} elements, shape {list(shape)} needs {count}")
+    return arr.astype(dtype).reshape(shape)
+
+
+def encode_array(arr: np.ndarray, inline_limit: int = 16) -> dict[str, Any]:
+    """The TOML/JSON form of a tensor: a data list when small, else base64 of its little-endian bytes."""
+    from edgerun.tensors import datatype_of
+
+    out: dict[str, Any] = {"datatype": datatype_of(arr.dtype), "shape": list(arr.shape)}
+    if arr.size <= inline_limit:
+        out["data"] = arr.reshape(-1).tolist()
+    else:
+        out["b64"] = base64.b64encode(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()).decode()
+    return out
+
+
+def variant_to_dict(v: Variant) -> dict[str, Any]:
+    """The edgerun.toml / manifest form of a variant."""
+    d: dict[str, Any] = {"id": v.id, "format": v.format, "precision": v.precision, "files": []}
+    for f in v.files:
+        fd: dict[str, Any] = {"path": f.path, "sha256": f.sha256, "size": f.size}
+        if f.chunk_size is not None:
+            fd["chunk_size"] = f.chunk_size
+        if f.source is not None:
+            fd["source"] = f.source
+        d["files"].append(fd)
+    for key in ("accuracy", "memory_bytes"):
+        if getattr(v, key) is not None:
+            d[key] = getattr(v, key)
+    d["atol"], d["rtol"] = v.atol, v.rtol
+    if v.measured:
+        d["measured"] = {b: {k: val for k, val in (("latency_ms", m.latency_ms), ("memory_bytes", m.memory_bytes),
+                                                    ("accuracy", m.accuracy)) if val is not None}
+                         for b, m in v.measured.items()}
+    return d
+
+
+def package_to_dict(pkg: ModelPackage) -> dict[str, Any]:
+    """The edgerun.toml content of a package (also the ``package`` member of a release manifest)."""
+    d: dict[str, Any] = {"name": pkg.name, "version": pkg.version}
+    if pkg.description:
+        d["description"] = pkg.description
+    d["inputs"] = [s.to_dict() for s in pkg.inputs]
+    d["outputs"] = [s.to_dict() for s in pkg.outputs]
+    if pkg.samples:
+        d["samples"] = [{"inputs": {k: encode_array(a) for k, a in s.inputs.items()},
+                         **({"expected": {k: encode_array(a) for k, a in s.expected.items()}} if s.expected else {})}
+                        for s in pkg.samples]
+    d["variants"] = [variant_to_dict(v) for v in pkg.variants]
+    return d
+
+
+def file_entry(root: Path, rel: str) -> FileEntry:
+    """A FileEntry for ``root/rel`` with its real size and sha256."""
+    p = root / rel
+    return FileEntry(rel, sha256_file(p), p.stat().st_size)
+
+
+def save_package(pkg: ModelPackage, root: str | Path) -> Path:
+    """Write ``root/edgerun.toml`` atomically."""
+    import os
+    import tempfile
+
+    import tomli_w
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    data = tomli_w.dumps(package_to_dict(pkg))
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".edgerun.toml.")
+    with os.fdopen(fd, "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # readable by a service user, like the model files beside it
+    os.replace(tmp, root / PACKAGE_FILE)
+    pkg.root = root
+    return root / PACKAGE_FILE

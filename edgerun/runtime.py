@@ -1,0 +1,461 @@
+"""The in-process runtime: load packages on the chosen variant and backend, run inference, swap versions."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import psutil
+
+from edgerun import choice as choice_mod
+from edgerun.backend import Availability, Backend, LoadOptions, Session
+from edgerun.device import DeviceFacts, detect, refresh_memory
+from edgerun.errors import (BackendUnavailable, EdgerunError, InvalidInput, ModelLoadError, ModelNotFound,
+                            ModelNotReady, PackageError)
+from edgerun.package import ModelPackage, Variant
+from edgerun.plugins import PluginFailure, make_plugin_manager
+from edgerun.profiles import Profile, ProfileChoice, choose_profile
+from edgerun.tensors import TensorSpec
+from edgerun.units import format_size, parse_budget
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Choice:
+    """The outcome of variant choice for one package: every candidate and the winner."""
+
+    package: ModelPackage
+    profile: Profile
+    budget: int
+    candidates: list[choice_mod.Candidate]
+    chosen: choice_mod.Candidate | None
+
+
+class _Retired(Exception):
+    """The model was swapped out and closed between lookup and run; look it up again."""
+
+
+class LoadedModel:
+    """One version of a model loaded on a backend; safe to run from many threads."""
+
+    def __init__(self, package: ModelPackage, variant: Variant, backend: str, session: Session,
+                 memory_bytes: int, load_seconds: float):
+        self.package = package
+        self.variant = variant
+        self.backend = backend
+        self.session = session
+        self.memory_bytes = memory_bytes
+        self.load_seconds = load_seconds
+        self.loaded_at = time.time()
+        self.inputs: list[TensorSpec] = list(package.inputs)
+        self.outputs: list[TensorSpec] = list(package.outputs)
+        # (name, dtype, shape, rank, fixed dims as (axis, size)): what check_inputs compares on the hot path
+        self._specs = [(s.name, s.dtype, s.shape, len(s.shape), tuple((i, d) for i, d in enumerate(s.shape) if d >= 0))
+                       for s in self.inputs]
+        self._input_names = frozenset(s.name for s in self.inputs)
+        self._output_names = frozenset(s.name for s in self.outputs)
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._retiring = False
+        self._closed = False
+        self._drained = threading.Event()
+
+    @property
+    def name(self) -> str:
+        return self.package.name
+
+    @property
+    def version(self) -> int:
+        return self.package.version
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Inputs as arrays of the model's dtypes and shapes, or InvalidInput naming what is wrong."""
+        if inputs.keys() != self._input_names:
+            missing = sorted(self._input_names - inputs.keys())
+            extra = sorted(inputs.keys() - self._input_names)
+            parts = []
+            if missing:
+                parts.append(f"missing input(s) {missing}")
+            if extra:
+                parts.append(f"unknown input(s) {extra}")
+            raise InvalidInput(f"model {self.name!r}: {'; '.join(parts)}; expected {sorted(self._input_names)}")
+        out = {}
+        for name, dtype, shape, rank, fixed in self._specs:
+            arr = inputs[name]
+            if type(arr) is not np.ndarray:
+                try:
+                    arr = np.asarray(arr, dtype=dtype)
+                except (TypeError, ValueError) as exc:
+                    raise InvalidInput(f"input {name!r}: cannot convert to {dtype}: {exc}") from None
+            elif arr.dtype != dtype:
+                raise InvalidInput(f"input {name!r}: dtype {arr.dtype}, model expects {dtype}")
+            got = arr.shape
+            bad = len(got) != rank
+            if not bad:
+                for axis, size in fixed:
+                    if got[axis] != size:
+                        bad = True
+                        break
+            if bad:
+                raise InvalidInput(f"input {name!r}: shape {list(got)}, model expects {list(shape)} (-1 = any)")
+            out[name] = arr
+        return out
+
+    def run(self, inputs: Mapping[str, Any], outputs: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Validate and run; requests that started before a swap finish on this session."""
+        checked = self.check_inputs(inputs)
+        with self._lock:
+            if self._closed:
+                raise _Retired()
+            self._inflight += 1
+        try:
+            result = self.session.run(checked)
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                close_now = self._retiring and self._inflight == 0
+            if close_now:
+                self._close()
+        if outputs is not None:
+            wanted = list(outputs)
+            unknown = [o for o in wanted if o not in self._output_names]
+            if unknown:
+                raise InvalidInput(f"model {self.name!r} has no output(s) {unknown}; it has {sorted(self._output_names)}")
+            result = {k: result[k] for k in wanted}
+        return result
+
+    def run_unchecked(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run inputs already checked with ``check_inputs`` (the server's batching path)."""
+        with self._lock:
+            if self._closed:
+                raise _Retired()
+            self._inflight += 1
+        try:
+            return self.session.run(inputs)
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                close_now = self._retiring and self._inflight == 0
+            if close_now:
+                self._close()
+
+    def retire(self) -> None:
+        """Close once the requests in flight are done (at once if there are none)."""
+        with self._lock:
+            self._retiring = True
+            close_now = self._inflight == 0
+        if close_now:
+            self._close()
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        return self._drained.wait(timeout)
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self.session.close()
+        finally:
+            self._drained.set()
+            log.info("closed %s v%d (%s on %s)", self.name, self.version, self.variant.id, self.backend)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "variant": self.variant.id, "backend": self.backend,
+                "format": self.variant.format, "precision": self.variant.precision,
+                "sha256": self.variant.main_file.sha256, "memory_bytes": self.memory_bytes,
+                "device": self.session.device}
+
+
+@dataclass
+class _Slot:
+    versions: dict[int, LoadedModel] = field(default_factory=dict)
+    latest: LoadedModel | None = None
+
+
+class Runtime:
+    """Loads model packages and runs inference in-process, with the same variant choice as the server.
+
+    >>> rt = Runtime()
+    >>> rt.load("examples/digits")                        # doctest: +SKIP
+    >>> rt.infer("digits", {"input": x})["probabilities"]  # doctest: +SKIP
+    """
+
+    def __init__(self, *, profile: str | Profile | None = None, memory_budget: str | int | None = None,
+                 threads: int | None = None, load_plugins: bool = True, plugin_manager: Any = None):
+        if plugin_manager is None:
+            self.pm, self.plugin_failures = make_plugin_manager(load_entry_points=load_plugins)
+        else:
+            self.pm, self.plugin_failures = plugin_manager, []
+        self._profile_arg = profile
+        self._memory_budget = memory_budget
+        self._threads = threads
+        self._facts: DeviceFacts | None = None
+        self._profile_choice: ProfileChoice | None = None
+        self._backends: dict[str, Backend] | None = None
+        self._slots: dict[str, _Slot] = {}
+        self._lock = threading.RLock()
+
+    # --- host, profile, backends -------------------------------------------------------------
+
+    @property
+    def facts(self) -> DeviceFacts:
+        if self._facts is None:
+            self._facts = detect(self.pm)
+        return self._facts
+
+    @property
+    def profile_choice(self) -> ProfileChoice:
+        if self._profile_choice is None:
+            if isinstance(self._profile_arg, Profile):
+                self._profile_choice = ProfileChoice(self._profile_arg, "given by the caller", [])
+            else:
+                self._profile_choice = choose_profile(self.facts, self._profile_arg)
+        return self._profile_choice
+
+    @property
+    def profile(self) -> Profile:
+        return self.profile_choice.profile
+
+    @property
+    def backends(self) -> dict[str, Backend]:
+        """Every registered backend by name, available or not."""
+        if self._backends is None:
+            classes: list[type[Backend]] = []
+            self.pm.hook.register_backends(register=classes.append)
+            backends: dict[str, Backend] = {}
+            for cls in classes:
+                try:
+                    backends[cls.name] = cls()
+                except Exception as exc:  # a broken plugin class must not break the runtime
+                    log.warning("backend %s failed to initialise: %s", getattr(cls, "name", cls), exc)
+                    self.plugin_failures.append(PluginFailure(getattr(cls, "name", repr(cls)), str(exc)))
+            self._backends = backends
+        return self._backends
+
+    def backend_status(self) -> list[tuple[Backend, Availability]]:
+        return [(b, b.check()) for b in self.backends.values()]
+
+    def memory_budget(self) -> int:
+        """The budget in bytes right now (a percentage follows MemAvailable)."""
+        available = refresh_memory(self.facts).memory_available
+        spec = self._memory_budget if self._memory_budget is not None else self.profile.memory_budget
+        try:
+            return parse_budget(spec, available)
+        except ValueError as exc:
+            raise EdgerunError(f"memory budget: {exc}") from None
+
+    # --- choice and loading ----------------------------------------------------------------
+
+    def explain(self, package: str | Path | ModelPackage, *, memory_budget: str | int | None = None) -> Choice:
+        """Every candidate variant/backend, kept or dropped with the reason, and the winner."""
+        pkg = package if isinstance(package, ModelPackage) else ModelPackage.load(package)
+        if memory_budget is not None:
+            try:
+                budget = parse_budget(memory_budget, refresh_memory(self.facts).memory_available)
+            except ValueError as exc:
+                raise EdgerunError(f"memory budget: {exc}") from None
+        else:
+            budget = self.memory_budget()
+        cands = choice_mod.candidates(pkg, self.profile, self.backends, budget)
+        chosen = self.pm.hook.choose_variant(package=pkg, profile=self.profile, candidates=cands)
+        if chosen is not None:
+            chosen.chosen = True
+        return Choice(pkg, self.profile, budget, cands, chosen)
+
+    def prepare(self, package: str | Path | ModelPackage, *, variant: str | None = None,
+                backend: str | None = None, verify: bool = True, warmup: bool = True,
+                memory_budget: str | int | None = None) -> LoadedModel:
+        """Load and warm up a package without serving it yet (the first half of a swap)."""
+        pkg = package if isinstance(package, ModelPackage) else ModelPackage.load(package)
+        choice = self.explain(pkg, memory_budget=memory_budget)
+        cand = self._pick(choice, variant, backend)
+        if verify:
+            pkg.verify(cand.variant)
+        b = self.backends[cand.backend]
+        opts = self.profile.options_for(b.name)
+        load_opts = LoadOptions(device=opts.pop("device", None), threads=self._threads or self.profile.threads,
+                                extra=opts)
+        proc = psutil.Process()
+        rss0 = proc.memory_info().rss
+        t0 = time.perf_counter()
+        path = pkg.path_of(cand.variant.main_file)
+        try:
+            session = b.load(path, load_opts)
+        except EdgerunError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"{b.name} failed to load {path}: {exc}") from exc
+        try:
+            _check_interface(pkg, session)
+            model = LoadedModel(pkg, cand.variant, b.name, session, 0, 0.0)
+            if warmup:
+                _warm_up(model)
+        except BaseException:
+            session.close()
+            raise
+        model.load_seconds = time.perf_counter() - t0
+        model.memory_bytes = max(0, proc.memory_info().rss - rss0)
+        log.info("loaded %s v%d: variant %s on %s in %.2fs, +%s RSS", pkg.name, pkg.version, cand.variant.id,
+                 b.name, model.load_seconds, format_size(model.memory_bytes))
+        return model
+
+    def _pick(self, choice: Choice, variant: str | None, backend: str | None) -> choice_mod.Candidate:
+        if variant is None and backend is None:
+            if choice.chosen is None:
+                raise choice_mod.no_fit_error(choice.package, choice.candidates, choice.budget)
+            return choice.chosen
+        matching = [c for c in choice.candidates
+                    if (variant is None or c.variant.id == variant) and (backend is None or c.backend == backend)]
+        if not matching:
+            if variant is not None:
+                choice.package.variant(variant)  # raises naming the known variants
+            raise BackendUnavailable(f"backend {backend!r} cannot run any variant of {choice.package.name!r}; "
+                                     f"registered backends: {sorted(self.backends)}")
+        kept = [c for c in matching if c.kept]
+        if not kept:
+            raise BackendUnavailable(f"{matching[0].variant.id} on {matching[0].backend}: {matching[0].reason}")
+        rank = {n: i for i, n in enumerate(self.profile.prefer)}
+        return min(kept, key=lambda c: choice_mod.sort_key(c, rank))
+
+    def activate(self, model: LoadedModel, *, keep_other_versions: bool = False) -> list[LoadedModel]:
+        """Start serving ``model``: one reference swap; old versions finish their requests, then close."""
+        with self._lock:
+            slot = self._slots.setdefault(model.name, _Slot())
+            old = [] if keep_other_versions else [m for v, m in slot.versions.items() if v != model.version]
+            replaced = slot.versions.get(model.version)
+            versions = {model.version: model} if not keep_other_versions else {**slot.versions, model.version: model}
+            slot.versions = versions
+            slot.latest = versions[max(versions)]
+        retired = old + ([replaced] if replaced is not None and replaced is not model else [])
+        for m in retired:
+            m.retire()
+        self.pm.hook.on_model_activated(model=model.name, version=model.version, variant=model.variant.id,
+                                        backend=model.backend)
+        return retired
+
+    def load(self, package: str | Path | ModelPackage, *, variant: str | None = None, backend: str | None = None,
+             keep_other_versions: bool = False, verify: bool = True, warmup: bool = True) -> LoadedModel:
+        """Choose, load, warm up and serve a package; returns the loaded model."""
+        model = self.prepare(package, variant=variant, backend=backend, verify=verify, warmup=warmup)
+        self.activate(model, keep_other_versions=keep_other_versions)
+        return model
+
+    # --- serving ---------------------------------------------------------------------------
+
+    def model(self, name: str, version: int | None = None) -> LoadedModel:
+        slot = self._slots.get(name)
+        if slot is None or slot.latest is None:
+            raise ModelNotFound(f"unknown model {name!r}; loaded: {sorted(self._slots)}")
+        if version is None:
+            return slot.latest
+        m = slot.versions.get(version)
+        if m is None:
+            raise ModelNotFound(f"model {name!r} has no version {version}; loaded: {sorted(slot.versions)}")
+        return m
+
+    def models(self) -> list[LoadedModel]:
+        with self._lock:
+            return [m for s in self._slots.values() for _, m in sorted(s.versions.items())]
+
+    def infer(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
+              outputs: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Run one inference: ``{input name: array}`` in, ``{output name: array}`` out."""
+        for _ in range(3):
+            m = self.model(model, version)
+            try:
+                return m.run(inputs, outputs)
+            except _Retired:
+                continue
+        raise ModelNotReady(f"model {model!r} is being replaced; retry")
+
+    def unload(self, name: str, version: int | None = None) -> None:
+        """Stop serving a model (or one version) and free its memory once in-flight requests finish."""
+        with self._lock:
+            slot = self._slots.get(name)
+            if slot is None:
+                raise ModelNotFound(f"unknown model {name!r}; loaded: {sorted(self._slots)}")
+            if version is None:
+                gone = list(slot.versions.values())
+                del self._slots[name]
+            else:
+                if version not in slot.versions:
+                    raise ModelNotFound(f"model {name!r} has no version {version}")
+                gone = [slot.versions.pop(version)]
+                if slot.versions:
+                    slot.latest = slot.versions[max(slot.versions)]
+                else:
+                    del self._slots[name]
+        for m in gone:
+            m.retire()
+
+    def close(self) -> None:
+        for name in list(self._slots):
+            self.unload(name)
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_interface(pkg: ModelPackage, session: Session) -> None:
+    """The package's declared inputs and outputs must be the model's."""
+    for kind, declared, actual in (("input", pkg.inputs, session.inputs), ("output", pkg.outputs, session.outputs)):
+        have = {s.name: s for s in actual}
+        for spec in declared:
+            got = have.get(spec.name)
+            if got is None:
+                raise PackageError(f"package {pkg.name!r} declares {kind} {spec.name!r} but the model's {kind}s are "
+                                   f"{sorted(have)}")
+            if got.datatype != spec.datatype:
+                raise PackageError(f"package {pkg.name!r}: {kind} {spec.name!r} is {spec.datatype} in edgerun.toml "
+                                   f"but {got.datatype} in the model")
+            if len(got.shape) != len(spec.shape) or any(
+                    a >= 0 and b >= 0 and a != b for a, b in zip(got.shape, spec.shape)):
+                raise PackageError(f"package {pkg.name!r}: {kind} {spec.name!r} has shape {list(spec.shape)} in "
+                                   f"edgerun.toml but {list(got.shape)} in the model")
+        if kind == "input" and len(have) != len(declared):
+            extra = sorted(set(have) - {s.name for s in declared})
+            raise PackageError(f"package {pkg.name!r} does not declare model input(s) {extra}")
+
+
+def _warm_up(model: LoadedModel) -> None:
+    """Run the package's samples, comparing outputs with the expected ones; or one zero input."""
+    samples = model.package.samples
+    if not samples:
+        zeros = {s.name: np.zeros(tuple(d if d > 0 else 1 for d in s.shape), dtype=s.dtype)
+                 for s in model.inputs if s.datatype != "BYTES"}
+        if len(zeros) == len(model.inputs):
+            model.run(zeros)
+        return
+    v = model.variant
+    for i, sample in enumerate(samples):
+        try:
+            got = model.run(sample.inputs)
+        except EdgerunError as exc:
+            raise ModelLoadError(f"warm-up sample {i} failed: {exc}") from None
+        for name, want in sample.expected.items():
+            out = got[name]
+            if out.shape != want.shape:
+                raise ModelLoadError(f"warm-up sample {i}: output {name!r} has shape {list(out.shape)}, "
+                                     f"expected {list(want.shape)}")
+            if out.dtype.kind in "fc":
+                if not np.allclose(out, want, atol=v.atol, rtol=v.rtol, equal_nan=False):
+                    diff = float(np.max(np.abs(out.astype(np.float64) - want.astype(np.float64))))
+                    raise ModelLoadError(f"warm-up sample {i}: output {name!r} differs from the expected output "
+                                         f"(max abs diff {diff:.3g} > atol {v.atol:g}, rtol {v.rtol:g})")
+            elif not np.array_equal(out, want):
+                raise ModelLoadError(f"warm-up sample {i}: output {name!r} differs from the expected output")

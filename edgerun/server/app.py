@@ -1,0 +1,93 @@
+"""The ASGI application: auth and body limits up front, ``infer`` on a raw fast path, the rest on Starlette."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from edgerun.config import Config
+from edgerun.runtime import Runtime
+from edgerun.server.asgi import ClientGone, Receive, Send, send_error, send_json
+from edgerun.server.errors import HttpError
+from edgerun.server.infer import handle_infer, parse_infer_path
+from edgerun.server.routes import build_routes
+from edgerun.server.state import ServerState
+
+log = logging.getLogger(__name__)
+
+
+class EdgerunApp:
+    """An ASGI app serving KServe v2 for a Runtime's models."""
+
+    def __init__(self, runtime: Runtime, config: Config):
+        self.state = ServerState(runtime, config)
+        self._routes = build_routes(self.state)
+        self._auth = self.state.auth
+        self._max_body = self.state.max_body
+
+    @property
+    def in_flight(self) -> int:
+        """HTTP requests being handled right now."""
+        return self.state.in_flight
+
+    def close(self) -> None:
+        self.state.close()
+
+    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if kind != "http":
+            return
+        state = self.state
+        state.in_flight += 1
+        try:
+            if self._auth is not None and not self._auth.allows(scope):
+                await send_error(send, HttpError(401, "missing or wrong bearer token (Authorization: Bearer ...)",
+                                                 headers={"www-authenticate": "Bearer"}))
+                state.metrics.failure("", "unauthorized")
+                return
+            if scope["method"] == "POST":
+                target = parse_infer_path(scope["path"])
+                if target is not None:
+                    try:
+                        await handle_infer(state, target[0], target[1], scope, receive, send)
+                    except HttpError as err:
+                        await send_error(send, err)
+                    except ClientGone:
+                        pass
+                    return
+            length = _content_length(scope)
+            if length is not None and length > self._max_body:
+                await send_error(send, HttpError(413, f"request body of {length} bytes exceeds the limit of "
+                                                      f"{self._max_body} bytes (server.max_body)"))
+                return
+            await self._routes(scope, receive, send)
+        finally:
+            state.in_flight -= 1
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                self.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _content_length(scope: dict) -> int | None:
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def create_app(runtime: Runtime, config: Config) -> Any:
+    """The ASGI app for ``edgerun serve`` (see docs/http-api.md)."""
+    return EdgerunApp(runtime, config)
+
+
+__all__ = ["EdgerunApp", "create_app", "send_json"]

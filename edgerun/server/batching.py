@@ -1,0 +1,188 @@
+"""Per-model scheduling: a bounded queue, a limit on runs in flight, and dynamic batching on a thread pool."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any, Callable
+
+import numpy as np
+
+from edgerun.config import BatchingConfig, ModelConfig
+from edgerun.runtime import LoadedModel
+from edgerun.server.errors import HttpError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How one model is scheduled: resolved from its ModelConfig and its interface."""
+
+    batching: bool
+    max_batch_size: int
+    max_queue_delay: float  # seconds
+    max_inflight: int
+    max_queue: int
+
+
+def has_batch_dim(model: LoadedModel) -> bool:
+    """Whether every input and output has a dynamic first dimension (so requests can be stacked)."""
+    return all(len(s.shape) >= 1 and s.shape[0] < 0 for s in (*model.inputs, *model.outputs))
+
+
+def policy_for(model: LoadedModel, cfg: ModelConfig | None) -> Policy:
+    cfg = cfg or ModelConfig(path=model.package.root or ".")  # type: ignore[arg-type]
+    b: BatchingConfig = cfg.batching
+    batchable = has_batch_dim(model)
+    enabled = batchable if b.enabled is None else b.enabled
+    if enabled and not batchable:
+        log.warning("model %s: batching is configured but not every input and output has a dynamic first "
+                    "dimension; serving without batching", model.name)
+        enabled = False
+    return Policy(enabled and b.max_batch_size > 1, max(1, b.max_batch_size), max(0, b.max_queue_delay_us) / 1e6,
+                  max(1, cfg.max_inflight), max(1, cfg.max_queue))
+
+
+class _Item:
+    __slots__ = ("inputs", "future", "rows", "key", "enqueued")
+
+    def __init__(self, inputs: dict[str, np.ndarray], future: asyncio.Future, rows: int, key: Any, enqueued: float):
+        self.inputs = inputs
+        self.future = future
+        self.rows = rows
+        self.key = key
+        self.enqueued = enqueued
+
+
+def _run_batch(model: LoadedModel, items: list[dict[str, np.ndarray]], rows: list[int]
+               ) -> tuple[list[dict[str, np.ndarray]], float]:
+    """Stack the requests along the first dimension, run once, split the outputs back (in a worker thread)."""
+    t0 = perf_counter()
+    if len(items) == 1:
+        return [model.run_unchecked(items[0])], perf_counter() - t0
+    merged = {name: np.concatenate([x[name] for x in items]) for name in items[0]}
+    out = model.run_unchecked(merged)
+    results = []
+    start = 0
+    for n in rows:
+        end = start + n
+        results.append({k: v[start:end] for k, v in out.items()})
+        start = end
+    return results, perf_counter() - t0
+
+
+class ModelScheduler:
+    """Queue and run one loaded model's requests, batching concurrent ones when the policy says so.
+
+    A batch starts at once when no run of this model is in flight; while runs are in flight, a free slot
+    waits until the batch is full or its oldest request has waited ``max_queue_delay``.
+    """
+
+    def __init__(self, model: LoadedModel, policy: Policy, executor: Executor,
+                 observe: Callable[[str, int, float, list[float]], None] | None = None):
+        self.model = model
+        self.policy = policy
+        self._executor = executor
+        self._observe = observe
+        self._pending: deque[_Item] = deque()
+        self._pending_rows = 0
+        self._inflight = 0
+        self._kick_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def submit(self, inputs: dict[str, np.ndarray]) -> asyncio.Future:
+        """Queue checked inputs; the future resolves to this request's outputs."""
+        p = self.policy
+        if len(self._pending) >= p.max_queue:
+            raise HttpError(503, f"model {self.model.name!r} is busy: its queue is full ({p.max_queue} requests "
+                                 f"waiting, {self._inflight} runs in flight); retry later", "queue_full",
+                            {"retry-after": "1"})
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if p.batching:
+            first = next(iter(inputs.values()))
+            rows = first.shape[0] if first.ndim else 1
+            key = tuple((k, v.shape[1:]) for k, v in inputs.items())
+        else:
+            rows, key = 1, None
+        self._pending.append(_Item(inputs, fut, rows, key, perf_counter()))
+        self._pending_rows += rows
+        if not p.batching and self._inflight < p.max_inflight:
+            self._kick()
+        elif not self._kick_scheduled:
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)  # let requests read in the same loop iteration join the batch
+        return fut
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        p = self.policy
+        while self._pending and self._inflight < p.max_inflight:
+            if p.batching and self._inflight and self._pending_rows < p.max_batch_size:
+                wait = self._pending[0].enqueued + p.max_queue_delay - perf_counter()
+                if wait > 0:
+                    if self._timer is None:
+                        self._timer = self._loop.call_later(wait, self._on_timer)  # type: ignore[union-attr]
+                    return
+            self._start(self._take())
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._kick()
+
+    def _take(self) -> list[_Item]:
+        pending = self._pending
+        batch = [pending.popleft()]
+        rows = batch[0].rows
+        if self.policy.batching:
+            limit, key = self.policy.max_batch_size, batch[0].key
+            while pending and pending[0].key == key and rows + pending[0].rows <= limit:
+                item = pending.popleft()
+                rows += item.rows
+                batch.append(item)
+        self._pending_rows -= rows
+        return batch
+
+    def _start(self, batch: list[_Item]) -> None:
+        live = [it for it in batch if not it.future.done()]  # drop requests whose client went away
+        if not live:
+            return
+        self._inflight += 1
+        now = perf_counter()
+        waits = [now - it.enqueued for it in live]
+        fut = self._executor.submit(_run_batch, self.model, [it.inputs for it in live], [it.rows for it in live])
+        call_back = self._loop.call_soon_threadsafe  # type: ignore[union-attr]
+        fut.add_done_callback(lambda f: call_back(self._done, live, waits, f))
+
+    def _done(self, batch: list[_Item], waits: list[float], fut: Future) -> None:
+        self._inflight -= 1
+        exc = fut.exception()
+        if exc is not None:
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_exception(exc)
+        else:
+            results, compute = fut.result()
+            for it, r in zip(batch, results):
+                if not it.future.done():
+                    it.future.set_result(r)
+            if self._observe is not None:
+                self._observe(self.model.name, sum(it.rows for it in batch), compute, waits)
+        if self._pending:
+            self._kick()

@@ -1,0 +1,335 @@
+"""KServe v2 inference requests and responses: JSON tensors and the binary tensor data extension."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from math import prod
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import orjson
+
+from edgerun.server.errors import bad_request
+from edgerun.tensors import DATATYPE_TO_DTYPE, TensorSpec, datatype_of
+
+HEADER_LENGTH = "inference-header-content-length"
+_LE_DTYPES = {k: v.newbyteorder("<") for k, v in DATATYPE_TO_DTYPE.items() if k not in ("BYTES", "BOOL")}
+_LE_DTYPES["BOOL"] = np.dtype(np.bool_)
+_INT_KINDS = "iu"
+_DUMPS_OPTS = orjson.OPT_SERIALIZE_NUMPY
+
+
+@dataclass
+class InferRequest:
+    """A decoded request: input arrays, and which outputs to return and how."""
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: list[tuple[str, bool]] | None  # (name, binary) in the order asked, or None for all
+    binary_default: bool
+
+
+def parse_json(header: bytes | memoryview) -> Any:
+    """The JSON document; NaN/Infinity literals (which Python's json writes) are accepted."""
+    try:
+        return orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        try:
+            return json.loads(bytes(header))
+        except (ValueError, UnicodeDecodeError):
+            raise bad_request(f"malformed JSON in request body: {exc}") from None
+
+
+def split_body(body: bytes, header_length: bytes | None) -> tuple[bytes | memoryview, memoryview]:
+    """Split a body into its JSON header and binary tail per ``Inference-Header-Content-Length``."""
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise bad_request(f"Inference-Header-Content-Length must be an integer, got {header_length[:40]!r}") from None
+    if n < 0 or n > len(body):
+        raise bad_request(f"Inference-Header-Content-Length is {n} but the body has {len(body)} bytes "
+                          "(truncated body?)")
+    view = memoryview(body)
+    return view[:n], view[n:]
+
+
+def decode_request(body: bytes, header_length: bytes | None, model_name: str,
+                   specs: Mapping[str, TensorSpec]) -> InferRequest:
+    """Decode and check an infer request against a model's inputs (names, datatypes, element counts)."""
+    header, binary = split_body(body, header_length)
+    doc = parse_json(header)
+    if type(doc) is not dict:
+        raise bad_request("request body must be a JSON object with an 'inputs' list")
+    req_id = doc.get("id")
+    if req_id is not None and type(req_id) is not str:
+        raise bad_request("'id' must be a string")
+    params = doc.get("parameters")
+    if params is not None and type(params) is not dict:
+        raise bad_request("'parameters' must be an object")
+    binary_default = bool(params.get("binary_data_output", False)) if params else False
+    inputs = doc.get("inputs")
+    if type(inputs) is not list or not inputs:
+        raise bad_request("request needs 'inputs': a non-empty list of {name, shape, datatype, data} tensors")
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, t in enumerate(inputs):
+        if type(t) is not dict:
+            raise bad_request(f"inputs[{i}] must be an object with name, shape, datatype and data")
+        name = t.get("name")
+        if type(name) is not str:
+            raise bad_request(f"inputs[{i}] needs a string 'name'")
+        if name in arrays:
+            raise bad_request(f"input {name!r} is given more than once")
+        spec = specs.get(name)
+        if spec is None:
+            raise bad_request(f"model {model_name!r} has no input {name!r}; its inputs are {sorted(specs)}")
+        datatype = t.get("datatype")
+        if datatype != spec.datatype:
+            if type(datatype) is not str or datatype not in DATATYPE_TO_DTYPE:
+                raise bad_request(f"input {name!r}: unknown or missing datatype {datatype!r}; expected "
+                                  f"{spec.datatype}")
+            raise bad_request(f"input {name!r}: datatype {datatype}, model expects {spec.datatype}")
+        shape = t.get("shape")
+        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad_request(f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
+        count = prod(shape)
+        tparams = t.get("parameters")
+        size = tparams.get("binary_data_size") if type(tparams) is dict else None
+        if size is not None:
+            if type(size) is not int or size < 0:
+                raise bad_request(f"input {name!r}: binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise bad_request(f"input {name!r}: binary_data_size is {size} but only {len(binary) - offset} "
+                                  "bytes of binary data remain in the body (truncated body?)")
+            arr = tensor_from_binary(binary[offset:offset + size], datatype, count, name)
+            offset += size
+        else:
+            if "data" not in t:
+                raise bad_request(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+            arr = tensor_from_json(t["data"], datatype, count, name)
+        arrays[name] = arr.reshape(shape)
+    if offset != len(binary):
+        raise bad_request(f"the body has {len(binary)} bytes of binary data but the inputs' binary_data_size "
+                          f"values add up to {offset}")
+    return InferRequest(req_id, arrays, _wanted_outputs(doc.get("outputs"), binary_default), binary_default)
+
+
+def _wanted_outputs(outputs: Any, binary_default: bool) -> list[tuple[str, bool]] | None:
+    if outputs is None:
+        return None
+    if type(outputs) is not list:
+        raise bad_request("'outputs' must be a list of {name, parameters?} objects")
+    wanted = []
+    for i, o in enumerate(outputs):
+        if type(o) is not dict or type(o.get("name")) is not str:
+            raise bad_request(f"outputs[{i}] needs a string 'name'")
+        p = o.get("parameters")
+        binary = binary_default
+        if type(p) is dict:
+            if p.get("classification"):
+                raise bad_request("the classification extension is not supported")
+            binary = bool(p.get("binary_data", binary_default))
+        wanted.append((o["name"], binary))
+    return wanted
+
+
+def tensor_from_json(data: Any, datatype: str, count: int, name: str) -> np.ndarray:
+    """A flat or nested JSON list as an array of ``datatype`` with ``count`` elements."""
+    if type(data) is not list:
+        raise bad_request(f"input {name!r}: 'data' must be a list")
+    dtype = DATATYPE_TO_DTYPE[datatype]
+    try:
+        if datatype == "BYTES":
+            flat = _flatten(data)
+            if not all(type(x) is str for x in flat):
+                raise bad_request(f"input {name!r}: BYTES data must be strings")
+            arr = np.empty(len(flat), dtype=object)
+            arr[:] = flat
+        elif dtype.kind == "f":
+            arr = np.array(data, dtype=dtype)
+            if arr.dtype.kind != "f":
+                raise ValueError("not numbers")
+        else:
+            raw = np.array(data)
+            if raw.dtype.kind in "fO" and datatype != "BOOL":
+                flat = _flatten(data)
+                if all(type(x) is int for x in flat):  # big 64-bit integers: numpy guessed float64 or object
+                    raw = np.array(flat, dtype=dtype)
+            arr = _integers(raw, dtype, datatype, name)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise bad_request(f"input {name!r}: data is not a list of {datatype} values ({exc})") from None
+    if arr.size != count:
+        raise bad_request(f"input {name!r}: shape needs {count} elements but 'data' has {arr.size}")
+    return arr.reshape(-1)
+
+
+def _integers(raw: np.ndarray, dtype: np.dtype, datatype: str, name: str) -> np.ndarray:
+    kind = raw.dtype.kind
+    if datatype == "BOOL":
+        if kind != "b" and raw.size:
+            raise bad_request(f"input {name!r}: BOOL data must be true/false")
+        return raw.astype(dtype)
+    if kind == "f":
+        if not np.isfinite(raw).all():
+            raise bad_request(f"input {name!r}: NaN or Inf in {datatype} data")
+        if (raw != np.trunc(raw)).any():
+            raise bad_request(f"input {name!r}: non-integer value in {datatype} data")
+        info = np.iinfo(dtype)
+        if raw.size and (raw.min() < info.min or raw.max() > info.max):
+            raise bad_request(f"input {name!r}: value out of range for {datatype}")
+        return raw.astype(dtype)
+    if kind in _INT_KINDS or kind == "b":
+        info = np.iinfo(dtype)
+        if raw.size and kind != "b" and (int(raw.min()) < info.min or int(raw.max()) > info.max):
+            raise bad_request(f"input {name!r}: value out of range for {datatype}")
+        return raw.astype(dtype)
+    raise bad_request(f"input {name!r}: {datatype} data must be integers")
+
+
+def _flatten(data: list) -> list:
+    if not data or type(data[0]) is not list:
+        return data
+    out: list = []
+    for x in data:
+        if type(x) is not list:
+            raise ValueError("ragged nested list")
+        out.extend(_flatten(x))
+    return out
+
+
+def tensor_from_binary(buf: memoryview, datatype: str, count: int, name: str) -> np.ndarray:
+    """Raw little-endian bytes (BYTES: 4-byte length + bytes per element) as a flat array."""
+    if datatype == "BYTES":
+        items = _unpack_bytes(buf, name)
+        if len(items) != count:
+            raise bad_request(f"input {name!r}: shape needs {count} elements but the binary data holds {len(items)}")
+        arr = np.empty(count, dtype=object)
+        arr[:] = items
+        return arr
+    dtype = _LE_DTYPES[datatype]
+    if len(buf) != count * dtype.itemsize:
+        raise bad_request(f"input {name!r}: binary_data_size is {len(buf)} bytes but shape and {datatype} need "
+                          f"{count * dtype.itemsize}")
+    return np.frombuffer(buf, dtype=dtype)
+
+
+def _unpack_bytes(buf: memoryview, name: str) -> list:
+    items = []
+    pos, end = 0, len(buf)
+    while pos < end:
+        if pos + 4 > end:
+            raise bad_request(f"input {name!r}: BYTES binary data ends inside an element's length prefix")
+        (n,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        if pos + n > end:
+            raise bad_request(f"input {name!r}: BYTES element of {n} bytes runs past the end of its data")
+        raw = bytes(buf[pos:pos + n])
+        pos += n
+        try:
+            items.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            items.append(raw)
+    return items
+
+
+def tensor_to_binary(arr: np.ndarray) -> bytes:
+    """The binary tensor data encoding of an array."""
+    if arr.dtype.kind in "OSU":
+        parts = []
+        for x in arr.reshape(-1):
+            b = x if isinstance(x, bytes) else str(x).encode("utf-8")
+            parts.append(struct.pack("<I", len(b)))
+            parts.append(b)
+        return b"".join(parts)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(arr).tobytes()
+
+
+def _json_data(arr: np.ndarray) -> Any:
+    kind = arr.dtype.kind
+    if kind in "OSU":
+        return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.reshape(-1)]
+    if arr.dtype == np.float16:
+        return arr.astype(np.float32).reshape(-1)
+    return np.ascontiguousarray(arr).reshape(-1)
+
+
+def encode_response(model_name: str, model_version: int, req_id: str | None, results: Mapping[str, np.ndarray],
+                    wanted: Iterable[tuple[str, bool]], datatypes: Mapping[str, str]) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary outputs follow it."""
+    outs = []
+    chunks = []
+    for name, binary in wanted:
+        arr = results[name]
+        entry: dict[str, Any] = {"name": name, "datatype": datatypes.get(name) or datatype_of(arr.dtype),
+                                 "shape": list(arr.shape)}
+        if binary:
+            b = tensor_to_binary(arr)
+            entry["parameters"] = {"binary_data_size": len(b)}
+            chunks.append(b)
+        else:
+            entry["data"] = _json_data(arr)
+        outs.append(entry)
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": str(model_version)}
+    if req_id is not None:
+        doc["id"] = req_id
+    doc["outputs"] = outs
+    header = orjson.dumps(doc, option=_DUMPS_OPTS)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def encode_request(inputs: Mapping[str, np.ndarray], *, binary: bool, outputs: Iterable[str] | None = None,
+                   binary_output: bool | None = None, req_id: str | None = None) -> tuple[bytes, int | None]:
+    """A request body for ``inputs`` (used by edgerun.Client); returns the header length when binary."""
+    tensors = []
+    chunks = []
+    for name, arr in inputs.items():
+        arr = np.asarray(arr)
+        entry: dict[str, Any] = {"name": name, "shape": list(arr.shape), "datatype": datatype_of(arr.dtype)}
+        if binary:
+            b = tensor_to_binary(arr)
+            entry["parameters"] = {"binary_data_size": len(b)}
+            chunks.append(b)
+        else:
+            entry["data"] = _json_data(arr)
+        tensors.append(entry)
+    bin_out = binary if binary_output is None else binary_output
+    doc: dict[str, Any] = {"inputs": tensors, "parameters": {"binary_data_output": bin_out}}
+    if req_id is not None:
+        doc["id"] = req_id
+    if outputs is not None:
+        doc["outputs"] = [{"name": o, "parameters": {"binary_data": bin_out}} for o in outputs]
+    header = orjson.dumps(doc, option=_DUMPS_OPTS)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def decode_response(body: bytes, header_length: int | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A response's JSON document and its outputs as arrays (used by edgerun.Client)."""
+    header, binary = split_body(body, None if header_length is None else str(header_length).encode())
+    doc = orjson.loads(header)
+    out = {}
+    offset = 0
+    for t in doc.get("outputs", []):
+        shape = t["shape"]
+        count = prod(shape)
+        size = (t.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            arr = tensor_from_binary(binary[offset:offset + size], t["datatype"], count, t["name"])
+            offset += size
+            if arr.dtype.kind != "O":
+                arr = arr.copy()  # own the memory rather than pin the response body
+        elif t["datatype"] == "BYTES":
+            arr = np.array(_flatten(t["data"]), dtype=object)
+        else:
+            arr = np.array(t["data"], dtype=DATATYPE_TO_DTYPE[t["datatype"]])
+        out[t["name"]] = arr.reshape(shape)
+    return doc, out

@@ -1,0 +1,147 @@
+"""The HTTP listener: uvicorn (uvloop + httptools) on TCP and/or a Unix socket, with a graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+from typing import Any, Iterator
+
+import uvicorn
+
+from edgerun.config import ServerConfig
+from edgerun.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Uvicorn(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, owner: "HttpServer"):
+        super().__init__(config)
+        self._owner = owner
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # Signals belong to the daemon: HttpServer installs SIGINT/SIGTERM -> request_stop() only if asked.
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self._owner.started.set()
+
+
+class HttpServer:
+    """Serve an ASGI app until ``request_stop()``; requests in flight finish (up to ``drain_timeout``)."""
+
+    def __init__(self, app: Any, config: ServerConfig, *, handle_signals: bool = True):
+        self.app = app
+        self.config = config
+        self.handle_signals = handle_signals
+        self.started = asyncio.Event()
+        self.addresses: list[str] = []
+        self._server: _Uvicorn | None = None
+        self._stop_requested = False
+
+    @property
+    def in_flight(self) -> int:
+        """HTTP requests being handled right now."""
+        return int(getattr(self.app, "in_flight", 0))
+
+    def request_stop(self) -> None:
+        """Stop accepting connections, let requests in flight finish, then return from ``serve()``."""
+        self._stop_requested = True
+        if self._server is not None:
+            self._server.should_exit = True
+
+    def check_security(self) -> None:
+        """Refuse a non-loopback TCP address without a token unless ``allow_insecure`` is set."""
+        c = self.config
+        if c.host and not is_loopback(c.host) and not c.token():
+            if not getattr(c, "allow_insecure", False):
+                raise ConfigError(f"refusing to listen on {c.host} without an API token: set EDGERUN_API_TOKEN or "
+                                  "server.token_file (--token-file), or allow it with --allow-insecure",
+                                  key="server.host")
+            log.warning("listening on %s WITHOUT an API token: anyone who can reach this port can run models",
+                        c.host)
+
+    def _sockets(self) -> list[socket.socket]:
+        c = self.config
+        socks = []
+        if c.host:
+            family = socket.AF_INET6 if ":" in c.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((c.host, c.port))
+            except OSError as exc:
+                sock.close()
+                raise ConfigError(f"cannot listen on {c.host}:{c.port}: {exc.strerror}", key="server.port") from None
+            sock.set_inheritable(True)
+            host, port = sock.getsockname()[:2]
+            self.addresses.append(f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}")
+            socks.append(sock)
+        if c.uds:
+            path = Path(c.uds)
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    path.unlink()  # a stale socket from a previous run
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(str(path))
+            except OSError as exc:
+                sock.close()
+                raise ConfigError(f"cannot listen on {path}: {exc.strerror}", key="server.uds") from None
+            os.chmod(path, 0o660)
+            self.addresses.append(f"unix:{path}")
+            socks.append(sock)
+        if not socks:
+            raise ConfigError("nothing to listen on: give server.host/port or server.uds", key="server.host")
+        return socks
+
+    async def serve(self) -> None:
+        self.check_security()
+        socks = self._sockets()
+        cfg = uvicorn.Config(self.app, loop="none", http="httptools", lifespan="on", log_config=None,
+                             access_log=False, server_header=False, date_header=False,
+                             timeout_graceful_shutdown=self.config.drain_timeout, timeout_keep_alive=30,
+                             backlog=1024)
+        self._server = _Uvicorn(cfg, self)
+        if self._stop_requested:
+            self._server.should_exit = True
+        loop = asyncio.get_running_loop()
+        installed = []
+        if self.handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.add_signal_handler(sig, self.request_stop)
+                    installed.append(sig)
+                except (NotImplementedError, RuntimeError):
+                    pass
+        log.info("serving KServe v2 on %s", ", ".join(self.addresses))
+        try:
+            await self._server.serve(sockets=socks)
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            for s in socks:
+                s.close()
+            if self.config.uds:
+                with contextlib.suppress(OSError):
+                    Path(self.config.uds).unlink()
+            log.info("HTTP server stopped")

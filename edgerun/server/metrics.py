@@ -1,0 +1,104 @@
+"""Prometheus metrics for the server: requests, failures, latencies, batch sizes, loaded models."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from edgerun.hookspecs import hookimpl
+from edgerun.runtime import Runtime
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _ModelsCollector(Collector):
+    """Loaded models, read from the runtime at scrape time."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Any]:
+        labels = ["model", "version", "variant", "backend", "device"]
+        loaded = GaugeMetricFamily("edgerun_model_loaded", "Model versions being served (1 each)", labels=labels)
+        memory = GaugeMetricFamily("edgerun_model_memory_bytes", "Resident memory added by loading the model",
+                                   labels=labels)
+        inflight = GaugeMetricFamily("edgerun_model_inflight", "Runs of the model in progress", labels=labels)
+        for m in self.runtime.models():
+            values = [m.name, str(m.version), m.variant.id, m.backend, str(m.session.device)]
+            loaded.add_metric(values, 1)
+            memory.add_metric(values, m.memory_bytes)
+            inflight.add_metric(values, m.inflight)
+        yield loaded
+        yield memory
+        yield inflight
+
+
+class _ModelEvents:
+    """A plugin counting model activations and update transitions."""
+
+    def __init__(self, counter: Counter):
+        self.counter = counter
+
+    @hookimpl
+    def on_model_activated(self, model: str, version: int, variant: str, backend: str) -> None:
+        self.counter.labels(model, "activated").inc()
+
+    @hookimpl
+    def on_update_event(self, model: str, version: int, state: str, detail: str) -> None:
+        self.counter.labels(model, state).inc()
+
+
+class ServerMetrics:
+    """One registry per app, so several servers (or tests) in a process don't collide."""
+
+    def __init__(self, runtime: Runtime):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("edgerun_requests", "Inference requests answered successfully", ["model"], registry=r)
+        self.failures = Counter("edgerun_request_failures", "Failed requests by reason", ["model", "reason"],
+                                registry=r)
+        self.request_latency = Histogram("edgerun_request_duration_seconds",
+                                         "Inference request time from body received to response ready", ["model"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_latency = Histogram("edgerun_queue_duration_seconds", "Time requests wait before their run starts",
+                                       ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_latency = Histogram("edgerun_compute_duration_seconds", "Backend run time per batch", ["model"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("edgerun_batch_size", "Rows per backend run", ["model"], buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.model_events = Counter("edgerun_model_events", "Model activations and update state transitions",
+                                    ["model", "event"], registry=r)
+        r.register(_ModelsCollector(runtime))
+        self._events_plugin = _ModelEvents(self.model_events)
+        runtime.pm.register(self._events_plugin)
+        self._children: dict[str, tuple[Any, Any, Any, Any, Any]] = {}
+
+    def _for(self, model: str) -> tuple[Any, Any, Any, Any, Any]:
+        c = self._children.get(model)
+        if c is None:
+            c = self._children[model] = (self.requests.labels(model), self.request_latency.labels(model),
+                                         self.queue_latency.labels(model), self.compute_latency.labels(model),
+                                         self.batch_size.labels(model))
+        return c
+
+    def success(self, model: str, seconds: float) -> None:
+        ok, latency, _, _, _ = self._for(model)
+        ok.inc()
+        latency.observe(seconds)
+
+    def failure(self, model: str, reason: str) -> None:
+        self.failures.labels(model, reason).inc()
+
+    def batch(self, model: str, rows: int, compute: float, waits: list[float]) -> None:
+        _, _, queue, comp, size = self._for(model)
+        size.observe(rows)
+        comp.observe(compute)
+        for w in waits:
+            queue.observe(w)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,109 @@
+"""The onnxruntime backend: ONNX models on the CPU execution provider, and CUDA/OpenVINO/other EPs when present."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgerun.backend import Availability, Backend, LoadOptions, Session
+from edgerun.errors import ModelLoadError
+from edgerun.hookspecs import hookimpl
+from edgerun.tensors import TensorSpec
+
+INSTALL_HINT = "pip install 'edgerun[onnxruntime]'"
+
+_ORT_TYPES = {
+    "tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
+    "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+    "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64",
+    "tensor(bool)": "BOOL", "tensor(string)": "BYTES",
+}
+_DEVICE_PROVIDERS = {
+    "CUDA": "CUDAExecutionProvider", "TENSORRT": "TensorrtExecutionProvider",
+    "OPENVINO": "OpenVINOExecutionProvider", "ROCM": "ROCMExecutionProvider", "COREML": "CoreMLExecutionProvider",
+    "NNAPI": "NnapiExecutionProvider", "QNN": "QNNExecutionProvider", "CPU": "CPUExecutionProvider",
+}
+
+
+def _spec(arg: Any) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
+    return TensorSpec(arg.name, _ORT_TYPES.get(arg.type, arg.type), shape)
+
+
+class OnnxRuntimeSession(Session):
+    def __init__(self, sess: Any, device: str):
+        self._sess = sess
+        self._device = device
+        self.inputs = [_spec(a) for a in sess.get_inputs()]
+        self.outputs = [_spec(a) for a in sess.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+        self._run = sess.run
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._output_names, self._run(self._output_names, inputs)))
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    def close(self) -> None:
+        self._sess = None
+        self._run = None
+        gc.collect()
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    formats = ("onnx",)
+    install_hint = INSTALL_HINT
+
+    def availability(self) -> Availability:
+        try:
+            import onnxruntime as ort
+        except Exception as exc:
+            return Availability(False, reason=f"onnxruntime cannot be imported ({type(exc).__name__}: {exc})",
+                                install_hint=INSTALL_HINT)
+        return Availability(True, version=ort.__version__)
+
+    def devices(self) -> list[str]:
+        try:
+            import onnxruntime as ort
+        except Exception:
+            return []
+        providers = set(ort.get_available_providers())
+        return [dev for dev, ep in _DEVICE_PROVIDERS.items() if ep in providers]
+
+    def load(self, path: Path, options: LoadOptions) -> Session:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        threads = options.threads
+        so.intra_op_num_threads = int(options.extra.get("intra_op_threads", threads or 0))
+        so.inter_op_num_threads = int(options.extra.get("inter_op_threads", 1))
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not options.extra.get("arena", True):
+            so.enable_cpu_mem_arena = False
+        so.log_severity_level = 3
+        available = ort.get_available_providers()
+        wanted = list(options.extra.get("providers") or [])
+        if options.device and options.device.upper() in _DEVICE_PROVIDERS:
+            wanted.insert(0, _DEVICE_PROVIDERS[options.device.upper()])
+        providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+        if "CPUExecutionProvider" not in providers:
+            providers.append("CPUExecutionProvider")
+        try:
+            sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as exc:
+            raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from None
+        used = sess.get_providers()[0]
+        device = next((d for d, ep in _DEVICE_PROVIDERS.items() if ep == used), used)
+        return OnnxRuntimeSession(sess, device)
+
+
+@hookimpl
+def register_backends(register):
+    register(OnnxRuntimeBackend)

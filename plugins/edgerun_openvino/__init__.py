@@ -1,0 +1,163 @@
+"""The OpenVINO backend: ONNX and OpenVINO IR models on CPU, GPU, NPU or AUTO."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgerun.backend import Availability, Backend, LoadOptions, Session
+from edgerun.errors import ModelLoadError
+from edgerun.hookspecs import hookimpl
+from edgerun.tensors import TensorSpec
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'edgerun[openvino]'"
+
+_OV_TYPES = {
+    "f32": "FP32", "f16": "FP16", "f64": "FP64",
+    "i8": "INT8", "i16": "INT16", "i32": "INT32", "i64": "INT64",
+    "u8": "UINT8", "u16": "UINT16", "u32": "UINT32", "u64": "UINT64",
+    "boolean": "BOOL", "string": "BYTES",
+}
+_PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+
+
+def _message(exc: BaseException) -> str:
+    """OpenVINO's error text without its 'Exception from src/...cpp:N:' location lines."""
+    lines = [ln.strip() for ln in str(exc).splitlines()]
+    kept = [ln for ln in lines if ln and not ln.startswith("Exception from ")]
+    return " ".join(kept) or f"{type(exc).__name__}: {exc}"
+
+
+def _spec(port: Any) -> TensorSpec:
+    names = port.get_names()
+    name = port.get_any_name() if names else f"{port.get_node().get_friendly_name()}:{port.get_index()}"
+    type_name = port.get_element_type().get_type_name()
+    shape = tuple(d.get_length() if d.is_static else -1 for d in port.get_partial_shape())
+    return TensorSpec(name, _OV_TYPES.get(type_name, type_name.upper()), shape)
+
+
+class OpenVinoSession(Session):
+    """A compiled OpenVINO model; each thread runs on its own infer request."""
+
+    def __init__(self, compiled: Any, device: str):
+        self._compiled = compiled
+        self._device = device
+        self.inputs = [_spec(p) for p in compiled.inputs]
+        self.outputs = [_spec(p) for p in compiled.outputs]
+        self._output_names = tuple(o.name for o in self.outputs)
+        self._local = threading.local()
+
+    def _request(self) -> Any:
+        req = getattr(self._local, "request", None)
+        if req is None:
+            if self._compiled is None:
+                raise RuntimeError("the OpenVINO session is closed")
+            req = self._local.request = self._compiled.create_infer_request()
+        return req
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            req = self._local.request
+        except AttributeError:
+            req = self._request()
+        # share_inputs: zero-copy inputs; outputs are copied (share_outputs=False), so a later run
+        # on this request cannot overwrite arrays already returned.
+        return dict(zip(self._output_names, req.infer(inputs, share_inputs=True).to_tuple()))
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    def close(self) -> None:
+        self._local = threading.local()  # drops every thread's infer request
+        compiled, self._compiled = self._compiled, None
+        if compiled is not None:
+            try:
+                compiled.release_memory()
+            except Exception:  # not every device plugin supports it
+                pass
+            del compiled
+        gc.collect()
+
+
+class OpenVinoBackend(Backend):
+    """OpenVINO Runtime: reads ONNX and IR (.xml with its .bin beside it)."""
+
+    name = "openvino"
+    formats = ("onnx", "openvino")
+    install_hint = INSTALL_HINT
+
+    def __init__(self) -> None:
+        self._core: Any = None
+        self._lock = threading.Lock()
+
+    def availability(self) -> Availability:
+        try:
+            import openvino as ov
+        except Exception as exc:
+            return Availability(False, reason=f"openvino cannot be imported ({type(exc).__name__}: {exc})",
+                                install_hint=INSTALL_HINT)
+        version = getattr(ov, "__version__", None) or ov.get_version()
+        return Availability(True, version=str(version).split("-")[0])
+
+    def _get_core(self) -> Any:
+        with self._lock:
+            if self._core is None:
+                import openvino as ov
+
+                self._core = ov.Core()
+            return self._core
+
+    def devices(self) -> list[str]:
+        try:
+            found = list(self._get_core().available_devices)
+        except Exception as exc:
+            log.debug("openvino devices unavailable: %s", exc)
+            return []
+        return found + ["AUTO"]
+
+    def load(self, path: Path, options: LoadOptions) -> Session:
+        path = Path(path)
+        if not path.is_file():
+            raise ModelLoadError(f"openvino cannot load {path}: file not found")
+        if path.suffix == ".xml" and not path.with_suffix(".bin").is_file():
+            raise ModelLoadError(f"openvino cannot load {path}: the IR weights file {path.with_suffix('.bin').name} "
+                                 f"is not beside it")
+        extra = options.extra
+        device = str(options.device or extra.get("device") or "CPU").upper()
+        hint = str(extra.get("performance_hint", "LATENCY")).upper()
+        if hint not in _PERFORMANCE_HINTS:
+            raise ModelLoadError(f"openvino: performance_hint {hint!r} is not one of {', '.join(_PERFORMANCE_HINTS)}")
+        config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
+        if device.startswith("CPU"):
+            if options.threads:
+                config["INFERENCE_NUM_THREADS"] = int(options.threads)
+            # f32 by default so results (and the variant's measured accuracy) hold; "bf16"/"f16" trade them for speed
+            config["INFERENCE_PRECISION_HINT"] = str(extra.get("inference_precision", "f32"))
+        for key, value in dict(extra.get("config") or {}).items():
+            config[str(key)] = value
+        core = self._get_core()
+        try:
+            model = core.read_model(str(path))
+        except Exception as exc:
+            raise ModelLoadError(f"openvino cannot load {path}: {_message(exc)}") from None
+        try:
+            compiled = core.compile_model(model, device, config)
+        except Exception as exc:
+            raise ModelLoadError(f"openvino cannot compile {path} for {device}: {_message(exc)}") from None
+        finally:
+            del model  # the compiled model holds what it needs; the source graph's weights go
+        log.debug("openvino compiled %s on %s with %s", path, device, config)
+        return OpenVinoSession(compiled, device)
+
+
+@hookimpl
+def register_backends(register):
+    register(OpenVinoBackend)

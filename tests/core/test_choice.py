@@ -1,0 +1,76 @@
+"""Variant choice: the most accurate variant that fits the budget, and ``edgerun explain``."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgerun.profiles import Profile
+from edgerun.runtime import Runtime
+
+
+def test_large_budget_takes_the_most_accurate_variant(runtime: Runtime, measured_digits) -> None:
+    c = runtime.explain(measured_digits, memory_budget="4GiB")
+    assert c.chosen is not None
+    assert (c.chosen.variant.id, c.chosen.backend) == ("onnx-fp32", "onnxruntime")
+    assert all(cand.kept for cand in c.candidates if cand.backend != "-")
+
+
+def test_budget_between_the_two_needs_takes_int8(runtime: Runtime, measured_digits) -> None:
+    needs = {v.id: v.memory_bytes for v in measured_digits.variants}
+    assert needs == {"onnx-fp32": 30 << 20, "onnx-int8": 12 << 20}
+    budget = (needs["onnx-fp32"] + needs["onnx-int8"]) // 2
+    c = runtime.explain(measured_digits, memory_budget=budget)
+    assert c.chosen is not None and c.chosen.variant.id == "onnx-int8"
+    fp32 = [cand for cand in c.candidates if cand.variant.id == "onnx-fp32"]
+    assert fp32 and all(not cand.kept and "needs 30.0 MiB > budget 21.0 MiB" in cand.reason for cand in fp32)
+    assert runtime.prepare(measured_digits, memory_budget=budget).variant.id == "onnx-int8"
+
+
+def test_the_profile_budget_applies_when_none_is_given(measured_digits) -> None:
+    small = Profile(name="tiny-board", memory_budget="20MiB", prefer=("onnxruntime",))
+    with Runtime(profile=small) as rt:
+        assert rt.explain(measured_digits).chosen.variant.id == "onnx-int8"
+        assert rt.load(measured_digits.root).variant.id == "onnx-int8"
+
+
+def test_profile_backend_preference_breaks_ties(measured_digits) -> None:
+    for first in ("openvino", "onnxruntime"):
+        with Runtime(profile=Profile(name=f"{first}-first", prefer=(first,))) as rt:
+            c = rt.explain(measured_digits, memory_budget="1GiB")
+            assert (c.chosen.variant.id, c.chosen.backend) == ("onnx-fp32", first)
+
+
+def test_without_measurements_the_need_is_estimated_from_file_size(runtime: Runtime, digits_package) -> None:
+    c = runtime.explain(digits_package, memory_budget="1GiB")
+    assert c.chosen is not None
+    assert all(not cand.memory_measured and cand.memory_bytes > cand.variant.size for cand in c.candidates
+               if cand.backend != "-")
+
+
+def _row(out: str, variant: str, backend: str) -> str:
+    return next(line for line in out.splitlines() if variant in line and backend in line)
+
+
+def test_explain_lists_every_variant_with_verdict_and_reason(cli, measured_digits) -> None:
+    rc, out, _ = cli("explain", measured_digits.root, "--memory-budget", "20MiB", "--profile", "generic-x86_64")
+    assert rc == 0
+    assert "digits v1 on profile generic-x86_64, memory budget 20.0 MiB" in out
+    int8 = _row(out, "onnx-int8", "onnxruntime")
+    assert "chosen" in int8 and "12.0 MiB" in int8 and "0.9750" in int8
+    fp32 = _row(out, "onnx-fp32", "onnxruntime")
+    assert "dropped" in fp32 and "needs 30.0 MiB > budget 20.0 MiB" in fp32
+    assert "kept" in _row(out, "onnx-int8", "openvino")
+
+
+def test_explain_exits_69_when_nothing_fits(cli, measured_digits) -> None:
+    rc, out, err = cli("explain", measured_digits.root, "--memory-budget", "8MiB", "--profile", "generic-x86_64")
+    assert rc == 69
+    assert "dropped" in _row(out, "onnx-int8", "onnxruntime")
+    assert "no variant of 'digits' fits the memory budget of 8.0 MiB" in err and "needs 12.0 MiB" in err
+
+
+@pytest.mark.parametrize("budget", ["lots", "0%"])
+def test_explain_with_a_malformed_budget(cli, measured_digits, budget: str) -> None:
+    rc, _, err = cli("explain", measured_digits.root, "--memory-budget", budget, "--profile", "generic-x86_64")
+    assert rc != 0
+    assert "budget" in err.lower() and budget in err

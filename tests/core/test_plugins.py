@@ -1,0 +1,284 @@
+"""The plugin system: entry-point discovery of a third-party plugin, every hook, broken and misspelt plugins."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pluggy
+import pytest
+
+from edgerun import hookspecs
+from edgerun.device import detect
+from edgerun.hookspecs import hookimpl
+from edgerun.plugins import make_plugin_manager
+from edgerun.profiles import Profile
+from edgerun.runtime import Runtime
+from edgerun.tomlfile import read_toml
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKE_DIST = ROOT / "tests" / "plugins" / "edgerun_fakebackend"
+FAKE_BACKEND = "onnx-reference"
+HOOKS = sorted(name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+               if hasattr(fn, "edgerun_spec"))
+
+
+@pytest.fixture
+def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Install a plugin distribution the way pip leaves it: modules plus a ``*.dist-info`` with entry_points.txt."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("EDGERUN_STRICT_PLUGINS", raising=False)
+    monkeypatch.delenv("EDGERUN_DISABLE_PLUGINS", raising=False)
+    modules: list[str] = []
+
+    def install_dist(dist: str, entry_points: dict[str, str], files: dict[str, str | Path] | None = None) -> None:
+        for rel, content in (files or {}).items():
+            if isinstance(content, Path):
+                shutil.copytree(content, site / rel)
+            else:
+                (site / rel).write_text(content)
+            modules.append(Path(rel).stem)
+        info = site / f"{dist.replace('-', '_')}-0.1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1.0\n")
+        (info / "entry_points.txt").write_text(
+            "[edgerun]\n" + "".join(f"{name} = {target}\n" for name, target in entry_points.items()))
+
+    yield install_dist
+    for name in list(sys.modules):
+        if name.split(".")[0] in modules:
+            del sys.modules[name]
+
+
+@pytest.fixture
+def fake_plugin(install: Callable[..., None]):
+    """tests/plugins/edgerun_fakebackend, installed with the entry points its pyproject.toml declares."""
+    eps = read_toml(FAKE_DIST / "pyproject.toml")["project"]["entry-points"]["edgerun"]
+    install("edgerun-fakebackend", eps, {"edgerun_fakebackend": FAKE_DIST / "edgerun_fakebackend"})
+    import edgerun_fakebackend
+
+    edgerun_fakebackend.EVENTS.clear()
+    return edgerun_fakebackend
+
+
+@pytest.fixture
+def broken_plugin(install: Callable[..., None]) -> None:
+    """A plugin whose import raises, as a plugin with a missing dependency does."""
+    install("edgerun-broken", {"broken": "edgerun_broken"},
+            {"edgerun_broken.py": 'raise ImportError("No module named \'hailo_platform\'")\n'})
+
+
+@pytest.fixture
+def misspelt_plugin(install: Callable[..., None]) -> None:
+    """A plugin implementing ``register_backend`` (no such hook: it is ``register_backends``)."""
+    install("edgerun-misspelt", {"misspelt": "edgerun_misspelt"},
+            {"edgerun_misspelt.py": "from edgerun import hookimpl\n\n\n@hookimpl\n"
+                                    "def register_backend(register):\n    pass\n"})
+
+
+def test_third_party_plugin_is_discovered_through_its_entry_point(fake_plugin, cpu_profile, cli) -> None:
+    pm, failures = make_plugin_manager()
+    assert failures == []
+    assert pm.get_plugin("fakebackend") is fake_plugin
+    rt = Runtime(profile=cpu_profile)
+    assert {FAKE_BACKEND, "onnxruntime"} <= set(rt.backends)
+    rc, out, _ = cli("backends")
+    assert rc == 0
+    row = next(line for line in out.splitlines() if FAKE_BACKEND in line)
+    assert "yes" in row and "onnx" in row
+
+
+def test_plugins_can_be_disabled(fake_plugin, monkeypatch: pytest.MonkeyPatch, cpu_profile) -> None:
+    monkeypatch.setenv("EDGERUN_DISABLE_PLUGINS", "1")
+    assert FAKE_BACKEND not in Runtime(profile=cpu_profile).backends
+
+
+def test_hook_register_backends(fake_plugin, measured_digits, digits_input) -> None:
+    """A third-party backend runs a real package when the profile prefers it, and agrees with onnxruntime."""
+    prefers_it = Profile(name="ref-first", prefer=(FAKE_BACKEND, "onnxruntime"))
+    with Runtime(profile=prefers_it) as rt:
+        model = rt.load(measured_digits.root)
+        assert (model.backend, model.variant.id) == (FAKE_BACKEND, "onnx-fp32")
+        got = rt.infer("digits", {"input": digits_input})["probabilities"]
+    with Runtime(profile=Profile(name="ort-first", prefer=("onnxruntime",))) as ort_rt:
+        assert ort_rt.load(measured_digits.root).backend == "onnxruntime"
+        want = ort_rt.infer("digits", {"input": digits_input})["probabilities"]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_hook_describe_device(fake_plugin, cli) -> None:
+    """Facts a plugin contributes are merged into the host's facts and shown by ``edgerun device``."""
+    pm, _ = make_plugin_manager()
+    facts = detect(pm)
+    assert "fake_npu" in facts.accelerators
+    assert facts.extra["fake_plugin"] == "present"
+    rc, out, _ = cli("device")
+    assert rc == 0 and "fake_npu" in out and "fake_plugin" in out
+
+
+class PreferInt8:
+    """A plugin that always takes the int8 variant when it was kept."""
+
+    @hookimpl
+    def choose_variant(self, package, profile, candidates):
+        """Take int8."""
+        return next((c for c in candidates if c.kept and c.variant.precision == "int8"), None)
+
+
+class NoOpinion:
+    """A plugin that looks at the choice and leaves it to the built-in rule."""
+
+    calls = 0
+
+    @hookimpl
+    def choose_variant(self, package, profile, candidates):
+        """Abstain."""
+        NoOpinion.calls += 1
+        return None
+
+
+def test_hook_choose_variant(runtime: Runtime, measured_digits, digits_input) -> None:
+    """A plugin's choose_variant overrides the built-in memory-fit rule; None leaves it to the rule."""
+    assert runtime.explain(measured_digits).chosen.variant.id == "onnx-fp32"
+    runtime.pm.register(NoOpinion(), name="no-opinion")
+    try:
+        assert runtime.explain(measured_digits).chosen.variant.id == "onnx-fp32"
+        assert NoOpinion.calls >= 1
+    finally:
+        runtime.pm.unregister(name="no-opinion")
+    runtime.pm.register(PreferInt8(), name="prefer-int8")
+    try:
+        model = runtime.load(measured_digits.root)
+        assert model.variant.id == "onnx-int8"
+        assert runtime.infer("digits", {"input": digits_input})["probabilities"].shape == (2, 10)
+    finally:
+        runtime.pm.unregister(name="prefer-int8")
+    assert runtime.load(measured_digits.root).variant.id == "onnx-fp32"
+
+
+def test_hook_on_model_activated(fake_plugin, cpu_profile, measured_digits) -> None:
+    """A plugin hears when a model version starts serving, with the variant and backend."""
+    with Runtime(profile=cpu_profile) as rt:
+        rt.load(measured_digits.root)
+    assert ("activated", {"model": "digits", "version": 1, "variant": "onnx-fp32",
+                          "backend": "onnxruntime"}) in fake_plugin.EVENTS
+
+
+def test_hook_on_update_event(fake_plugin, cpu_profile, tmp_path: Path) -> None:
+    """A plugin hears every update transition the device agent reports (here with no broker connected)."""
+    from edgerun.agent.agent import Agent
+    from edgerun.config import Config, MqttConfig
+    from edgerun.store import JournalEntry
+
+    with Runtime(profile=cpu_profile) as rt:
+        agent = Agent(rt, Config(state_dir=tmp_path / "state", mqtt=MqttConfig(enabled=True, device_id="dev-1")))
+        agent.report(JournalEntry("digits", 2, "failed", "sha256 mismatch"))
+    assert ("update", {"model": "digits", "version": 2, "state": "failed",
+                       "detail": "sha256 mismatch"}) in fake_plugin.EVENTS
+
+
+def test_broken_plugin_is_reported_by_name_and_the_others_still_load(fake_plugin, broken_plugin, cpu_profile,
+                                                                     cli, caplog) -> None:
+    rt = Runtime(profile=cpu_profile)
+    assert [f.name for f in rt.plugin_failures] == ["broken"]
+    assert "hailo_platform" in rt.plugin_failures[0].error
+    assert {FAKE_BACKEND, "onnxruntime"} <= set(rt.backends)
+    assert "plugin 'broken' failed to load" in caplog.text
+    rc, out, _ = cli("backends")
+    assert rc == 0
+    row = next(line for line in out.splitlines() if line.strip("│ ").startswith("broken"))
+    assert "broken" in row and "plugin failed to load: ImportError" in row
+    assert FAKE_BACKEND in out
+
+
+def test_broken_plugin_raises_under_strict_plugins(broken_plugin, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGERUN_STRICT_PLUGINS", "1")
+    with pytest.raises(ImportError, match="hailo_platform"):
+        make_plugin_manager()
+
+
+def test_check_pending_catches_a_misspelt_hook(runtime: Runtime) -> None:
+    class Misspelt:
+        @hookimpl
+        def choose_varient(self, package, profile, candidates):
+            """Misspelt on purpose."""
+
+    runtime.pm.register(Misspelt(), name="misspelt")
+    try:
+        with pytest.raises(pluggy.PluginValidationError, match="unknown hook 'choose_varient'"):
+            runtime.pm.check_pending()
+    finally:
+        runtime.pm.unregister(name="misspelt")
+    runtime.pm.check_pending()
+
+
+def test_installed_plugin_with_a_misspelt_hook_is_skipped_and_named(fake_plugin, misspelt_plugin,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    pm, failures = make_plugin_manager()
+    assert [f.name for f in failures] == ["misspelt"]
+    assert "register_backend" in failures[0].error
+    assert pm.get_plugin("misspelt") is None and pm.get_plugin("fakebackend") is not None
+    monkeypatch.setenv("EDGERUN_STRICT_PLUGINS", "1")
+    with pytest.raises(pluggy.PluginValidationError, match="register_backend"):
+        make_plugin_manager()
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hookspec_is_documented_and_tested(hook: str) -> None:
+    spec = getattr(hookspecs, hook)
+    doc = inspect.getdoc(spec) or ""
+    assert doc and "\n" not in doc.strip(), f"{hook} needs a one-line docstring"
+    assert f"`{hook}(" in (ROOT / "docs" / "plugins.md").read_text(), f"{hook} is missing from docs/plugins.md"
+    test = globals().get(f"test_hook_{hook}")
+    assert callable(test), f"no test_hook_{hook} in {__file__}"
+    assert re.search(rf"\b{hook}\b", (FAKE_DIST / "edgerun_fakebackend" / "__init__.py").read_text()) \
+        or hook == "choose_variant", f"the fake third-party plugin should implement {hook}"
+
+
+def test_the_hook_list_is_not_empty() -> None:
+    assert {"register_backends", "describe_device", "choose_variant", "on_model_activated",
+            "on_update_event"} <= set(HOOKS)
+
+
+class _RaisingBackend:
+    """A backend plugin whose availability check itself crashes."""
+
+    @hookimpl
+    def register_backends(self, register):
+        from edgerun.backend import Backend
+
+        class Exploding(Backend):
+            name = "exploding"
+            formats = ("onnx",)
+            install_hint = "pip install edgerun-exploding"
+
+            def availability(self):
+                raise RuntimeError("driver probe crashed")
+
+            def load(self, path, options):  # pragma: no cover - never chosen
+                raise AssertionError("an unavailable backend must not be loaded")
+
+        register(Exploding)
+
+
+def test_backend_whose_availability_check_raises_is_listed_unavailable(runtime: Runtime, measured_digits,
+                                                                      digits_input) -> None:
+    """A crashing availability check marks that backend unavailable; the others keep serving."""
+    runtime.pm.register(_RaisingBackend(), name="exploding")
+    try:
+        status = {b.name: a for b, a in runtime.backend_status()}
+        assert not status["exploding"].available
+        assert "driver probe crashed" in status["exploding"].reason
+        dropped = [c for c in runtime.explain(measured_digits).candidates if c.backend == "exploding"]
+        assert dropped and all(not c.kept and "driver probe crashed" in c.reason for c in dropped)
+        runtime.load(measured_digits.root)
+        assert runtime.infer("digits", {"input": digits_input})["probabilities"].shape == (2, 10)
+    finally:
+        runtime.pm.unregister(name="exploding")

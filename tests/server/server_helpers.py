@@ -1,0 +1,119 @@
+"""Helpers for the server tests: test model packages and ``edgerun serve`` subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from edgerun.package import ModelPackage, Variant, file_entry, save_package
+from edgerun.tensors import TensorSpec
+
+ALL_DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
+                 "FP64", "BYTES"]
+TOKEN = "s3cret-token-for-tests"
+CLI = "import sys; from edgerun.cli import main; sys.argv[0] = 'edgerun'; sys.exit(main())"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_echo_package(root: Path) -> ModelPackage:
+    """An ONNX model echoing one input of every KServe datatype (Identity nodes), shapes [-1, -1]."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    onnx_types = {"BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "UINT16": TensorProto.UINT16,
+                  "UINT32": TensorProto.UINT32, "UINT64": TensorProto.UINT64, "INT8": TensorProto.INT8,
+                  "INT16": TensorProto.INT16, "INT32": TensorProto.INT32, "INT64": TensorProto.INT64,
+                  "FP16": TensorProto.FLOAT16, "FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE,
+                  "BYTES": TensorProto.STRING}
+    nodes, ins, outs = [], [], []
+    for dt, code in onnx_types.items():
+        nodes.append(helper.make_node("Identity", [f"in_{dt}"], [f"out_{dt}"]))
+        ins.append(helper.make_tensor_value_info(f"in_{dt}", code, ["batch", "n"]))
+        outs.append(helper.make_tensor_value_info(f"out_{dt}", code, ["batch", "n"]))
+    model = helper.make_model(helper.make_graph(nodes, "echo", ins, outs),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    root.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(root / "echo.onnx"))
+    pkg = ModelPackage(name="echo", version=1,
+                       inputs=[TensorSpec(f"in_{dt}", dt, (-1, -1)) for dt in onnx_types],
+                       outputs=[TensorSpec(f"out_{dt}", dt, (-1, -1)) for dt in onnx_types],
+                       variants=[Variant("onnx", "onnx", "fp32", (file_entry(root, "echo.onnx"),))])
+    save_package(pkg, root)
+    return ModelPackage.load(root)
+
+
+def make_fixed_package(root: Path, hidden: int = 1024) -> ModelPackage:
+    """An MLP with a fixed batch of 1 (no batch dimension to batch on)."""
+    from edgerun.testing.models import mlp_onnx, random_mlp_weights
+
+    mlp_onnx(random_mlp_weights([64, hidden, hidden, 10]), root / "model.onnx", batch=1)
+    pkg = ModelPackage(name="fixed", version=1, inputs=[TensorSpec("input", "FP32", (1, 64))],
+                       outputs=[TensorSpec("probabilities", "FP32", (1, 10))],
+                       variants=[Variant("onnx-fp32", "onnx", "fp32", (file_entry(root, "model.onnx"),))])
+    save_package(pkg, root)
+    return ModelPackage.load(root)
+
+
+class ServerProcess:
+    """``edgerun serve`` in a subprocess; ``url`` once ready."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgerun-serve-{self.port}.log"
+        full_env = {**os.environ, "EDGERUN_LOG_LEVEL": "INFO", **(env or {})}
+        self._log_file = open(self.log, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(self.port),
+                                      "--state-dir", str(self.log.parent / f"state-{self.port}"), *args],
+                                     env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60.0) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"edgerun serve exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/v2/health/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"edgerun serve not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self._log_file.flush()
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        return self.proc.returncode
+
+
+def reference(package: ModelPackage, x: np.ndarray) -> np.ndarray:
+    """The fp32 model run by onnxruntime directly: what the server must answer."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(package.path_of(package.variant("onnx-fp32").main_file)),
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
