@@ -15,7 +15,9 @@ from edgerun.units import format_size, parse_budget, parse_size
 
 log = logging.getLogger(__name__)
 
-BUNDLED_DIR = Path(__file__).resolve().parent / "device_profiles"
+_HERE = Path(__file__).resolve().parent
+# Installed from a wheel the profiles are package data; in a source checkout they are the repository's top level.
+BUNDLED_DIR = _HERE / "device_profiles" if (_HERE / "device_profiles").is_dir() else _HERE.parent / "device_profiles"
 SYSTEM_DIR = Path("/etc/edgerun/device_profiles")
 MATCH_KEYS = ("arch", "cpu_flags", "device_tree_model", "accelerators", "cpu_model", "min_memory")
 # Older names people write for a backend, mapped to the backend's registered name.
