@@ -59,6 +59,9 @@ class Daemon:
         """Load, serve until SIGTERM/SIGINT (or ``request_stop()``), drain and clean up."""
         loop = asyncio.get_running_loop()
         _hide_secrets(self.config)
+        log.debug("configuration from %s%s; profile %s, budget %s", self.config.source or "built-in defaults",
+                  f" with {', '.join(self.config.overrides)}" if self.config.overrides else "",
+                  self.config.profile or "detected", self.config.memory_budget or "the profile's")
         self._stop = asyncio.Event()
         installed = self._install_signals(loop)
         try:

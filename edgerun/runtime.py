@@ -272,6 +272,11 @@ class Runtime:
         chosen = self.pm.hook.choose_variant(package=pkg, profile=self.profile, candidates=cands)
         if chosen is not None:
             chosen.chosen = True
+        if log.isEnabledFor(logging.DEBUG):
+            for c in cands:
+                log.debug("%s v%d: %s on %s needs %s%s: %s%s", pkg.name, pkg.version, c.variant.id, c.backend,
+                          format_size(c.memory_bytes), "" if c.memory_measured else " (estimated)",
+                          "kept" if c.kept else "dropped", f" ({c.reason})" if c.reason else "")
         return Choice(pkg, self.profile, budget, cands, chosen)
 
     def prepare(self, package: str | Path | ModelPackage, *, variant: str | None = None,
