@@ -147,7 +147,9 @@ def _read_match(m: Table) -> dict[str, Any]:
         values = m.list_of(key, str) if isinstance(value, list) else [value]
         if not values or any(not v.strip() for v in values):
             raise m.fail(key, f"expected a non-empty string or array of non-empty strings, got {value!r}")
-        match[key] = [normalize_arch(v) for v in values] if key == "arch" else values
+        if key == "arch":  # "arm64" is "aarch64": list each normalised name once
+            values = list(dict.fromkeys(normalize_arch(v) for v in values))
+        match[key] = values
     if "min_memory" in m.data:
         match["min_memory"] = m.get("min_memory", (str, int))
         _check(m, "min_memory", parse_size, "expected a size such as '2GiB'")

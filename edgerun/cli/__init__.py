@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from rich.markup import escape
+
 from edgerun.cli.app import app, err_console
 from edgerun.errors import EdgerunError
 
@@ -23,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = app(args=argv, prog_name="edgerun", standalone_mode=False)
     except EdgerunError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from edgerun.cli.app import app, console, fail
 from edgerun.units import format_size
@@ -21,19 +23,39 @@ def _runtime(profile: str | None = None, memory_budget: str | None = None):
     return Runtime(profile=profile, memory_budget=memory_budget)
 
 
+def _version_and_library(version: str | None) -> tuple[str, str]:
+    """Split "ai-edge-litert 2.3.0" into the version and the library that provides the backend."""
+    if not version:
+        return "-", ""
+    library, _, bare = version.rpartition(" ")
+    return bare, f"via {library}" if library else ""
+
+
 @app.command()
 def backends() -> None:
     """List backend plugins: available or not, version, devices, and how to install the missing ones."""
     rt = _runtime()
     table = Table(title="Backends")
-    for col in ("name", "available", "version", "formats", "devices", "reason / install"):
-        table.add_column(col)
+    table.add_column("name / formats", no_wrap=True)
+    table.add_column("available", no_wrap=True)
+    table.add_column("version", no_wrap=True)
+    table.add_column("devices")
+    table.add_column("reason / install")
     for backend, avail in rt.backend_status():
-        table.add_row(backend.name, "[green]yes[/]" if avail.available else "[red]no[/]", avail.version or "-",
-                      ", ".join(backend.formats), ", ".join(backend.devices()) if avail.available else "-",
-                      "" if avail.available else f"{avail.reason}\n{avail.install_hint or ''}".strip())
+        version, library = _version_and_library(avail.version)
+        name = Text(backend.name)
+        name.append("\n" + ", ".join(backend.formats), style="dim")
+        if avail.available:
+            table.add_row(name, Text("yes", style="green"), Text(version), Text(", ".join(backend.devices())),
+                          Text(library, style="dim"))
+        else:
+            note = Text(avail.reason or "")
+            if avail.install_hint:
+                note.append("\n" + avail.install_hint, style="bold")
+            table.add_row(name, Text("no", style="red"), Text(version), "-", note)
     for failure in rt.plugin_failures:
-        table.add_row(failure.name, "[red]broken[/]", "-", "-", "-", f"plugin failed to load: {failure.error}")
+        table.add_row(Text(failure.name), Text("broken", style="red"), "-", "-",
+                      Text(f"plugin failed to load: {failure.error}"))
     console.print(table)
 
 
@@ -46,20 +68,21 @@ def device(profile: str = ProfileOpt) -> None:
     table.add_column("fact", style="bold")
     table.add_column("value")
     table.add_row("arch", facts.arch)
-    table.add_row("cpu", f"{facts.cpu_model} ({facts.cpu_count} usable cores)")
+    table.add_row("cpu", escape(f"{facts.cpu_model} ({facts.cpu_count} usable cores)"))
     interesting = sorted(facts.cpu_flags & {"avx", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "fma",
                                             "neon", "asimd", "asimddp", "sve", "f16c"})
     table.add_row("cpu features", ", ".join(interesting) or "-")
-    table.add_row("board", facts.device_tree_model or "-")
+    table.add_row("board", escape(facts.device_tree_model or "-"))
     table.add_row("memory", f"{format_size(facts.memory_available)} available of {format_size(facts.memory_total)}")
     table.add_row("accelerators", ", ".join(sorted(facts.accelerators)) or "none found")
     for key, value in facts.extra.items():
-        table.add_row(key, str(value))
+        table.add_row(escape(key), escape(str(value)))
     console.print(table)
     choice = rt.profile_choice
     p = choice.profile
-    console.print(f"[bold]profile:[/] {p.name} — {p.description}" + (f"  [dim]({p.source})[/]" if p.source else ""))
-    console.print(f"[bold]why:[/] {choice.why}")
+    console.print(f"[bold]profile:[/] {escape(p.name)} — {escape(p.description)}"
+                  + (f"  [dim]({escape(p.source)})[/]" if p.source else ""))
+    console.print(f"[bold]why:[/] {escape(choice.why)}")
     console.print(f"[bold]memory budget:[/] {p.memory_budget} = {format_size(rt.memory_budget())}"
                   f"; backend preference: {', '.join(p.prefer) or '(none)'}")
     if choice.considered:
@@ -69,7 +92,8 @@ def device(profile: str = ProfileOpt) -> None:
         t2.add_column("specificity", justify="right")
         t2.add_column("reasons")
         for prof, ok, reasons in sorted(choice.considered, key=lambda c: (-c[1], -c[0].specificity)):
-            t2.add_row(prof.name, "[green]yes[/]" if ok else "no", str(prof.specificity), "; ".join(reasons))
+            t2.add_row(escape(prof.name), "[green]yes[/]" if ok else "no", str(prof.specificity),
+                       escape("; ".join(reasons)))
         console.print(t2)
 
 
@@ -81,19 +105,22 @@ def explain(package: Path = typer.Argument(..., help="Model package directory.")
 
     rt = _runtime(profile, memory_budget)
     c = rt.explain(package, memory_budget=memory_budget)
-    console.print(f"[bold]{c.package.name}[/] v{c.package.version} on profile [bold]{c.profile.name}[/], "
-                  f"memory budget {format_size(c.budget)}")
+    console.print(f"[bold]{escape(c.package.name)}[/] v{c.package.version} on profile "
+                  f"[bold]{escape(c.profile.name)}[/], memory budget {format_size(c.budget)}")
     table = Table()
     for col in ("", "variant", "format", "precision", "backend", "memory need", "accuracy", "latency", "verdict"):
         table.add_column(col, justify="right" if col in ("memory need", "accuracy", "latency") else "left")
     for cand in c.candidates:
         mark = "[bold green]→[/]" if cand.chosen else ""
-        need = format_size(cand.memory_bytes) + ("" if cand.memory_measured else " (est.)") if cand.backend != "-" else "-"
+        need = "-" if cand.backend == "-" else format_size(cand.memory_bytes)
+        if cand.backend != "-" and not cand.memory_measured:
+            need += " (est.)"
         acc = f"{cand.accuracy:.4f}" if cand.accuracy is not None else "-"
         lat = f"{cand.latency_ms:.3f} ms" if cand.latency_ms is not None else "-"
-        verdict = "[bold green]chosen[/]" if cand.chosen else ("kept" if cand.kept else f"[red]dropped:[/] {cand.reason}")
-        table.add_row(mark, cand.variant.id, cand.variant.format, cand.variant.precision, cand.backend, need, acc, lat,
-                      verdict)
+        verdict = "[bold green]chosen[/]" if cand.chosen else (
+            "kept" if cand.kept else f"[red]dropped:[/] {escape(cand.reason)}")
+        table.add_row(mark, escape(cand.variant.id), cand.variant.format, cand.variant.precision, escape(cand.backend),
+                      need, acc, lat, verdict)
     console.print(table)
     if c.chosen is None:
         raise no_fit_error(c.package, c.candidates, c.budget)
@@ -112,19 +139,19 @@ def run(package: Path = typer.Argument(..., help="Model package directory."),
     for item in input:
         name, sep, file = item.partition("=")
         if not sep or not name or not file:
-            raise fail(f"--input expects NAME=file.npy, got {item!r}", 2)
+            raise fail(escape(f"--input expects NAME=file.npy, got {item!r}"), 2)
         try:
             inputs[name] = np.load(file, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise fail(f"cannot read {file}: {exc}", 66)
+            raise fail(escape(f"cannot read {file}: {exc}"), 66)
     model = rt.load(package, variant=variant, backend=backend)
-    console.print(f"[dim]{model.name} v{model.version}: {model.variant.id} on {model.backend}[/]")
+    console.print(f"{model.name} v{model.version}: {model.variant.id} on {model.backend}", style="dim", markup=False)
     outputs = rt.infer(model.name, inputs)
     with np.printoptions(precision=4, suppress=True, threshold=50):
         for name, arr in outputs.items():
-            console.print(f"[bold]{name}[/] {arr.dtype} {list(arr.shape)}")
-            console.print(str(arr), highlight=False)
+            console.print(f"[bold]{escape(name)}[/] {arr.dtype} {list(arr.shape)}")
+            console.print(str(arr), highlight=False, markup=False)
     if save:
         np.savez(save, **outputs)
-        console.print(f"[dim]saved to {save}[/]")
+        console.print(f"saved to {save}", style="dim", markup=False)
     rt.close()

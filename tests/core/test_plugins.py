@@ -91,8 +91,9 @@ def test_third_party_plugin_is_discovered_through_its_entry_point(fake_plugin, c
     assert {FAKE_BACKEND, "onnxruntime"} <= set(rt.backends)
     rc, out, _ = cli("backends")
     assert rc == 0
-    row = next(line for line in out.splitlines() if FAKE_BACKEND in line)
-    assert "yes" in row and "onnx" in row
+    lines = out.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(f"│ {FAKE_BACKEND} "))
+    assert "│ yes " in lines[i] and lines[i + 1].startswith("│ onnx ")  # the formats it loads, under its name
 
 
 def test_plugins_can_be_disabled(fake_plugin, monkeypatch: pytest.MonkeyPatch, cpu_profile) -> None:

@@ -96,6 +96,13 @@ def test_arm64_is_aarch64(bundled_profiles) -> None:
     assert choose_profile(mac_style, profiles=bundled_profiles).profile.name == "raspberry-pi-5"
 
 
+def test_arch_aliases_are_listed_once_in_the_reasons(bundled_profiles) -> None:
+    """generic-aarch64 lists "aarch64" and "arm64"; an x86 host is told about "aarch64" once."""
+    assert bundled_profiles["generic-aarch64"].match["arch"] == ["aarch64"]
+    reasons = dict((p.name, r) for p, _, r in choose_profile(PLAIN_X86, profiles=bundled_profiles).considered)
+    assert reasons["generic-aarch64"] == ["arch x86_64 not in ['aarch64']"]
+
+
 def test_an_unknown_host_gets_builtin_defaults_and_says_so(bundled_profiles) -> None:
     choice = choose_profile(DeviceFacts(arch="riscv64"), profiles=bundled_profiles)
     assert choice.profile.name == "generic"
