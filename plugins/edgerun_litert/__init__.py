@@ -46,8 +46,9 @@ def _numpy1_failure(exc: BaseException | None) -> bool:
 
 
 def _numpy1_reason(tflite_version: str | None) -> str:
-    return (f"tflite-runtime {tflite_version or '2.14'} was built for NumPy 1.x and fails with NumPy {np.__version__}; "
-            f"install ai-edge-litert")
+    """Why tflite-runtime cannot run here, and the fix."""
+    library = f"tflite-runtime {tflite_version}" if tflite_version else "tflite-runtime"
+    return f"{library} was built for NumPy 1.x and fails with NumPy {np.__version__}; install ai-edge-litert"
 
 
 def _built_for_numpy1(version: str | None) -> bool:

@@ -20,20 +20,21 @@ CYCLE_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from edgerun.backend import LoadOptions
 
-    name, path = sys.argv[1], Path(sys.argv[2])
+    name, path, close = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "close"
     if name == "onnxruntime":
         from edgerun_onnxruntime import OnnxRuntimeBackend as B
     elif name == "openvino":
         from edgerun_openvino import OpenVinoBackend as B
     else:
         from edgerun_litert import LiteRTBackend as B
-    b, proc, rss = B(), psutil.Process(), []
+    b, proc, rss, sessions = B(), psutil.Process(), [], []
     x = np.random.default_rng(0).random((4, 64), dtype=np.float32)
     for _ in range(20):
         s = b.load(path, LoadOptions(threads=1))
         s.run({"input": x})
-        s.close()
-        del s
+        if close:
+            s.close()
+        sessions.append(s)  # the session objects stay referenced: only close() can give the memory back
         rss.append(proc.memory_info().rss)
     print(json.dumps(rss))
 """)
@@ -62,21 +63,68 @@ def big_models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.parametrize("name,fmt", [("onnxruntime", "onnx"), ("openvino", "onnx"), ("openvino", "ir"),
-                                      ("litert", "tflite")])
-def test_close_really_frees_memory(big_models, name, fmt):
+def _model_size(path: Path) -> int:
+    """Bytes on disk of a model file, with an OpenVINO IR's .bin beside its .xml."""
+    return sum(f.stat().st_size for f in ((path, path.with_suffix(".bin")) if path.suffix == ".xml" else (path,)))
+
+
+def _cycles(name: str, path: Path, close: bool) -> tuple[list[int], int]:
+    """RSS after each of 20 load/run(/close) cycles in a fresh process, and the model's size on disk."""
     backend(name)
-    path = big_models.get(fmt) or pytest.skip(f"no {fmt} model")
-    size = sum(f.stat().st_size for f in (path, path.with_suffix(".bin")) if f.is_file())
+    size = _model_size(path)
     assert size > 8_000_000
-    proc = subprocess.run([sys.executable, "-c", CYCLE_SCRIPT, name, str(path)], capture_output=True, text=True,
-                          timeout=240, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", CYCLE_SCRIPT, name, str(path), "close" if close else "keep"],
+                          capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rss = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1]), size
+
+
+CASES = [("onnxruntime", "onnx"), ("openvino", "onnx"), ("openvino", "ir"), ("litert", "tflite")]
+
+
+@pytest.mark.parametrize("name,fmt", CASES)
+def test_close_really_frees_memory(big_models, name, fmt):
+    path = big_models.get(fmt) or pytest.skip(f"no {fmt} model")
+    rss, size = _cycles(name, path, close=True)
     growth = rss[19] - rss[2]
     assert growth < LEAK_MARGIN, (f"{name}: RSS grew {growth / 2**20:.1f} MiB between load/run/close cycles 3 and 20 "
                                   f"(model {size / 2**20:.1f} MiB); RSS per cycle (MiB): "
                                   f"{[round(r / 2**20) for r in rss]}")
+
+
+@pytest.mark.parametrize("name,fmt", CASES)
+def test_the_rss_check_sees_sessions_that_are_not_closed(big_models, name, fmt):
+    """The control: the same 20 cycles without close() grow by far more than the margin, so the check can fail."""
+    path = big_models.get(fmt) or pytest.skip(f"no {fmt} model")
+    rss, size = _cycles(name, path, close=False)
+    growth = rss[19] - rss[2]
+    assert growth > max(LEAK_MARGIN, 17 * size // 2), (f"{name}: only {growth / 2**20:.1f} MiB for 17 sessions "
+                                                       f"of a {size / 2**20:.1f} MiB model left open")
+
+
+@pytest.mark.parametrize("name,fmt", CASES)
+def test_memory_estimate_is_calibrated_against_measured_peak_rss(big_models, name, fmt):
+    """Without a measurement, variant choice estimates the need; it must be near the peak RSS a fresh process needs.
+
+    Measured as benchmarks/calibrate_memory.py does (peak RSS growth over load + one inference, library imported).
+    """
+    from edgerun.choice import memory_need
+    from edgerun.package import FileEntry, Variant
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from calibrate_memory import measure
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    backend(name)
+    path = big_models.get(fmt) or pytest.skip(f"no {fmt} model")
+    size = _model_size(path)
+    variant = Variant("v", {"ir": "openvino"}.get(fmt, fmt), "fp32", (FileEntry(path.name, "0" * 64, size),))
+    need, measured = memory_need(variant, name)
+    peak = measure(name, path)["peak"]
+    assert not measured
+    assert 0.75 * peak <= need <= 1.35 * peak, (f"{name} on a {size / 2**20:.1f} MiB {fmt} model: estimate "
+                                                f"{need / 2**20:.1f} MiB, measured peak {peak / 2**20:.1f} MiB")
 
 
 def _availability_without(modules: list[str], plugin: str, cls: str) -> dict:
@@ -132,11 +180,14 @@ def test_runtime_still_serves_onnx_when_openvino_and_litert_are_missing(digits_p
     assert proc.stdout.split() == ["onnxruntime", "(1,", "10)"]
 
 
-def test_tflite_runtime_2_14_under_numpy_2_is_explained(tmp_path):
+@pytest.mark.parametrize("recorded", [True, False], ids=["dist-info", "no-dist-info"])
+def test_tflite_runtime_2_14_under_numpy_2_is_explained(tmp_path, recorded):
     """tflite-runtime 2.14 (built for NumPy 1.x) installed next to NumPy 2: the reason names both and the fix.
 
-    The real wheel cannot be installed offline, so the test puts a tflite_runtime 2.14.0 distribution on the path
-    whose interpreter fails the way the real one does under NumPy 2 (AttributeError: _ARRAY_API not found).
+    The real wheel cannot be installed offline, so the test puts a tflite_runtime package on the path whose
+    interpreter fails to import the way the real one does under NumPy 2 (ImportError "numpy.core.multiarray failed
+    to import" from AttributeError "_ARRAY_API not found"). With its dist-info (a pip install) the version alone
+    tells; without it (a distro package) the import error does.
     """
     import numpy as np
 
@@ -145,10 +196,15 @@ def test_tflite_runtime_2_14_under_numpy_2_is_explained(tmp_path):
     pkg = tmp_path / "tflite_runtime"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("__version__ = '2.14.0'\n")
-    (pkg / "interpreter.py").write_text("raise AttributeError('_ARRAY_API not found')\n")
-    dist = tmp_path / "tflite_runtime-2.14.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tflite-runtime\nVersion: 2.14.0\n")
+    (pkg / "interpreter.py").write_text(
+        "try:\n    raise AttributeError('_ARRAY_API not found')\n"
+        "except AttributeError as exc:\n    raise ImportError('numpy.core.multiarray failed to import') from exc\n")
+    library = "tflite-runtime"
+    if recorded:
+        dist = tmp_path / "tflite_runtime-2.14.0.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tflite-runtime\nVersion: 2.14.0\n")
+        library = "tflite-runtime 2.14.0"
     code = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {str(tmp_path)!r})
@@ -168,6 +224,6 @@ def test_tflite_runtime_2_14_under_numpy_2_is_explained(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got["text"] == (f"unavailable: tflite-runtime 2.14.0 was built for NumPy 1.x and fails with NumPy "
+    assert got["text"] == (f"unavailable: {library} was built for NumPy 1.x and fails with NumPy "
                            f"{np.__version__}; install ai-edge-litert (pip install 'edgerun[tflite]')")
     assert "built for NumPy 1.x" in got["load"] and "pip install 'edgerun[tflite]'" in got["load"]
