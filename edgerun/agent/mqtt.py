@@ -19,6 +19,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edgerun.config import MqttConfig
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE = 0.5  # seconds
 BACKOFF_CAP = 30.0
 SESSION_EXPIRY = 7 * 24 * 3600  # MQTT 5: the broker keeps our subscriptions and queued QoS 1 messages a week
+UNSUPPORTED_PROTOCOL = 0x84  # CONNACK reason "Unsupported protocol version" (3.1.1's return code 1)
 MessageHandler = Callable[[str, bytes, bool], None]
 
 
@@ -58,6 +60,7 @@ class Connection:
         self._client: mqtt.Client | None = None
         self._lock = threading.Lock()
         self._connack_ok = False
+        self._refused: ReasonCode | None = None
 
     # --- public -----------------------------------------------------------------------------
 
@@ -130,7 +133,7 @@ class Connection:
             c = self._client
             self.session = self._next_session()
             c.will_set(self.state_topic, state_payload(False, self.session), qos=1, retain=True)
-            self._connack_ok = False
+            self._connack_ok, self._refused = False, None
             tcp_ok = False
             try:
                 if self.protocol == MQTTProtocolVersion.MQTTv5:
@@ -159,8 +162,10 @@ class Connection:
                 c.disconnect()
             except Exception:
                 pass
-            if tcp_ok and not self._connack_ok and not was_connected:
-                # connected at TCP level but no CONNACK success: maybe the broker does not speak this version
+            if tcp_ok and not self._connack_ok and not was_connected and \
+                    (self._refused is None or self._refused.value == UNSUPPORTED_PROTOCOL):
+                # the broker closed without a CONNACK, or refused the protocol version: try the other one
+                # (a refusal for another reason, e.g. a wrong password, keeps the version)
                 self.protocol = (MQTTProtocolVersion.MQTTv311 if self.protocol == MQTTProtocolVersion.MQTTv5
                                  else MQTTProtocolVersion.MQTTv5)
                 log.info("MQTT connection refused; next attempt with %s", self.protocol.name)
@@ -173,6 +178,7 @@ class Connection:
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.warning("MQTT broker refused the connection: %s", reason_code)
+            self._refused = reason_code
             return
         self._connack_ok = True
         self.connected.set()

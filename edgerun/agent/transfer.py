@@ -160,10 +160,14 @@ def http_fetch(url: str, dest: Path, size: int, *, progress: Callable[[int], Non
                         raise TransferError(last_error)
                     time.sleep(backoff_delay(attempt))
                     continue
+                if r.status_code == 206 and _range_start(r) != have:
+                    dest.unlink(missing_ok=True)
+                    last_error = f"server answered Range bytes={have}- with {r.headers.get('content-range')!r}"
+                    continue
                 mode = "ab" if r.status_code == 206 else "wb"
                 written = have if mode == "ab" else 0
                 with open(dest, mode) as f:
-                    for block in r.iter_bytes(1 << 20):
+                    for block in r.iter_bytes():  # as it arrives: a dropped connection keeps what came
                         written += len(block)
                         if written > size:
                             raise IntegrityError(f"{url} is larger than the manifest's size {size}")
@@ -185,6 +189,15 @@ def http_fetch(url: str, dest: Path, size: int, *, progress: Callable[[int], Non
             log.info("download of %s interrupted (%s); resuming", url, last_error)
             time.sleep(backoff_delay(attempt))
     raise TransferError(f"download of {url} failed after {attempts} attempts: {last_error}")
+
+
+def _range_start(r) -> int | None:
+    """The first byte of a 206 answer, from ``Content-Range: bytes START-END/TOTAL``."""
+    cr = r.headers.get("content-range", "")
+    try:
+        return int(cr.split()[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return None
 
 
 def _total_length(r, have: int) -> int | None:

@@ -2,7 +2,8 @@
 
 Every transition is saved to the journal (fsync) before it is reported. ``EDGERUN_TEST_PAUSE_AT=state`` (or
 ``state:version``) makes the agent sleep ``EDGERUN_TEST_PAUSE_SECONDS`` (default 60) right after reporting
-that state — a test-only hook so a test can ``kill -9`` the device in a known state.
+that state (or, for ``pointer``, right after the active pointer is replaced and before ``active`` is
+journaled) — a test-only hook so a test can ``kill -9`` the device in a known state.
 """
 
 from __future__ import annotations
@@ -182,10 +183,11 @@ class Updater:
         prev = self.store.pointer(model)
         previous = prev.version if prev and prev.version != version else (prev.previous if prev else None)
         self.store.set_pointer(model, Pointer(version, variant, loaded.backend, previous))
-        self.transition(j, "active", f"serving v{version} ({variant} on {loaded.backend})"
-                        + (f"; v{previous} kept for rollback" if previous else ""), progress=None)
+        _test_pause("pointer", version)  # the pointer names the new version; `active` is not journaled yet
         self.store.prune(model)
         self._prune_partials()
+        self.transition(j, "active", f"serving v{version} ({variant} on {loaded.backend})"
+                        + (f"; v{previous} kept for rollback" if previous else ""), progress=None)
         return True
 
     def rollback_to(self, m: "Manifest") -> None:

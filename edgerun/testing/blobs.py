@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
+import socket
 import threading
-from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -13,17 +13,16 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-
-    def __init__(self, *args, root: Path, **kwargs):
-        self.root = root
-        super().__init__(*args, **kwargs)
+    server: "_Server"
 
     def log_message(self, *args) -> None:
         pass
 
     def do_GET(self) -> None:
+        blobs = self.server.blobs
         name = self.path.rsplit("/", 1)[-1]
-        path = self.root / name
+        path = blobs.root / name
+        blobs.requests.append((name, self.headers.get("Range")))
         if not name or not path.is_file():
             self.send_error(404)
             return
@@ -46,27 +45,55 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(end - start + 1))
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
+        with blobs.lock:
+            drop = blobs.drops > 0
+            blobs.drops -= drop
+        left = end - start + 1
+        if drop:
+            left = min(left, blobs.drop_after)
         with open(path, "rb") as f:
             f.seek(start)
-            left = end - start + 1
             while left > 0:
-                block = f.read(min(left, 1 << 20))
+                block = f.read(min(left, 1 << 16))
                 if not block:
                     break
                 self.wfile.write(block)
+                blobs.bytes_sent += len(block)
                 left -= len(block)
+        if drop:  # the connection dies mid-body, as on a flaky link
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    blobs: "BlobServer"
 
 
 class BlobServer:
-    """Serves ``root/<name>`` at ``http://127.0.0.1:<port>/<name>``, honouring Range requests."""
+    """Serves ``root/<name>`` at ``http://127.0.0.1:<port>/<name>``, honouring Range requests.
+
+    ``drop(n, after)`` makes the next ``n`` answers end the connection after ``after`` body bytes;
+    ``requests`` lists ``(name, Range header)`` of every request and ``bytes_sent`` counts body bytes.
+    """
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, root=self.root))
-        self.httpd.daemon_threads = True
+        self.requests: list[tuple[str, str | None]] = []
+        self.bytes_sent = 0
+        self.drops = 0
+        self.drop_after = 0
+        self.lock = threading.Lock()
+        self.httpd = _Server(("127.0.0.1", 0), _Handler)
+        self.httpd.blobs = self
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def drop(self, n: int, after: int) -> None:
+        with self.lock:
+            self.drops, self.drop_after = n, after
 
     def __enter__(self) -> "BlobServer":
         self._thread.start()

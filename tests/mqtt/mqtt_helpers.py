@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -189,7 +190,7 @@ class Device:
 
     def start(self, env: dict[str, str] | None = None, wait: bool = True) -> "Device":
         full_env = {**os.environ, "EDGERUN_LOG_LEVEL": "INFO", **(env or {})}
-        for k in ("EDGERUN_TEST_PAUSE_AT",):
+        for k in ("EDGERUN_TEST_PAUSE_AT", "EDGERUN_MQTT_PASSWORD"):
             if k not in (env or {}):
                 full_env.pop(k, None)
         log = open(self.log, "a")
@@ -252,3 +253,92 @@ class Device:
                 self.kill()
 
 
+
+
+# --- a broker that speaks only MQTT 3.1.1 -------------------------------------------------------
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        got = s.recv(n - len(buf))
+        if not got:
+            raise OSError("connection closed")
+        buf += got
+    return buf
+
+
+def _read_packet(s: socket.socket) -> tuple[bytes, bytes]:
+    """One MQTT control packet: (all its bytes, its body after the fixed header)."""
+    head = _recv_exact(s, 1)
+    length, shift = 0, 0
+    while True:
+        b = _recv_exact(s, 1)
+        head += b
+        length += (b[0] & 0x7F) << shift
+        shift += 7
+        if not b[0] & 0x80:
+            break
+    body = _recv_exact(s, length)
+    return head + body, body
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class Mqtt311Gate:
+    """In front of the real Mosquitto: answers an MQTT 5 CONNECT as a 3.1.1-only broker must (MQTT 3.1.1
+    §3.1.2.2: CONNACK return code 1, then disconnect) and passes every other connection through."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.levels: list[int] = []  # the protocol level of every CONNECT seen (5 = MQTT 5, 4 = 3.1.1)
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            self._socks.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            packet, body = _read_packet(conn)
+            self.levels.append(body[6])  # after the protocol name b"\x00\x04MQTT"
+            if body[6] != 4:
+                conn.sendall(b"\x20\x02\x00\x01")
+                conn.close()
+                return
+            up = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self._socks.append(up)
+            up.sendall(packet)
+        except OSError:
+            conn.close()
+            return
+        threading.Thread(target=_pipe, args=(up, conn), daemon=True).start()
+        _pipe(conn, up)
+
+    def close(self) -> None:
+        self._server.close()
+        for s in self._socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()

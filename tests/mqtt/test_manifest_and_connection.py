@@ -18,7 +18,7 @@ from edgerun.hub.keys import generate
 from edgerun.hub.publish import build_manifest, encode
 from edgerun.manifest import canonical_json, load_private_key, load_trusted_keys, parse, sign
 from edgerun.testing.mosquitto import Mosquitto
-from mqtt_helpers import Device, Hub, Watcher, make_package
+from mqtt_helpers import Device, Hub, Mqtt311Gate, Watcher, make_package
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +81,16 @@ def test_reconnect_backoff_is_exponential_with_jitter():
     assert max(backoff_delay(50) for _ in range(200)) <= 30.0
 
 
-def test_device_logs_in_with_a_password_from_the_environment(tmp_path, keydir):
+def test_device_logs_in_with_a_password_from_the_environment_or_a_file(tmp_path, keydir):
     pw = tmp_path / "passwd"
     pw.write_text("")
     subprocess.run(["mosquitto_passwd", "-b", str(pw), "dev1", "s3cret"], check=True, capture_output=True)
+    (tmp_path / "dev1.pass").write_text("s3cret\n")
     with Mosquitto(tmp_path / "broker", password_file=pw) as broker:
         watcher = Watcher(broker, "auth", username="dev1", password="s3cret")
         dev = Device(tmp_path / "dev", broker, "auth", keydir, "dev1")
-        dev.config.write_text(dev.config.read_text() + 'username = "dev1"\n')
+        plain = dev.config.read_text() + 'username = "dev1"\n'
+        dev.config.write_text(plain)
         try:
             dev.start(env={"EDGERUN_MQTT_PASSWORD": "wrong"})
             time.sleep(2.0)
@@ -96,10 +98,36 @@ def test_device_logs_in_with_a_password_from_the_environment(tmp_path, keydir):
             assert dev.versions() == []  # and the device serves (nothing) while offline
             dev.kill()
             dev.start(env={"EDGERUN_MQTT_PASSWORD": "s3cret"})
-            watcher.wait_for(lambda: watcher.state.get("dev1", {}).get("online"), timeout=20, what="online")
+            first = watcher.wait_for(lambda: watcher.state.get("dev1", {}).get("online") and
+                                     watcher.state["dev1"]["session"], timeout=20, what="online")
+            dev.kill()
+            dev.config.write_text(plain + f'password_file = "{tmp_path / "dev1.pass"}"\n')
+            dev.start()  # no EDGERUN_MQTT_PASSWORD: the file is read
+            watcher.wait_for(lambda: watcher.state.get("dev1", {}).get("online") and
+                             watcher.state["dev1"]["session"] > first, timeout=20, what="online with the file")
         finally:
             dev.kill()
             watcher.close()
+
+
+def test_device_falls_back_to_mqtt_311_when_the_broker_refuses_mqtt_5(tmp_path, broker, keydir):
+    gate = Mqtt311Gate(broker.port)
+    watcher = Watcher(broker, "v311")
+    dev = Device(tmp_path / "dev", gate, "v311", keydir, "dev1")  # the device connects through the gate
+    try:
+        dev.start()
+        session = watcher.wait_for(lambda: watcher.state.get("dev1", {}).get("online") and
+                                   watcher.state["dev1"]["session"], timeout=20, what="online over 3.1.1")
+        assert gate.levels[0] == 5 and 4 in gate.levels, gate.levels  # tried MQTT 5 first, then 3.1.1
+        Hub(broker, "v311", keydir).release(make_package(tmp_path / "v1", 1))
+        dev.wait_version(1)
+        dev.kill()  # the last will works over 3.1.1 too
+        watcher.wait_for(lambda: watcher.state["dev1"]["online"] is False and watcher.state["dev1"]["session"]
+                         == session, timeout=15, what="last will")
+    finally:
+        dev.kill()
+        watcher.close()
+        gate.close()
 
 
 def _tls_files(d):

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import replace
 
+from edgerun.hub.publish import build_manifest, publish_blobs
+from edgerun.package import ModelPackage, Variant, file_entry, save_package
 from edgerun.testing.blobs import BlobServer
+from edgerun.testing.models import mlp_onnx, random_mlp_weights
 from mqtt_helpers import make_package
 
 
@@ -19,11 +23,20 @@ def test_publish_then_device_serves_it_and_hub_status_shows_it(tmp_path, hub, wa
     assert "published digits v1" in r.stdout
     dev.wait_version(1)
     assert dev.infer().status_code == 200
+    watcher.event(1, ("active",))  # the swap happens before `active` is journaled and published
     states = [e["state"] for e in watcher.events if e["version"] == 1]
     assert states == ["queued", "downloading", "verifying", "staged", "warming", "active"]
+    # DESIGN §7, exactly: what outside hubs parse
+    assert all(set(e) == {"model", "version", "state", "detail", "ts"} for e in watcher.events), watcher.events
+    assert set(watcher.state["dev1"]) == {"online", "session", "ts"} and watcher.state["dev1"]["online"] is True
 
-    watcher.wait_for(lambda: (watcher.status.get("dev1") or {}).get("update", {}).get("state") == "active",
-                     what="status active")
+    status = watcher.wait_for(lambda: (watcher.status.get("dev1") or {}).get("update", {}).get("state") == "active"
+                              and watcher.status["dev1"], what="status active")
+    assert {"profile", "backends", "models", "update"} <= set(status)
+    assert {"state", "version", "progress", "error"} <= set(status["update"]) and status["update"]["version"] == 1
+    assert {"name", "version", "variant", "backend", "sha256", "memory_bytes"} <= set(status["models"][0])
+    assert status["models"][0]["sha256"] == pkg.variants[0].files[0].sha256
+    assert all({"name", "available", "reason"} <= set(b) for b in status["backends"])
     r = hub.cli("status", "--fleet", hub.fleet, "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
@@ -35,7 +48,13 @@ def test_publish_then_device_serves_it_and_hub_status_shows_it(tmp_path, hub, wa
     assert row["models"][0]["backend"] in available
     assert row["update"]["state"] == "active"
     table = hub.cli("status", "--fleet", hub.fleet)
-    assert "dev1" in table.stdout and "digits" in table.stdout and "onnx-fp32" in table.stdout
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    header = next(line for line in lines if "device" in line and "online" in line)
+    columns = ["device", "online", "profile", "models", "versions", "variant", "backend", "update"]
+    assert [header.index(c) for c in columns] == sorted(header.index(c) for c in columns), header
+    row = next(line for line in lines if "dev1" in line)
+    assert all(w in row for w in ("yes", status["profile"], "digits", "onnx-fp32", "v1: active")), row
 
 
 def test_no_request_fails_during_the_swap(tmp_path, hub, watcher, device_factory):
@@ -74,16 +93,26 @@ def test_no_request_fails_during_the_swap(tmp_path, hub, watcher, device_factory
     assert dev.versions() == [2]
 
 
-def test_http_url_transfer_with_a_device_release(tmp_path, hub, watcher, device_factory):
+def test_http_transfer_resumes_with_range_after_the_connection_drops(tmp_path, hub, watcher, device_factory, keydir):
     dev = device_factory().start()
-    pkg = make_package(tmp_path / "v1", 1)
-    blobs = tmp_path / "blobs"
-    with BlobServer(blobs) as server:
-        blobs.mkdir(exist_ok=True)
-        (blobs / pkg.variants[0].files[0].sha256).write_bytes((pkg.root / "model.onnx").read_bytes())
-        hub.release(pkg, device="dev1", mqtt=False, url_base=server.url)
+    pkg = make_package(tmp_path / "v1", 1, hidden=2000)  # ~0.5 MB
+    f = pkg.variants[0].files[0]
+    with BlobServer(tmp_path / "blobs") as server:
+        server.drop(2, after=f.size // 3)  # the first two answers end mid-file
+        r = hub.cli("publish", str(pkg.root), "--fleet", hub.fleet, "--device", "dev1", "--key",
+                    str(keydir / "hub-test.key"), "--url-base", server.url, "--blob-dir", str(server.root),
+                    "--no-mqtt-chunks")
+        assert r.returncode == 0, r.stderr
         dev.wait_version(1)
+        ranges = [rng for name, rng in server.requests if name == f.sha256]
+        sent = server.bytes_sent
+    assert len(ranges) == 3 and ranges[0] is None, ranges
+    starts = [int(rng.removeprefix("bytes=").rstrip("-")) for rng in ranges[1:]]
+    assert 0 < starts[0] < starts[1] < f.size, ranges  # each attempt went on from what was on disk
+    assert sent < f.size * 1.2, (sent, f.size)  # nothing fetched twice (but what a dropped answer lost)
     assert dev.infer().status_code == 200
+    with hub.client() as c:  # --no-mqtt-chunks: nothing but the manifest on the broker
+        assert not c.collect([f"edgerun/v1/{hub.fleet}/blobs/#"], quiet=0.3)
 
 
 def test_device_offline_during_publish_converges_when_back(tmp_path, hub, watcher, device_factory):
@@ -121,6 +150,9 @@ def test_retire_stops_serving_the_model(tmp_path, hub, watcher, device_factory):
     watcher.event(1, ("retired",))
     assert dev.versions() == []
     assert "deleted 1 blob" in r.stdout
+    with hub.client() as c:  # the retained chunks and the release are gone from the broker
+        assert not c.collect([f"edgerun/v1/{hub.fleet}/blobs/#", f"edgerun/v1/{hub.fleet}/releases/#"], quiet=0.5)
+    assert not (dev.state_dir / "models" / "digits").exists()
 
 
 def test_withdrawn_canary_release_returns_the_device_to_the_fleet_version(tmp_path, hub, watcher, device_factory):
@@ -154,3 +186,53 @@ def test_gc_deletes_only_blobs_no_release_refers_to(tmp_path, hub):
     with hub.client() as c:
         left = c.collect([f"edgerun/v1/{hub.fleet}/blobs/#"], quiet=0.5)
     assert {t.split("/")[-2] for t in left} == {new_sha}
+
+
+def test_device_fetches_only_the_variant_that_fits_its_memory(tmp_path, hub, watcher, device_factory):
+    dev = device_factory().start()
+    root = tmp_path / "v1"
+    pkg = make_package(root, 1)
+    mlp_onnx(random_mlp_weights([64, 512, 10], seed=99), root / "big.onnx")
+    big = Variant("onnx-big", "onnx", "fp32", (file_entry(root, "big.onnx"),), accuracy=0.99, memory_bytes=1 << 45)
+    save_package(replace(pkg, variants=[*pkg.variants, big]), root)
+    pkg = ModelPackage.load(root)
+    with hub.client() as c:  # only the small variant's chunks exist: waiting for the other would never end
+        publish_blobs(c, hub.fleet, pkg, build_manifest(pkg, chunk_size=64 << 10, variants=["onnx-fp32"]))
+    signed = hub.release(pkg, chunks=False)
+    assert [v["id"] for v in signed["variants"]] == ["onnx-fp32", "onnx-big"]
+    dev.wait_version(1)
+    assert "onnx-fp32" in watcher.event(1, ("downloading",))["detail"]
+    watcher.event(1, ("active",))
+    assert sorted(p.name for p in (dev.state_dir / "models" / "digits" / "1").iterdir()) == \
+        ["edgerun.toml", "manifest.json", "model.onnx"]
+    assert not list((dev.state_dir / "partial").iterdir())
+    status = watcher.wait_for(lambda: (watcher.status.get("dev1") or {}).get("models") and watcher.status["dev1"],
+                              what="status with the model")
+    assert [m["variant"] for m in status["models"]] == ["onnx-fp32"]
+
+
+def test_hub_rolls_back_by_publishing_the_kept_version_again(tmp_path, hub, watcher, device_factory):
+    dev = device_factory().start()
+    pkgs = {v: make_package(tmp_path / f"v{v}", v) for v in (1, 2, 3)}
+    for v in (1, 2, 3):
+        hub.release(pkgs[v])
+        dev.wait_version(v)
+        watcher.event(v, ("active",))
+    store = dev.state_dir / "models" / "digits"
+    assert sorted(p.name for p in store.iterdir() if p.name.isdigit()) == ["2", "3"]  # previous kept, older pruned
+    assert json.loads((store / "active").read_text())["previous"] == 2
+
+    since = len(watcher.events)
+    hub.release(pkgs[2])  # a signed manifest naming the kept version again: DESIGN §7's explicit roll-back
+    assert "rolls back" in watcher.event(2, ("staged",), since=since)["detail"]
+    watcher.event(2, ("active",), since=since)
+    dev.wait_version(2)
+    assert "downloading" not in [e["state"] for e in watcher.events[since:]]  # served from the store
+    assert dev.infer().json()["model_version"] == "2"
+    assert json.loads((store / "active").read_text())["version"] == 2
+
+    since = len(watcher.events)
+    hub.release(pkgs[1])  # v1 was pruned: an ordinary downgrade
+    event = watcher.event(1, ("rejected", "failed", "active"), since=since)
+    assert event["state"] == "rejected" and "downgrade" in event["detail"], event
+    assert dev.versions() == [2]

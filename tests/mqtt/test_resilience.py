@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -76,8 +77,20 @@ def test_device_restart_mid_transfer_keeps_the_chunks_on_disk(tmp_path, hub, wat
     dev.wait_version(2, timeout=60)
 
 
+def _wait_for_pointer(dev, version: int, timeout: float = 30) -> None:
+    path = dev.state_dir / "models" / "digits" / "active"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and json.loads(path.read_text())["version"] == version:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the pointer never named v{version}")
+
+
 STATES = [  # state the device is killed in → the version it serves once the update is resolved
-    ("queued", 2), ("downloading", 2), ("verifying", 2), ("staged", 1), ("warming", 1), ("active", 2)]
+    ("queued", 2), ("downloading", 2), ("verifying", 2), ("staged", 1), ("warming", 1),
+    ("pointer", 2),  # the pointer names v2 but `active` is not journaled yet
+    ("active", 2)]
 
 
 @pytest.mark.slow
@@ -88,7 +101,11 @@ def test_kill_9_in_each_update_state_comes_back_consistent(tmp_path, hub, watche
     hub.release(make_package(tmp_path / "v1", 1))
     dev.wait_version(1)
     hub.release(make_package(tmp_path / "v2", 2))
-    watcher.event(2, (state,))
+    if state == "pointer":
+        watcher.event(2, ("warming",))
+        _wait_for_pointer(dev, 2)
+    else:
+        watcher.event(2, (state,))
     dev.kill()
     since = len(watcher.events)
     dev.start()
@@ -98,6 +115,8 @@ def test_kill_9_in_each_update_state_comes_back_consistent(tmp_path, hub, watche
     assert r.status_code == 200 and r.json()["model_version"] in {str(served[0]), str(final)}  # may finish meanwhile
     if final == 1:
         assert watcher.event(2, ("rolled_back",), since=since)["detail"].startswith("the device restarted")
+    elif state == "pointer":
+        assert "activated just before a restart" in watcher.event(2, ("active",), since=since)["detail"]
     else:
         dev.wait_version(2)
     time.sleep(1.0)  # the retained release arrives again after the restart: it must not flip anything
