@@ -124,3 +124,22 @@ def test_kill_9_in_each_update_state_comes_back_consistent(tmp_path, hub, watche
     assert dev.infer().json()["model_version"] == str(final)
     versions_on_disk = sorted(int(p.name) for p in (dev.state_dir / "models" / "digits").iterdir() if p.name.isdigit())
     assert final in versions_on_disk and set(versions_on_disk) <= {1, 2}
+
+
+def test_an_active_version_that_no_longer_loads_rolls_back_to_the_previous_one(tmp_path, hub, watcher,
+                                                                               device_factory):
+    dev = device_factory().start()
+    for v in (1, 2):
+        hub.release(make_package(tmp_path / f"v{v}", v))
+        dev.wait_version(v)
+        watcher.event(v, ("active",))
+    dev.stop()
+    model = dev.state_dir / "models" / "digits" / "2" / "model.onnx"
+    model.write_bytes(model.read_bytes()[:1000])  # the disk lost part of the active version
+    since = len(watcher.events)
+    dev.start()
+    assert dev.versions() == [1]  # restored before serving: the previous good version
+    assert dev.infer().json()["model_version"] == "1"
+    event = watcher.event(2, ("rolled_back",), since=since)
+    assert "failed to load at startup" in event["detail"] and "rolled back to v1" in event["detail"], event
+    assert json.loads((dev.state_dir / "models" / "digits" / "active").read_text())["version"] == 1
