@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STALL_TIMEOUT = float(os.environ.get("EDGERUN_TRANSFER_STALL_TIMEOUT", "600"))
+RESTORE_BUDGET = 1 << 62  # reloading the installed variant at start-up is not a new choice (see docs/updates.md)
 
 
 class Cancelled(Exception):
@@ -122,11 +123,11 @@ class Updater:
             return
         cand = choice.chosen
         old = self._loaded(m.model)
-        unload_first = False
+        unload_first: int | None = None  # the budget once the old version is unloaded, when that is needed
         if cand is None and self.cfg.unload_first and old is not None:
             retry = self.runtime.explain(m.package, memory_budget=choice.budget + old.memory_bytes)
             if retry.chosen is not None:
-                cand, unload_first = retry.chosen, True
+                cand, unload_first = retry.chosen, retry.budget
         if cand is None:
             err = no_fit_error(m.package, choice.candidates, choice.budget)
             hint = "" if old is None else " while the active version stays loaded (set mqtt.unload_first to " \
@@ -160,20 +161,22 @@ class Updater:
         self.warm_and_swap(j, m.model, m.version, vdir, variant.id, cand.backend, unload_first)
 
     def warm_and_swap(self, j: JournalEntry, model: str, version: int, vdir: Path, variant: str,
-                      backend: str | None, unload_first: bool = False) -> bool:
+                      backend: str | None, unload_first: int | None = None) -> bool:
+        """Load and warm up in the loader thread, then swap; ``unload_first`` is the budget to load with
+        after unloading the old version (mqtt.unload_first), else both are loaded side by side."""
         j = self.transition(j, "warming", f"loading {variant} on {backend or 'the chosen backend'} and running "
                                           f"the warm-up samples")
         old = self._loaded(model)
-        if unload_first and old is not None:
+        if unload_first is not None and old is not None:
             log.warning("unloading %s v%d before loading v%d: both do not fit (mqtt.unload_first)", model,
                         old.version, version)
             self.runtime.unload(model)
         try:
             loaded = self.agent.in_loader(lambda: self.runtime.prepare(vdir, variant=variant, backend=backend,
-                                                                       verify=False))
+                                                                       verify=False, memory_budget=unload_first))
         except Exception as exc:  # any load/warm-up failure leaves the old version serving
             self.store.remove_version(model, version)
-            if unload_first and old is not None:
+            if unload_first is not None and old is not None:
                 self._reload_pointer(model)
             reason = str(exc) if isinstance(exc, EdgerunError) else f"{type(exc).__name__}: {exc}"
             self.transition(j, "failed", f"v{version} did not load or warm up; v{old.version if old else '-'} "
@@ -315,9 +318,9 @@ class Updater:
         ptr = ptr or self.store.pointer(model)
         if ptr is None:
             return
-        try:
+        try:  # the variant was chosen to fit when it was installed: restoring it does not choose again
             loaded = self.runtime.prepare(self.store.version_dir(model, ptr.version), variant=ptr.variant or None,
-                                          backend=ptr.backend or None)
+                                          backend=ptr.backend or None, memory_budget=RESTORE_BUDGET)
             self.runtime.activate(loaded)
             log.info("restored %s v%d (%s on %s)", model, ptr.version, ptr.variant, ptr.backend)
             return
