@@ -10,6 +10,8 @@ from typing import Any
 
 import psutil
 
+from edgerun.plugins import call_each
+
 # What ``platform.machine()`` reports on other systems, mapped to the Linux names profiles use.
 ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8l": "aarch64"}
 
@@ -101,7 +103,8 @@ def detect(pm: Any = None) -> DeviceFacts:
         accelerators=_accelerators(),
     )
     if pm is not None:
-        for contribution in pm.hook.describe_device(facts=facts):
+        contributions, _ = call_each(pm, "describe_device", facts=facts)  # a failing plugin is logged and skipped
+        for contribution in contributions:
             if not contribution:
                 continue
             contribution = dict(contribution)

@@ -7,6 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import Any
 
 import pluggy
 
@@ -54,3 +55,21 @@ def make_plugin_manager(load_entry_points: bool = True) -> tuple[pluggy.PluginMa
                 failures.append(PluginFailure(ep.name, f"{type(exc).__name__}: {exc}"))
     pm.check_pending()
     return pm, failures
+
+
+def call_each(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> tuple[list[Any], list[PluginFailure]]:
+    """Call every implementation of a collecting hook; one that raises is skipped and reported by plugin name."""
+    results: list[Any] = []
+    failures: list[PluginFailure] = []
+    for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):  # the order pluggy calls them in
+        try:
+            result = impl.function(*[kwargs[name] for name in impl.argnames])
+        except Exception as exc:  # one broken plugin must not take the runtime down
+            if _strict():
+                raise
+            log.warning("plugin %r failed in %s and is skipped: %s", impl.plugin_name, hook, exc)
+            failures.append(PluginFailure(impl.plugin_name, f"{hook}: {type(exc).__name__}: {exc}"))
+            continue
+        if result is not None:
+            results.append(result)
+    return results, failures

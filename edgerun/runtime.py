@@ -18,7 +18,7 @@ from edgerun.device import DeviceFacts, detect, refresh_memory
 from edgerun.errors import (BackendUnavailable, EdgerunError, InvalidInput, ModelLoadError, ModelNotFound,
                             ModelNotReady, PackageError)
 from edgerun.package import ModelPackage, Variant
-from edgerun.plugins import PluginFailure, make_plugin_manager
+from edgerun.plugins import PluginFailure, call_each, make_plugin_manager
 from edgerun.profiles import Profile, ProfileChoice, choose_profile
 from edgerun.tensors import TensorSpec
 from edgerun.units import format_size, parse_budget
@@ -233,7 +233,8 @@ class Runtime:
         """Every registered backend by name, available or not."""
         if self._backends is None:
             classes: list[type[Backend]] = []
-            self.pm.hook.register_backends(register=classes.append)
+            _, failures = call_each(self.pm, "register_backends", register=classes.append)
+            self.plugin_failures.extend(failures)
             backends: dict[str, Backend] = {}
             for cls in classes:
                 try:

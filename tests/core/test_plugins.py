@@ -283,3 +283,37 @@ def test_backend_whose_availability_check_raises_is_listed_unavailable(runtime: 
         assert runtime.infer("digits", {"input": digits_input})["probabilities"].shape == (2, 10)
     finally:
         runtime.pm.unregister(name="exploding")
+
+
+class _FailingHooks:
+    """A plugin that loads but whose collecting hooks raise when called."""
+
+    @hookimpl
+    def register_backends(self, register):
+        """Fail the way a plugin importing a missing SDK inside its hook does."""
+        raise ImportError("No module named 'hailo_platform'")
+
+    @hookimpl
+    def describe_device(self, facts):
+        """Fail while probing the device."""
+        raise OSError("/dev/hailo0: permission denied")
+
+
+def test_a_plugin_whose_hooks_raise_is_reported_and_the_others_still_work(runtime: Runtime, measured_digits,
+                                                                          digits_input, caplog,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime.pm.register(_FailingHooks(), name="hailo")
+    try:
+        assert {"onnxruntime", "openvino", "litert"} <= set(runtime.backends)
+        assert [(f.name, f.error) for f in runtime.plugin_failures] == [
+            ("hailo", "register_backends: ImportError: No module named 'hailo_platform'")]
+        assert "plugin 'hailo' failed in register_backends" in caplog.text
+        facts = detect(runtime.pm)
+        assert facts.arch and "plugin 'hailo' failed in describe_device" in caplog.text
+        runtime.load(measured_digits.root)
+        assert runtime.infer("digits", {"input": digits_input})["probabilities"].shape == (2, 10)
+        monkeypatch.setenv("EDGERUN_STRICT_PLUGINS", "1")
+        with pytest.raises(OSError, match="permission denied"):
+            detect(runtime.pm)
+    finally:
+        runtime.pm.unregister(name="hailo")
