@@ -347,8 +347,9 @@ class Runtime:
         retired = old + ([replaced] if replaced is not None and replaced is not model else [])
         for m in retired:
             m.retire()
-        self.pm.hook.on_model_activated(model=model.name, version=model.version, variant=model.variant.id,
-                                        backend=model.backend)
+        # the swap has happened: a notification plugin that raises is logged, not allowed to undo it
+        call_each(self.pm, "on_model_activated", model=model.name, version=model.version, variant=model.variant.id,
+                  backend=model.backend)
         return retired
 
     def load(self, package: str | Path | ModelPackage, *, variant: str | None = None, backend: str | None = None,

@@ -317,3 +317,24 @@ def test_a_plugin_whose_hooks_raise_is_reported_and_the_others_still_work(runtim
             detect(runtime.pm)
     finally:
         runtime.pm.unregister(name="hailo")
+
+
+class _FailingListener:
+    """A notification plugin that raises."""
+
+    @hookimpl
+    def on_model_activated(self, model, version, variant, backend):
+        """Fail on every activation."""
+        raise RuntimeError("dashboard unreachable")
+
+
+def test_a_failing_notification_does_not_undo_the_activation(runtime: Runtime, measured_digits, digits_input,
+                                                            caplog) -> None:
+    runtime.pm.register(_FailingListener(), name="dashboard")
+    try:
+        model = runtime.load(measured_digits.root)
+        assert runtime.model("digits") is model
+        assert runtime.infer("digits", {"input": digits_input})["probabilities"].shape == (2, 10)
+        assert "plugin 'dashboard' failed in on_model_activated" in caplog.text
+    finally:
+        runtime.pm.unregister(name="dashboard")
