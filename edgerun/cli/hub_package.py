@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -12,6 +13,9 @@ from rich.table import Table
 
 from edgerun.cli.app import console, fail, hub_app
 from edgerun.units import format_size
+
+if TYPE_CHECKING:
+    from edgerun.hub.packager import PackagingReport
 
 REQUIRED = ("onnx", "onnxruntime")
 
@@ -83,7 +87,7 @@ def package(
                   f"{report.out / 'packaging-report.json'}")
 
 
-def summary_table(report) -> Table:
+def summary_table(report: PackagingReport) -> Table:
     """One row per planned variant: size, score, latency and memory per backend, and the verdict."""
     metric = "accuracy" if report.metric == "accuracy" else "agreement w/ fp32"
     table = Table(title=f"{report.name} v{report.version} — {report.weights}")
@@ -97,7 +101,7 @@ def summary_table(report) -> Table:
                 continue
             shown_skips.add((v.format, v.reason))
             precs = ", ".join(x.precision for x in report.variants if x.format == v.format and x.reason == v.reason)
-            table.add_row(f"{v.format}-*", precs, "-", "-", "-", "-", "-", f"[yellow]skipped:[/] {v.reason}")
+            table.add_row(f"{v.format}-*", precs, "-", "-", "-", "-", "-", f"[yellow]skipped:[/] {escape(v.reason)}")
             continue
         ok = v.ok_results()
         score = v.score(report.metric)
@@ -105,10 +109,11 @@ def summary_table(report) -> Table:
         mem = "\n".join(f"{format_size(r.memory_bytes)} {b}" for b, r in ok.items()) or "-"
         verdict = {"kept": "[green]kept[/]", "dropped": "[red]dropped:[/] ", "skipped": "[yellow]skipped:[/] "}[v.status]
         if v.status != "kept":
-            verdict += v.reason
-        elif v.note:
-            verdict += f" ({v.note})"
-        verdict = verdict.replace(v.reason, escape(v.reason)) if v.reason else verdict
+            verdict += escape(v.reason)
+        if v.note:
+            verdict += f" ({escape(v.note)})"
+        if not v.reason.startswith("failed on every backend"):
+            verdict += "".join(f" (failed on {b}: {escape(r.error)})" for b, r in v.results.items() if r.error)
         table.add_row(v.id, v.precision, format_size(v.size) if v.size else "-",
                       format_size(v.compressed_size) if v.size else "-",
                       f"{100 * score:.2f}%" if score is not None else "-", lat, mem, verdict)

@@ -1,7 +1,7 @@
 """Measuring one variant on one backend in a fresh subprocess: latency, peak memory and its outputs.
 
 The parent calls ``measure``; the child (``python -m edgerun.hub.measure JOB.json``) loads the variant with
-``Runtime.prepare`` on one thread, times batch-1 runs, reads its peak RSS, then runs the whole validation set
+``Runtime.prepare`` on one thread, times batch-1 runs, reads its peak RSS, then runs the whole validation set (batch 1)
 and the package's warm-up samples and saves the outputs for the parent to score.
 """
 
@@ -124,11 +124,10 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     hwm = _status_kib("VmHWM")
     peak = hwm * 1024 if (hwm is not None and peak_resettable) else proc.memory_info().rss
     memory = max(0, peak - rss0)
-    # accuracy: the whole validation set, batched when the model's batch dimension is dynamic
-    dynamic = all(s.shape and s.shape[0] < 0 for s in model.inputs)
-    step = 64 if dynamic else 1
+    # accuracy: the whole validation set one example at a time, like the timed runs and a device serving single
+    # requests (dynamic int8 quantizes activations per run, so a row's output depends on what else is in its batch)
     first_out = model.outputs[0].name
-    chunks = [model.run_unchecked({k: v[i:i + step] for k, v in data.items()})[first_out] for i in range(0, n, step)]
+    chunks = [model.run_unchecked({k: v[i:i + 1] for k, v in data.items()})[first_out] for i in range(n)]
     arrays: dict[str, np.ndarray] = {"__outputs__": np.concatenate(chunks)}
     for i, sample in enumerate(model.package.samples):
         for name, arr in model.run(sample.inputs).items():

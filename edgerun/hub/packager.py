@@ -287,7 +287,7 @@ def package_model(req: PackageRequest, progress: Progress | None = None) -> Pack
             calibration = val
             notes.append("no --calibration given: int8 ranges were calibrated on the validation set, which "
                          "flatters int8 accuracy; pass a separate calibration set")
-    backends = _backends(req)
+    backends = available_backends(req.backends)
     planned = [VariantReport(i, f, p, m) for i, f, p, m in _PLAN
                if (f in req.formats and p in req.precisions) or i == "onnx-fp32"]
     if req.prune is not None:
@@ -321,41 +321,11 @@ def package_model(req: PackageRequest, progress: Progress | None = None) -> Pack
                                                  tuple(file_entry(stage, f) for f in v.files)) for v in made],
                                samples=[Sample(s, {}) for s in sample_inputs])
         save_package(staging, stage)
-        inputs_npz = work / "inputs.npz"
-        np.savez(inputs_npz, **val)
-        raw: dict[tuple[str, str], Measured] = {}
-        for v in made:
-            able = per_format[v.format]
-            if not able:
-                progress.step(f"{v.id}: no backend")
-                v.status = "dropped"
-                v.reason = (f"no available backend runs format {v.format!r} here, so it could not be measured "
-                            f"(install {FORMAT_BACKENDS_HINT[v.format]})")
-                continue
-            for b in able:
-                progress.step(f"measuring {v.id} on {b}")
-                m = measure(stage, v.id, b, inputs_npz, work, repeats=req.repeats)
-                raw[(v.id, b)] = m
-                v.results[b] = BackendResult(m.latency_ms, m.memory_bytes, error=m.error)
-        ref = raw.get(("onnx-fp32", "onnxruntime")) or next(
-            (m for (vid, _), m in raw.items() if vid == "onnx-fp32" and m.error is None), None)
-        if ref is None or ref.error is not None or ref.outputs is None:
-            why = ref.error if ref is not None else "no backend could run it"
-            raise PackageError(f"{req.model}: the fp32 model could not be measured ({why})")
-        ref_top = np.argmax(ref.outputs, axis=1)
-        for v in made:
-            for b, r in v.results.items():
-                m = raw[(v.id, b)]
-                if r.error is not None or m.outputs is None:
-                    continue
-                top = np.argmax(m.outputs, axis=1)
-                r.agreement = round(float(np.mean(top == ref_top)), 4)
-                if labels is not None:
-                    r.accuracy = round(float(np.mean(top == labels)), 4)
-                r.max_deviation = _max_deviation(m.sample_outputs or [], ref.sample_outputs or [])
-            devs = [r.max_deviation for r in v.ok_results().values() if r.max_deviation is not None]
-            if devs:
-                v.atol = _round_up(max(1e-4, 3.0 * max(devs)))
+        progress.total(len(planned) + sum(max(1, len(per_format[v.format])) for v in made) + 1)  # skips are not measured
+        ref = measure_variants(stage, made, backends, val, labels, work, req.repeats, progress)
+        if ref is None:
+            errors = "; ".join(f"{b}: {r.error}" for v in made if v.id == "onnx-fp32" for b, r in v.results.items())
+            raise PackageError(f"{req.model}: the fp32 model could not be measured ({errors or 'no backend could run it'})")
         progress.step("choosing variants")
         _decide(planned, req, metric)
         kept = [v for v in planned if v.status == "kept"]
@@ -369,7 +339,7 @@ def package_model(req: PackageRequest, progress: Progress | None = None) -> Pack
         expected = [{k: a for k, a in s.items()} for s in ref.sample_outputs or []]
         pkg = ModelPackage(
             name=req.name, version=req.version, inputs=inputs, outputs=outputs,
-            variants=[_variant(v, stage, metric) for v in kept],
+            variants=[package_variant(v, stage, metric) for v in kept],
             samples=[Sample(s, e) for s, e in zip(sample_inputs, expected)],
             description=req.description or (f"{req.model.name}, packaged by edgerun hub; variants measured on "
                                              f"{platform.machine()} with {', '.join(backends) or 'no backend'}"
@@ -388,17 +358,64 @@ def package_model(req: PackageRequest, progress: Progress | None = None) -> Pack
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def _backends(req: PackageRequest) -> dict[str, tuple[str, ...]]:
-    """Available backends here (optionally only those asked for) and the formats each loads."""
+def measure_variants(stage: Path, variants: list[VariantReport], backends: dict[str, tuple[str, ...]],
+                     val: dict[str, np.ndarray], labels: np.ndarray | None, work: Path, repeats: int,
+                     progress: Progress | None = None) -> Measured | None:
+    """Measure each variant of the package at ``stage`` on every backend that loads its format and score it.
+
+    Fills ``results`` (latency, memory, accuracy, agreement with onnx-fp32) and ``atol``; a variant no backend here
+    loads is dropped with the reason. Returns onnx-fp32's measurement (the reference), or None if it did not run.
+    """
+    progress = progress or Progress()
+    inputs_npz = work / "inputs.npz"
+    np.savez(inputs_npz, **val)
+    raw: dict[tuple[str, str], Measured] = {}
+    for v in variants:
+        able = [b for b, fmts in backends.items() if v.format in fmts]
+        if not able:
+            progress.step(f"{v.id}: no backend")
+            v.status = "dropped"
+            v.reason = (f"no available backend runs format {v.format!r} here, so it could not be measured "
+                        f"(install {FORMAT_BACKENDS_HINT[v.format]})")
+            continue
+        for b in able:
+            progress.step(f"measuring {v.id} on {b}")
+            m = measure(stage, v.id, b, inputs_npz, work, repeats=repeats)
+            raw[(v.id, b)] = m
+            v.results[b] = BackendResult(m.latency_ms, m.memory_bytes, error=m.error)
+    ref = raw.get(("onnx-fp32", "onnxruntime"))
+    if ref is None or ref.error is not None:
+        ref = next((m for (vid, _), m in raw.items() if vid == "onnx-fp32" and m.error is None), None)
+    if ref is None or ref.outputs is None:
+        return None
+    ref_top = np.argmax(ref.outputs, axis=1)
+    for v in variants:
+        for b, r in v.results.items():
+            m = raw[(v.id, b)]
+            if r.error is not None or m.outputs is None:
+                continue
+            top = np.argmax(m.outputs, axis=1)
+            r.agreement = round(float(np.mean(top == ref_top)), 4)
+            if labels is not None:
+                r.accuracy = round(float(np.mean(top == labels)), 4)
+            r.max_deviation = _max_deviation(m.sample_outputs or [], ref.sample_outputs or [])
+        devs = [r.max_deviation for r in v.ok_results().values() if r.max_deviation is not None]
+        if devs:
+            v.atol = _round_up(max(1e-4, 3.0 * max(devs)))
+    return ref
+
+
+def available_backends(only: tuple[str, ...] | None = None) -> dict[str, tuple[str, ...]]:
+    """Available backends here (optionally only those named) and the formats each loads; onnxruntime is required."""
     from edgerun.runtime import Runtime
 
     rt = Runtime()
     found = {name: b.formats for name, b in rt.backends.items() if b.availability().available}
-    if req.backends:
-        unknown = [b for b in req.backends if b not in found]
+    if only:
+        unknown = [b for b in only if b not in found]
         if unknown:
             raise PackageError(f"--backends: {unknown} not available here; available: {sorted(found)}")
-        found = {b: found[b] for b in req.backends}
+        found = {b: found[b] for b in only}
     if "onnxruntime" not in found:
         raise PackageError("packaging measures against onnxruntime, which is not available: "
                            f"{q.HUB_EXTRA_HINT}")
@@ -459,15 +476,21 @@ def _decide(variants: list[VariantReport], req: PackageRequest, metric: str) -> 
             su = u.score(metric)
             if s is None or su is None:
                 continue
-            better = su > s or (su == s and u.precision_rank < v.precision_rank)
+            # a lower precision scoring above the fp32 model it was made from is noise on the validation set:
+            # it has to earn its place by speed like any other
+            over_ref = u is ref and v.precision_rank > u.precision_rank
+            better = su > s or (su == s and u.precision_rank < v.precision_rank) or over_ref
             mine = v.ok_results()
             theirs = u.ok_results()
             faster = all(b in theirs and r.latency_ms > theirs[b].latency_ms * (1 - SPEED_NOISE)
                          for b, r in mine.items())
             if better and faster:
                 v.status = "dropped"
-                v.reason = (f"not faster than {u.id}, which is as accurate or more ({100 * su:.2f}% vs {100 * s:.2f}%), "
-                            f"on every backend tried ({_latencies(u)} vs {_latencies(v)})")
+                than = (f"the {u.precision} model it was made from ({100 * s:.2f}% vs {100 * su:.2f}% is not counted "
+                        f"for a lower precision)" if su < s else
+                        f"which is as accurate or more ({100 * su:.2f}% vs {100 * s:.2f}%)")
+                v.reason = (f"not faster than {u.id}, {than}, on any backend tried "
+                            f"({_latencies(u)} vs {_latencies(v)})")
                 break
     for v in made:
         if v.status == "planned":
@@ -490,7 +513,8 @@ def _latencies(v: VariantReport) -> str:
     return ", ".join(f"{r.latency_ms:.3g} ms on {b}" for b, r in v.ok_results().items())
 
 
-def _variant(v: VariantReport, stage: Path, metric: str) -> Variant:
+def package_variant(v: VariantReport, stage: Path, metric: str) -> Variant:
+    """The edgerun.toml record of a measured variant: files, worst accuracy, max memory, per-backend measurements."""
     ok = v.ok_results()
     measured = {b: Measurement(round(r.latency_ms, 4) if r.latency_ms is not None else None, r.memory_bytes,
                                r.accuracy if metric == "accuracy" else None) for b, r in ok.items()}

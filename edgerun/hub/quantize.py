@@ -145,7 +145,32 @@ def make_fp16(src: Path, dst: Path) -> None:
             converted = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
     except Exception as exc:
         raise PrecisionUnavailable(f"fp16 conversion failed: {exc}") from None
+    _name_output_casts(converted)
     onnx.save(converted, str(dst))
+
+
+def _name_output_casts(model: Any) -> None:
+    """Rename the fp16 tensor feeding each output's Cast to ``<output>_fp16`` so backends report the output's own name.
+
+    OpenVINO folds that Cast when it computes in fp32, merges the two tensor names on the output port and reports
+    the lexicographically smallest; onnxconverter-common's ``<node>_cast_to_<output>`` can sort first (an unnamed
+    node gives ``_cast_to_probabilities``), ``<output>_fp16`` never does.
+    """
+    outputs = {o.name for o in model.graph.output}
+    taken = {t for n in model.graph.node for t in (*n.input, *n.output)} | {i.name for i in model.graph.initializer}
+    renames: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type == "Cast" and len(node.output) == 1 and node.output[0] in outputs and node.input[0] not in outputs:
+            new = f"{node.output[0]}_fp16"
+            while new in taken:
+                new += "_"
+            renames[node.input[0]] = new
+            taken.add(new)
+    for node in model.graph.node:
+        node.input[:] = [renames.get(t, t) for t in node.input]
+        node.output[:] = [renames.get(t, t) for t in node.output]
+    for info in model.graph.value_info:
+        info.name = renames.get(info.name, info.name)
 
 
 class _Reader:

@@ -27,13 +27,13 @@ def digits_files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def digits_packaged(digits_files, tmp_path_factory):
-    """The digits model packaged with fp32, fp16, int8 (ONNX, measured on onnxruntime): (report, package dir)."""
+    """The digits model packaged with fp32, fp16, int8 and 50% pruning (ONNX, on onnxruntime): (report, package dir)."""
     from edgerun.hub.packager import PackageRequest, package_model
 
     out = tmp_path_factory.mktemp("digits-pkg") / "digits"
     req = PackageRequest(model=digits_files["model"], name="digits", version=3, validation=digits_files["val"],
                          calibration=digits_files["calib"], out=out, precisions=("fp32", "fp16", "int8"),
-                         formats=("onnx",), backends=("onnxruntime",), repeats=30)
+                         formats=("onnx",), backends=("onnxruntime",), prune=0.5, repeats=30)
     return package_model(req), out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from edgerun.errors import ModelLoadError, NoVariantFits
-from edgerun.hub.packager import REPORT_FILE, PackageRequest, package_model
+from edgerun.hub.packager import _TFLITE_REASON, REPORT_FILE, PackageRequest, VariantReport, package_model
 from edgerun.package import ModelPackage, file_entry, package_to_dict, save_package
 from edgerun.runtime import Runtime
 from edgerun.testing.models import mlp_onnx, random_mlp_weights
@@ -40,9 +41,10 @@ def test_recorded_accuracy_is_the_accuracy_a_user_measures(digits_packaged, digi
     pkg = ModelPackage.load(out)
     with np.load(digits_files["val"]) as z:
         x, y = z["input"], z["labels"]
-    for v in pkg.variants:
+    for v in pkg.variants:  # one example per run, as the device serves (dynamic int8 depends on the batch)
         sess = ort.InferenceSession(str(out / v.main_file.path), providers=["CPUExecutionProvider"])
-        acc = float(np.mean(np.argmax(sess.run(None, {"input": x})[0], axis=1) == y))
+        top = [int(np.argmax(sess.run(None, {"input": x[i:i + 1]})[0])) for i in range(len(x))]
+        acc = float(np.mean(np.array(top) == y))
         assert v.accuracy == pytest.approx(acc, abs=1e-4), v.id
         assert v.measured["onnxruntime"].accuracy == pytest.approx(acc, abs=1e-4)
     assert pkg.variant("onnx-fp32").accuracy > 0.9
@@ -72,6 +74,78 @@ def test_every_planned_variant_has_a_verdict_consistent_with_its_measurements(di
     # the report on disk says the same
     on_disk = json.loads((out / REPORT_FILE).read_text())
     assert {v["id"]: v["status"] for v in on_disk["variants"]} == {v.id: v.status for v in report.variants}
+
+
+def test_pruning_shrinks_the_compressed_file_and_its_accuracy_is_measured(digits_packaged):
+    report, _ = digits_packaged
+    by = _by_id(report)
+    pruned, fp32 = by["onnx-fp32-pruned50"], by["onnx-fp32"]
+    assert pruned.status in ("kept", "dropped") and pruned.reason
+    assert pruned.note.startswith("50% of MatMul/Gemm/Conv weights zeroed")
+    assert pruned.size == pytest.approx(fp32.size, rel=0.01)  # dense storage: the file is as big
+    assert pruned.compressed_size < 0.75 * fp32.compressed_size  # the zeros compress
+    assert 0.5 < pruned.score("accuracy") <= 1
+    assert pruned.results["onnxruntime"].agreement < 1.0  # zeroing half the weights changes some answers
+
+
+def test_summary_table_shows_every_variant_with_its_verdict_and_reason(digits_packaged):
+    from rich.console import Console
+
+    from edgerun.cli.hub_package import summary_table
+
+    report, _ = digits_packaged
+    tflite = VariantReport("tflite-fp32", "tflite", "fp32", "convert", status="skipped", reason=_TFLITE_REASON)
+    console = Console(width=3000, record=True, color_system=None)
+    console.print(summary_table(dataclasses.replace(report, variants=[*report.variants, tflite])))
+    lines = console.export_text().splitlines()
+    for v in report.variants:
+        row = next(ln for ln in lines if ln.count("│") > 2 and ln.split("│")[1].strip() == v.id)
+        assert v.status in row, (v.id, row)
+        if v.status != "kept":
+            assert v.reason in row, (v.id, row)
+        if v.note:
+            assert v.note in row
+    assert any("dropped" in ln for ln in lines)  # the digits MLP always loses a variant (one int8 method per format)
+    assert any(ln.count("│") > 2 and ln.split("│")[1].strip() == "tflite-*" and _TFLITE_REASON in ln for ln in lines)  # brackets and all
+
+
+def test_int4_on_the_digits_mlp_is_matmulnbits_and_keeps_its_accuracy(digits_files, tmp_path):
+    import onnx
+
+    from edgerun.hub.quantize import load_onnx, make_int4, weight_profile
+
+    dst = tmp_path / "int4.onnx"
+    n = make_int4(digits_files["model"], dst, weight_profile(load_onnx(digits_files["model"])))
+    ops = [node.op_type for node in onnx.load(str(dst)).graph.node]
+    assert n == 2 and ops.count("MatMulNBits") == 2 and "Gemm" not in ops and "MatMul" not in ops
+    assert dst.stat().st_size < 0.3 * digits_files["model"].stat().st_size
+    with np.load(digits_files["val"]) as z:
+        x, y = z["input"], z["labels"]
+    accs = []
+    for path in (digits_files["model"], dst):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        accs.append(float(np.mean(np.argmax(sess.run(None, {"input": x})[0], axis=1) == y)))
+    assert accs[1] >= accs[0] - 0.01, accs
+
+
+def test_int8_static_is_qdq_with_per_channel_weights(digits_files, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from edgerun.hub.packager import load_dataset
+    from edgerun.hub.quantize import interface, load_onnx, make_int8_static
+
+    inputs, _ = interface(load_onnx(digits_files["model"]))
+    calib, _ = load_dataset(digits_files["calib"], inputs, "calibration")
+    make_int8_static(digits_files["model"], tmp_path / "qdq.onnx", calib)
+    model = onnx.load(str(tmp_path / "qdq.onnx"))
+    ops = [node.op_type for node in model.graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    weight_dq = [node for node in model.graph.node if node.op_type == "DequantizeLinear"
+                 and inits.get(node.input[0]) is not None and inits[node.input[0]].dtype == np.int8]
+    assert len(weight_dq) == 2  # both Gemm weights, int8
+    assert all(inits[node.input[1]].size > 1 for node in weight_dq)  # a scale per output channel
 
 
 def test_fp16_variant_keeps_fp32_inputs_and_outputs(digits_files, tmp_path):

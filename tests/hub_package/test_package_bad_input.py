@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgerun.errors import PackageError
-from edgerun.hub.packager import PackageRequest, package_model
+from edgerun.hub.packager import PackageRequest, Progress, package_model
 from edgerun.package import ModelPackage
 
 
@@ -92,9 +92,27 @@ def test_existing_out_is_refused_unless_force(digits_files, tmp_path):
     assert ModelPackage.load(out).variant("onnx-fp32").accuracy > 0.9
 
 
+class _Recorder(Progress):
+    """The progress callbacks the CLI's bar receives."""
+
+    def __init__(self) -> None:
+        self.totals: list[int] = []
+        self.steps: list[str] = []
+
+    def total(self, n: int) -> None:
+        self.totals.append(n)
+
+    def step(self, message: str) -> None:
+        self.steps.append(message)
+
+
 def test_a_precision_the_tools_cannot_make_is_skipped_and_the_others_are_made(digits_files, tmp_path):
+    bar = _Recorder()
     report = package_model(_req(digits_files, tmp_path / "out", precisions=("fp32", "int8", "int4"),
-                                formats=("onnx", "tflite")))
+                                formats=("onnx", "tflite")), bar)
+    assert bar.totals and len(bar.steps) == bar.totals[-1]  # the bar ends full, skipped variants included
+    assert "measuring onnx-int4 on onnxruntime" in bar.steps
+    assert not any(m.startswith("measuring tflite") for m in bar.steps)
     by = {v.id: v for v in report.variants}
     assert all(by[f"tflite-{p}"].status == "skipped" and "converter" in by[f"tflite-{p}"].reason
                for p in ("fp32", "int8", "int4"))

@@ -1,0 +1,77 @@
+"""The drop rules on given measurements: the int8 method and every drop follow the numbers, with the reason shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgerun.hub.packager import BackendResult, PackageRequest, VariantReport, _decide
+
+ORT, OV = "onnxruntime", "openvino"
+
+
+def _v(vid: str, precision: str, method: str, accuracy: float, **latency_ms: float) -> VariantReport:
+    fmt = vid.split("-")[0]
+    v = VariantReport(vid, fmt, precision, method)
+    v.results = {b: BackendResult(latency_ms=ms, memory_bytes=10 << 20, accuracy=accuracy)
+                 for b, ms in latency_ms.items()}
+    return v
+
+
+def _decided(*variants: VariantReport, bound: float = 1.0) -> dict[str, VariantReport]:
+    req = PackageRequest(model=Path("m.onnx"), name="m", version=1, validation=Path("v.npz"), out=Path("o"),
+                         precisions=("fp32", "fp16", "int8", "int4"), formats=("onnx", "openvino"),
+                         max_accuracy_drop=bound)
+    _decide(list(variants), req, "accuracy")
+    return {v.id: v for v in variants}
+
+
+def test_the_int8_method_kept_is_the_one_measured_faster_whatever_the_model():
+    for qdq_ms, dyn_ms in ((0.5, 8.0), (0.8, 0.3)):  # a CNN's numbers, then an MLP's
+        by = _decided(_v("onnx-fp32", "fp32", "original", 0.97, onnxruntime=1.0),
+                      _v("onnx-int8-qdq", "int8", "static", 0.965, onnxruntime=qdq_ms, openvino=0.1),
+                      _v("onnx-int8-dynamic", "int8", "dynamic", 0.965, onnxruntime=dyn_ms, openvino=9.0))
+        winner, loser = ("onnx-int8-qdq", "onnx-int8-dynamic") if qdq_ms < dyn_ms else \
+            ("onnx-int8-dynamic", "onnx-int8-qdq")
+        assert by[winner].status == "kept", by[winner].reason
+        assert by[loser].status == "dropped"
+        assert by[loser].reason.startswith(f"{winner} is faster on onnxruntime")  # the format's own backend decides
+
+
+def test_a_variant_past_the_accuracy_bound_is_dropped_with_the_numbers():
+    fp32 = _v("onnx-fp32", "fp32", "original", 0.97, onnxruntime=1.0)
+    int8 = _v("onnx-int8-qdq", "int8", "static", 0.95, onnxruntime=0.5)
+    by = _decided(fp32, int8)
+    assert by["onnx-int8-qdq"].status == "dropped"
+    assert by["onnx-int8-qdq"].reason == "accuracy 95.00% is 2.00 points below fp32's 97.00% (bound 1)"
+    int8 = _v("onnx-int8-qdq", "int8", "static", 0.95, onnxruntime=0.5)
+    assert _decided(_v("onnx-fp32", "fp32", "original", 0.97, onnxruntime=1.0), int8, bound=3)[int8.id].status == "kept"
+
+
+def test_a_variant_slower_than_a_more_accurate_one_on_every_backend_is_dropped():
+    by = _decided(_v("onnx-fp32", "fp32", "original", 0.97, onnxruntime=1.0, openvino=2.0),
+                  _v("onnx-fp16", "fp16", "fp16", 0.97, onnxruntime=1.2, openvino=1.99),  # within 3% on openvino
+                  _v("openvino-fp32", "fp32", "convert", 0.97, openvino=1.5))
+    assert by["onnx-fp16"].status == "dropped"
+    assert by["onnx-fp16"].reason.startswith("not faster than onnx-fp32, which is as accurate or more")
+    assert by["openvino-fp32"].status == "kept"  # faster than onnx-fp32 where both ran
+    by = _decided(_v("onnx-fp32", "fp32", "original", 0.97, onnxruntime=1.0, openvino=2.0),
+                  _v("onnx-fp16", "fp16", "fp16", 0.97, onnxruntime=1.2, openvino=1.5))
+    assert by["onnx-fp16"].status == "kept"  # faster on one backend
+
+
+def test_a_quantized_variant_scoring_above_fp32_must_still_be_faster_than_it():
+    by = _decided(_v("onnx-fp32", "fp32", "original", 0.9778, onnxruntime=0.008, openvino=0.04),
+                  _v("openvino-int4", "int4", "weights", 0.98, openvino=0.041))
+    v = by["openvino-int4"]
+    assert v.status == "dropped" and "98.00% vs 97.78% is not counted for a lower precision" in v.reason
+    by = _decided(_v("onnx-fp32", "fp32", "original", 0.9778, onnxruntime=0.008, openvino=0.04),
+                  _v("openvino-int4", "int4", "weights", 0.98, openvino=0.02))
+    assert by["openvino-int4"].status == "kept"
+
+
+def test_a_variant_that_failed_everywhere_is_dropped_with_the_errors():
+    bad = VariantReport("onnx-fp16", "onnx", "fp16", "fp16")
+    bad.results = {ORT: BackendResult(error="ModelLoadError: boom"), OV: BackendResult(error="PackageError: bang")}
+    by = _decided(_v("onnx-fp32", "fp32", "original", 0.97, onnxruntime=1.0), bad)
+    assert by["onnx-fp16"].status == "dropped"
+    assert "onnxruntime: ModelLoadError: boom" in by["onnx-fp16"].reason and "PackageError: bang" in by["onnx-fp16"].reason
