@@ -26,6 +26,7 @@ _OV_TYPES = {
     "boolean": "BOOL", "string": "BYTES",
 }
 _PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+_VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")  # they pick among the real ones themselves
 
 
 def _message(exc: BaseException) -> str:
@@ -144,6 +145,11 @@ class OpenVinoBackend(Backend):
         for key, value in dict(extra.get("config") or {}).items():
             config[str(key)] = value
         core = self._get_core()
+        present = list(core.available_devices)
+        if device.split(":")[0] not in _VIRTUAL_DEVICES and device not in present \
+                and device not in {d.split(".")[0] for d in present}:
+            raise ModelLoadError(f"openvino cannot load {path} on {device}: no such device here "
+                                 f"(devices: {', '.join(present + ['AUTO'])})")
         try:
             model = core.read_model(str(path))
         except Exception as exc:

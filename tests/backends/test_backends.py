@@ -77,6 +77,34 @@ def test_openvino_lists_devices_and_rejects_unknown_hint(digits_onnx):
         b.load(digits_onnx, LoadOptions(extra={"performance_hint": "FASTEST"}))
 
 
+def test_openvino_names_a_device_that_is_not_here(digits_onnx):
+    b = backend("openvino")
+    missing = next(d for d in ("NPU", "GPU", "GPU.3") if d not in b.devices())
+    with pytest.raises(ModelLoadError) as err:
+        b.load(digits_onnx, LoadOptions(device=missing))
+    assert str(err.value) == (f"openvino cannot load {digits_onnx} on {missing}: no such device here "
+                              f"(devices: {', '.join(b.devices())})")
+    with b.load(digits_onnx, LoadOptions(device="AUTO")) as sess:
+        assert sess.device == "AUTO"
+        assert sess.run({"input": np.zeros((1, 64), np.float32)})["probabilities"].shape == (1, 10)
+
+
+def test_onnxruntime_falls_back_to_cpu_when_the_build_lacks_a_requested_provider(digits_onnx, digits_x):
+    """The Jetson profile asks for CUDA first; a CPU-only onnxruntime build still runs the model, on the CPU."""
+    import onnxruntime as ort
+
+    b = backend("onnxruntime")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has CUDA")
+    assert "CPU" in b.devices() and "CUDA" not in b.devices()
+    jetson = LoadOptions(threads=1, extra={"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]})
+    for options in (jetson, LoadOptions(device="CUDA", threads=1)):
+        with b.load(digits_onnx, options) as sess:
+            assert sess.device == "CPU"
+            got = sess.run({"input": digits_x})["probabilities"]
+            np.testing.assert_allclose(got, reference_run(digits_onnx, digits_x), rtol=1e-4, atol=1e-5)
+
+
 def test_openvino_runs_from_many_threads(digits_onnx, digits_x):
     from concurrent.futures import ThreadPoolExecutor
 
