@@ -39,3 +39,20 @@ def test_run_example_with_its_sample_input(cli, example: ModelPackage) -> None:
                        "--profile", "generic-x86_64")
     assert rc == 0, err
     assert "probabilities float32 [2, 10]" in out
+
+
+@pytest.mark.parametrize("variant", ["onnx-fp32", "onnx-int8"])
+def test_example_accuracy_is_what_the_package_records(example: ModelPackage, cpu_profile, variant: str) -> None:
+    """The recorded accuracy is the variant's real top-1 on scikit-learn digits' validation split.
+
+    One image per request: dynamic int8 quantizes activations per batch, so its score moves with the batching.
+    """
+    from edgerun.runtime import Runtime
+    from edgerun.testing.models import accuracy_of, digits_data
+
+    _, _, x_val, y_val = digits_data(seed=0)
+    with Runtime(profile=cpu_profile) as rt:
+        model = rt.load(EXAMPLE, variant=variant, backend="onnxruntime")
+        acc = accuracy_of(lambda xb: rt.infer("digits", {"input": xb})["probabilities"], x_val, y_val, batch=1)
+    recorded = model.variant.measured["onnxruntime"].accuracy or model.variant.accuracy
+    assert acc > 0.9 and acc == pytest.approx(recorded, abs=1e-4)
