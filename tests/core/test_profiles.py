@@ -196,6 +196,47 @@ def test_a_later_directory_overrides_a_shipped_profile(tmp_path: Path, monkeypat
     assert choose_profile(PI4, profiles=profiles).profile.budget_bytes(GiB) == 100 << 20
 
 
+PI4_CPUINFO = """processor\t: 0
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm crc32 cpuid
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU part\t: 0xd08
+
+Revision\t: c03114
+Serial\t\t: 10000000abcdef01
+Model\t\t: Raspberry Pi 4 Model B Rev 1.4
+"""
+XEON_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 106
+model name\t: Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz
+flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512bw avx512_vnni
+"""
+
+
+@pytest.mark.parametrize("machine, files, expected", [
+    ("aarch64", {"/proc/cpuinfo": PI4_CPUINFO, "/proc/device-tree/model": "Raspberry Pi 4 Model B Rev 1.4\x00"},
+     ("aarch64", "Raspberry Pi 4 Model B Rev 1.4", "asimd", "raspberry-pi-4")),
+    ("arm64", {"/proc/cpuinfo": PI4_CPUINFO}, ("aarch64", "Raspberry Pi 4 Model B Rev 1.4", "asimd", "raspberry-pi-4")),
+    ("AMD64", {"/proc/cpuinfo": XEON_CPUINFO},
+     ("x86_64", "", "avx512_vnni", "x86_64-avx512-vnni")),
+], ids=["pi4-device-tree", "pi4-cpuinfo-only", "xeon"])
+def test_detect_reads_proc_files(monkeypatch: pytest.MonkeyPatch, bundled_profiles, machine, files, expected) -> None:
+    """Arch, CPU flags and the board come from /proc as a real Pi 4 or Xeon presents them; the profile follows."""
+    import edgerun.device as device
+
+    monkeypatch.setattr(device.platform, "machine", lambda: machine)
+    monkeypatch.setattr(device, "_read", lambda path: files.get(path, ""))
+    monkeypatch.setattr(device, "_accelerators", lambda: frozenset())
+    facts = detect()
+    arch, board, flag, profile = expected
+    assert (facts.arch, facts.device_tree_model) == (arch, board) and flag in facts.cpu_flags
+    assert facts.memory_total > 0 and facts.memory_available > 0
+    assert choose_profile(facts, profiles=bundled_profiles).profile.name == profile
+
+
 def test_this_host_gets_a_profile(bundled_profiles) -> None:
     facts = detect()
     assert facts.arch and facts.memory_total > 0 and facts.cpu_count >= 1
