@@ -321,11 +321,13 @@ def package_model(req: PackageRequest, progress: Progress | None = None) -> Pack
                                                  tuple(file_entry(stage, f) for f in v.files)) for v in made],
                                samples=[Sample(s, {}) for s in sample_inputs])
         save_package(staging, stage)
-        progress.total(len(planned) + sum(max(1, len(per_format[v.format])) for v in made) + 1)  # skips are not measured
+        # skipped variants are not measured: the bar's total drops their measuring steps
+        progress.total(len(planned) + sum(max(1, len(per_format[v.format])) for v in made) + 1)
         ref = measure_variants(stage, made, backends, val, labels, work, req.repeats, progress)
         if ref is None:
             errors = "; ".join(f"{b}: {r.error}" for v in made if v.id == "onnx-fp32" for b, r in v.results.items())
-            raise PackageError(f"{req.model}: the fp32 model could not be measured ({errors or 'no backend could run it'})")
+            raise PackageError(f"{req.model}: the fp32 model could not be measured "
+                               f"({errors or 'no backend could run it'})")
         progress.step("choosing variants")
         _decide(planned, req, metric)
         kept = [v for v in planned if v.status == "kept"]
@@ -465,14 +467,16 @@ def _decide(variants: list[VariantReport], req: PackageRequest, metric: str) -> 
     # fp32 is measured as the reference even when not asked for
     if ref is not None and ref.status == "planned" and ("fp32" not in req.precisions or "onnx" not in req.formats):
         ref.status, ref.reason = "dropped", "ONNX fp32 not requested (measured as the reference)"
-    contenders = [v for v in made if v.status == "planned"]
+    # best first, so a variant is only ever judged against variants that stay
+    contenders = sorted((v for v in made if v.status == "planned"),
+                        key=lambda v: (v is not ref, -(v.score(metric) or 0.0), v.precision_rank))
+    staying: list[VariantReport] = []
     for v in contenders:
+        staying.append(v)
         if v is ref:  # the model as given stays: it is the reference the others are judged by
             continue
         s = v.score(metric)
-        for u in contenders:
-            if u is v:
-                continue
+        for u in staying[:-1]:
             su = u.score(metric)
             if s is None or su is None:
                 continue
@@ -486,11 +490,12 @@ def _decide(variants: list[VariantReport], req: PackageRequest, metric: str) -> 
                          for b, r in mine.items())
             if better and faster:
                 v.status = "dropped"
-                than = (f"the {u.precision} model it was made from ({100 * s:.2f}% vs {100 * su:.2f}% is not counted "
-                        f"for a lower precision)" if su < s else
+                than = (f"the {u.precision} model it was made from ({100 * s:.2f}% vs {100 * su:.2f}% is not "
+                        f"counted for a lower precision)" if su < s else
                         f"which is as accurate or more ({100 * su:.2f}% vs {100 * s:.2f}%)")
                 v.reason = (f"not faster than {u.id}, {than}, on any backend tried "
                             f"({_latencies(u)} vs {_latencies(v)})")
+                staying.pop()
                 break
     for v in made:
         if v.status == "planned":

@@ -160,7 +160,8 @@ def _name_output_casts(model: Any) -> None:
     taken = {t for n in model.graph.node for t in (*n.input, *n.output)} | {i.name for i in model.graph.initializer}
     renames: dict[str, str] = {}
     for node in model.graph.node:
-        if node.op_type == "Cast" and len(node.output) == 1 and node.output[0] in outputs and node.input[0] not in outputs:
+        if (node.op_type == "Cast" and len(node.output) == 1 and node.output[0] in outputs
+                and node.input[0] not in outputs):
             new = f"{node.output[0]}_fp16"
             while new in taken:
                 new += "_"

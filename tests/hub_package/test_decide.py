@@ -74,4 +74,13 @@ def test_a_variant_that_failed_everywhere_is_dropped_with_the_errors():
     bad.results = {ORT: BackendResult(error="ModelLoadError: boom"), OV: BackendResult(error="PackageError: bang")}
     by = _decided(_v("onnx-fp32", "fp32", "original", 0.97, onnxruntime=1.0), bad)
     assert by["onnx-fp16"].status == "dropped"
-    assert "onnxruntime: ModelLoadError: boom" in by["onnx-fp16"].reason and "PackageError: bang" in by["onnx-fp16"].reason
+    reason = by["onnx-fp16"].reason
+    assert "onnxruntime: ModelLoadError: boom" in reason and "openvino: PackageError: bang" in reason
+
+
+def test_a_variant_is_only_dropped_in_favour_of_one_that_stays():
+    by = _decided(_v("onnx-fp32", "fp32", "original", 0.9778, onnxruntime=0.008, openvino=0.040),
+                  _v("openvino-fp32", "fp32", "convert", 0.9778, openvino=0.038),  # >3% faster than onnx-fp32
+                  _v("openvino-int4", "int4", "weights", 0.98, openvino=0.039))  # not: dropped, so it cannot
+    assert by["openvino-int4"].status == "dropped"                                # drop openvino-fp32
+    assert by["openvino-fp32"].status == "kept", by["openvino-fp32"].reason
