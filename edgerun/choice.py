@@ -107,5 +107,9 @@ def no_fit_error(package: ModelPackage, cands: list[Candidate], budget: int) -> 
         return NoVariantFits(
             f"no variant of {package.name!r} fits the memory budget of {format_size(budget)}: the smallest, "
             f"{smallest.variant.id!r} on {smallest.backend}, needs {format_size(smallest.memory_bytes)}")
-    reasons = "; ".join(f"{c.variant.id}: {c.reason}" for c in cands) or "the package has no variants"
+    grouped: dict[tuple[str, str], list[str]] = {}  # one entry per (backend, reason), naming its variants
+    for c in cands:
+        grouped.setdefault((c.backend, c.reason), []).append(c.variant.id)
+    reasons = "; ".join(f"{', '.join(ids)}{'' if backend == '-' else f' on {backend}'}: {reason}"
+                        for (backend, reason), ids in grouped.items()) or "the package has no variants"
     return NoVariantFits(f"no variant of {package.name!r} can run here ({reasons})")

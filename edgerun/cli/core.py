@@ -108,19 +108,26 @@ def explain(package: Path = typer.Argument(..., help="Model package directory.")
     console.print(f"[bold]{escape(c.package.name)}[/] v{c.package.version} on profile "
                   f"[bold]{escape(c.profile.name)}[/], memory budget {format_size(c.budget)}")
     table = Table()
-    for col in ("", "variant", "format", "precision", "backend", "memory need", "accuracy", "latency", "verdict"):
-        table.add_column(col, justify="right" if col in ("memory need", "accuracy", "latency") else "left")
+    table.add_column("variant", overflow="fold")
+    table.add_column("backend", no_wrap=True)
+    for col in ("memory\nneed", "accuracy", "latency"):
+        table.add_column(col, justify="right")
+    table.add_column("verdict", overflow="fold")
     for cand in c.candidates:
-        mark = "[bold green]→[/]" if cand.chosen else ""
+        variant = Text(cand.variant.id, style="bold" if cand.chosen else "")
+        variant.append(f"\n{cand.variant.format} {cand.variant.precision}", style="dim")
         need = "-" if cand.backend == "-" else format_size(cand.memory_bytes)
         if cand.backend != "-" and not cand.memory_measured:
-            need += " (est.)"
+            need += "\n(estimate)"
         acc = f"{cand.accuracy:.4f}" if cand.accuracy is not None else "-"
         lat = f"{cand.latency_ms:.3f} ms" if cand.latency_ms is not None else "-"
-        verdict = "[bold green]chosen[/]" if cand.chosen else (
-            "kept" if cand.kept else f"[red]dropped:[/] {escape(cand.reason)}")
-        table.add_row(mark, escape(cand.variant.id), cand.variant.format, cand.variant.precision, escape(cand.backend),
-                      need, acc, lat, verdict)
+        if cand.chosen:
+            verdict = Text("→ chosen", style="bold green")
+        elif cand.kept:
+            verdict = Text("kept")
+        else:
+            verdict = Text("dropped: ", style="red").append(cand.reason, style="default")
+        table.add_row(variant, Text(cand.backend), need, acc, lat, verdict)
     console.print(table)
     if c.chosen is None:
         raise no_fit_error(c.package, c.candidates, c.budget)

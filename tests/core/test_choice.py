@@ -74,3 +74,14 @@ def test_explain_with_a_malformed_budget(cli, measured_digits, budget: str) -> N
     rc, _, err = cli("explain", measured_digits.root, "--memory-budget", budget, "--profile", "generic-x86_64")
     assert rc != 0
     assert "budget" in err.lower() and budget in err
+
+
+def test_explain_reads_in_an_80_column_terminal(cli, measured_digits, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgerun.cli.app import console
+
+    monkeypatch.setattr(console, "width", 80)  # the console took its width from COLUMNS when first imported
+    rc, out, _ = cli("explain", measured_digits.root, "--memory-budget", "20MiB", "--profile", "generic-x86_64")
+    assert rc == 0
+    assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in out, out
+    assert "→ chosen" in _row(out, "onnx-int8", "onnxruntime")
+    assert "dropped: needs" in _row(out, "onnx-fp32", "openvino")
