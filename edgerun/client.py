@@ -41,7 +41,11 @@ class Client:
         self.close()
 
     def live(self) -> bool:
-        return self._http.get("/v2/health/live").status_code == 200
+        """Whether the server process answers at all."""
+        try:
+            return self._http.get("/v2/health/live").status_code == 200
+        except httpx.TransportError:
+            return False
 
     def ready(self) -> bool:
         """Whether the server is up and serving at least one model."""

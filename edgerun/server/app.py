@@ -48,18 +48,21 @@ class EdgerunApp:
                                                  headers={"www-authenticate": "Bearer"}))
                 state.metrics.failure("", "unauthorized")
                 return
-            if scope["method"] == "POST":
-                target = parse_infer_path(scope["path"])
-                if target is not None:
-                    try:
-                        await handle_infer(state, target[0], target[1], scope, receive, send)
-                    except HttpError as err:
-                        await send_error(send, err)
-                    except ClientGone:
-                        pass
-                    return
+            target = parse_infer_path(scope["path"])
+            if target is not None:
+                try:
+                    if scope["method"] != "POST":
+                        raise HttpError(405, f"method {scope['method']} not allowed on {scope['path']}; use POST",
+                                        headers={"allow": "POST"})
+                    await handle_infer(state, target[0], target[1], scope, receive, send)
+                except HttpError as err:
+                    await send_error(send, err)
+                except ClientGone:
+                    pass
+                return
             length = _content_length(scope)
             if length is not None and length > self._max_body:
+                state.metrics.failure("", "too_large")
                 await send_error(send, HttpError(413, f"request body of {length} bytes exceeds the limit of "
                                                       f"{self._max_body} bytes (server.max_body)"))
                 return

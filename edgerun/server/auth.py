@@ -11,12 +11,13 @@ class BearerAuth:
     """Compares ``Authorization: Bearer <token>`` in constant time."""
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
     def allows(self, scope: dict) -> bool:
         if scope["path"] in OPEN_PATHS:
             return True
         for key, value in scope["headers"]:
             if key == b"authorization":
-                return hmac.compare_digest(value, self._expected)
+                scheme, _, given = value.strip().partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._expected)
         return False

@@ -118,7 +118,10 @@ class ModelScheduler:
         if p.batching:
             first = next(iter(inputs.values()))
             rows = first.shape[0] if first.ndim else 1
-            key = tuple((k, v.shape[1:]) for k, v in inputs.items())
+            if all(v.ndim and v.shape[0] == rows for v in inputs.values()):
+                key: Any = tuple((k, v.shape[1:]) for k, v in inputs.items())
+            else:
+                key = object()  # inputs disagree on the batch size: run alone, never split
         else:
             rows, key = 1, None
         self._pending.append(_Item(inputs, fut, rows, key, perf_counter()))

@@ -70,7 +70,7 @@ def decode_request(body: bytes, header_length: bytes | None, model_name: str,
     params = doc.get("parameters")
     if params is not None and type(params) is not dict:
         raise bad_request("'parameters' must be an object")
-    binary_default = bool(params.get("binary_data_output", False)) if params else False
+    binary_default = _flag(params, "binary_data_output", False, "parameters") if params else False
     inputs = doc.get("inputs")
     if type(inputs) is not list or not inputs:
         raise bad_request("request needs 'inputs': a non-empty list of {name, shape, datatype, data} tensors")
@@ -118,23 +118,39 @@ def decode_request(body: bytes, header_length: bytes | None, model_name: str,
     return InferRequest(req_id, arrays, _wanted_outputs(doc.get("outputs"), binary_default), binary_default)
 
 
+def _flag(params: dict, key: str, default: bool, where: str) -> bool:
+    value = params.get(key, default)
+    if type(value) is not bool:
+        raise bad_request(f"{where}.{key} must be true or false, got {value!r:.40}")
+    return value
+
+
 def _wanted_outputs(outputs: Any, binary_default: bool) -> list[tuple[str, bool]] | None:
+    """(name, binary) per requested output; None (all outputs) when 'outputs' is absent or empty."""
     if outputs is None:
         return None
     if type(outputs) is not list:
         raise bad_request("'outputs' must be a list of {name, parameters?} objects")
     wanted = []
+    seen = set()
     for i, o in enumerate(outputs):
         if type(o) is not dict or type(o.get("name")) is not str:
             raise bad_request(f"outputs[{i}] needs a string 'name'")
+        name = o["name"]
+        if name in seen:
+            raise bad_request(f"output {name!r} is requested more than once")
+        seen.add(name)
         p = o.get("parameters")
         binary = binary_default
-        if type(p) is dict:
-            if p.get("classification"):
-                raise bad_request("the classification extension is not supported")
-            binary = bool(p.get("binary_data", binary_default))
-        wanted.append((o["name"], binary))
-    return wanted
+        if p is not None:
+            if type(p) is not dict:
+                raise bad_request(f"outputs[{i}].parameters must be an object")
+            if "classification" in p:
+                raise bad_request(f"output {name!r}: the classification extension is not supported; ask for the "
+                                  "raw output and take the top classes on the client")
+            binary = _flag(p, "binary_data", binary_default, f"outputs[{i}].parameters")
+        wanted.append((name, binary))
+    return wanted or None
 
 
 def tensor_from_json(data: Any, datatype: str, count: int, name: str) -> np.ndarray:
@@ -153,6 +169,8 @@ def tensor_from_json(data: Any, datatype: str, count: int, name: str) -> np.ndar
             arr = np.array(data, dtype=dtype)
             if arr.dtype.kind != "f":
                 raise ValueError("not numbers")
+            if not np.isfinite(arr).all() and None in _flatten(data):
+                raise bad_request(f"input {name!r}: null in {datatype} data (write NaN for not-a-number)")
         else:
             raw = np.array(data)
             if raw.dtype.kind in "fO" and datatype != "BOOL":
@@ -250,6 +268,17 @@ def tensor_to_binary(arr: np.ndarray) -> bytes:
     return np.ascontiguousarray(arr).tobytes()
 
 
+def _finite(arr: np.ndarray) -> bool:
+    return arr.dtype.kind != "f" or bool(np.isfinite(arr).all())
+
+
+def _dumps(doc: dict, finite: bool) -> bytes:
+    """orjson, or where a float tensor holds NaN/Inf, Python's json writing them as NaN/Infinity (not null)."""
+    if finite:
+        return orjson.dumps(doc, option=_DUMPS_OPTS)
+    return json.dumps(doc, allow_nan=True, separators=(",", ":"), default=lambda a: a.tolist()).encode()
+
+
 def _json_data(arr: np.ndarray) -> Any:
     kind = arr.dtype.kind
     if kind in "OSU":
@@ -264,6 +293,7 @@ def encode_response(model_name: str, model_version: int, req_id: str | None, res
     """The response body, and the JSON header's length when binary outputs follow it."""
     outs = []
     chunks = []
+    finite = True
     for name, binary in wanted:
         arr = results[name]
         entry: dict[str, Any] = {"name": name, "datatype": datatypes.get(name) or datatype_of(arr.dtype),
@@ -274,12 +304,13 @@ def encode_response(model_name: str, model_version: int, req_id: str | None, res
             chunks.append(b)
         else:
             entry["data"] = _json_data(arr)
+            finite = finite and _finite(arr)
         outs.append(entry)
     doc: dict[str, Any] = {"model_name": model_name, "model_version": str(model_version)}
     if req_id is not None:
         doc["id"] = req_id
     doc["outputs"] = outs
-    header = orjson.dumps(doc, option=_DUMPS_OPTS)
+    header = _dumps(doc, finite)
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
@@ -290,6 +321,7 @@ def encode_request(inputs: Mapping[str, np.ndarray], *, binary: bool, outputs: I
     """A request body for ``inputs`` (used by edgerun.Client); returns the header length when binary."""
     tensors = []
     chunks = []
+    finite = True
     for name, arr in inputs.items():
         arr = np.asarray(arr)
         entry: dict[str, Any] = {"name": name, "shape": list(arr.shape), "datatype": datatype_of(arr.dtype)}
@@ -299,6 +331,7 @@ def encode_request(inputs: Mapping[str, np.ndarray], *, binary: bool, outputs: I
             chunks.append(b)
         else:
             entry["data"] = _json_data(arr)
+            finite = finite and _finite(arr)
         tensors.append(entry)
     bin_out = binary if binary_output is None else binary_output
     doc: dict[str, Any] = {"inputs": tensors, "parameters": {"binary_data_output": bin_out}}
@@ -306,7 +339,7 @@ def encode_request(inputs: Mapping[str, np.ndarray], *, binary: bool, outputs: I
         doc["id"] = req_id
     if outputs is not None:
         doc["outputs"] = [{"name": o, "parameters": {"binary_data": bin_out}} for o in outputs]
-    header = orjson.dumps(doc, option=_DUMPS_OPTS)
+    header = _dumps(doc, finite)
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
@@ -315,7 +348,7 @@ def encode_request(inputs: Mapping[str, np.ndarray], *, binary: bool, outputs: I
 def decode_response(body: bytes, header_length: int | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """A response's JSON document and its outputs as arrays (used by edgerun.Client)."""
     header, binary = split_body(body, None if header_length is None else str(header_length).encode())
-    doc = orjson.loads(header)
+    doc = parse_json(header)
     out = {}
     offset = 0
     for t in doc.get("outputs", []):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -38,6 +38,20 @@ class _ModelsCollector(Collector):
         yield inflight
 
 
+class _QueueCollector(Collector):
+    """Requests waiting per model version, read from the server's schedulers at scrape time."""
+
+    def __init__(self, queues: Callable[[], Iterable[tuple[str, int, int]]]):
+        self.queues = queues
+
+    def collect(self) -> Iterator[Any]:
+        queued = GaugeMetricFamily("edgerun_model_queued", "Requests waiting for a run of the model",
+                                   labels=["model", "version"])
+        for name, version, n in self.queues():
+            queued.add_metric([name, str(version)], n)
+        yield queued
+
+
 class _ModelEvents:
     """A plugin counting model activations and update transitions."""
 
@@ -56,7 +70,7 @@ class _ModelEvents:
 class ServerMetrics:
     """One registry per app, so several servers (or tests) in a process don't collide."""
 
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, queues: Callable[[], Iterable[tuple[str, int, int]]] = tuple):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("edgerun_requests", "Inference requests answered successfully", ["model"], registry=r)
         self.failures = Counter("edgerun_request_failures", "Failed requests by reason", ["model", "reason"],
@@ -73,6 +87,7 @@ class ServerMetrics:
         self.model_events = Counter("edgerun_model_events", "Model activations and update state transitions",
                                     ["model", "event"], registry=r)
         r.register(_ModelsCollector(runtime))
+        r.register(_QueueCollector(queues))
         self._events_plugin = _ModelEvents(self.model_events)
         runtime.pm.register(self._events_plugin)
         self._children: dict[str, tuple[Any, Any, Any, Any, Any]] = {}

@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 import edgerun
 from edgerun.errors import EdgerunError
+from edgerun.server.asgi import read_body
 from edgerun.server.errors import HttpError, from_edgerun
 from edgerun.server.state import ServerState
 
@@ -62,8 +63,7 @@ def build_routes(state: ServerState) -> Starlette:
         return _json({"name": m.name, "version": str(m.version), "ready": True})
 
     async def repository_index(request: Request) -> Response:
-        body = await request.body()
-        only_ready = False
+        body = await read_body(request.scope, request.receive, state.max_body)
         if body.strip():
             try:
                 doc = orjson.loads(body)
@@ -71,8 +71,7 @@ def build_routes(state: ServerState) -> Starlette:
                 return _error(400, f"malformed JSON in request body: {exc}")
             if type(doc) is not dict:
                 return _error(400, "request body must be a JSON object")
-            only_ready = bool(doc.get("ready", False))
-        del only_ready  # every listed model is loaded, hence ready
+        # {"ready": true} filters nothing: every listed model is loaded, hence READY
         return _json([{"name": m.name, "version": str(m.version), "state": "READY", "reason": "",
                        "variant": m.variant.id, "backend": m.backend} for m in runtime.models()])
 

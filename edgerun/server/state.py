@@ -25,7 +25,7 @@ class ServerState:
         self.max_body = config.server.max_body
         token = config.server.token()
         self.auth = BearerAuth(token) if token else None
-        self.metrics = ServerMetrics(runtime)
+        self.metrics = ServerMetrics(runtime, self._queues)
         self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="edgerun-infer")
         self._model_configs = _configs_by_name(runtime, config.models)
         self._schedulers: dict[LoadedModel, ModelScheduler] = {}
@@ -51,6 +51,11 @@ class ServerState:
             s = self._schedulers[model] = ModelScheduler(model, self.policy(model), self.executor,
                                                          self.metrics.batch)
         return s
+
+    def _queues(self) -> list[tuple[str, int, int]]:
+        """(model, version, requests waiting) per scheduler, for /metrics."""
+        live = set(self.runtime.models())
+        return [(m.name, m.version, s.queued) for m, s in list(self._schedulers.items()) if m in live]
 
     def policy(self, model: LoadedModel) -> Policy:
         return policy_for(model, self._model_configs.get(model.name))

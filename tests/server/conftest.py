@@ -30,7 +30,7 @@ max_body = "1MiB"
 path = "{packages['digits'].root}"
 variant = "onnx-fp32"
 [models.batching]
-max_batch_size = 64
+max_batch_size = 16
 max_queue_delay_us = 2000
 
 [[models]]

@@ -68,6 +68,54 @@ def make_fixed_package(root: Path, hidden: int = 1024) -> ModelPackage:
     return ModelPackage.load(root)
 
 
+def make_slow_package(root: Path, size: int = 256) -> ModelPackage:
+    """Echoes ``x`` ([-1, 1] FP32) after max(x) rounds of a size x size MatMul: the client sets how long it takes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = (np.random.default_rng(0).standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["v_in", "W"], ["mm"]), helper.make_node("Tanh", ["mm"], ["v_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])], "rounds",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [size, size])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [size, size])])
+    nodes = [helper.make_node("ReduceMax", ["x"], ["xmax"], keepdims=0),
+             helper.make_node("Cast", ["xmax"], ["trips"], to=TensorProto.INT64),
+             helper.make_node("Mul", ["xmax", "zero"], ["x0"]),  # makes the loop depend on x: no constant folding
+             helper.make_node("Add", ["W", "x0"], ["v0"]),
+             helper.make_node("Loop", ["trips", "true", "v0"], ["v"], body=body),
+             helper.make_node("ReduceSum", ["v"], ["vsum"], keepdims=0),
+             helper.make_node("Mul", ["vsum", "zero"], ["v_zero"]),
+             helper.make_node("Add", ["x", "v_zero"], ["y"])]
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array(0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(True), "true")]
+    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    root.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(root / "slow.onnx"))
+    pkg = ModelPackage(name="slow", version=1, inputs=[TensorSpec("x", "FP32", (-1, 1))],
+                       outputs=[TensorSpec("y", "FP32", (-1, 1))],
+                       variants=[Variant("onnx", "onnx", "fp32", (file_entry(root, "slow.onnx"),))])
+    save_package(pkg, root)
+    return ModelPackage.load(root)
+
+
+def echo_request(**override: dict) -> dict:
+    """A JSON infer request for the echo model, one [1, 1] tensor per datatype; ``in_X={...}`` replaces fields."""
+    tensors = []
+    for dt in ALL_DATATYPES:
+        data = ["a"] if dt == "BYTES" else [True] if dt == "BOOL" else [1]
+        tensor = {"name": f"in_{dt}", "shape": [1, 1], "datatype": dt, "data": data}
+        tensor.update(override.get(f"in_{dt}", {}))
+        tensors.append(tensor)
+    return {"inputs": tensors}
+
+
 class ServerProcess:
     """``edgerun serve`` in a subprocess; ``url`` once ready."""
 

@@ -6,11 +6,12 @@ import concurrent.futures as cf
 import re
 
 import numpy as np
+import orjson
 import pytest
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from server_helpers import ALL_DATATYPES, reference
+from server_helpers import ALL_DATATYPES, echo_request, reference
 
 
 def test_health_and_server_metadata(triton):
@@ -128,8 +129,10 @@ def test_repository_index_lists_models_and_state(triton):
                    ("fixed", "1", "READY")}
 
 
-def _metric(text: str, name: str, labels: str) -> float:
+def _metric(text: str, name: str, labels: str, default: float | None = None) -> float:
     m = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} (\S+)$", text, re.M)
+    if m is None and default is not None:
+        return default
     assert m, f"{name}{{{labels}}} not in /metrics"
     return float(m.group(1))
 
@@ -161,11 +164,67 @@ def test_concurrent_requests_are_batched_and_split_back(http, packages):
     rows = _metric(after, "edgerun_batch_size_sum", 'model="digits"') - rows0
     assert rows == sum(len(x) for x in xs)
     assert runs < len(xs), f"{len(xs)} concurrent requests ran as {runs} separate runs: nothing was batched"
+    capped = _metric(after, "edgerun_batch_size_bucket", 'le="16.0",model="digits"')
+    assert capped == _metric(after, "edgerun_batch_size_count", 'model="digits"'), "a run exceeded max_batch_size 16"
 
 
-def test_batching_is_off_without_a_batch_dimension(http):
+def test_batching_is_off_without_a_batch_dimension(server, http):
+    import httpx
+
     assert http.get("/v2/models/fixed").json()["parameters"]["batching"] is False
     assert http.get("/v2/models/digits").json()["parameters"]["batching"] is True
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
+
+    def call(_):
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            return c.post("/v2/models/fixed/infer", json=body).status_code
+
+    before = http.get("/metrics").text
+    with cf.ThreadPoolExecutor(8) as pool:
+        ok = list(pool.map(call, range(24))).count(200)
+    after = http.get("/metrics").text
+    runs = (_metric(after, "edgerun_batch_size_count", 'model="fixed"')
+            - _metric(before, "edgerun_batch_size_count", 'model="fixed"', default=0))
+    assert ok and runs == ok, f"{ok} requests to a model without a batch dimension ran as {runs} runs"
+    assert _metric(after, "edgerun_batch_size_bucket", 'le="1.0",model="fixed"') == _metric(
+        after, "edgerun_batch_size_count", 'model="fixed"')
+
+
+def test_output_selection_and_binary_per_output(http):
+    raw = http.post("/v2/models/echo/infer", json={**echo_request(in_FP32={"data": [2.5]}), "outputs": [
+        {"name": "out_INT32"}, {"name": "out_FP32", "parameters": {"binary_data": True}}]})
+    assert raw.status_code == 200, raw.text
+    assert raw.headers["content-type"] == "application/octet-stream"
+    n = int(raw.headers["inference-header-content-length"])
+    doc = orjson.loads(raw.content[:n])
+    assert "id" not in doc and doc["model_version"] == "1"
+    assert doc["outputs"] == [
+        {"name": "out_INT32", "datatype": "INT32", "shape": [1, 1], "data": [1]},
+        {"name": "out_FP32", "datatype": "FP32", "shape": [1, 1], "parameters": {"binary_data_size": 4}}]
+    assert np.frombuffer(raw.content[n:], "<f4").tolist() == [2.5]
+    everything = http.post("/v2/models/echo/infer", json={**echo_request(), "outputs": []}).json()
+    assert [o["name"] for o in everything["outputs"]] == [f"out_{dt}" for dt in ALL_DATATYPES]
+    assert all("data" in o for o in everything["outputs"])
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_nan_and_infinity_survive_json_and_binary(triton, binary):
+    special = [np.nan, np.inf, -np.inf, 1.5]
+    doc = echo_request(**{f"in_{dt}": {"shape": [1, 4], "data": [1] * 4 if dt != "BYTES" else ["a"] * 4}
+                          for dt in ALL_DATATYPES})
+    inputs = []
+    for t in doc["inputs"]:
+        dt = t["datatype"]
+        arr = np.array([special if dt.startswith("FP") else t["data"]], dtype=th.triton_to_np_dtype(dt))
+        if dt == "BOOL":
+            arr = np.ones((1, 4), bool)
+        i = th.InferInput(t["name"], [1, 4], dt)
+        i.set_data_from_numpy(arr, binary_data=binary)
+        inputs.append(i)
+    outputs = [th.InferRequestedOutput(f"out_{dt}", binary_data=binary) for dt in ("FP16", "FP32", "FP64")]
+    r = triton.infer("echo", inputs, outputs=outputs)
+    for dt in ("FP16", "FP32", "FP64"):
+        np.testing.assert_array_equal(r.as_numpy(f"out_{dt}").astype(np.float64), [special])
 
 
 def test_full_queue_answers_503_and_server_keeps_serving(server, http):

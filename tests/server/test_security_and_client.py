@@ -34,7 +34,8 @@ def test_token_required_everywhere_but_health(secured):
     url = secured.url
     assert httpx.get(url + "/v2/health/live").status_code == 200
     assert httpx.get(url + "/v2/health/ready").status_code == 200
-    for method, path in [("GET", "/v2"), ("GET", "/v2/models/digits"), ("GET", "/metrics"),
+    for method, path in [("GET", "/v2"), ("GET", "/v2/models/digits"), ("GET", "/v2/models/digits/ready"),
+                         ("GET", "/metrics"),
                          ("POST", "/v2/repository/index"), ("POST", "/v2/models/digits/infer")]:
         r = httpx.request(method, url + path)
         assert r.status_code == 401, path
@@ -59,7 +60,9 @@ def test_tritonclient_with_token(secured, digits_package):
 def test_client_over_tcp(secured, digits_package, binary):
     x = np.random.default_rng(4).random((3, 64), dtype=np.float32)
     with edgerun.Client(secured.url, token=TOKEN) as c:
-        assert c.ready()
+        assert c.live() and c.ready()
+        assert c.server_metadata()["name"] == "edgerun"
+        assert c.model_ready("digits") and c.model_ready("digits", 1) and not c.model_ready("digits", 5)
         assert [(m["name"], m["version"]) for m in c.models()] == [("digits", "1")]
         assert c.metadata("digits")["inputs"][0]["shape"] == [-1, 64]
         got = c.infer("digits", {"input": x}, binary=binary)
@@ -75,6 +78,11 @@ def test_client_over_unix_socket(secured, digits_package):
     with edgerun.Client("http://edgerun", token=TOKEN, uds=str(secured.sock)) as c:
         got = c.infer("digits", {"input": x}, version=1)
     np.testing.assert_allclose(got["probabilities"], reference(digits_package, x), rtol=1e-5, atol=1e-6)
+
+
+def test_client_on_a_stopped_server():
+    with edgerun.Client(f"http://127.0.0.1:{free_port()}", timeout=2) as c:
+        assert not c.live() and not c.ready()
 
 
 def test_client_without_token_is_refused(secured):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from server_helpers import echo_request, reference
 
 GOOD = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.25] * 64}]}
 X = np.full((1, 64), 0.25, np.float32)
@@ -20,19 +22,6 @@ def _binary_body(x: np.ndarray, size: int | None = None, extra: bytes = b"") -> 
                                        "parameters": {"binary_data_size": len(raw) if size is None else size}}]})
     return header + raw + extra, {"inference-header-content-length": str(len(header)),
                                   "content-type": "application/octet-stream"}
-
-
-def _echo_request(**override) -> dict:
-    from server_helpers import ALL_DATATYPES
-
-    tensors = []
-    for dt in ALL_DATATYPES:
-        data = ["a"] if dt == "BYTES" else [True] if dt == "BOOL" else [1]
-        tensors.append({"name": f"in_{dt}", "shape": [1, 1], "datatype": dt, "data": data})
-    for t in tensors:
-        if t["name"] in override:
-            t.update(override[t["name"]])
-    return {"inputs": tensors}
 
 
 CASES = [
@@ -71,18 +60,36 @@ CASES = [
     ("unknown output", "/v2/models/digits/infer",
      dict(json={**GOOD, "outputs": [{"name": "logits"}]}), 400, "no output 'logits'"),
     ("NaN for an integer input", "/v2/models/echo/infer",
-     dict(content=json.dumps(_echo_request(in_INT32={"data": [float("nan")]})).encode()), 400,
+     dict(content=json.dumps(echo_request(in_INT32={"data": [float("nan")]})).encode()), 400,
      "NaN or Inf in INT32"),
     ("Infinity for an integer input", "/v2/models/echo/infer",
-     dict(content=json.dumps(_echo_request(in_INT64={"data": [float("inf")]})).encode()), 400,
+     dict(content=json.dumps(echo_request(in_INT64={"data": [float("inf")]})).encode()), 400,
      "NaN or Inf in INT64"),
     ("fraction for an integer input", "/v2/models/echo/infer",
-     dict(json=_echo_request(in_INT8={"data": [1.5]})), 400, "non-integer value in INT8"),
+     dict(json=echo_request(in_INT8={"data": [1.5]})), 400, "non-integer value in INT8"),
     ("out of range integer", "/v2/models/echo/infer",
-     dict(json=_echo_request(in_UINT8={"data": [256]})), 400, "out of range for UINT8"),
+     dict(json=echo_request(in_UINT8={"data": [256]})), 400, "out of range for UINT8"),
     ("missing input", "/v2/models/echo/infer",
-     dict(json={"inputs": _echo_request()["inputs"][1:]}), 400, "missing input(s) ['in_BOOL']"),
+     dict(json={"inputs": echo_request()["inputs"][1:]}), 400, "missing input(s) ['in_BOOL']"),
     ("unknown endpoint", "/v2/models/digits/explain", dict(json=GOOD), 404, "no such endpoint"),
+    ("empty body", "/v2/models/digits/infer", dict(content=b""), 400, "malformed JSON"),
+    ("not UTF-8", "/v2/models/digits/infer", dict(content=b"\xff\xfe{}"), 400, "malformed JSON"),
+    ("inputs not a list", "/v2/models/digits/infer", dict(json={"inputs": {"name": "input"}}), 400, "'inputs'"),
+    ("id not a string", "/v2/models/digits/infer", dict(json={**GOOD, "id": 7}), 400, "'id' must be a string"),
+    ("null for a float", "/v2/models/digits/infer",
+     dict(json={"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 63 + [None]}]}),
+     400, "null in FP32 data"),
+    ("BOOL given as integers", "/v2/models/echo/infer", dict(json=echo_request(in_BOOL={"data": [1]})), 400,
+     "BOOL data must be true/false"),
+    ("binary_data_output not a bool", "/v2/models/digits/infer",
+     dict(json={**GOOD, "parameters": {"binary_data_output": "yes"}}), 400,
+     "parameters.binary_data_output must be true or false"),
+    ("duplicate output", "/v2/models/digits/infer",
+     dict(json={**GOOD, "outputs": [{"name": "probabilities"}, {"name": "probabilities"}]}), 400,
+     "output 'probabilities' is requested more than once"),
+    ("classification asked", "/v2/models/digits/infer",
+     dict(json={**GOOD, "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}]}), 400,
+     "classification extension is not supported"),
 ]
 
 
@@ -131,6 +138,31 @@ def test_truncated_binary_body(http):
     assert "truncated" in r.json()["error"]
 
 
+def test_header_length_not_an_integer(http):
+    body, headers = _binary_body(X)
+    headers["inference-header-content-length"] = "12ab"
+    r = http.post("/v2/models/digits/infer", content=body, headers=headers)
+    assert r.status_code == 400
+    assert "Inference-Header-Content-Length must be an integer" in r.json()["error"]
+
+
+@pytest.mark.parametrize("tail,message", [(b"\x05\x00\x00", "ends inside an element's length prefix"),
+                                          (b"\x05\x00\x00\x00ab", "element of 5 bytes runs past the end")])
+def test_bad_bytes_length_prefix(http, tail, message):
+    doc = echo_request(in_BYTES={"data": None, "parameters": {"binary_data_size": len(tail)}})
+    del doc["inputs"][-1]["data"]
+    header = orjson.dumps(doc)
+    r = http.post("/v2/models/echo/infer", content=header + tail,
+                  headers={"inference-header-content-length": str(len(header))})
+    assert r.status_code == 400
+    assert message in r.json()["error"] and "'in_BYTES'" in r.json()["error"]
+
+
+def test_get_on_infer_is_405(http):
+    r = http.get("/v2/models/digits/infer")
+    assert r.status_code == 405 and "use POST" in r.json()["error"]
+
+
 def test_oversized_body_is_413(http):
     r = http.post("/v2/models/digits/infer", content=b"0" * (1 << 20 + 1))
     assert r.status_code == 413
@@ -175,29 +207,65 @@ _paths = st.sampled_from(["/v2/models/digits/infer", "/v2/models/digits/versions
                           "/v2/models/fixed/infer"])
 
 
-@settings(max_examples=1100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(path=_paths, doc=_request, binary_tail=st.one_of(st.none(), st.binary(max_size=300)),
-       header_len=st.one_of(st.none(), st.integers(-3, 400), st.text("0123456789ab-+x", max_size=4)))
-def test_fuzzed_requests_get_4xx_or_200_never_5xx(http, path, doc, binary_tail, header_len):
-    try:
-        body = json.dumps(doc, allow_nan=True).encode()
-    except ValueError:
-        body = b"{"
-    headers = {}
-    if binary_tail is not None:
-        body += binary_tail
-        headers["inference-header-content-length"] = str(header_len if header_len is not None else len(body))
-    r = http.post(path, content=body, headers=headers)
-    assert r.status_code in (200, 400, 404, 503), (r.status_code, r.text)
-    if r.status_code != 200:
-        assert r.json()["error"]
+_fields = {"name": _names, "datatype": _datatypes, "shape": _shapes, "data": _data,
+           "parameters": st.fixed_dictionaries({}, optional={"binary_data_size": st.integers(-5, 300)})}
 
 
-def test_server_still_serves_correctly_after_the_fuzz(http, packages):
-    from server_helpers import reference
+@st.composite
+def _near_valid(draw) -> tuple[str, object]:
+    """A valid request for digits or echo with at most one field of one input changed."""
+    path, doc = draw(st.sampled_from([("/v2/models/digits/infer", GOOD), ("/v2/models/echo/infer", echo_request())]))
+    doc = copy.deepcopy(doc)
+    tensor = draw(st.sampled_from(doc["inputs"]))
+    field = draw(st.sampled_from([None, *_fields]))
+    if field is not None:
+        tensor[field] = draw(_fields[field])
+    return path, doc
 
+
+_targets = st.one_of(st.tuples(_paths, _request), _near_valid())
+
+
+def _answered(http) -> float:
+    """Infer requests the server has answered so far, successes and failures, from /metrics."""
+    total = 0.0
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(("edgerun_requests_total{", "edgerun_request_failures_total{")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_fuzzed_requests_get_4xx_or_200_never_5xx(http, packages):
+    sent = []
+
+    @settings(max_examples=1100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+              database=None)
+    @given(target=_targets, binary_tail=st.one_of(st.none(), st.binary(max_size=300)),
+           header_len=st.one_of(st.none(), st.integers(-3, 400), st.text("0123456789ab-+x", max_size=4)))
+    def one_request(target, binary_tail, header_len):
+        path, doc = target
+        try:
+            body = json.dumps(doc, allow_nan=True).encode()
+        except ValueError:
+            body = b"{"
+        headers = {}
+        if binary_tail is not None:
+            body += binary_tail
+            headers["inference-header-content-length"] = str(header_len if header_len is not None else len(body))
+        r = http.post(path, content=body, headers=headers)
+        sent.append(r.status_code)
+        assert r.status_code in (200, 400, 404, 503), (r.status_code, r.text)
+        if r.status_code != 200:
+            error = r.json()["error"]
+            assert error and "Traceback" not in error and 'File "' not in error, error
+
+    before = _answered(http)
+    one_request()
+    assert len(sent) >= 1000, f"hypothesis sent only {len(sent)} requests"
+    assert _answered(http) - before >= len(sent), "the server did not answer every fuzzed request"
+    assert sent.count(200) and sent.count(400) and sent.count(404), sorted(set(sent))
+    # still ready, and still right
     assert http.get("/v2/health/ready").status_code == 200
-    r = http.post("/v2/models/digits/versions/1/infer", json=GOOD)
-    out = r.json()["outputs"][0]
+    out = http.post("/v2/models/digits/versions/1/infer", json=GOOD).json()["outputs"][0]
     np.testing.assert_allclose(np.array(out["data"], np.float32).reshape(out["shape"]),
                                reference(packages["digits"], X), rtol=1e-5, atol=1e-6)
