@@ -73,6 +73,17 @@ def test_client_over_tcp(secured, digits_package, binary):
             c.infer("digits", {"input": x.astype(np.float64)}, binary=binary)
 
 
+def test_served_variant_is_the_runtimes_choice(secured, digits_package):
+    from edgerun.runtime import Runtime
+
+    chosen = Runtime().explain(digits_package).chosen
+    with edgerun.Client(secured.url, token=TOKEN) as c:
+        meta = c.metadata("digits")
+        index = c.models()
+    assert meta["parameters"]["variant"] == chosen.variant.id == index[0]["variant"]
+    assert meta["platform"] == f"{chosen.backend}_{chosen.variant.format}" and index[0]["backend"] == chosen.backend
+
+
 def test_client_over_unix_socket(secured, digits_package):
     x = np.zeros((1, 64), np.float32)
     with edgerun.Client("http://edgerun", token=TOKEN, uds=str(secured.sock)) as c:
