@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+import typer
 from rich.markup import escape
 
 from edgerun.cli.app import app, err_console
@@ -31,14 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # click's usage errors and aborts
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except typer.Abort:
+        return 1
+    except Exception as exc:  # usage errors of the click inside typer (typer._click), or of click itself
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
         raise
     return rc if isinstance(rc, int) else 0
 

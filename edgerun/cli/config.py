@@ -17,7 +17,10 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default /etc
 
 @config_app.command("check")
 def check(config: Path = ConfigOpt) -> None:
-    """Validate the config file and what it points at; exit 0 when good, 78 naming file, key and expectation."""
+    """Validate the config file and what it points at (model packages, secret files, memory budget).
+
+    Exit 0, or 78 with a message naming the file (or environment variable), the key and the expected value.
+    """
     from edgerun.config import DEFAULT_CONFIG_PATH, check_config, load_config
 
     cfg = load_config(config)
@@ -33,7 +36,7 @@ def check(config: Path = ConfigOpt) -> None:
 
 @config_app.command("show")
 def show(config: Path = ConfigOpt) -> None:
-    """Print the effective configuration as TOML; secret values are never printed, only where they come from."""
+    """Print the effective configuration (file, then EDGERUN_* environment) as TOML; secrets are redacted."""
     from edgerun.config import load_config, to_toml
 
     typer.echo(to_toml(load_config(config)), nl=False)

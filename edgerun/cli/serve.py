@@ -12,8 +12,8 @@ from edgerun.cli.app import app
 
 @app.command()
 def serve(
-    ctx: typer.Context,
-    model: list[Path] = typer.Option(None, "--model", "-M", help="Model package directory to serve (repeatable)."),
+    model: list[Path] = typer.Option(None, "--model", "-M", metavar="DIR",
+                                     help="Model package directory to serve (repeatable)."),
     config: Path = typer.Option(None, "--config", "-c", help="Config file (default /etc/edgerun/edgerun.toml if present)."),
     host: str = typer.Option(None, help="Address to listen on (default 127.0.0.1)."),
     port: int = typer.Option(None, help="Port to listen on (default 8000)."),
@@ -29,6 +29,7 @@ def serve(
 ) -> None:
     """Serve models over HTTP (KServe v2) and, when configured, take updates over MQTT.
 
+    Settings: the config file, then EDGERUN_* environment variables, then these flags (docs/configuration.md).
     Under systemd: Type=notify, watchdog, SIGTERM drains, SIGHUP reloads the config (docs/service.md).
     """
     from edgerun.config import ModelConfig, load_config, with_overrides
@@ -50,7 +51,7 @@ def serve(
     notifier = Notifier.from_env()
     try:
         cfg = effective_config()
-        fixed = _apply_log_level(ctx, cfg.log_level)
+        fixed = _apply_log_level(cfg.log_level)
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(Daemon(cfg, reload_config=effective_config, notifier=notifier, log_level_fixed=fixed).run())
     except EdgerunError as exc:
@@ -58,11 +59,13 @@ def serve(
         raise
 
 
-def _apply_log_level(ctx: typer.Context, level: str) -> bool:
+def _apply_log_level(level: str) -> bool:
     """The config's log_level, unless --log-level was given on the command line (then True)."""
     import logging
 
-    if ctx.find_root().params.get("log_level") is not None:
+    from edgerun.cli.app import log_level_given
+
+    if log_level_given():
         return True
     logging.getLogger().setLevel(level)
     return False

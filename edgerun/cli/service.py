@@ -140,11 +140,16 @@ def edgerun_executable() -> str:
 def install(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the files instead of writing them."),
     prefix: Path = typer.Option(Path("/"), "--prefix", help="Root to install under (for images and tests)."),
-    user: str = typer.Option(None, "--user", help="Run as this existing user instead of a DynamicUser."),
-    exec_path: str = typer.Option(None, "--exec", help="Path of the edgerun executable (default: this one)."),
+    user: str = typer.Option(None, "--user", metavar="NAME",
+                             help="Run as this existing user instead of a DynamicUser."),
+    exec_path: str = typer.Option(None, "--exec", metavar="PATH",
+                                  help="The edgerun executable for ExecStart= (default: the one running)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing config file."),
 ) -> None:
-    """Write the systemd unit and a default /etc/edgerun/edgerun.toml (an existing config is kept)."""
+    """Write /etc/systemd/system/edgerun.service and a default /etc/edgerun/edgerun.toml (an existing one is kept).
+
+    Then: systemctl daemon-reload && systemctl enable --now edgerun. Secrets go in /etc/edgerun/secrets.env.
+    """
     from edgerun.errors import EdgerunError
 
     unit = render_unit(exec_path or edgerun_executable(), user)
