@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 from edgerun.config import Config, ModelConfig
@@ -278,9 +278,9 @@ class Daemon:
                 self.agent = None
             if new.mqtt.enabled:
                 await self._start_agent(self.config, restore=False)
-        for key in ("state_dir", "profile", "memory_budget", "threads", "server"):
-            if getattr(new, key) != getattr(old, key):
-                log.warning("%s changed in the configuration: takes effect at the next restart", key)
+        for key, before, after in restart_only_changes(old, new):
+            log.warning("%s changed (%s -> %s): not applied while running, kept %s until the next restart",
+                        key, before, after, before)
 
     async def _apply_models(self, wanted: tuple[ModelConfig, ...]) -> None:
         from edgerun.package import ModelPackage
@@ -313,6 +313,17 @@ class Daemon:
                 log.info("reload: no longer serving %s v%d", model.name, model.version)
             except EdgerunError:
                 pass  # already replaced (e.g. by an update)
+
+
+RESTART_ONLY = ("state_dir", "profile", "memory_budget", "threads")  # and every key of [server]
+
+
+def restart_only_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) of each setting a reload cannot apply: the listener, state dir, profile, ..."""
+    pairs = [(key, getattr(old, key), getattr(new, key)) for key in RESTART_ONLY]
+    pairs += [(f"server.{f.name}", getattr(old.server, f.name), getattr(new.server, f.name))
+              for f in fields(old.server)]
+    return [(key, a, b) for key, a, b in pairs if a != b]
 
 
 def _hide_secrets(config: Config) -> None:

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any, Callable
 
 import httpx
 import pytest
@@ -30,7 +31,9 @@ def free_port() -> int:
 class NotifySocket:
     """What systemd listens on: collects every sd_notify datagram with its arrival time."""
 
-    def __init__(self, abstract: bool = True, directory: Path | None = None):
+    def __init__(self, abstract: bool = True, directory: Path | None = None,
+                 on_message: Callable[[dict[str, str]], Any] | None = None):
+        self.on_message = on_message  # called in the reader thread, before the message is recorded
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         if abstract:
             self.name = f"@edgerun-test-{uuid.uuid4().hex[:12]}"
@@ -54,6 +57,8 @@ class NotifySocket:
             except OSError:
                 return
             fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            if self.on_message is not None:
+                self.on_message(fields)
             with self._cond:
                 self.messages.append((time.monotonic(), fields))
                 self._cond.notify_all()
@@ -92,11 +97,12 @@ class NotifySocket:
 class Service:
     """``edgerun serve`` started the way systemd starts it: NOTIFY_SOCKET, WATCHDOG_USEC, INVOCATION_ID."""
 
-    def __init__(self, tmp: Path, args: list[str], env: dict[str, str] | None = None,
-                 watchdog_usec: int | None = None, abstract: bool = True):
+    def __init__(self, tmp: Path, args: list[str], env: dict[str, str | None] | None = None,
+                 watchdog_usec: int | None = None, abstract: bool = True, port_flag: bool = True,
+                 on_notify: Callable[[dict[str, str]], Any] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.notify = NotifySocket(abstract, tmp)
+        self.notify = NotifySocket(abstract, tmp, on_notify)
         self.log = tmp / f"serve-{self.port}.log"
         full = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_", "EDGERUN_TEST"))}
         full.update({"NOTIFY_SOCKET": self.notify.name, "INVOCATION_ID": uuid.uuid4().hex,
@@ -104,10 +110,15 @@ class Service:
         full.pop("EDGERUN_CONFIG", None)
         if watchdog_usec:
             full["WATCHDOG_USEC"] = str(watchdog_usec)
-        full.update(env or {})
+        for k, v in (env or {}).items():  # None removes a variable
+            if v is None:
+                full.pop(k, None)
+            else:
+                full[k] = v
         self._out = open(self.log, "wb")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(self.port),
+        port = ["--port", str(self.port)] if port_flag else []  # without it, the test's config file sets it
+        self.proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", *port,
                                       "--state-dir", str(tmp / "state"), *args],
                                      env=full, stdout=self._out, stderr=subprocess.STDOUT)
 
