@@ -201,6 +201,7 @@ def parse_config(data: dict[str, Any], source: str | None = None, base: Path | N
 # EDGERUN_<SECTION>_<KEY> (or EDGERUN_<KEY> for top-level keys) override the file.
 ENV_PREFIX = "EDGERUN_"
 _SECRET_ENV = {"EDGERUN_API_TOKEN", "EDGERUN_MQTT_PASSWORD"}
+_SIZE_KEYS = {"server.max_body"}  # "64MiB" or bytes, as in the file: parse_config converts them
 
 
 def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -221,8 +222,10 @@ def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[str, s
             if sub not in names:
                 log.warning("ignoring %s: %s has no key %r", key, name, sub.lower())
                 continue
-            out.setdefault(name, {})[names[sub]] = _coerce(key, value, getattr(cls(), names[sub]))
-            origin[f"{name}.{names[sub]}"] = key
+            dotted = f"{name}.{names[sub]}"
+            out.setdefault(name, {})[names[sub]] = (value if dotted in _SIZE_KEYS
+                                                    else _coerce(key, value, getattr(cls(), names[sub])))
+            origin[dotted] = key
         elif rest in top:
             default = 0 if top[rest] == "threads" else getattr(Config(), top[rest])
             out[top[rest]] = _coerce(key, value, default)

@@ -21,24 +21,24 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
 
 
-class _HideSecrets(logging.Filter):
-    """Replace registered secret values (API token, MQTT password) in messages with ``***``."""
+class _SecretsMaskedHandler(logging.StreamHandler):
+    """A stream handler that writes every registered secret (API token, MQTT password) as ``***``.
+
+    Masking the formatted text covers the message, its arguments and any traceback alike.
+    """
 
     secrets: set[str] = set()
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            text = record.getMessage()
-            if any(s in text for s in self.secrets):
-                for s in self.secrets:
-                    text = text.replace(s, "***")
-                record.msg, record.args = text, None
-        return True
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
 
 
 def hide(*secrets: str | None) -> None:
     """Never log these values (4+ characters; shorter ones would mask ordinary words)."""
-    _HideSecrets.secrets.update(s for s in secrets if s and len(s) >= 4)
+    _SecretsMaskedHandler.secrets.update(s for s in secrets if s and len(s) >= 4)
 
 
 def under_systemd() -> bool:
@@ -52,12 +52,11 @@ def configure(level: str | int = "INFO") -> None:
         if name not in logging.getLevelNamesMapping():
             raise ValueError(f"unknown log level {level!r}; expected DEBUG, INFO, WARNING or ERROR")
         level = logging.getLevelNamesMapping()[name]
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _SecretsMaskedHandler(sys.stderr)
     if under_systemd():
         handler.setFormatter(JournalFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
-    handler.addFilter(_HideSecrets())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

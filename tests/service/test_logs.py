@@ -53,3 +53,15 @@ def test_plain_lines_with_time_and_level_on_a_terminal(capsys, monkeypatch):
     configure("INFO")
     logging.getLogger("edgerun.test").error("boom")
     assert re.fullmatch(r"\d\d:\d\d:\d\d ERROR   edgerun.test: boom\n", capsys.readouterr().err)
+
+
+def test_a_secret_in_a_traceback_is_masked(capsys, monkeypatch):
+    monkeypatch.setenv("INVOCATION_ID", "0123")
+    configure("INFO")
+    hide(PASSWORD)
+    try:
+        raise ConnectionError(f"broker refused user dev1 with password {PASSWORD}")
+    except ConnectionError:
+        logging.getLogger("edgerun.test").exception("MQTT connection failed")
+    err = capsys.readouterr().err
+    assert PASSWORD not in err and "password ***" in err and "<3>Traceback" in err, err
