@@ -81,22 +81,37 @@ def candidates(package: ModelPackage, profile: Profile, backends: dict[str, Back
     return out
 
 
-def sort_key(c: Candidate, rank: dict[str, int]) -> tuple:
-    """Most accurate first, then most precise, then fastest, then the profile's backend order."""
-    acc = c.accuracy
-    latency = c.latency_ms
-    return (-(acc if acc is not None else -1.0), c.variant.precision_rank,
-            latency if latency is not None else float("inf"), rank.get(c.backend, 99))
+# Accuracies this close to the best one count as equal: on a validation set of a few hundred examples
+# a difference of one or two examples is noise, and should not buy a slower, less precise variant.
+ACCURACY_TIE = 0.005
+
+
+def best_of(kept: list[Candidate], profile: Profile) -> Candidate:
+    """Most accurate (within ACCURACY_TIE of the best), then most precise, then fastest, then the profile's order."""
+    rank = {name: i for i, name in enumerate(profile.prefer)}
+    accuracies = [c.accuracy for c in kept if c.accuracy is not None]
+    best = max(accuracies) if accuracies else None
+
+    def key(c: Candidate) -> tuple:
+        acc = c.accuracy
+        if acc is None:
+            tier = (2, 0.0)
+        elif best is not None and best - acc <= ACCURACY_TIE:
+            tier = (0, 0.0)
+        else:
+            tier = (1, -acc)
+        latency = c.latency_ms
+        return (*tier, c.variant.precision_rank, latency if latency is not None else float("inf"),
+                rank.get(c.backend, 99))
+
+    return min(kept, key=key)
 
 
 @hookimpl(trylast=True)
 def choose_variant(package: ModelPackage, profile: Profile, candidates: list[Candidate]) -> Candidate | None:
     """The built-in rule: among kept candidates, the most accurate, then precise, then fast."""
     kept = [c for c in candidates if c.kept]
-    if not kept:
-        return None
-    rank = {name: i for i, name in enumerate(profile.prefer)}
-    return min(kept, key=lambda c: sort_key(c, rank))
+    return best_of(kept, profile) if kept else None
 
 
 def no_fit_error(package: ModelPackage, cands: list[Candidate], budget: int) -> NoVariantFits:

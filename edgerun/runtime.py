@@ -332,8 +332,7 @@ class Runtime:
         kept = [c for c in matching if c.kept]
         if not kept:
             raise BackendUnavailable(f"{matching[0].variant.id} on {matching[0].backend}: {matching[0].reason}")
-        rank = {n: i for i, n in enumerate(self.profile.prefer)}
-        return min(kept, key=lambda c: choice_mod.sort_key(c, rank))
+        return choice_mod.best_of(kept, self.profile)
 
     def activate(self, model: LoadedModel, *, keep_other_versions: bool = False) -> list[LoadedModel]:
         """Start serving ``model``: one reference swap; old versions finish their requests, then close."""

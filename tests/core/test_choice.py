@@ -85,3 +85,16 @@ def test_explain_reads_in_an_80_column_terminal(cli, measured_digits, monkeypatc
     assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in out, out
     assert "→ chosen" in _row(out, "onnx-int8", "onnxruntime")
     assert "dropped: needs" in _row(out, "onnx-fp32", "openvino")
+
+
+@pytest.mark.parametrize(("int8_accuracy", "winner"), [(0.980, "onnx-fp32"), (0.990, "onnx-int8")])
+def test_an_accuracy_edge_within_noise_does_not_buy_a_less_precise_variant(
+        runtime: Runtime, measured_digits, int8_accuracy: float, winner: str) -> None:
+    """int8 0.2 points above fp32 (one validation example) loses to fp32; 1.2 points above, it wins."""
+    import dataclasses
+
+    pkg = dataclasses.replace(measured_digits, variants=[
+        dataclasses.replace(v, accuracy=int8_accuracy) if v.precision == "int8" else v
+        for v in measured_digits.variants])
+    c = runtime.explain(pkg, memory_budget="1GiB")
+    assert c.chosen is not None and c.chosen.variant.id == winner
