@@ -18,6 +18,7 @@ from edgerun.agent.transfer import ChunkTransfer
 from edgerun.agent.updater import Updater
 from edgerun.config import Config
 from edgerun.errors import ConfigError, EdgerunError
+from edgerun.plugins import call_each
 from edgerun.store import IN_PROGRESS, JournalEntry, Store, read_json
 
 if TYPE_CHECKING:
@@ -259,11 +260,8 @@ class Agent:
                 self.conn.publish(topic, payload, qos=1)
             elif len(self._outbox) < 1000:
                 self._outbox.append((topic, payload))
-        try:
-            self.runtime.pm.hook.on_update_event(model=entry.model, version=entry.version, state=entry.state,
-                                                 detail=entry.detail)
-        except Exception:
-            log.exception("an on_update_event hook failed")
+        call_each(self.runtime.pm, "on_update_event", model=entry.model, version=entry.version, state=entry.state,
+                  detail=entry.detail)  # a listener that raises is logged by name and skipped
         self._last_status = 0.0
         self._status_dirty.set()
 
