@@ -117,7 +117,7 @@ class HttpServer:
     async def serve(self) -> None:
         self.check_security()
         socks = self._sockets()
-        cfg = uvicorn.Config(self.app, loop="none", http="httptools", lifespan="on", log_config=None,
+        cfg = uvicorn.Config(self.app, loop="none", http="httptools", ws="none", lifespan="on", log_config=None,
                              access_log=False, server_header=False, date_header=False,
                              timeout_graceful_shutdown=self.config.drain_timeout, timeout_keep_alive=30,
                              backlog=1024)
