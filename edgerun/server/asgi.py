@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Awaitable, Callable
 
 import orjson
@@ -14,7 +15,7 @@ JSON = b"application/json"
 
 
 class ClientGone(Exception):
-    """The client disconnected before its request body arrived."""
+    """The client disconnected before its answer was ready."""
 
 
 def header(scope: dict, name: bytes) -> bytes | None:
@@ -51,6 +52,22 @@ async def read_body(scope: dict, receive: Receive, limit: int) -> bytes:
         parts.append(chunk)
         if not msg.get("more_body", False):
             return b"".join(parts)
+
+
+async def until_done_or_gone(fut: asyncio.Future, receive: Receive) -> Any:
+    """``fut``'s result; if the client disconnects first, cancel ``fut`` (a queued run is dropped) and raise."""
+    if fut.done():
+        return fut.result()
+    watcher = asyncio.ensure_future(receive())  # after the body, receive() returns only on disconnect
+    try:
+        await asyncio.wait((fut, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not watcher.done():
+            watcher.cancel()
+    if not fut.done():
+        fut.cancel()
+        raise ClientGone()
+    return fut.result()
 
 
 async def send_bytes(send: Send, status: int, body: bytes, content_type: bytes = JSON,

@@ -106,6 +106,33 @@ def test_inflight_limit_and_full_queue_503(slow_server):
         assert _gauge(c, "edgerun_model_queued") == 0
 
 
+def test_a_queued_request_whose_client_went_away_is_not_run(slow_server):
+    """A client that gives up while its request waits costs the server nothing: the run is dropped."""
+    url = slow_server.url
+    with httpx.Client(base_url=url, timeout=30) as c, cf.ThreadPoolExecutor(1) as pool:
+        assert c.post("/v2/models/slow/infer", json=_slow_body(0), headers=AUTH).status_code == 200
+        runs_before = _gauge(c, "edgerun_batch_size_count")
+        gone_before = _failures(c, "client_gone")
+        first = pool.submit(c.post, "/v2/models/slow/infer", json=_slow_body(2000), headers=AUTH)  # ~1.5 s
+        _wait_for(c, "edgerun_model_inflight", 1)
+        with pytest.raises(httpx.ReadTimeout):  # queued behind the first run, then the client leaves
+            httpx.post(url + "/v2/models/slow/infer", json=_slow_body(700), headers=AUTH,
+                       timeout=httpx.Timeout(30, read=0.2))
+        assert first.result().status_code == 200
+        t0 = time.perf_counter()
+        assert c.post("/v2/models/slow/infer", json=_slow_body(0), headers=AUTH).status_code == 200
+        waited = time.perf_counter() - t0
+        assert waited < 0.5, f"the next request waited {waited:.2f}s: the abandoned ~1 s run was executed"
+        assert _gauge(c, "edgerun_batch_size_count") == runs_before + 2  # the first run and the last, only
+        assert _failures(c, "client_gone") == gone_before + 1
+
+
+def _failures(client: httpx.Client, reason: str) -> float:
+    text = client.get("/metrics", headers=AUTH).text
+    m = re.search(rf'^edgerun_request_failures_total\{{.*model="slow".*reason="{reason}".*\}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
 def test_token_from_the_environment(slow_server):
     url = slow_server.url
     assert httpx.get(url + "/v2/health/ready").status_code == 200
