@@ -54,20 +54,40 @@ async def read_body(scope: dict, receive: Receive, limit: int) -> bytes:
             return b"".join(parts)
 
 
-async def until_done_or_gone(fut: asyncio.Future, receive: Receive) -> Any:
-    """``fut``'s result; if the client disconnects first, cancel ``fut`` (a queued run is dropped) and raise."""
+async def until_done_or_gone(fut: asyncio.Future, receive: Receive, patience: float = 0.05) -> Any:
+    """``fut``'s result; if it waits over ``patience`` s and the client disconnects, cancel ``fut`` and raise.
+
+    A cancelled queued run is skipped by the scheduler, so an abandoned request costs no compute. The
+    connection is watched only past ``patience``, keeping the common, short wait free of that cost.
+    """
     if fut.done():
         return fut.result()
-    watcher = asyncio.ensure_future(receive())  # after the body, receive() returns only on disconnect
+    gone: list[bool] = []
+    watch: list[asyncio.Future] = []
+
+    def on_message(w: asyncio.Future) -> None:
+        if not w.cancelled() and w.exception() is None and w.result().get("type") == "http.disconnect":
+            if not fut.done():
+                gone.append(True)
+                fut.cancel()
+
+    def start_watching() -> None:
+        if not fut.done():  # after the body, receive() returns only on disconnect
+            w = asyncio.ensure_future(receive())
+            w.add_done_callback(on_message)
+            watch.append(w)
+
+    timer = asyncio.get_running_loop().call_later(patience, start_watching)
     try:
-        await asyncio.wait((fut, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await fut
+    except asyncio.CancelledError:
+        if gone:
+            raise ClientGone() from None
+        raise
     finally:
-        if not watcher.done():
-            watcher.cancel()
-    if not fut.done():
-        fut.cancel()
-        raise ClientGone()
-    return fut.result()
+        timer.cancel()
+        if watch and not watch[0].done():
+            watch[0].cancel()
 
 
 async def send_bytes(send: Send, status: int, body: bytes, content_type: bytes = JSON,
