@@ -7,9 +7,8 @@ import threading
 import time
 
 import httpx
-import pytest
 import numpy as np
-
+import pytest
 
 
 def body(rows: int) -> dict:
@@ -145,8 +144,6 @@ def test_sigterm_while_loading_models_exits_cleanly(service, heavy_package, digi
 
 
 def test_sighup_applies_mqtt_settings(service, tmp_path):
-    import pytest
-
     from edgerun.testing.mosquitto import Mosquitto, find_mosquitto
 
     if find_mosquitto() is None:
