@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
-
-if TYPE_CHECKING:
-    from rich.console import Console
+from rich.console import Console
 
 
 class _App(typer.Typer):
@@ -36,24 +34,9 @@ app = _App(
 hub_app = typer.Typer(help="Package, sign and publish model releases; watch the fleet.", no_args_is_help=True)
 app.add_typer(hub_app, name="hub")
 
+console = Console()
+err_console = Console(stderr=True)
 _log_level_flag: str | None = None  # --log-level as given
-
-
-def __getattr__(name: str) -> Any:
-    """``console`` and ``err_console``, made on first use: rich is not needed to run the daemon."""
-    if name in ("console", "err_console"):
-        return get_console(stderr=name == "err_console")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def get_console(stderr: bool = False) -> "Console":
-    """The rich console for stdout (or stderr), shared by all commands."""
-    name = "err_console" if stderr else "console"
-    if name not in globals():
-        from rich.console import Console
-
-        globals()[name] = Console(stderr=stderr)
-    return globals()[name]
 
 
 def setup_logging(level: str | None = None) -> None:
@@ -64,7 +47,7 @@ def setup_logging(level: str | None = None) -> None:
 
 
 def fail(message: str, code: int = 1) -> "typer.Exit":
-    get_console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
