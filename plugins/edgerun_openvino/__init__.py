@@ -36,9 +36,13 @@ def _message(exc: BaseException) -> str:
     return " ".join(kept) or f"{type(exc).__name__}: {exc}"
 
 
-def _spec(port: Any) -> TensorSpec:
-    names = port.get_names()
-    name = port.get_any_name() if names else f"{port.get_node().get_friendly_name()}:{port.get_index()}"
+def _name(port: Any) -> str:
+    if not port.get_names():
+        return f"{port.get_node().get_friendly_name()}:{port.get_index()}"
+    return port.get_any_name()
+
+
+def _spec(port: Any, name: str) -> TensorSpec:
     type_name = port.get_element_type().get_type_name()
     shape = tuple(d.get_length() if d.is_static else -1 for d in port.get_partial_shape())
     return TensorSpec(name, _OV_TYPES.get(type_name, type_name.upper()), shape)
@@ -47,11 +51,17 @@ def _spec(port: Any) -> TensorSpec:
 class OpenVinoSession(Session):
     """A compiled OpenVINO model; each thread runs on its own infer request."""
 
-    def __init__(self, compiled: Any, device: str):
+    def __init__(self, compiled: Any, device: str, names: tuple[list[str], list[str]] | None = None):
+        """``names``: the (input, output) tensor names of the model as read, port by port.
+
+        Compilation folds Identity nodes, leaving a port with several names (``{'logits', 'probabilities'}``)
+        and ``get_any_name()`` free to return the internal one, so the names are taken before compiling.
+        """
         self._compiled = compiled
         self._device = device
-        self.inputs = [_spec(p) for p in compiled.inputs]
-        self.outputs = [_spec(p) for p in compiled.outputs]
+        in_names, out_names = names or ([_name(p) for p in compiled.inputs], [_name(p) for p in compiled.outputs])
+        self.inputs = [_spec(p, n) for p, n in zip(compiled.inputs, in_names)]
+        self.outputs = [_spec(p, n) for p, n in zip(compiled.outputs, out_names)]
         self._output_names = tuple(o.name for o in self.outputs)
         self._local = threading.local()
 
@@ -154,6 +164,7 @@ class OpenVinoBackend(Backend):
             model = core.read_model(str(path))
         except Exception as exc:
             raise ModelLoadError(f"openvino cannot load {path}: {_message(exc)}") from None
+        names = ([_name(p) for p in model.inputs], [_name(p) for p in model.outputs])
         try:
             compiled = core.compile_model(model, device, config)
         except Exception as exc:
@@ -161,7 +172,7 @@ class OpenVinoBackend(Backend):
         finally:
             del model  # the compiled model holds what it needs; the source graph's weights go
         log.debug("openvino compiled %s on %s with %s", path, device, config)
-        return OpenVinoSession(compiled, device)
+        return OpenVinoSession(compiled, device, names)
 
 
 @hookimpl

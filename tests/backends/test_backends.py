@@ -119,6 +119,18 @@ def test_openvino_runs_from_many_threads(digits_onnx, digits_x):
             assert all(pool.map(one, range(200)))
 
 
+def test_openvino_keeps_the_graph_output_name_when_the_graph_ends_in_identity(tmp_path, digits_x):
+    """OpenVINO folds a trailing Identity; the output must still be named as the graph names it."""
+    from edgerun.testing.models import mlp_onnx, random_mlp_weights
+
+    path = mlp_onnx(random_mlp_weights([64, 32, 10]), tmp_path / "identity.onnx", softmax=False)
+    with backend("openvino").load(path, LoadOptions(threads=1)) as sess:
+        assert [o.name for o in sess.outputs] == ["probabilities"]
+        got = sess.run({"input": digits_x[:3]})
+    assert list(got) == ["probabilities"]
+    np.testing.assert_allclose(got["probabilities"], reference_run(path, digits_x[:3]), rtol=1e-4, atol=1e-5)
+
+
 def test_litert_runs_from_many_threads(digits_x):
     from concurrent.futures import ThreadPoolExecutor
 
