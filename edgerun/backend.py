@@ -69,6 +69,8 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     formats: ClassVar[tuple[str, ...]]
     install_hint: ClassVar[str]
+    #: KServe datatypes this backend cannot take or return; variant choice drops models that use them
+    unsupported_datatypes: ClassVar[frozenset[str]] = frozenset()
 
     @abc.abstractmethod
     def availability(self) -> Availability:

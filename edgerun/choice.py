@@ -73,12 +73,23 @@ def candidates(package: ModelPackage, profile: Profile, backends: dict[str, Back
             avail = backend.check()
             if not avail.available:
                 out.append(Candidate(variant, backend.name, need, measured, False, f"backend {avail}"))
+            elif unusable := unsupported_tensors(package, backend):
+                out.append(Candidate(variant, backend.name, need, measured, False, unusable))
             elif need > budget:
                 out.append(Candidate(variant, backend.name, need, measured, False,
                                      f"needs {format_size(need)} > budget {format_size(budget)}"))
             else:
                 out.append(Candidate(variant, backend.name, need, measured, True, "fits"))
     return out
+
+
+def unsupported_tensors(package: ModelPackage, backend: Backend) -> str:
+    """Why ``backend`` cannot run the package's tensors ('' when it can)."""
+    bad = getattr(backend, "unsupported_datatypes", frozenset())
+    if not bad:
+        return ""
+    names = [f"{t.name} ({t.datatype})" for t in (*package.inputs, *package.outputs) if t.datatype in bad]
+    return f"{backend.name} cannot run {'/'.join(sorted(bad))} tensors: {', '.join(names)}" if names else ""
 
 
 # Accuracies this close to the best one count as equal: on a validation set of a few hundred examples

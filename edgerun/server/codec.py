@@ -166,11 +166,15 @@ def tensor_from_json(data: Any, datatype: str, count: int, name: str) -> np.ndar
             arr = np.empty(len(flat), dtype=object)
             arr[:] = flat
         elif dtype.kind == "f":
-            arr = np.array(data, dtype=dtype)
-            if arr.dtype.kind != "f":
-                raise ValueError("not numbers")
-            if not np.isfinite(arr).all() and None in _flatten(data):
-                raise bad_request(f"input {name!r}: null in {datatype} data (write NaN for not-a-number)")
+            # let numpy find the element type first: asked for floats directly, it would parse "1.5" and true
+            raw = np.array(data)
+            kind = raw.dtype.kind
+            if kind not in "fiu":
+                if kind == "O" and None in _flatten(data):
+                    raise bad_request(f"input {name!r}: null in {datatype} data (write NaN for not-a-number)")
+                raise bad_request(f"input {name!r}: data is not a list of {datatype} values (found "
+                                  f"{'strings' if kind in 'US' else 'true/false' if kind == 'b' else 'non-numbers'})")
+            arr = raw.astype(dtype, copy=False)
         else:
             raw = np.array(data)
             if raw.dtype.kind in "fO" and datatype != "BOOL":

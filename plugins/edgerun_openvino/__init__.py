@@ -104,6 +104,9 @@ class OpenVinoBackend(Backend):
     name = "openvino"
     formats = ("onnx", "openvino")
     install_hint = INSTALL_HINT
+    # String tensors load, but after one inference freeing the request corrupts the heap and aborts the
+    # process (openvino 2026.4: "free(): invalid pointer"). Such models go to another backend.
+    unsupported_datatypes = frozenset({"BYTES"})
 
     def __init__(self) -> None:
         self._core: Any = None
@@ -164,6 +167,12 @@ class OpenVinoBackend(Backend):
             model = core.read_model(str(path))
         except Exception as exc:
             raise ModelLoadError(f"openvino cannot load {path}: {_message(exc)}") from None
+        ports = (*model.inputs, *model.outputs)
+        strings = [_name(p) for p in ports if p.get_element_type().get_type_name() == "string"]
+        if strings:
+            del model
+            raise ModelLoadError(f"openvino cannot run {path}: the openvino backend does not take string tensors "
+                                 f"({', '.join(strings)}); use onnxruntime")
         names = ([_name(p) for p in model.inputs], [_name(p) for p in model.outputs])
         try:
             compiled = core.compile_model(model, device, config)

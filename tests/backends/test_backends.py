@@ -131,6 +131,43 @@ def test_openvino_keeps_the_graph_output_name_when_the_graph_ends_in_identity(tm
     np.testing.assert_allclose(got["probabilities"], reference_run(path, digits_x[:3]), rtol=1e-4, atol=1e-5)
 
 
+def _string_package(root: Path) -> ModelPackage:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgerun.tensors import TensorSpec
+
+    graph = helper.make_graph([helper.make_node("Identity", ["text"], ["same"])], "strings",
+                              [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch"])],
+                              [helper.make_tensor_value_info("same", TensorProto.STRING, ["batch"])])
+    root.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(root / "strings.onnx"))
+    pkg = ModelPackage(name="strings", version=1, inputs=[TensorSpec("text", "BYTES", (-1,))],
+                       outputs=[TensorSpec("same", "BYTES", (-1,))],
+                       variants=[Variant("onnx", "onnx", "fp32", (file_entry(root, "strings.onnx"),))])
+    save_package(pkg, root)
+    return ModelPackage.load(root)
+
+
+def test_a_string_model_goes_to_onnxruntime_even_where_openvino_comes_first(tmp_path):
+    """OpenVINO aborts the process after running string tensors: the choice must route around it."""
+    from edgerun.profiles import Profile
+
+    backend("openvino")
+    pkg = _string_package(tmp_path / "strings")
+    with Runtime(profile=Profile(name="openvino-first", prefer=("openvino", "onnxruntime"))) as rt:
+        choice = rt.explain(pkg)
+        dropped = next(c for c in choice.candidates if c.backend == "openvino")
+        assert not dropped.kept
+        assert dropped.reason == "openvino cannot run BYTES tensors: text (BYTES), same (BYTES)"
+        model = rt.load(pkg.root)
+        assert model.backend == "onnxruntime"
+        out = rt.infer("strings", {"text": np.array(["héllo", "edge"], dtype=object)})["same"]
+    assert out.tolist() == ["héllo", "edge"]
+    with pytest.raises(ModelLoadError, match=r"does not take string tensors \(text, same\); use onnxruntime"):
+        backend("openvino").load(pkg.root / "strings.onnx", LoadOptions())
+
+
 def test_litert_runs_from_many_threads(digits_x):
     from concurrent.futures import ThreadPoolExecutor
 

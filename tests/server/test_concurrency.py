@@ -32,8 +32,21 @@ def slow_server(slow_package, tmp_path_factory):
     cfg = tmp_path_factory.mktemp("slow-config") / "edgerun.toml"
     cfg.write_text(f'[[models]]\npath = "{slow_package.root}"\nmax_inflight = 1\nmax_queue = 1\n')
     proc = ServerProcess(["--config", str(cfg)], env={"EDGERUN_API_TOKEN": ENV_TOKEN}).wait_ready()
+    proc.rounds = _calibrate(proc.url)
     yield proc
     assert proc.stop() == 0, proc.output()
+
+
+def _calibrate(url: str, probe: int = 300):
+    """Seconds -> loop rounds of the slow model on this host (hosts differ 5x), timed through the server."""
+    with httpx.Client(base_url=url, timeout=30) as c:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            assert c.post("/v2/models/slow/infer", json=_slow_body(probe), headers=AUTH).status_code == 200
+            times.append(time.perf_counter() - t0)
+    per_second = probe / min(times)
+    return lambda seconds: max(1, round(seconds * per_second))
 
 
 def _gauge(client: httpx.Client, name: str) -> float:
@@ -53,7 +66,8 @@ def _wait_for(client: httpx.Client, name: str, value: float, timeout: float = 10
 def test_a_long_inference_does_not_block_the_event_loop(slow_server):
     with httpx.Client(base_url=slow_server.url, timeout=30) as c, cf.ThreadPoolExecutor(1) as pool:
         assert c.post("/v2/models/slow/infer", json=_slow_body(0), headers=AUTH).status_code == 200
-        long_run = pool.submit(c.post, "/v2/models/slow/infer", json=_slow_body(700), headers=AUTH)
+        long_run = pool.submit(c.post, "/v2/models/slow/infer", json=_slow_body(slow_server.rounds(1.0)),
+                               headers=AUTH)
         _wait_for(c, "edgerun_model_inflight", 1)
         latencies = []
         while not long_run.done():
@@ -86,7 +100,7 @@ def test_inflight_limit_and_full_queue_503(slow_server):
         watcher = threading.Thread(target=watch)
         watcher.start()
         try:
-            first = pool.submit(post, 400)
+            first = pool.submit(post, slow_server.rounds(0.6))
             _wait_for(c, "edgerun_model_inflight", 1)
             second = pool.submit(post, 1)  # waits: max_inflight = 1
             _wait_for(c, "edgerun_model_queued", 1)
@@ -113,10 +127,11 @@ def test_a_queued_request_whose_client_went_away_is_not_run(slow_server):
         assert c.post("/v2/models/slow/infer", json=_slow_body(0), headers=AUTH).status_code == 200
         runs_before = _gauge(c, "edgerun_batch_size_count")
         gone_before = _failures(c, "client_gone")
-        first = pool.submit(c.post, "/v2/models/slow/infer", json=_slow_body(2000), headers=AUTH)  # ~1.5 s
+        first = pool.submit(c.post, "/v2/models/slow/infer", json=_slow_body(slow_server.rounds(1.5)),
+                             headers=AUTH)
         _wait_for(c, "edgerun_model_inflight", 1)
         with pytest.raises(httpx.ReadTimeout):  # queued behind the first run, then the client leaves
-            httpx.post(url + "/v2/models/slow/infer", json=_slow_body(700), headers=AUTH,
+            httpx.post(url + "/v2/models/slow/infer", json=_slow_body(slow_server.rounds(1.0)), headers=AUTH,
                        timeout=httpx.Timeout(30, read=0.2))
         assert first.result().status_code == 200
         t0 = time.perf_counter()
@@ -156,9 +171,9 @@ def test_batcher_respects_max_batch_size_and_max_queue_delay(slow_package):
     def observe(model, rows, compute, waits):
         runs.append((rows, min(waits), time.perf_counter()))
 
-    async def scenario(model, executor):
+    async def scenario(model, executor, rounds):
         sched = ModelScheduler(model, Policy(True, 4, 0.05, 2, 100), executor, observe)
-        slow = sched.submit({"x": np.full((1, 1), 500, np.float32)})
+        slow = sched.submit({"x": np.full((1, 1), rounds, np.float32)})
         await asyncio.sleep(0.02)
         xs = [np.full((1, 1), i / 10, np.float32) for i in range(6)]
         t0 = time.perf_counter()
@@ -168,8 +183,12 @@ def test_batcher_respects_max_batch_size_and_max_queue_delay(slow_package):
         return xs, outs, t0
 
     with Runtime(threads=1) as rt, ThreadPoolExecutor(4) as executor:
-        model = rt.load(slow_package)
-        xs, outs, t0 = asyncio.run(scenario(model, executor))
+        # onnxruntime runs two requests at once; OpenVINO's single latency stream would serialize them
+        model = rt.load(slow_package, backend="onnxruntime")
+        t = time.perf_counter()
+        model.run({"x": np.full((1, 1), 200, np.float32)})
+        rounds = round(200 * 0.5 / (time.perf_counter() - t))  # a ~0.5 s run on this host
+        xs, outs, t0 = asyncio.run(scenario(model, executor, rounds))
     for x, out in zip(xs, outs):
         np.testing.assert_array_equal(out["y"], x)  # split back to the request it came from
     assert [r[0] for r in runs] == [4, 2, 1]
