@@ -19,6 +19,28 @@ def body(rows: int) -> dict:
 BODY = body(128)
 
 
+def binary_body(rows: int) -> dict:
+    """httpx.post arguments for a ``rows`` x 64 request in binary tensor data (a large one stays small on the wire)."""
+    from edgerun.server.codec import encode_request
+
+    x = np.linspace(0, 1, rows * 64, dtype=np.float32).reshape(rows, 64)
+    content, header_length = encode_request({"input": x}, binary=True)
+    return {"content": content, "headers": {"inference-header-content-length": str(header_length),
+                                            "content-type": "application/octet-stream"}}
+
+
+def rows_for(url: str, seconds: float) -> int:
+    """Rows of the heavy model that take about ``seconds`` on this host (hosts and backends differ 10x)."""
+    probe = 4096
+    with httpx.Client(timeout=60) as c:
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            assert c.post(f"{url}/v2/models/heavy/infer", **binary_body(probe)).status_code == 200
+            times.append(time.perf_counter() - t0)
+    return max(probe, min(200_000, round(probe * seconds / min(times))))
+
+
 SETTLE = 0.1  # seconds the server's event loop gets to read a request before it counts as accepted
 
 
@@ -26,11 +48,12 @@ def test_sigterm_under_load_drains_accepted_requests(service, heavy_package):
     """Requests the server has read finish; a connection caught in the kernel's accept queue is refused or reset."""
     s = service(["--model", str(heavy_package.root)])
     s.wait_ready()
+    big_request = binary_body(rows_for(s.url, 1.0))
     results: list[tuple[float | None, float, object]] = []  # (request sent, finished, status code or exception)
     lock = threading.Lock()
     stop = threading.Event()
 
-    def post(c: httpx.Client, payload: dict, on_sent: threading.Event | None = None) -> object:
+    def post(c: httpx.Client, request: dict, on_sent: threading.Event | None = None) -> object:
         sent: list[float] = []
 
         def trace(event: str, info: dict) -> None:
@@ -40,7 +63,7 @@ def test_sigterm_under_load_drains_accepted_requests(service, heavy_package):
                     on_sent.set()
 
         try:
-            outcome: object = c.post(f"{s.url}/v2/models/heavy/infer", json=payload,
+            outcome: object = c.post(f"{s.url}/v2/models/heavy/infer", **request,
                                      extensions={"trace": trace}).status_code
         except httpx.TransportError as exc:
             outcome = exc
@@ -52,7 +75,7 @@ def test_sigterm_under_load_drains_accepted_requests(service, heavy_package):
         # a fresh connection per request: an idle keep-alive connection is not an accepted request
         with httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as c:
             while not stop.is_set():
-                if isinstance(post(c, BODY), httpx.ConnectError):
+                if isinstance(post(c, {"json": BODY}), httpx.ConnectError):
                     return  # the listener is gone
 
     threads = [threading.Thread(target=client) for _ in range(4)]
@@ -62,7 +85,7 @@ def test_sigterm_under_load_drains_accepted_requests(service, heavy_package):
     # and one request of a second or so, certainly in flight at SIGTERM: the drain is exercised every time
     big_sent = threading.Event()
     with httpx.Client(timeout=30) as c:
-        big = threading.Thread(target=post, args=(c, body(2048), big_sent))
+        big = threading.Thread(target=post, args=(c, big_request, big_sent))
         big.start()
         assert big_sent.wait(30)
         time.sleep(SETTLE)
