@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -60,9 +61,12 @@ class LoadedModel:
                        for s in self.inputs]
         self._input_names = frozenset(s.name for s in self.inputs)
         self._output_names = frozenset(s.name for s in self.outputs)
-        self._lock = threading.Lock()
-        self._inflight = 0
+        # In-flight accounting without a lock on the hot path: a run appends to _active and then reads
+        # _retiring; retire() sets _retiring and then reads _active. deque.append/pop are atomic, so either
+        # the run sees the flag (and backs out) or retire() sees the run (and the run's exit closes).
+        self._active: deque[None] = deque()
         self._retiring = False
+        self._lock = threading.Lock()  # guards _closed: close happens once
         self._closed = False
         self._drained = threading.Event()
 
@@ -76,7 +80,7 @@ class LoadedModel:
 
     @property
     def inflight(self) -> int:
-        return self._inflight
+        return len(self._active)
 
     def check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Inputs as arrays of the model's dtypes and shapes, or InvalidInput naming what is wrong."""
@@ -113,19 +117,7 @@ class LoadedModel:
 
     def run(self, inputs: Mapping[str, Any], outputs: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Validate and run; requests that started before a swap finish on this session."""
-        checked = self.check_inputs(inputs)
-        with self._lock:
-            if self._closed:
-                raise _Retired()
-            self._inflight += 1
-        try:
-            result = self.session.run(checked)
-        finally:
-            with self._lock:
-                self._inflight -= 1
-                close_now = self._retiring and self._inflight == 0
-            if close_now:
-                self._close()
+        result = self.run_unchecked(self.check_inputs(inputs))
         if outputs is not None:
             wanted = list(outputs)
             unknown = [o for o in wanted if o not in self._output_names]
@@ -136,25 +128,21 @@ class LoadedModel:
 
     def run_unchecked(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run inputs already checked with ``check_inputs`` (the server's batching path)."""
-        with self._lock:
-            if self._closed:
-                raise _Retired()
-            self._inflight += 1
+        active = self._active
+        active.append(None)
         try:
+            if self._retiring:
+                raise _Retired()
             return self.session.run(inputs)
         finally:
-            with self._lock:
-                self._inflight -= 1
-                close_now = self._retiring and self._inflight == 0
-            if close_now:
+            active.pop()
+            if self._retiring and not active:
                 self._close()
 
     def retire(self) -> None:
-        """Close once the requests in flight are done (at once if there are none)."""
-        with self._lock:
-            self._retiring = True
-            close_now = self._inflight == 0
-        if close_now:
+        """Take no new runs; close once the runs in flight are done (at once if there are none)."""
+        self._retiring = True
+        if not self._active:
             self._close()
 
     def wait_closed(self, timeout: float | None = None) -> bool:

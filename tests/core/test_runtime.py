@@ -120,3 +120,67 @@ def test_run_command_with_a_bad_input_file_or_name(cli, digits_package, tmp_path
     assert rc == 65 and "unknown input(s) ['pixels']" in err
     rc, _, err = cli("run", digits_package.root, "--input", str(x))
     assert rc == 2 and "NAME=file.npy" in err
+
+
+class _CountingSession:
+    """A session that fails loudly if it runs after close, and counts closes."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+        self.runs = 0
+        self.late_runs = 0
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started_closed = self.closed
+        self.runs += 1
+        time.sleep(0)  # give another thread the GIL mid-run
+        if started_closed or self.closed:  # run on, or closed under, a running request
+            self.late_runs += 1
+        return {"y": inputs["x"]}
+
+    def close(self) -> None:
+        self.closed += 1
+
+    @property
+    def device(self) -> str:
+        return "CPU"
+
+
+def test_retire_racing_many_runs_never_runs_a_closed_session_and_closes_once() -> None:
+    """In-flight accounting is lock-free; a run and retire() racing must still resolve one way or the other."""
+    from edgerun.package import ModelPackage, Variant
+    from edgerun.runtime import LoadedModel, _Retired
+
+    spec = [TensorSpec("x", "FP32", (-1, 1))]
+    pkg = ModelPackage(name="m", version=1, inputs=spec, outputs=[TensorSpec("y", "FP32", (-1, 1))],
+                       variants=[Variant("v", "onnx", "fp32", ())])
+    x = {"x": np.zeros((1, 1), np.float32)}
+    for _ in range(30):
+        session = _CountingSession()
+        model = LoadedModel(pkg, pkg.variants[0], "fake", session, 0, 0.0)  # type: ignore[arg-type]
+        go = threading.Barrier(5)
+        backed_out = []
+
+        def runner() -> None:
+            go.wait()
+            for _ in range(300):
+                try:
+                    model.run(x)
+                except _Retired:
+                    backed_out.append(1)
+                    return
+
+        threads = [threading.Thread(target=runner) for _ in range(4)]
+        for t in threads:
+            t.start()
+        go.wait()
+        time.sleep(0.001)
+        model.retire()
+        for t in threads:
+            t.join(10)
+        assert model.wait_closed(5), "the retired model never closed"
+        assert session.late_runs == 0, "a session was closed before or during a run"
+        assert session.closed == 1
+        assert model.inflight == 0
+        with pytest.raises(_Retired):
+            model.run(x)
