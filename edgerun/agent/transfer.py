@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -129,9 +130,38 @@ class ChunkTransfer:
                 self._fd = -1
 
 
+def download_verify(ca_file: Path | None) -> ssl.SSLContext | bool:
+    """What HTTPS downloads trust: the default bundle, plus the fleet's CA (``mqtt.ca_file``) when one is set."""
+    if ca_file is None:
+        return True  # httpx: certifi's bundle, or SSL_CERT_FILE / SSL_CERT_DIR
+    import certifi
+
+    ctx = ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or certifi.where())
+    try:
+        ctx.load_verify_locations(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise TransferError(f"cannot use mqtt.ca_file {ca_file} for HTTPS downloads: {exc}") from None
+    return ctx
+
+
+def _certificate_problem(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 8:
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return None
+
+
 def http_fetch(url: str, dest: Path, size: int, *, progress: Callable[[int], None],
-               cancelled: Callable[[], bool], attempts: int = 5, timeout: float = 30.0) -> None:
-    """Download ``url`` to ``dest``, resuming from what is there with a Range request; retries with backoff."""
+               cancelled: Callable[[], bool], attempts: int = 5, timeout: float = 30.0,
+               verify: ssl.SSLContext | bool = True) -> None:
+    """Download ``url`` to ``dest``, resuming from what is there with a Range request; retries with backoff.
+
+    A certificate that does not verify is not retried: it will not verify the next time either.
+    """
     import httpx
 
     from edgerun.agent.mqtt import backoff_delay
@@ -149,7 +179,8 @@ def http_fetch(url: str, dest: Path, size: int, *, progress: Callable[[int], Non
             return
         headers = {"Range": f"bytes={have}-"} if have else {}
         try:
-            with httpx.stream("GET", url, headers=headers, timeout=timeout, follow_redirects=True) as r:
+            with httpx.stream("GET", url, headers=headers, timeout=timeout, follow_redirects=True,
+                              verify=verify) as r:
                 if r.status_code == 416:
                     dest.unlink(missing_ok=True)
                     last_error = "server refused the range request"
@@ -185,6 +216,10 @@ def http_fetch(url: str, dest: Path, size: int, *, progress: Callable[[int], Non
                     continue
                 return
         except httpx.HTTPError as exc:
+            bad_cert = _certificate_problem(exc)
+            if bad_cert is not None:
+                raise TransferError(f"cannot download {url}: its certificate does not verify "
+                                    f"({bad_cert.verify_message}); set mqtt.ca_file to the CA that signed it") from None
             last_error = f"{type(exc).__name__}: {exc}"
             log.info("download of %s interrupted (%s); resuming", url, last_error)
             time.sleep(backoff_delay(attempt))

@@ -13,13 +13,14 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from edgerun import manifest as manifest_mod
-from edgerun.agent.transfer import ChunkTransfer, TransferError, http_fetch
+from edgerun.agent.transfer import ChunkTransfer, TransferError, download_verify, http_fetch
 from edgerun.choice import no_fit_error
 from edgerun.errors import EdgerunError, IntegrityError, ManifestError
 from edgerun.package import ModelPackage, save_package, verify_file
@@ -47,6 +48,7 @@ class Updater:
         self.store = agent.store
         self.runtime = agent.runtime
         self.cfg = agent.config.mqtt
+        self._verify: ssl.SSLContext | bool | None = None  # for HTTPS downloads, made on first use
 
     # --- reporting --------------------------------------------------------------------------
 
@@ -214,7 +216,9 @@ class Updater:
             if url:
                 dest = self.store.partial_dir / f"{f.sha256}.http"
                 try:
-                    http_fetch(url, dest, f.size, cancelled=cancelled,
+                    if self._verify is None:
+                        self._verify = download_verify(self.cfg.ca_file)
+                    http_fetch(url, dest, f.size, cancelled=cancelled, verify=self._verify,
                                progress=lambda n, b=done_before: self.agent.progress(j, (b + n) / total))
                     path = dest
                 except TransferError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -72,13 +73,14 @@ class _Server(ThreadingHTTPServer):
 
 
 class BlobServer:
-    """Serves ``root/<name>`` at ``http://127.0.0.1:<port>/<name>``, honouring Range requests.
+    """Serves ``root/<name>`` at ``http(s)://127.0.0.1:<port>/<name>``, honouring Range requests.
 
     ``drop(n, after)`` makes the next ``n`` answers end the connection after ``after`` body bytes;
     ``requests`` lists ``(name, Range header)`` of every request and ``bytes_sent`` counts body bytes.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, tls: tuple[Path, Path] | None = None):
+        """``tls``: (certificate, key) files to serve HTTPS with."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.requests: list[tuple[str, str | None]] = []
@@ -88,7 +90,13 @@ class BlobServer:
         self.lock = threading.Lock()
         self.httpd = _Server(("127.0.0.1", 0), _Handler)
         self.httpd.blobs = self
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        scheme = "http"
+        if tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def drop(self, n: int, after: int) -> None:

@@ -18,6 +18,7 @@ from edgerun.hub.keys import generate
 from edgerun.hub.publish import build_manifest, encode
 from edgerun.manifest import canonical_json, load_private_key, load_trusted_keys, parse, sign
 from edgerun.testing.mosquitto import Mosquitto
+from edgerun.testing.tls import make_test_ca
 from mqtt_helpers import Device, Hub, Mqtt311Gate, Watcher, make_package
 
 
@@ -130,43 +131,10 @@ def test_device_falls_back_to_mqtt_311_when_the_broker_refuses_mqtt_5(tmp_path, 
         gate.close()
 
 
-def _tls_files(d):
-    """A CA and a server certificate for 127.0.0.1 signed by it."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.timezone.utc)
-
-    def cert(subject, issuer, pub, signer, ca, san=None):
-        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])).public_key(pub)
-             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-             .not_valid_after(now + dt.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if san:
-            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return b.sign(signer, hashes.SHA256())
-
-    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = cert("edgerun test CA", "edgerun test CA", ca_key.public_key(), ca_key, True)
-    srv = cert("127.0.0.1", "edgerun test CA", srv_key.public_key(), ca_key, False,
-               [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
-    pem = serialization.Encoding.PEM
-    (d / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (d / "server.pem").write_bytes(srv.public_bytes(pem))
-    (d / "server.key").write_bytes(srv_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
-                                                         serialization.NoEncryption()))
-    return d / "ca.pem"
-
-
 def test_device_connects_over_tls_and_gets_a_release(tmp_path, keydir):
     from edgerun.hub.broker import BrokerOptions, HubClient
 
-    ca = _tls_files(tmp_path)
+    ca = make_test_ca(tmp_path)
     with Mosquitto(tmp_path / "broker", extra_config=f"cafile {ca}\ncertfile {tmp_path / 'server.pem'}\n"
                                                       f"keyfile {tmp_path / 'server.key'}\n") as broker:
         dev = Device(tmp_path / "dev", broker, "tls", keydir, "dev1")

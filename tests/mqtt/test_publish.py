@@ -7,6 +7,8 @@ import threading
 import time
 from dataclasses import replace
 
+import pytest
+
 from edgerun.hub.publish import build_manifest, publish_blobs
 from edgerun.package import ModelPackage, Variant, file_entry, save_package
 from edgerun.testing.blobs import BlobServer
@@ -113,6 +115,46 @@ def test_http_transfer_resumes_with_range_after_the_connection_drops(tmp_path, h
     assert dev.infer().status_code == 200
     with hub.client() as c:  # --no-mqtt-chunks: nothing but the manifest on the broker
         assert not c.collect([f"edgerun/v1/{hub.fleet}/blobs/#"], quiet=0.3)
+
+
+def test_https_download_trusts_the_fleet_ca_and_refuses_an_unknown_one_at_once(tmp_path):
+    from edgerun.agent.transfer import TransferError, download_verify, http_fetch
+    from edgerun.testing.tls import make_test_ca
+
+    ca = make_test_ca(tmp_path / "tls")
+    blob = bytes(range(256)) * 4096  # 1 MiB
+    with BlobServer(tmp_path / "blobs", tls=(tmp_path / "tls/server.pem", tmp_path / "tls/server.key")) as server:
+        (server.root / "f").write_bytes(blob)
+        url = f"{server.url}/f"
+        assert url.startswith("https://")
+        t0 = time.monotonic()
+        with pytest.raises(TransferError, match="certificate does not verify .*set mqtt.ca_file"):
+            http_fetch(url, tmp_path / "a", len(blob), progress=lambda n: None, cancelled=lambda: False)
+        assert time.monotonic() - t0 < 5, "a certificate that does not verify was retried"
+        assert not (tmp_path / "a").exists() or (tmp_path / "a").stat().st_size == 0
+        http_fetch(url, tmp_path / "b", len(blob), progress=lambda n: None, cancelled=lambda: False,
+                   verify=download_verify(ca))
+    assert (tmp_path / "b").read_bytes() == blob
+    with pytest.raises(TransferError, match="cannot use mqtt.ca_file"):
+        download_verify(tmp_path / "no-such-ca.pem")
+
+
+def test_device_with_the_fleet_ca_updates_from_an_https_blob_server(tmp_path, hub, device_factory, keydir):
+    from edgerun.testing.tls import make_test_ca
+
+    ca = make_test_ca(tmp_path / "tls")
+    dev = device_factory()
+    dev.config.write_text(dev.config.read_text() + f'ca_file = "{ca}"\n')  # [mqtt] is the last table
+    dev.start()
+    pkg = make_package(tmp_path / "v1", 1)
+    with BlobServer(tmp_path / "blobs", tls=(tmp_path / "tls/server.pem", tmp_path / "tls/server.key")) as server:
+        r = hub.cli("publish", str(pkg.root), "--fleet", hub.fleet, "--device", "dev1", "--key",
+                    str(keydir / "hub-test.key"), "--url-base", server.url, "--blob-dir", str(server.root),
+                    "--no-mqtt-chunks")
+        assert r.returncode == 0, r.stderr
+        dev.wait_version(1)
+        assert [name for name, _ in server.requests] == [pkg.variants[0].files[0].sha256]
+    assert dev.infer().status_code == 200
 
 
 def test_device_offline_during_publish_converges_when_back(tmp_path, hub, watcher, device_factory):
