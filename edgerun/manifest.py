@@ -43,10 +43,13 @@ class Manifest:
         return self.package.variants
 
 
+def _canonical(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def canonical_json(obj: Mapping[str, Any]) -> bytes:
     """The bytes that are signed: the manifest without ``signature``, keys sorted, no spaces."""
-    body = {k: v for k, v in obj.items() if k != "signature"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _canonical({k: v for k, v in obj.items() if k != "signature"})
 
 
 def sign(obj: Mapping[str, Any], key: Ed25519PrivateKey, key_id: str) -> dict[str, Any]:
@@ -140,8 +143,7 @@ def check(obj: dict[str, Any], key_id: str, *, topic_model: str | None = None, n
 
 def digest(obj: Mapping[str, Any]) -> str:
     """Identifies one publish of a release: sha256 of the canonical JSON including the signature."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-                          ).hexdigest()
+    return hashlib.sha256(_canonical(obj)).hexdigest()
 
 
 def _parse_time(value: str, key: str) -> dt.datetime:

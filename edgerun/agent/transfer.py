@@ -226,22 +226,28 @@ def http_fetch(url: str, dest: Path, size: int, *, progress: Callable[[int], Non
     raise TransferError(f"download of {url} failed after {attempts} attempts: {last_error}")
 
 
-def _range_start(r) -> int | None:
-    """The first byte of a 206 answer, from ``Content-Range: bytes START-END/TOTAL``."""
-    cr = r.headers.get("content-range", "")
+def _content_range(r) -> tuple[int | None, int | None]:
+    """(first byte, total size) from ``Content-Range: bytes START-END/TOTAL``; None where absent or ``*``."""
     try:
-        return int(cr.split()[1].split("-", 1)[0])
+        unit_range, _, total = r.headers.get("content-range", "").partition("/")
+        start_text = unit_range.split()[1].split("-", 1)[0] if " " in unit_range.strip() else ""
+        start = int(start_text) if start_text.isdigit() else None
+        return start, int(total) if total.isdigit() else None
     except (IndexError, ValueError):
-        return None
+        return None, None
+
+
+def _range_start(r) -> int | None:
+    """The first byte of a 206 answer."""
+    return _content_range(r)[0]
 
 
 def _total_length(r, have: int) -> int | None:
-    cr = r.headers.get("content-range")
-    if cr and "/" in cr and not cr.endswith("*"):
-        return int(cr.rsplit("/", 1)[1])
+    """The file's full size as the answer states it (Content-Range, else Content-Length)."""
+    total = _content_range(r)[1]
+    if total is not None:
+        return total
     cl = r.headers.get("content-length")
-    if cl is not None and r.status_code == 200:
-        return int(cl)
-    if cl is not None and r.status_code == 206:
-        return have + int(cl)
-    return None
+    if cl is None or not cl.isdigit():
+        return None
+    return int(cl) + (have if r.status_code == 206 else 0)
