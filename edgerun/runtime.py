@@ -38,8 +38,8 @@ class Choice:
     chosen: choice_mod.Candidate | None
 
 
-class _Retired(Exception):
-    """The model was swapped out and closed between lookup and run; look it up again."""
+class _Retired(ModelNotReady):
+    """The model version was swapped out or unloaded between lookup and run; look the model up again."""
 
 
 class LoadedModel:
@@ -132,7 +132,8 @@ class LoadedModel:
         active.append(None)
         try:
             if self._retiring:
-                raise _Retired()
+                raise _Retired(f"model {self.name!r} version {self.version} was replaced or unloaded; "
+                               "look the model up again")
             return self.session.run(inputs)
         finally:
             active.pop()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgerun.errors import ModelNotFound
+from edgerun.errors import ModelNotFound, ModelNotReady
 from edgerun.runtime import Runtime
 from edgerun.tensors import TensorSpec
 
@@ -182,5 +182,5 @@ def test_retire_racing_many_runs_never_runs_a_closed_session_and_closes_once() -
         assert session.late_runs == 0, "a session was closed before or during a run"
         assert session.closed == 1
         assert model.inflight == 0
-        with pytest.raises(_Retired):
+        with pytest.raises(ModelNotReady, match="model 'm' version 1 was replaced or unloaded"):
             model.run(x)
