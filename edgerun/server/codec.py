@@ -272,14 +272,15 @@ def tensor_to_binary(arr: np.ndarray) -> bytes:
     return np.ascontiguousarray(arr).tobytes()
 
 
-def _finite(arr: np.ndarray) -> bool:
-    return arr.dtype.kind != "f" or bool(np.isfinite(arr).all())
+def _dumps(doc: dict, float_arrays: list[np.ndarray]) -> bytes:
+    """orjson, or where a float tensor holds NaN/Inf, Python's json writing them as NaN/Infinity (not null).
 
-
-def _dumps(doc: dict, finite: bool) -> bytes:
-    """orjson, or where a float tensor holds NaN/Inf, Python's json writing them as NaN/Infinity (not null)."""
-    if finite:
-        return orjson.dumps(doc, option=_DUMPS_OPTS)
+    orjson writes NaN/Inf as ``null``, so the arrays are checked only when ``null`` appears in its output
+    (rare: a NaN, or an id or name holding the word), keeping the check off the common path.
+    """
+    out = orjson.dumps(doc, option=_DUMPS_OPTS)
+    if not float_arrays or b"null" not in out or all(np.isfinite(a).all() for a in float_arrays):
+        return out
     return json.dumps(doc, allow_nan=True, separators=(",", ":"), default=lambda a: a.tolist()).encode()
 
 
@@ -297,7 +298,7 @@ def encode_response(model_name: str, model_version: int, req_id: str | None, res
     """The response body, and the JSON header's length when binary outputs follow it."""
     outs = []
     chunks = []
-    finite = True
+    floats: list[np.ndarray] = []
     for name, binary in wanted:
         arr = results[name]
         entry: dict[str, Any] = {"name": name, "datatype": datatypes.get(name) or datatype_of(arr.dtype),
@@ -308,13 +309,14 @@ def encode_response(model_name: str, model_version: int, req_id: str | None, res
             chunks.append(b)
         else:
             entry["data"] = _json_data(arr)
-            finite = finite and _finite(arr)
+            if arr.dtype.kind == "f":
+                floats.append(arr)
         outs.append(entry)
     doc: dict[str, Any] = {"model_name": model_name, "model_version": str(model_version)}
     if req_id is not None:
         doc["id"] = req_id
     doc["outputs"] = outs
-    header = _dumps(doc, finite)
+    header = _dumps(doc, floats)
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
@@ -325,7 +327,7 @@ def encode_request(inputs: Mapping[str, np.ndarray], *, binary: bool, outputs: I
     """A request body for ``inputs`` (used by edgerun.Client); returns the header length when binary."""
     tensors = []
     chunks = []
-    finite = True
+    floats: list[np.ndarray] = []
     for name, arr in inputs.items():
         arr = np.asarray(arr)
         entry: dict[str, Any] = {"name": name, "shape": list(arr.shape), "datatype": datatype_of(arr.dtype)}
@@ -335,7 +337,8 @@ def encode_request(inputs: Mapping[str, np.ndarray], *, binary: bool, outputs: I
             chunks.append(b)
         else:
             entry["data"] = _json_data(arr)
-            finite = finite and _finite(arr)
+            if arr.dtype.kind == "f":
+                floats.append(arr)
         tensors.append(entry)
     bin_out = binary if binary_output is None else binary_output
     doc: dict[str, Any] = {"inputs": tensors, "parameters": {"binary_data_output": bin_out}}
@@ -343,7 +346,7 @@ def encode_request(inputs: Mapping[str, np.ndarray], *, binary: bool, outputs: I
         doc["id"] = req_id
     if outputs is not None:
         doc["outputs"] = [{"name": o, "parameters": {"binary_data": bin_out}} for o in outputs]
-    header = _dumps(doc, finite)
+    header = _dumps(doc, floats)
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
