@@ -191,7 +191,7 @@ def http_fetch(url: str, dest: Path, size: int, *, progress: Callable[[int], Non
                         raise TransferError(last_error)
                     time.sleep(backoff_delay(attempt))
                     continue
-                if r.status_code == 206 and _range_start(r) != have:
+                if r.status_code == 206 and _content_range(r)[0] != have:
                     dest.unlink(missing_ok=True)
                     last_error = f"server answered Range bytes={have}- with {r.headers.get('content-range')!r}"
                     continue
@@ -228,18 +228,9 @@ def http_fetch(url: str, dest: Path, size: int, *, progress: Callable[[int], Non
 
 def _content_range(r) -> tuple[int | None, int | None]:
     """(first byte, total size) from ``Content-Range: bytes START-END/TOTAL``; None where absent or ``*``."""
-    try:
-        unit_range, _, total = r.headers.get("content-range", "").partition("/")
-        start_text = unit_range.split()[1].split("-", 1)[0] if " " in unit_range.strip() else ""
-        start = int(start_text) if start_text.isdigit() else None
-        return start, int(total) if total.isdigit() else None
-    except (IndexError, ValueError):
-        return None, None
-
-
-def _range_start(r) -> int | None:
-    """The first byte of a 206 answer."""
-    return _content_range(r)[0]
+    unit_range, _, total = r.headers.get("content-range", "").partition("/")
+    first = unit_range.partition(" ")[2].partition("-")[0]
+    return int(first) if first.isdigit() else None, int(total) if total.isdigit() else None
 
 
 def _total_length(r, have: int) -> int | None:

@@ -51,7 +51,7 @@ def _spec(port: Any, name: str) -> TensorSpec:
 class OpenVinoSession(Session):
     """A compiled OpenVINO model; each thread runs on its own infer request."""
 
-    def __init__(self, compiled: Any, device: str, names: tuple[list[str], list[str]] | None = None):
+    def __init__(self, compiled: Any, device: str, names: tuple[list[str], list[str]]):
         """``names``: the (input, output) tensor names of the model as read, port by port.
 
         Compilation folds Identity nodes, leaving a port with several names (``{'logits', 'probabilities'}``)
@@ -59,7 +59,7 @@ class OpenVinoSession(Session):
         """
         self._compiled = compiled
         self._device = device
-        in_names, out_names = names or ([_name(p) for p in compiled.inputs], [_name(p) for p in compiled.outputs])
+        in_names, out_names = names
         self.inputs = [_spec(p, n) for p, n in zip(compiled.inputs, in_names)]
         self.outputs = [_spec(p, n) for p, n in zip(compiled.outputs, out_names)]
         self._output_names = tuple(o.name for o in self.outputs)
