@@ -52,11 +52,13 @@ def build_routes(state: ServerState) -> Starlette:
     async def model_metadata(request: Request) -> Response:
         m = lookup(request)
         versions = [str(x.version) for x in runtime.models() if x.name == m.name]
+        policy = state.policy(m)
         return _json({"name": m.name, "versions": versions, "platform": f"{m.backend}_{m.variant.format}",
                       "inputs": [s.to_dict() for s in m.inputs], "outputs": [s.to_dict() for s in m.outputs],
                       "parameters": {"variant": m.variant.id, "precision": m.variant.precision,
                                      "device": str(m.session.device),
-                                     "batching": state.policy(m).batching}})
+                                     "batching": policy.batching, "max_batch_size": policy.max_batch_size,
+                                     "max_inflight": policy.max_inflight, "max_queue": policy.max_queue}})
 
     async def model_ready(request: Request) -> Response:
         m = lookup(request)

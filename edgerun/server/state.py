@@ -27,7 +27,7 @@ class ServerState:
         self.auth = BearerAuth(token) if token else None
         self.metrics = ServerMetrics(runtime, self._queues)
         self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="edgerun-infer")
-        self._model_configs = _configs_by_name(runtime, config.models)
+        self._model_configs = _ModelConfigs(runtime, config.models)
         self._schedulers: dict[LoadedModel, ModelScheduler] = {}
         self._specs: dict[LoadedModel, tuple[dict[str, TensorSpec], dict[str, str]]] = {}
         self.in_flight = 0
@@ -58,7 +58,7 @@ class ServerState:
         return [(m.name, m.version, s.queued) for m, s in list(self._schedulers.items()) if m in live]
 
     def policy(self, model: LoadedModel) -> Policy:
-        return policy_for(model, self._model_configs.get(model.name))
+        return policy_for(model, self._model_configs.get(model))
 
     def specs(self, model: LoadedModel) -> tuple[dict[str, TensorSpec], dict[str, str]]:
         """Input specs by name and output datatypes by name."""
@@ -70,27 +70,40 @@ class ServerState:
     def reconfigure(self, config: Config) -> None:
         """Take a reloaded config's per-model settings (SIGHUP); models scheduled from now on use them."""
         self.config = config
-        self._model_configs = _configs_by_name(self.runtime, config.models)
+        self._model_configs = _ModelConfigs(self.runtime, config.models)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=False)
 
 
-def _configs_by_name(runtime: Runtime, models: tuple[ModelConfig, ...]) -> dict[str, ModelConfig]:
-    """Match each configured package to its model name (by name, else by package directory)."""
-    by_root = {}
-    for m in runtime.models():
-        if m.package.root is not None:
-            by_root[Path(m.package.root).resolve()] = m.name
-    out = {}
-    for mc in models:
-        name = mc.name or by_root.get(Path(mc.path).resolve())
-        if name is None:
-            try:
-                from edgerun.package import ModelPackage
+class _ModelConfigs:
+    """Each loaded model's [[models]] entry: the one naming its package directory, else the last with its name.
 
-                name = ModelPackage.load(mc.path).name
-            except EdgerunError:
-                continue
-        out[name] = mc
-    return out
+    Two entries may hold two versions of one model (each with its own batching and limits), so the package
+    directory decides first; a version that arrived later by an update, from a directory no entry names,
+    takes the settings of the model's name.
+    """
+
+    def __init__(self, runtime: Runtime, models: tuple[ModelConfig, ...]):
+        roots = {Path(m.package.root).resolve(): m.name for m in runtime.models() if m.package.root is not None}
+        self.by_root: dict[Path, ModelConfig] = {}
+        self.by_name: dict[str, ModelConfig] = {}
+        for mc in models:
+            root = Path(mc.path).resolve()
+            name = mc.name or roots.get(root)
+            if name is None:
+                try:
+                    from edgerun.package import ModelPackage
+
+                    name = ModelPackage.load(mc.path).name
+                except EdgerunError:
+                    continue
+            self.by_root[root] = mc
+            self.by_name[name] = mc
+
+    def get(self, model: LoadedModel) -> ModelConfig | None:
+        if model.package.root is not None:
+            mc = self.by_root.get(Path(model.package.root).resolve())
+            if mc is not None:
+                return mc
+        return self.by_name.get(model.name)
