@@ -1,0 +1,138 @@
+"""HTTP/1.1 on the wire, read from a raw socket: pipelining, Connection: close, a large answer to a slow reader."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import numpy as np
+import orjson
+
+from edgerun.server.codec import encode_request
+from edgerun.tensors import DATATYPE_TO_DTYPE
+from server_helpers import ALL_DATATYPES
+
+INFER_JSON = orjson.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]})
+
+
+def _connect(server) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def _request(method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: edgerun", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class _Reader:
+    """Responses read off one connection, one at a time, by Content-Length."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = b""
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(1 << 16)
+        self.buf += chunk
+        return bool(chunk)
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            assert self._fill(), f"connection closed inside a response head: {self.buf[:200]!r}"
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+        length = int(headers["content-length"])
+        while len(self.buf) < length:
+            assert self._fill(), f"connection closed after {len(self.buf)} of {length} body bytes"
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return int(status_line.split()[1]), headers, body
+
+    def closed(self) -> bool:
+        return not self.buf and not self._fill()
+
+
+def test_pipelined_requests_are_answered_in_order(server):
+    with _connect(server) as s:
+        s.sendall(_request("GET", "/v2/health/ready")
+                  + _request("POST", "/v2/models/digits/versions/1/infer", INFER_JSON, {"Content-Type": "application/json"})
+                  + _request("POST", "/v2/models/nosuchmodel/infer", INFER_JSON)
+                  + _request("GET", "/v2/models/digits/versions/2"))
+        r = _Reader(s)
+        status, _, _ = r.response()
+        assert status == 200
+        status, _, body = r.response()
+        assert status == 200 and orjson.loads(body)["model_version"] == "1"
+        status, _, body = r.response()
+        assert status == 404 and "nosuchmodel" in orjson.loads(body)["error"]
+        status, _, body = r.response()
+        assert status == 200 and orjson.loads(body)["name"] == "digits"
+
+
+def test_connection_close_gets_the_whole_answer_then_eof(server):
+    with _connect(server) as s:
+        s.sendall(_request("POST", "/v2/models/digits/infer", INFER_JSON, {"Connection": "close"}))
+        r = _Reader(s)
+        status, headers, body = r.response()
+        assert status == 200 and headers.get("connection") == "close"
+        assert len(orjson.loads(body)["outputs"][0]["data"]) == 10
+        assert r.closed(), "the server kept the connection open after Connection: close"
+
+
+def test_a_large_answer_reaches_a_slow_reader_whole(server):
+    """A ~1 MB binary answer: the reader waits before reading, so the server's writes back up."""
+    big = np.arange(900_000, dtype=np.uint8).reshape(1, -1)
+    inputs = {f"in_{dt}": np.zeros((1, 1), DATATYPE_TO_DTYPE[dt]) for dt in ALL_DATATYPES if dt != "BYTES"}
+    inputs["in_BYTES"] = np.array([[b"x"]], dtype=object)
+    inputs["in_UINT8"] = big
+    body, hlen = encode_request(inputs, binary=True, outputs=["out_UINT8"])
+    with _connect(server) as s:
+        s.sendall(_request("POST", "/v2/models/echo/infer", body, {"Inference-Header-Content-Length": str(hlen)}))
+        time.sleep(0.5)
+        status, headers, got = _Reader(s).response()
+    assert status == 200, got[:300]
+    n = int(headers["inference-header-content-length"])
+    head = orjson.loads(got[:n])
+    assert head["outputs"][0]["parameters"]["binary_data_size"] == big.size
+    assert got[n:] == big.tobytes()
+
+
+def test_writes_of_one_loop_iteration_leave_as_one_send_and_close_flushes_first():
+    from edgerun.server.http import _CorkedTransport
+
+    class Recorder:
+        def __init__(self):
+            self.sent: list[bytes] = []
+            self.closed = False
+
+        def write(self, data: bytes) -> None:
+            assert not self.closed, "wrote after close"
+            self.sent.append(bytes(data))
+
+        def close(self) -> None:
+            self.closed = True
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def get_extra_info(self, name: str):
+            return ("127.0.0.1", 8000) if name == "sockname" else None
+
+    async def scenario():
+        raw = Recorder()
+        t = _CorkedTransport(raw, asyncio.get_running_loop())
+        t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        t.write(b"ok")
+        assert raw.sent == [], "nothing leaves before the loop iteration ends"
+        await asyncio.sleep(0)
+        assert raw.sent == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]
+        t.write(b"last")
+        t.close()
+        assert raw.sent[-1] == b"last" and raw.closed
+        assert t.get_extra_info("sockname") == ("127.0.0.1", 8000)
+
+    asyncio.run(scenario())
