@@ -6,6 +6,8 @@
 Method (as in shared/PEERS.md): the server and everything it starts pinned to CPU 0, the load generator
 (``wrk``, one thread, keep-alive, closed loop) to CPU 1; onnxruntime with 1 intra-op and 1 inter-op thread;
 batch-1 FP32 requests to ``POST /v2/models/{m}/infer``; warm-up, then a measured run; median of the repeats.
+All servers of a model run at once (idle but one); each table cell's contenders are measured in turn, repeat
+by repeat, so the ratios compare runs taken side by side on this shared host.
 Every server's answer is first checked against in-process onnxruntime with tritonclient.http.
 Needs ``wrk`` (Debian package) and, for the baseline, ``fastapi``.
 """
@@ -359,15 +361,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
 
-    def measure(run_one, label: str) -> dict:
-        runs = []
-        for _ in range(args.repeats):
-            try:
-                run_one(args.warmup)
-                runs.append(run_one(args.duration))
-            except (RuntimeError, subprocess.CalledProcessError) as exc:
-                print(f"  {label}: run failed: {exc}", flush=True)
+    def report(label: str, runs: list[dict]) -> dict:
         if not runs:
+            print(f"  {label}: every run failed", flush=True)
             return {"rps": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan"), "client_cpu": None,
                     "runs": [], "error": "every run failed"}
         m = median_of(runs)
@@ -381,34 +377,51 @@ def main() -> None:
         bodies = make_bodies(x, work, model)
         url = f"/v2/models/{model}/infer"
         print(f"{model}:", flush=True)
-        for conc in CONCURRENCY:
-            m = measure(lambda d, c=conc: in_process(pkg_dir, x, c, d, 0.0), f"in-process c={conc}")
-            rows.append({"model": model, "server": "in-process (floor)", "encoding": "-", "batching": "-",
-                         "concurrency": conc, **m})
-        for batching in (False, True):
-            label = f"edgerun-{model}-batching-{'on' if batching else 'off'}"
-            srv = edgerun_server(pkg_dir, batching, work, label)
-            try:
-                for enc in ("json", "binary"):
+        # every server runs for the whole model; each cell measures its contenders in turn, repeat by repeat,
+        # so a slow spell of this shared host falls on all of them and the ratios stay side by side
+        servers: dict[tuple[str, str], Server] = {}
+        try:
+            for batching in ("off", "on"):
+                servers["edgerun", batching] = edgerun_server(pkg_dir, batching == "on", work,
+                                                              f"edgerun-{model}-batching-{batching}")
+            if have_fastapi:
+                servers["FastAPI + onnxruntime", "off"] = fastapi_server(pkg_dir, work, f"fastapi-{model}")
+            for (name, batching), srv in servers.items():
+                for enc in ("json", "binary") if name == "edgerun" else ("json",):
                     check_answers(srv.url, model, x, pkg_dir, enc == "binary")
-                    for conc in CONCURRENCY:
-                        m = measure(lambda d, c=conc, e=enc: wrk(srv.url + url, bodies[e], c, d, lua),
-                                    f"edgerun {enc} batching {'on' if batching else 'off'} c={conc}")
-                        rows.append({"model": model, "server": "edgerun", "encoding": enc,
-                                     "batching": "on" if batching else "off", "concurrency": conc, **m})
-            finally:
-                srv.stop()
-        if have_fastapi:
-            srv = fastapi_server(pkg_dir, work, f"fastapi-{model}")
-            try:
-                check_answers(srv.url, model, x, pkg_dir, False)
+            results: dict[tuple, dict] = {}
+            for enc in ("json", "binary"):
                 for conc in CONCURRENCY:
-                    m = measure(lambda d, c=conc: wrk(srv.url + url, bodies["json"], c, d, lua),
-                                f"hand-rolled FastAPI json c={conc}")
-                    rows.append({"model": model, "server": "FastAPI + onnxruntime", "encoding": "json",
-                                 "batching": "off", "concurrency": conc, **m})
-            finally:
+                    contenders = {}
+                    if enc == "json":
+                        contenders["in-process (floor)", "-", "-"] = (
+                            lambda d, c=conc: in_process(pkg_dir, x, c, d, 0.0))
+                    for (name, batching), srv in servers.items():
+                        if name == "edgerun" or enc == "json":
+                            contenders[name, enc, batching] = (
+                                lambda d, c=conc, e=enc, u=srv.url + url: wrk(u, bodies[e], c, d, lua))
+                    runs: dict[tuple, list[dict]] = {k: [] for k in contenders}
+                    for _ in range(args.repeats):
+                        for key, run_one in contenders.items():
+                            try:
+                                run_one(args.warmup)
+                                runs[key].append(run_one(args.duration))
+                            except (RuntimeError, subprocess.CalledProcessError) as exc:
+                                print(f"  {key} c={conc}: run failed: {exc}", flush=True)
+                    for (name, e, batching), got in runs.items():
+                        label = name if name != "edgerun" else f"edgerun {e} batching {batching}"
+                        results[name, e, batching, conc] = report(f"{label} c={conc}", got)
+        finally:
+            for srv in servers.values():
                 srv.stop()
+        order = [("in-process (floor)", "-", "-"), ("edgerun", "json", "off"), ("edgerun", "binary", "off"),
+                 ("edgerun", "json", "on"), ("edgerun", "binary", "on"), ("FastAPI + onnxruntime", "json", "off")]
+        for name, enc, batching in order:
+            for conc in CONCURRENCY:
+                m = results.get((name, enc, batching, conc))
+                if m is not None:
+                    rows.append({"model": model, "server": name, "encoding": enc, "batching": batching,
+                                 "concurrency": conc, **m})
 
     summary = summarize(rows)
     table = render(rows)

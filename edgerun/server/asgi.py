@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any, Awaitable, Callable
 
 import orjson
@@ -54,40 +55,59 @@ async def read_body(scope: dict, receive: Receive, limit: int) -> bytes:
             return b"".join(parts)
 
 
-async def until_done_or_gone(fut: asyncio.Future, receive: Receive, patience: float = 0.05) -> Any:
-    """``fut``'s result; if it waits over ``patience`` s and the client disconnects, cancel ``fut`` and raise.
+class DisconnectWatch:
+    """Await results, cancelling those whose client disconnects while they wait; one timer for all of them.
 
-    A cancelled queued run is skipped by the scheduler, so an abandoned request costs no compute. The
-    connection is watched only past ``patience``, keeping the common, short wait free of that cost.
+    A cancelled queued run is skipped by the scheduler, so an abandoned request costs no compute. A request
+    is watched once it has waited through one tick of ``patience`` seconds (so between one and two ticks):
+    the common, short wait costs two dict operations and no timer of its own.
     """
-    if fut.done():
-        return fut.result()
-    gone: list[bool] = []
-    watch: list[asyncio.Future] = []
 
-    def on_message(w: asyncio.Future) -> None:
-        if not w.cancelled() and w.exception() is None and w.result().get("type") == "http.disconnect":
-            if not fut.done():
-                gone.append(True)
-                fut.cancel()
+    def __init__(self, patience: float = 0.05):
+        self.patience = patience
+        self._new: dict[asyncio.Future, Receive] = {}  # registered since the last tick
+        self._old: dict[asyncio.Future, Receive] = {}  # waited through one tick: watched at the next
+        self._watchers: dict[asyncio.Future, asyncio.Future] = {}
+        self._gone: set[asyncio.Future] = set()
+        self._timer: asyncio.TimerHandle | None = None
 
-    def start_watching() -> None:
-        if not fut.done():  # after the body, receive() returns only on disconnect
-            w = asyncio.ensure_future(receive())
-            w.add_done_callback(on_message)
-            watch.append(w)
+    async def wait(self, fut: asyncio.Future, receive: Receive) -> Any:
+        """``fut``'s result; ClientGone if the client disconnected first (``fut`` is then cancelled)."""
+        if fut.done():
+            return fut.result()
+        self._new[fut] = receive
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.patience, self._tick)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut in self._gone:
+                raise ClientGone() from None
+            raise
+        finally:
+            if self._new.pop(fut, None) is None and self._old.pop(fut, None) is None:
+                self._gone.discard(fut)
+                watcher = self._watchers.pop(fut, None)
+                if watcher is not None and not watcher.done():
+                    watcher.cancel()
 
-    timer = asyncio.get_running_loop().call_later(patience, start_watching)
-    try:
-        return await fut
-    except asyncio.CancelledError:
-        if gone:
-            raise ClientGone() from None
-        raise
-    finally:
-        timer.cancel()
-        if watch and not watch[0].done():
-            watch[0].cancel()
+    def _tick(self) -> None:
+        self._timer = None
+        for fut, receive in self._old.items():
+            if not fut.done():  # after the body, receive() returns only on disconnect
+                watcher = asyncio.ensure_future(receive())
+                watcher.add_done_callback(partial(self._on_message, fut))
+                self._watchers[fut] = watcher
+        self._old, self._new = self._new, {}
+        if self._old:
+            self._timer = asyncio.get_running_loop().call_later(self.patience, self._tick)
+
+    def _on_message(self, fut: asyncio.Future, watcher: asyncio.Future) -> None:
+        if watcher.cancelled() or watcher.exception() is not None:
+            return
+        if watcher.result().get("type") == "http.disconnect" and not fut.done():
+            self._gone.add(fut)
+            fut.cancel()
 
 
 async def send_bytes(send: Send, status: int, body: bytes, content_type: bytes = JSON,

@@ -8,7 +8,7 @@ from time import perf_counter
 from edgerun.errors import EdgerunError
 from edgerun.runtime import _Retired
 from edgerun.server import codec
-from edgerun.server.asgi import ClientGone, Receive, Send, header, read_body, send_bytes, until_done_or_gone
+from edgerun.server.asgi import ClientGone, Receive, Send, header, read_body, send_bytes
 from edgerun.server.errors import HttpError, bad_request, from_edgerun
 from edgerun.server.state import ServerState
 
@@ -45,7 +45,7 @@ async def handle_infer(state: ServerState, name: str, version: str | None, scope
             req = codec.decode_request(body, header(scope, _HEADER_LENGTH), model.name, specs)
             checked = model.check_inputs(req.inputs)
             try:
-                result = await until_done_or_gone(state.scheduler(model).submit(checked), receive)
+                result = await state.watch.wait(state.scheduler(model).submit(checked), receive)
                 break
             except _Retired:
                 continue  # swapped out between lookup and run: look the model up again

@@ -9,6 +9,7 @@ from pathlib import Path
 from edgerun.config import Config, ModelConfig
 from edgerun.errors import EdgerunError
 from edgerun.runtime import LoadedModel, Runtime
+from edgerun.server.asgi import DisconnectWatch
 from edgerun.server.auth import BearerAuth
 from edgerun.server.batching import ModelScheduler, Policy, policy_for
 from edgerun.server.errors import HttpError
@@ -30,6 +31,7 @@ class ServerState:
         self._model_configs = _ModelConfigs(runtime, config.models)
         self._schedulers: dict[LoadedModel, ModelScheduler] = {}
         self._specs: dict[LoadedModel, tuple[dict[str, TensorSpec], dict[str, str]]] = {}
+        self.watch = DisconnectWatch()
         self.in_flight = 0
 
     def model(self, name: str, version: str | None) -> LoadedModel:
