@@ -76,20 +76,6 @@ def _run_batch(model: LoadedModel, items: list[dict[str, np.ndarray]], rows: lis
     return results, perf_counter() - t0
 
 
-def _batch_key(inputs: dict[str, np.ndarray]) -> tuple[int, Any]:
-    """(rows, key) of a request: requests with equal keys stack along their first dimension."""
-    key = []
-    rows = -1
-    for name, v in inputs.items():
-        shape = v.shape
-        if not shape or (rows >= 0 and shape[0] != rows):
-            first = next(iter(inputs.values()))
-            return (first.shape[0] if first.ndim else 1), object()  # inputs disagree: run alone, never split
-        rows = shape[0]
-        key.append((name, shape[1:]))
-    return rows, tuple(key)
-
-
 class ModelScheduler:
     """Queue and run one loaded model's requests, batching concurrent ones when the policy says so.
 
@@ -130,7 +116,12 @@ class ModelScheduler:
             loop = self._loop = asyncio.get_running_loop()
         fut = loop.create_future()
         if p.batching:
-            rows, key = _batch_key(inputs)
+            first = next(iter(inputs.values()))
+            rows = first.shape[0] if first.ndim else 1
+            if all(v.ndim and v.shape[0] == rows for v in inputs.values()):
+                key: Any = tuple((k, v.shape[1:]) for k, v in inputs.items())
+            else:
+                key = object()  # inputs disagree on the batch size: run alone, never split
         else:
             rows, key = 1, None
         self._pending.append(_Item(inputs, fut, rows, key, perf_counter()))

@@ -94,11 +94,8 @@ def decode_request(body: bytes, header_length: bytes | None, model_name: str,
                                   f"{spec.datatype}")
             raise bad_request(f"input {name!r}: datatype {datatype}, model expects {spec.datatype}")
         shape = t.get("shape")
-        if type(shape) is not list:
+        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
             raise bad_request(f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
-        for d in shape:
-            if type(d) is not int or d < 0:
-                raise bad_request(f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
         count = prod(shape)
         tparams = t.get("parameters")
         size = tparams.get("binary_data_size") if type(tparams) is dict else None
