@@ -60,15 +60,14 @@ class DisconnectWatch:
 
     A cancelled queued run is skipped by the scheduler, so an abandoned request costs no compute. A request
     is watched once it has waited through one tick of ``patience`` seconds (so between one and two ticks):
-    the common, short wait costs two dict operations and no timer of its own.
+    the common, short wait costs a few dict operations and no timer of its own.
     """
 
     def __init__(self, patience: float = 0.05):
         self.patience = patience
         self._new: dict[asyncio.Future, Receive] = {}  # registered since the last tick
         self._old: dict[asyncio.Future, Receive] = {}  # waited through one tick: watched at the next
-        self._watchers: dict[asyncio.Future, asyncio.Future] = {}
-        self._gone: set[asyncio.Future] = set()
+        self._watchers: dict[asyncio.Future, asyncio.Future] = {}  # receive() calls that return on disconnect
         self._timer: asyncio.TimerHandle | None = None
 
     async def wait(self, fut: asyncio.Future, receive: Receive) -> Any:
@@ -81,15 +80,15 @@ class DisconnectWatch:
         try:
             return await fut
         except asyncio.CancelledError:
-            if fut in self._gone:
+            if _disconnected(self._watchers.get(fut)):
                 raise ClientGone() from None
             raise
         finally:
-            if self._new.pop(fut, None) is None and self._old.pop(fut, None) is None:
-                self._gone.discard(fut)
-                watcher = self._watchers.pop(fut, None)
-                if watcher is not None and not watcher.done():
-                    watcher.cancel()
+            self._new.pop(fut, None)
+            self._old.pop(fut, None)
+            watcher = self._watchers.pop(fut, None)
+            if watcher is not None and not watcher.done():
+                watcher.cancel()
 
     def _tick(self) -> None:
         self._timer = None
@@ -102,12 +101,16 @@ class DisconnectWatch:
         if self._old:
             self._timer = asyncio.get_running_loop().call_later(self.patience, self._tick)
 
-    def _on_message(self, fut: asyncio.Future, watcher: asyncio.Future) -> None:
-        if watcher.cancelled() or watcher.exception() is not None:
-            return
-        if watcher.result().get("type") == "http.disconnect" and not fut.done():
-            self._gone.add(fut)
+    @staticmethod
+    def _on_message(fut: asyncio.Future, watcher: asyncio.Future) -> None:
+        if _disconnected(watcher) and not fut.done():
             fut.cancel()
+
+
+def _disconnected(watcher: asyncio.Future | None) -> bool:
+    """Whether a finished receive() said the client went away."""
+    return (watcher is not None and watcher.done() and not watcher.cancelled() and watcher.exception() is None
+            and watcher.result().get("type") == "http.disconnect")
 
 
 async def send_bytes(send: Send, status: int, body: bytes, content_type: bytes = JSON,
