@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from edgerun.contract import valid_name
 from edgerun.errors import ConfigError
 from edgerun.tomlfile import Table, read_toml
 from edgerun.units import parse_size
@@ -83,6 +84,8 @@ class MqttConfig:
     cert_file: Path | None = None
     key_file: Path | None = None
     keepalive: int = 30
+    protocol: str = "auto"  # "auto" (MQTT 5, or 3.1.1 when the broker's CONNACK refuses 5), "5" or "3.1.1"
+    tags: dict[str, str] = field(default_factory=dict)  # reported in status; hubs select devices by them
     trusted_keys: Path | None = None  # directory of <key_id>.pub (Ed25519, PEM or raw base64)
     clock_skew: int = 300  # seconds of tolerance on a manifest's "expires"
     unload_first: bool = False  # when old and new versions don't both fit: unload first (short outage)
@@ -150,6 +153,24 @@ def _size(t: Table, name: str) -> int:
         raise t.fail(name, str(exc)) from None
 
 
+def _tags(t: Table, name: str) -> dict[str, str]:
+    """``tags = {site = "berlin", line = "3"}``, or ``site=berlin,line=3`` from the environment."""
+    value = t.get(name, (dict, str))
+    if isinstance(value, str):
+        pairs = [p.partition("=") for p in value.split(",") if p.strip()]
+        if any(not sep for _, sep, _ in pairs):
+            raise t.fail(name, f"expected key=value pairs separated by commas, got {value!r}")
+        value = {k.strip(): v.strip() for k, _, v in pairs}
+    out = {}
+    for k, v in value.items():
+        if not valid_name(k):
+            raise t.fail(f"{name}.{k}", "a tag name is letters, digits, '.', '_' or '-'")
+        if not isinstance(v, (str, int, bool)) or isinstance(v, float):
+            raise t.fail(f"{name}.{k}", f"expected a string, got {v!r}")
+        out[k] = str(v).lower() if isinstance(v, bool) else str(v)
+    return out
+
+
 def _model(t: Table, base: Path) -> ModelConfig:
     t.only("path", "name", "variant", "backend", "batching", "max_inflight", "max_queue")
     path = Path(t.get("path", str, required=True))
@@ -177,7 +198,9 @@ def parse_config(data: dict[str, Any], source: str | None = None, base: Path | N
         if isinstance(data.get(section), dict) and key in data[section]:
             raise t.fail(f"{section}.{key}", f"secrets are not read from the config file itself; use {where}")
     server = _dataclass_from_table(ServerConfig, t.table("server"), {"max_body": _size})
-    mqtt = _dataclass_from_table(MqttConfig, t.table("mqtt"))
+    mqtt = _dataclass_from_table(MqttConfig, t.table("mqtt"), {"tags": _tags})
+    if mqtt.protocol not in ("auto", "5", "3.1.1"):
+        raise t.fail("mqtt.protocol", f"expected \"auto\", \"5\" or \"3.1.1\", got {mqtt.protocol!r}")
     for key, value, low, high, what in (
             ("server.port", server.port, 1, 65535, "a port number 1-65535"),
             ("mqtt.port", mqtt.port, 1, 65535, "a port number 1-65535"),
@@ -362,6 +385,8 @@ def _emit(lines: list[str], obj: Any, skip: tuple[str, ...] = ()) -> None:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 EXTEND_SECONDS = 30.0  # EXTEND_TIMEOUT_USEC asks for this much more, renewed while a model loads
 AGENT_STOP_TIMEOUT = 10.0  # seconds to let the update worker reach a journalled state on shutdown
-FREEZE_ENV = "EDGERUN_TEST_FREEZE_AFTER"  # test-only: block the event loop N seconds after READY=1
 
 
 @dataclass
@@ -150,7 +149,6 @@ class Daemon:
                  asyncio.create_task(self._status_updates(), name="edgerun-status")]
         if self._reload_again:
             self.request_reload()
-        _test_freeze_hook()
         try:
             await serving
         finally:
@@ -348,12 +346,3 @@ def _stop_agent(agent: Any) -> None:
                 log.warning("update agent thread %s still busy after %.0fs; its journal resumes it at the next start",
                             t.name, AGENT_STOP_TIMEOUT)
 
-
-def _test_freeze_hook() -> None:
-    """``EDGERUN_TEST_FREEZE_AFTER=seconds`` (test-only): block the event loop, as a deadlock would."""
-    value = os.environ.get(FREEZE_ENV)
-    if not value:
-        return
-    seconds = float(value)
-    log.warning("%s=%s: the event loop will freeze (test-only hook)", FREEZE_ENV, value)
-    asyncio.get_running_loop().call_later(seconds, time.sleep, 3600)

@@ -1,12 +1,14 @@
 """The device's model store and update journal on disk: atomic writes, active pointers, partial downloads.
 
-Layout under ``state_dir`` (DESIGN §8)::
+Layout under ``state_dir`` (docs/updates.md)::
 
     models/{model}/{version}/edgerun.toml   the staged package (the chosen variant only) + its files
     models/{model}/{version}/manifest.json  the signed release it came from
     models/{model}/active                   pointer: {"version", "variant", "backend", "previous"}
     partial/{sha256}.part                   a file being fetched; .chunks beside it lists what is on disk
+    partial/{sha256}.http                   a file being downloaded over HTTP(S)
     journal/{model}.json                    the last update transition of the model (saved before publishing)
+    journal/done.digests                    releases already handled, by manifest digest
     session                                 the MQTT session counter
 """
 
@@ -17,9 +19,12 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from edgerun.contract import FINAL, IN_PROGRESS
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +98,9 @@ class JournalEntry:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-IN_PROGRESS = ("queued", "downloading", "verifying", "staged", "warming")
-FINAL = ("active", "failed", "rejected", "rolled_back")
+__all__ = ["FINAL", "IN_PROGRESS", "JournalEntry", "Pointer", "Store", "atomic_write", "atomic_write_json",
+           "read_json"]
+DONE_DIGESTS_KEPT = 200
 
 
 class Store:
@@ -108,6 +114,8 @@ class Store:
         for d in (self.models_dir, self.partial_dir, self.journal_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._clean_temp_files()
+        done = read_json(self.journal_dir / "done.digests")
+        self._done: dict[str, float] = done if isinstance(done, dict) else {}
 
     def _clean_temp_files(self) -> None:
         """Temp files of writes interrupted by a crash (never renamed, so never visible)."""
@@ -163,6 +171,11 @@ class Store:
         fsync_dir(dest.parent)
         return dest
 
+    def remove_model(self, model: str) -> None:
+        """Forget a model: every version, its pointer and its staging leftovers."""
+        shutil.rmtree(self.models_dir / model, ignore_errors=True)
+        fsync_dir(self.models_dir)
+
     def remove_version(self, model: str, version: int) -> None:
         shutil.rmtree(self.version_dir(model, version), ignore_errors=True)
         fsync_dir(self.models_dir / model)
@@ -187,6 +200,9 @@ class Store:
 
     def partial_path(self, sha256: str) -> Path:
         return self.partial_dir / f"{sha256}.part"
+
+    def http_partial_path(self, sha256: str) -> Path:
+        return self.partial_dir / f"{sha256}.http"
 
     def drop_partial(self, sha256: str) -> None:
         for p in self.partial_dir.glob(f"{sha256}.*"):
@@ -219,6 +235,17 @@ class Store:
             if e is not None:
                 out.append(e)
         return out
+
+    def is_done(self, digest: str) -> bool:
+        """True when the release with this manifest digest already reached a final state here."""
+        return digest in self._done
+
+    def mark_done(self, digest: str) -> None:
+        self._done[digest] = time.time()
+        if len(self._done) > DONE_DIGESTS_KEPT:
+            for k in sorted(self._done, key=self._done.get)[:len(self._done) - DONE_DIGESTS_KEPT]:
+                del self._done[k]
+        atomic_write_json(self.journal_dir / "done.digests", self._done)
 
     # --- MQTT session counter ---------------------------------------------------------------
 

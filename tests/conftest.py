@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -15,3 +16,12 @@ def digits_package(tmp_path_factory):
     from edgerun.testing.models import make_digits_package
 
     return make_digits_package(tmp_path_factory.mktemp("digits") / "digits")
+
+
+@pytest.fixture(scope="session")
+def testhooks(tmp_path_factory) -> dict[str, str]:
+    """The environment that loads tests/plugins/edgerun_testhooks into an ``edgerun serve`` subprocess."""
+    from edgerun.testing.plugins import site_dir
+
+    site = site_dir(Path(__file__).parent / "plugins" / "edgerun_testhooks", tmp_path_factory.mktemp("testhooks"))
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)}

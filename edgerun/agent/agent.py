@@ -5,21 +5,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from edgerun import manifest as manifest_mod
-from edgerun.agent.mqtt import Connection
-from edgerun.agent.transfer import ChunkTransfer
-from edgerun.agent.updater import Updater
+from edgerun.agent.transfer import Chunks
+from edgerun.agent.updater import UpdatePolicy, Updater
 from edgerun.config import Config
+from edgerun.contract import IN_PROGRESS, BackendInfo, Event, ModelInfo, Status, Topics, UpdateInfo, valid_name
 from edgerun.errors import ConfigError, EdgerunError
+from edgerun.mqtt import Broker, Connection, background_priority
 from edgerun.plugins import call_each
-from edgerun.store import IN_PROGRESS, JournalEntry, Store, read_json
+from edgerun.store import JournalEntry, Store
 
 if TYPE_CHECKING:
     from edgerun.runtime import Runtime
@@ -27,11 +27,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TOPIC_ROOT = "edgerun/v1"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # fleet, device and model names: one safe topic level
 STATUS_MIN_INTERVAL = 0.5  # seconds between progress-only status messages
 SETTLE_SECONDS = 1.0  # after (re)subscribing, wait for every retained release before acting on any
-BACKGROUND_NICE = 10  # downloads, hashing and status yield the CPU to inference (Linux: per thread)
+OUTBOX_LIMIT = 1000  # events kept while offline
 
 
 def payload_digest(payload: bytes) -> str:
@@ -42,14 +40,6 @@ def payload_digest(payload: bytes) -> str:
         return hashlib.sha256(payload).hexdigest()
 
 
-def background_priority() -> None:
-    """Lower the calling thread's CPU priority so loading and hashing never slow requests down."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-    except (AttributeError, OSError):
-        pass
-
-
 class Agent:
     """Receives releases for this device over MQTT and applies them to the runtime, one at a time."""
 
@@ -58,28 +48,26 @@ class Agent:
         self.config = config
         cfg = config.mqtt
         for key, value in (("fleet", cfg.fleet), ("device_id", cfg.device_id)):
-            if not _NAME.match(value):
+            if not valid_name(value):
                 raise ConfigError(f"expected letters, digits, '.', '_' or '-' (one MQTT topic level), got {value!r}",
                                   file=config.source, key=f"mqtt.{key}")
         self.device = cfg.device_id
-        self.prefix = f"{TOPIC_ROOT}/{cfg.fleet}"
-        self.blob_prefix = f"{self.prefix}/blobs"
-        self.device_prefix = f"{self.prefix}/devices/{self.device}"
+        self.topics = Topics(cfg.fleet)
         self.store = Store(config.state_dir)
-        self.trusted = manifest_mod.load_trusted_keys(cfg.trusted_keys)
-        self.done_digests: dict[str, float] = read_json(self.store.journal_dir / "done.digests") or {}
-        self.updater = Updater(self)
-        self.conn = Connection(cfg, client_id=f"edgerun-{cfg.fleet}-{self.device}",
-                               state_topic=f"{self.device_prefix}/state", next_session=self.store.next_session,
-                               on_message=self._on_message, on_connected=self._on_connected)
+        self.conn = Connection(Broker.from_config(cfg), client_id=f"edgerun-{cfg.fleet}-{self.device}",
+                               presence_topic=self.topics.state(self.device), next_session=self.store.next_session,
+                               on_message=self._on_message, on_connected=self._on_connected, background=True)
+        self.chunks = Chunks(self.conn)
+        policy = UpdatePolicy(trusted=manifest_mod.load_trusted_keys(cfg.trusted_keys), clock_skew=cfg.clock_skew,
+                              unload_first=cfg.unload_first, ca_file=cfg.ca_file)
+        self.updater = Updater(runtime, self.store, self.chunks, self.topics, policy, self)
         self._lock = threading.Condition()
         self._fleet: dict[str, bytes] = {}
         self._device: dict[str, bytes] = {}
         self._pending: dict[str, bytes] = {}
         self._current: dict[str, str] = {}  # model -> digest being processed
         self._resume: list[tuple[str, JournalEntry]] = []
-        self._transfers: dict[str, ChunkTransfer] = {}
-        self._updates: dict[str, dict[str, Any]] = {}
+        self._updates: dict[str, UpdateInfo] = {}
         self._last_update: str | None = None
         self._outbox: list[tuple[str, bytes]] = []
         self._stop = threading.Event()
@@ -119,22 +107,14 @@ class Agent:
         if self._loader is not None:
             self._loader.shutdown(wait=False)
 
-    def in_loader(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` (a model load and warm-up) in the normal-priority loader thread and wait for it."""
-        if self._loader is None:
-            return fn()
-        return self._loader.submit(fn).result()
-
     @property
     def connected(self) -> bool:
         return self.conn.connected.is_set()
 
-    def active_version(self, model: str) -> int | None:
-        try:
-            return self.runtime.model(model).version
-        except EdgerunError:
-            ptr = self.store.pointer(model)
-            return ptr.version if ptr else None
+    def known_models(self) -> list[str]:
+        """The models this device serves or keeps: their release topics are subscribed one by one too."""
+        return sorted({m.name for m in self.runtime.models()} | set(self.store.models()) | set(self._fleet)
+                      | set(self._device))
 
     # --- MQTT in ----------------------------------------------------------------------------
 
@@ -142,9 +122,12 @@ class Agent:
         # the fleet's and the device's retained releases arrive one after the other: a device override
         # must not be missed because the fleet release was acted on first
         self._settle_until = time.monotonic() + SETTLE_SECONDS
-        self.conn.subscribe([f"{self.prefix}/releases/+", f"{self.device_prefix}/releases/+"])
-        for t in list(self._transfers.values()):
-            self.conn.subscribe(t.missing_topics())
+        t = self.topics
+        # a broker may keep retained messages from wildcard subscriptions (RabbitMQ does): the exact
+        # release topics of the models this device knows bring them in any case
+        exact = [topic for m in self.known_models() for topic in (t.release(m), t.release(m, self.device))]
+        self.conn.subscribe([t.releases_filter(), t.releases_filter(self.device), *exact])
+        self.chunks.resubscribe()
         with self._lock:
             outbox, self._outbox = self._outbox, []
         for topic, payload in outbox:
@@ -153,31 +136,25 @@ class Agent:
         self._last_status = 0.0
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        if topic.startswith(self.blob_prefix + "/"):
-            sha, _, index = topic[len(self.blob_prefix) + 1:].partition("/")
-            t = self._transfers.get(sha)
-            if t is not None and index.isdigit():
-                t.on_chunk(int(index), payload)
+        ref = self.topics.parse(topic)
+        if ref is None:
             return
-        if topic.startswith(self.device_prefix + "/releases/"):
-            model = topic[len(self.device_prefix) + len("/releases/"):]
+        if ref.kind == "blob":
+            self.chunks.on_chunk(ref.sha256, ref.index, payload)
+        elif ref.kind == "device_release" and ref.device == self.device:
             with self._lock:
                 if payload:
-                    self._device[model] = payload
+                    self._device[ref.model] = payload
                 else:
-                    self._device.pop(model, None)
-            self._submit(model)
-        elif topic.startswith(self.prefix + "/releases/"):
-            model = topic[len(self.prefix) + len("/releases/"):]
+                    self._device.pop(ref.model, None)
+            self._submit(ref.model)
+        elif ref.kind == "release":
             with self._lock:
-                self._fleet[model] = payload
-            self._submit(model)
+                self._fleet[ref.model] = payload
+            self._submit(ref.model)
 
     def _submit(self, model: str) -> None:
         """Queue the effective release of ``model`` (the device's own overrides the fleet's)."""
-        if not _NAME.match(model):
-            log.warning("ignoring a release on a topic with an invalid model name %r", model)
-            return
         with self._lock:
             payload = self._device.get(model) or self._fleet.get(model)
             if payload is None:
@@ -208,9 +185,8 @@ class Agent:
             self._run(model, lambda: self.updater.process(model, payload, self._cancelled(model)))
 
     def _resume_update(self, model: str, j: JournalEntry) -> None:
-        raw = json.dumps(j.manifest).encode()
         try:
-            m = manifest_mod.parse(raw, self.trusted, topic_model=model, clock_skew=self.config.mqtt.clock_skew)
+            m = self.updater.parse(json.dumps(j.manifest).encode(), model)
         except EdgerunError as exc:
             self.updater.transition(j, "failed", f"cannot resume after restart: {exc}")
             return
@@ -219,7 +195,7 @@ class Agent:
         log.info("resuming the update of %s to v%d (was %s)", model, m.version, j.state)
         self._run(model, lambda: self.updater.update(m, self._cancelled(model), resume_from=j.state))
 
-    def _run(self, model: str, fn) -> None:
+    def _run(self, model: str, fn: Callable[[], None]) -> None:
         try:
             fn()
         except Exception:
@@ -228,37 +204,22 @@ class Agent:
             with self._lock:
                 self._current.pop(model, None)
 
-    def _cancelled(self, model: str):
+    def _cancelled(self, model: str) -> Callable[[], bool]:
         return lambda: self._stop.is_set() or model in self._pending
 
-    # --- transfers --------------------------------------------------------------------------
-
-    def add_transfer(self, t: ChunkTransfer) -> None:
-        self._transfers[t.entry.sha256] = t
-        self.conn.subscribe(t.missing_topics())
-
-    def remove_transfer(self, t: ChunkTransfer) -> None:
-        if self._transfers.pop(t.entry.sha256, None) is not None:
-            self.conn.unsubscribe(t.all_topics())
-
-    def transfers(self) -> list[ChunkTransfer]:
-        return list(self._transfers.values())
-
-    # --- MQTT out ---------------------------------------------------------------------------
+    # --- MQTT out (the updater's host) --------------------------------------------------------
 
     def report(self, entry: JournalEntry) -> None:
         """Publish one transition (already journaled): an event, the hook, and the status."""
         self._remember(entry)
-        event = {"model": entry.model, "version": entry.version, "state": entry.state, "detail": entry.detail,
-                 "ts": entry.ts}
         level = logging.WARNING if entry.state in ("failed", "rejected", "rolled_back") else logging.INFO
         log.log(level, "update %s v%d: %s %s", entry.model, entry.version, entry.state, entry.detail)
-        payload = json.dumps(event, ensure_ascii=False).encode()
-        topic = f"{self.device_prefix}/events"
+        payload = Event(entry.model, entry.version, entry.state, entry.detail, entry.ts).to_payload()
+        topic = self.topics.events(self.device)
         with self._lock:
             if self.connected:
                 self.conn.publish(topic, payload, qos=1)
-            elif len(self._outbox) < 1000:
+            elif len(self._outbox) < OUTBOX_LIMIT:
                 self._outbox.append((topic, payload))
         call_each(self.runtime.pm, "on_update_event", model=entry.model, version=entry.version, state=entry.state,
                   detail=entry.detail)  # a listener that raises is logged by name and skipped
@@ -268,14 +229,19 @@ class Agent:
     def progress(self, entry: JournalEntry, fraction: float) -> None:
         u = self._updates.get(entry.model)
         if u is not None:
-            u["progress"] = round(min(1.0, fraction), 4)
+            self._updates[entry.model] = replace(u, progress=round(min(1.0, fraction), 4))
             self._status_dirty.set()
 
+    def in_loader(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (a model load and warm-up) in the normal-priority loader thread and wait for it."""
+        if self._loader is None:
+            return fn()
+        return self._loader.submit(fn).result()
+
     def _remember(self, entry: JournalEntry) -> None:
-        self._updates[entry.model] = {"model": entry.model, "state": entry.state, "version": entry.version,
-                                      "progress": entry.progress, "detail": entry.detail,
-                                      "error": entry.detail if entry.state in ("failed", "rejected", "rolled_back")
-                                      else None, "ts": entry.ts}
+        failed = entry.state in ("failed", "rejected", "rolled_back")
+        self._updates[entry.model] = UpdateInfo(entry.model, entry.version, entry.state, entry.progress,
+                                                entry.detail, entry.detail if failed else None, entry.ts)
         self._last_update = entry.model
 
     def _status_loop(self) -> None:
@@ -292,32 +258,44 @@ class Agent:
             self._status_dirty.clear()
             self._publish_status()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         rt = self.runtime
         try:
             profile = rt.profile.name
         except Exception as exc:
             profile = f"unknown ({exc})"
-        backends = [{"name": b.name, "available": a.available, "version": a.version,
-                     "reason": None if a.available else str(a)} for b, a in rt.backend_status()]
+        backends = tuple(BackendInfo(b.name, a.available, a.version, None if a.available else str(a))
+                         for b, a in rt.backend_status())
         models = []
         for m in rt.models():
             d = m.describe()
-            models.append({k: d.get(k) for k in ("name", "version", "variant", "backend", "sha256", "memory_bytes")})
-        current = self._updates.get(self._last_update) if self._last_update else None
+            models.append(ModelInfo(d["name"], d["version"], d.get("variant") or "", d.get("backend") or "",
+                                    d.get("sha256") or "", d.get("memory_bytes")))
+        updates = dict(self._updates)
+        current = updates.get(self._last_update) if self._last_update else None
         if current is not None:
-            for u in self._updates.values():
-                if u["state"] in IN_PROGRESS:
-                    current = u
-        return {"device": self.device, "fleet": self.config.mqtt.fleet, "ts": time.time(),
-                "session": self.conn.session, "profile": profile, "backends": backends, "models": models,
-                "update": current, "updates": dict(self._updates)}
+            current = next((u for u in updates.values() if u.state in IN_PROGRESS), current)
+        return Status(device=self.device, fleet=self.config.mqtt.fleet, session=self.conn.session, profile=profile,
+                      tags=dict(self.config.mqtt.tags), backends=backends, models=tuple(models), update=current,
+                      updates=updates, memory=_memory(rt))
 
     def _publish_status(self) -> None:
         self._last_status = time.monotonic()
         try:
-            payload = json.dumps(self.status(), ensure_ascii=False, default=str).encode()
+            payload = self.status().to_payload()
         except Exception:
             log.exception("building the status failed")
             return
-        self.conn.publish(f"{self.device_prefix}/status", payload, qos=1, retain=True)
+        self.conn.publish(self.topics.status(self.device), payload, qos=1, retain=True)
+
+
+def _memory(rt: "Runtime") -> dict[str, int]:
+    """The process's resident memory, what the host has available, and the models' budget."""
+    import psutil
+
+    out = {"rss_bytes": psutil.Process().memory_info().rss, "available_bytes": psutil.virtual_memory().available}
+    try:
+        out["budget_bytes"] = rt.memory_budget()
+    except Exception:
+        pass
+    return out

@@ -14,11 +14,15 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from edgerun.contract import Topics
 from edgerun.errors import IntegrityError
 from edgerun.package import FileEntry
 from edgerun.store import atomic_write
+
+if TYPE_CHECKING:
+    from edgerun.mqtt import Connection
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,7 @@ def chunk_count(size: int, chunk_size: int) -> int:
 class ChunkTransfer:
     """One file arriving as retained ``blobs/{sha256}/{index}`` messages, in any order, possibly twice."""
 
-    def __init__(self, partial: Path, entry: FileEntry, blob_prefix: str):
+    def __init__(self, partial: Path, entry: FileEntry, topics: Topics):
         if not entry.chunk_size:
             raise TransferError(f"file {entry.path!r} has no chunk_size")
         self.entry = entry
@@ -45,7 +49,7 @@ class ChunkTransfer:
         self.sidecar = partial.with_suffix(".chunks")
         self.chunk_size = entry.chunk_size
         self.count = chunk_count(entry.size, entry.chunk_size)
-        self.topic_prefix = f"{blob_prefix}/{entry.sha256}/"
+        self.topics = topics
         self.done = threading.Event()
         self.error: str | None = None
         self.last_chunk_at = time.monotonic()
@@ -83,10 +87,10 @@ class ChunkTransfer:
 
     def missing_topics(self) -> list[str]:
         with self._lock:
-            return [f"{self.topic_prefix}{i}" for i in range(self.count) if not self._have[i]]
+            return [self.topics.blob(self.entry.sha256, i) for i in range(self.count) if not self._have[i]]
 
     def all_topics(self) -> list[str]:
-        return [f"{self.topic_prefix}{i}" for i in range(self.count)]
+        return [self.topics.blob(self.entry.sha256, i) for i in range(self.count)]
 
     def on_chunk(self, index: int, payload: bytes) -> None:
         """Write chunk ``index`` at its offset (called from the MQTT thread)."""
@@ -130,6 +134,39 @@ class ChunkTransfer:
                 self._fd = -1
 
 
+class Chunks:
+    """The chunk transfers in progress: subscribed while chunks are missing, fed from the MQTT thread."""
+
+    def __init__(self, conn: "Connection"):
+        self.conn = conn
+        self._transfers: dict[str, ChunkTransfer] = {}
+
+    @property
+    def connected(self) -> bool:
+        return self.conn.connected.is_set()
+
+    def add(self, t: ChunkTransfer) -> None:
+        self._transfers[t.entry.sha256] = t
+        self.conn.subscribe(t.missing_topics())
+
+    def remove(self, t: ChunkTransfer) -> None:
+        if self._transfers.pop(t.entry.sha256, None) is not None:
+            self.conn.unsubscribe(t.all_topics())
+
+    def active(self) -> list[ChunkTransfer]:
+        return list(self._transfers.values())
+
+    def resubscribe(self) -> None:
+        """After a reconnect: ask again for what is still missing (the retained chunks arrive at once)."""
+        for t in self.active():
+            self.conn.subscribe(t.missing_topics())
+
+    def on_chunk(self, sha256: str, index: int, payload: bytes) -> None:
+        t = self._transfers.get(sha256)
+        if t is not None:
+            t.on_chunk(index, payload)
+
+
 def download_verify(ca_file: Path | None) -> ssl.SSLContext | bool:
     """What HTTPS downloads trust: the default bundle, plus the fleet's CA (``mqtt.ca_file``) when one is set."""
     if ca_file is None:
@@ -164,7 +201,7 @@ def http_fetch(url: str, dest: Path, size: int, *, progress: Callable[[int], Non
     """
     import httpx
 
-    from edgerun.agent.mqtt import backoff_delay
+    from edgerun.mqtt import backoff_delay
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     last_error = ""

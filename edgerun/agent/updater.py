@@ -1,9 +1,6 @@
 """The update state machine of one device: manifest → verify → choose → fetch → verify → stage → warm → swap.
 
-Every transition is saved to the journal (fsync) before it is reported. ``EDGERUN_TEST_PAUSE_AT=state`` (or
-``state:version``) makes the agent sleep ``EDGERUN_TEST_PAUSE_SECONDS`` (default 60) right after reporting
-that state (or, for ``pointer``, right after the active pointer is replaced and before ``active`` is
-journaled) — a test-only hook so a test can ``kill -9`` the device in a known state.
+Every transition is saved to the journal (fsync) before it is reported.
 """
 
 from __future__ import annotations
@@ -12,25 +9,28 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import ssl
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, TypeVar
 
 from edgerun import manifest as manifest_mod
-from edgerun.agent.transfer import ChunkTransfer, TransferError, download_verify, http_fetch
+from edgerun.agent.transfer import Chunks, ChunkTransfer, TransferError, download_verify, http_fetch
 from edgerun.choice import no_fit_error
+from edgerun.contract import IN_PROGRESS, Topics
 from edgerun.errors import EdgerunError, IntegrityError, ManifestError
 from edgerun.package import ModelPackage, save_package, verify_file
-from edgerun.store import IN_PROGRESS, JournalEntry, Pointer, atomic_write_json
+from edgerun.store import JournalEntry, Pointer, Store
 
 if TYPE_CHECKING:
-    from edgerun.agent.agent import Agent
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     from edgerun.manifest import Manifest
+    from edgerun.runtime import Runtime
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STALL_TIMEOUT = float(os.environ.get("EDGERUN_TRANSFER_STALL_TIMEOUT", "600"))
 RESTORE_BUDGET = 1 << 62  # reloading the installed variant at start-up is not a new choice (see docs/updates.md)
@@ -40,14 +40,40 @@ class Cancelled(Exception):
     """A newer release for the same model arrived, or the agent is stopping."""
 
 
-class Updater:
-    """Applies releases to the runtime and the store, reporting through the agent."""
+class UpdateHost(Protocol):
+    """What the updater needs from the agent that runs it."""
 
-    def __init__(self, agent: "Agent"):
-        self.agent = agent
-        self.store = agent.store
-        self.runtime = agent.runtime
-        self.cfg = agent.config.mqtt
+    def report(self, entry: JournalEntry) -> None:
+        """Publish one transition that is already journaled."""
+
+    def progress(self, entry: JournalEntry, fraction: float) -> None:
+        """Note download progress (0-1) for the next status."""
+
+    def in_loader(self, fn: Callable[[], T]) -> T:
+        """Run a model load and warm-up at normal priority and wait for it."""
+
+
+@dataclass(frozen=True)
+class UpdatePolicy:
+    """The settings an update is checked and applied with (from ``[mqtt]``)."""
+
+    trusted: Mapping[str, "Ed25519PublicKey"] = field(default_factory=dict)
+    clock_skew: float = 300
+    unload_first: bool = False
+    ca_file: Path | None = None  # trusted for HTTPS downloads too
+
+
+class Updater:
+    """Applies releases to the runtime and the store, reporting through its host."""
+
+    def __init__(self, runtime: "Runtime", store: Store, chunks: Chunks, topics: Topics, policy: UpdatePolicy,
+                 host: UpdateHost):
+        self.runtime = runtime
+        self.store = store
+        self.chunks = chunks
+        self.topics = topics
+        self.policy = policy
+        self.host = host
         self._verify: ssl.SSLContext | bool | None = None  # for HTTPS downloads, made on first use
 
     # --- reporting --------------------------------------------------------------------------
@@ -58,19 +84,21 @@ class Updater:
         if state not in IN_PROGRESS:
             entry.manifest = None
             if entry.digest:
-                self.store_done(entry.digest)
+                self.store.mark_done(entry.digest)
         self.store.save_journal(entry)
-        self.agent.report(entry)
-        _test_pause(state, entry.version)
+        self.host.report(entry)
         return entry
 
-    def store_done(self, digest: str) -> None:
-        done = self.agent.done_digests
-        done[digest] = time.time()
-        if len(done) > 200:
-            for k in sorted(done, key=done.get)[:len(done) - 200]:
-                del done[k]
-        atomic_write_json(self.store.journal_dir / "done.digests", done)
+    def active_version(self, model: str) -> int | None:
+        """The version served now, else the one the store's pointer names."""
+        loaded = self._loaded(model)
+        if loaded is not None:
+            return loaded.version
+        ptr = self.store.pointer(model)
+        return ptr.version if ptr else None
+
+    def parse(self, payload: bytes, model: str) -> "Manifest":
+        return manifest_mod.parse(payload, self.policy.trusted, topic_model=model, clock_skew=self.policy.clock_skew)
 
     # --- entry point ------------------------------------------------------------------------
 
@@ -81,24 +109,24 @@ class Updater:
             return
         digest = hashlib.sha256(payload).hexdigest()
         try:
-            m = manifest_mod.parse(payload, self.agent.trusted, topic_model=model, clock_skew=self.cfg.clock_skew)
+            m = self.parse(payload, model)
         except ManifestError as exc:
-            if digest in self.agent.done_digests:
+            if self.store.is_done(digest):
                 return
             self.transition(JournalEntry(model, _guess_version(payload), "queued", digest=digest), "rejected",
                             str(exc))
             return
-        active = self.agent.active_version(model)
+        active = self.active_version(model)
         if active is not None and m.version < active and self.store.has_version(model, m.version) \
                 and self._same_release(m):
             self.rollback_to(m)  # the hub names the kept version again (or a canary release was withdrawn)
             return
-        if m.digest in self.agent.done_digests:
+        if self.store.is_done(m.digest):
             return
         if active is not None and m.version <= active:
             saved = self.store.saved_manifest(model, m.version)
             if m.version == active and saved is not None and manifest_mod.digest(saved) == m.digest:
-                self.store_done(m.digest)  # the release already active, delivered again
+                self.store.mark_done(m.digest)  # the release already active, delivered again
             else:
                 self.transition(JournalEntry(model, m.version, "queued", digest=m.digest), "rejected",
                                 f"downgrade: v{m.version} is not newer than the active v{active}")
@@ -126,7 +154,7 @@ class Updater:
         cand = choice.chosen
         old = self._loaded(m.model)
         unload_first: int | None = None  # the budget once the old version is unloaded, when that is needed
-        if cand is None and self.cfg.unload_first and old is not None:
+        if cand is None and self.policy.unload_first and old is not None:
             retry = self.runtime.explain(m.package, memory_budget=choice.budget + old.memory_bytes)
             if retry.chosen is not None:
                 cand, unload_first = retry.chosen, retry.budget
@@ -174,8 +202,8 @@ class Updater:
                         old.version, version)
             self.runtime.unload(model)
         try:
-            loaded = self.agent.in_loader(lambda: self.runtime.prepare(vdir, variant=variant, backend=backend,
-                                                                       verify=False, memory_budget=unload_first))
+            loaded = self.host.in_loader(lambda: self.runtime.prepare(vdir, variant=variant, backend=backend,
+                                                                      verify=False, memory_budget=unload_first))
         except Exception as exc:  # any load/warm-up failure leaves the old version serving
             self.store.remove_version(model, version)
             if unload_first is not None and old is not None:
@@ -184,11 +212,11 @@ class Updater:
             self.transition(j, "failed", f"v{version} did not load or warm up; v{old.version if old else '-'} "
                                          f"keeps serving: {reason}")
             return False
-        self.runtime.activate(loaded)
         prev = self.store.pointer(model)
         previous = prev.version if prev and prev.version != version else (prev.previous if prev else None)
+        # the pointer first: a crash right after it serves the new, warmed version at restart (see restore)
         self.store.set_pointer(model, Pointer(version, variant, loaded.backend, previous))
-        _test_pause("pointer", version)  # the pointer names the new version; `active` is not journaled yet
+        self.runtime.activate(loaded)
         self.store.prune(model)
         self._prune_partials()
         self.transition(j, "active", f"serving v{version} ({variant} on {loaded.backend})"
@@ -214,12 +242,12 @@ class Updater:
             url = src.get("url")
             path = None
             if url:
-                dest = self.store.partial_dir / f"{f.sha256}.http"
+                dest = self.store.http_partial_path(f.sha256)
                 try:
                     if self._verify is None:
-                        self._verify = download_verify(self.cfg.ca_file)
+                        self._verify = download_verify(self.policy.ca_file)
                     http_fetch(url, dest, f.size, cancelled=cancelled, verify=self._verify,
-                               progress=lambda n, b=done_before: self.agent.progress(j, (b + n) / total))
+                               progress=lambda n, b=done_before: self.host.progress(j, (b + n) / total))
                     path = dest
                 except TransferError as exc:
                     if not src.get("mqtt"):
@@ -234,12 +262,12 @@ class Updater:
         return paths
 
     def _fetch_chunks(self, j: JournalEntry, f, cancelled, done_before: int, total: int) -> Path:
-        t = ChunkTransfer(self.store.partial_path(f.sha256), f, self.agent.blob_prefix)
+        t = ChunkTransfer(self.store.partial_path(f.sha256), f, self.topics)
         if t.resumed_chunks:
             log.info("resuming %s: %d of %d chunks already on disk", f.path, t.resumed_chunks, t.count)
         try:
             if not t.done.is_set():
-                self.agent.add_transfer(t)
+                self.chunks.add(t)
                 last_progress = -1
                 while not t.done.wait(0.25):
                     if cancelled():
@@ -247,8 +275,8 @@ class Updater:
                     n = t.received
                     if n != last_progress:
                         last_progress = n
-                        self.agent.progress(j, (done_before + t.bytes_on_disk) / total)
-                    if not self.agent.connected:
+                        self.host.progress(j, (done_before + t.bytes_on_disk) / total)
+                    if not self.chunks.connected:
                         t.last_chunk_at = time.monotonic()
                     elif time.monotonic() - t.last_chunk_at > STALL_TIMEOUT:
                         raise TransferError(f"no chunk of {f.path} for {STALL_TIMEOUT:.0f}s "
@@ -256,9 +284,9 @@ class Updater:
             if t.error:
                 raise TransferError(t.error)
         finally:
-            self.agent.remove_transfer(t)
+            self.chunks.remove(t)
             t.close()
-        self.agent.progress(j, (done_before + f.size) / total)
+        self.host.progress(j, (done_before + f.size) / total)
         return t.path
 
     def _stage(self, m: "Manifest", variant, paths: list[Path]) -> Path:
@@ -274,7 +302,7 @@ class Updater:
         return self.store.commit_stage(tmp, m.model, m.version)
 
     def _prune_partials(self) -> None:
-        keep = {t.entry.sha256 for t in self.agent.transfers()}
+        keep = {t.entry.sha256 for t in self.chunks.active()}
         self.store.prune_partials(keep)
 
     # --- retire, restore --------------------------------------------------------------------
@@ -287,8 +315,7 @@ class Updater:
             return
         if loaded is not None:
             self.runtime.unload(model)
-        self.store.clear_pointer(model)
-        shutil.rmtree(self.store.models_dir / model, ignore_errors=True)
+        self.store.remove_model(model)
         self.transition(JournalEntry(model, version, "queued"), "retired", "the hub retired the model")
 
     def restore(self) -> list[tuple[str, JournalEntry]]:
@@ -356,13 +383,3 @@ def _guess_version(payload: bytes) -> int:
     except Exception:
         return 0
 
-
-def _test_pause(state: str, version: int) -> None:
-    spec = os.environ.get("EDGERUN_TEST_PAUSE_AT")
-    if not spec:
-        return
-    want, _, ver = spec.partition(":")
-    if want == state and (not ver or int(ver) == version):
-        seconds = float(os.environ.get("EDGERUN_TEST_PAUSE_SECONDS", "60"))
-        log.warning("EDGERUN_TEST_PAUSE_AT=%s: pausing %.0fs (test-only hook)", spec, seconds)
-        time.sleep(seconds)

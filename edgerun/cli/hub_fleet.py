@@ -25,7 +25,7 @@ FleetOpt = typer.Option(None, "--fleet", "-f", help="Fleet name (default: config
 
 def _broker(config: Path | None, host, port, username, password_file, tls, ca_file):
     from edgerun.config import load_config
-    from edgerun.hub.broker import BrokerOptions
+    from edgerun.mqtt import Broker
 
     m = load_config(config).mqtt
     password = os.environ.get("EDGERUN_MQTT_PASSWORD")
@@ -33,9 +33,9 @@ def _broker(config: Path | None, host, port, username, password_file, tls, ca_fi
         password = Path(password_file).read_text().strip()
     if password is None and not username:
         password = m.password()
-    return BrokerOptions(host=host or m.host, port=port or m.port, username=username or m.username,
-                         password=password, tls=m.tls if tls is None else tls, ca_file=ca_file or m.ca_file,
-                         cert_file=m.cert_file, key_file=m.key_file), m.fleet
+    return Broker(host=host or m.host, port=port or m.port, username=username or m.username, password=password,
+                  tls=m.tls if tls is None else tls, ca_file=ca_file or m.ca_file, cert_file=m.cert_file,
+                  key_file=m.key_file, protocol=m.protocol), m.fleet
 
 
 @hub_app.command()
@@ -71,8 +71,9 @@ def publish(
     """Publish a release: the files as retained chunks, then the signed manifest."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    from edgerun.hub.broker import HubClient
-    from edgerun.hub.publish import publish_release, release_topic, total_bytes
+    from edgerun.contract import Topics
+    from edgerun.hub.publish import publish_release, total_bytes
+    from edgerun.mqtt import Connection
     from edgerun.manifest import load_private_key
     from edgerun.package import ModelPackage
 
@@ -88,12 +89,13 @@ def publish(
     t0 = time.perf_counter()
     bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    console=err_console, disable=not mqtt_chunks)
-    with HubClient(opts) as client, bar:
+    topics = Topics(fleet)
+    with Connection(opts, persistent=False) as conn, bar:
         task = bar.add_task(f"{pkg.name} v{pkg.version} chunks", total=total_bytes(pkg, variant or None))
-        publish_release(client, pkg, private, key_id, fleet=fleet, device=device, chunk_size=chunk_size,
+        publish_release(conn, topics, pkg, private, key_id, device=device, chunk_size=chunk_size,
                         url_base=url_base, mqtt=mqtt_chunks, blob_dir=blob_dir, expires=expires,
                         variants=variant or None, progress=lambda n: bar.advance(task, n))
-    console.print(f"published {pkg.name} v{pkg.version} to {release_topic(fleet, pkg.name, device)} "
+    console.print(f"published {pkg.name} v{pkg.version} to {topics.release(pkg.name, device)} "
                   f"in {time.perf_counter() - t0:.1f}s (signed by {key_id!r})", highlight=False)
 
 
@@ -105,12 +107,13 @@ def status(
     password_file: Path = PassFileOpt, tls: bool = TlsOpt, ca_file: Path = CaOpt,
 ) -> None:
     """The fleet from the devices' retained state and status: online, profile, models, update state."""
-    from edgerun.hub.broker import HubClient
+    from edgerun.contract import Topics
     from edgerun.hub.fleet import fleet_status
+    from edgerun.mqtt import Connection
 
     opts, default_fleet = _broker(config, host, port, username, password_file, tls, ca_file)
-    with HubClient(opts) as client:
-        rows = fleet_status(client, fleet or default_fleet)
+    with Connection(opts, persistent=False) as conn:
+        rows = fleet_status(conn, Topics(fleet or default_fleet))
     if as_json:
         print(json.dumps([r.to_dict() for r in rows], indent=1))
         return
@@ -142,12 +145,13 @@ def retire(
     password_file: Path = PassFileOpt, tls: bool = TlsOpt, ca_file: Path = CaOpt,
 ) -> None:
     """Clear a model's retained release: devices stop serving it (a device release falls back to the fleet's)."""
-    from edgerun.hub.broker import HubClient
+    from edgerun.contract import Topics
     from edgerun.hub.fleet import retire as do_retire
+    from edgerun.mqtt import Connection
 
     opts, default_fleet = _broker(config, host, port, username, password_file, tls, ca_file)
-    with HubClient(opts) as client:
-        shas = do_retire(client, fleet or default_fleet, model, device=device, purge_blobs=purge_blobs)
+    with Connection(opts, persistent=False) as conn:
+        shas = do_retire(conn, Topics(fleet or default_fleet), model, device=device, purge_blobs=purge_blobs)
     console.print(f"retired {model}" + (f" for device {device}" if device else "")
                   + (f"; deleted {len(shas)} blob(s)" if shas else ""), highlight=False)
 
@@ -160,11 +164,12 @@ def gc(
     password_file: Path = PassFileOpt, tls: bool = TlsOpt, ca_file: Path = CaOpt,
 ) -> None:
     """Delete retained chunks that no current release refers to (retired and superseded versions)."""
-    from edgerun.hub.broker import HubClient
+    from edgerun.contract import Topics
     from edgerun.hub.fleet import gc_blobs
+    from edgerun.mqtt import Connection
 
     opts, default_fleet = _broker(config, host, port, username, password_file, tls, ca_file)
-    with HubClient(opts) as client:
-        orphans = gc_blobs(client, fleet or default_fleet, dry_run=dry_run)
+    with Connection(opts, persistent=False) as conn:
+        orphans = gc_blobs(conn, Topics(fleet or default_fleet), dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     console.print(f"{verb} {len(orphans)} blob(s)" + "".join(f"\n  {s}" for s in orphans), highlight=False)

@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgerun.hub.broker import HubClient
-from edgerun.hub.publish import blob_topic, prefix, release_topic
+from edgerun.contract import Topics
+from edgerun.mqtt import Connection
 
 
 @dataclass
@@ -34,10 +34,10 @@ def _json(payload: bytes) -> Any:
         return None
 
 
-def fleet_status(client: HubClient, fleet: str, *, quiet: float = 0.5) -> list[DeviceRow]:
+def fleet_status(conn: Connection, topics: Topics, *, quiet: float = 0.5) -> list[DeviceRow]:
     """Every device that has a retained state or status message in ``fleet``."""
-    base = f"{prefix(fleet)}/devices/"
-    got = client.collect([f"{base}+/state", f"{base}+/status"], quiet=quiet)
+    base = f"{topics.prefix}/devices/"
+    got = conn.collect([f"{base}+/state", f"{base}+/status"], quiet=quiet)
     rows: dict[str, DeviceRow] = {}
     for topic, payload in got.items():
         device, _, kind = topic[len(base):].partition("/")
@@ -55,27 +55,27 @@ def fleet_status(client: HubClient, fleet: str, *, quiet: float = 0.5) -> list[D
     return [rows[k] for k in sorted(rows)]
 
 
-def releases(client: HubClient, fleet: str) -> dict[str, dict[str, Any]]:
+def releases(conn: Connection, topics: Topics) -> dict[str, dict[str, Any]]:
     """The retained release manifests of the fleet and of its devices, by topic."""
-    got = client.collect([f"{prefix(fleet)}/releases/+", f"{prefix(fleet)}/devices/+/releases/+"])
+    got = conn.collect([topics.releases_filter(), topics.releases_filter("+")])
     return {t: m for t, p in got.items() if p and isinstance(m := _json(p), dict)}
 
 
-def retire(client: HubClient, fleet: str, model: str, *, device: str | None = None,
+def retire(conn: Connection, topics: Topics, model: str, *, device: str | None = None,
            purge_blobs: bool = False) -> list[str]:
     """Clear the retained release (devices stop serving the model); optionally delete its chunks."""
-    topic = release_topic(fleet, model, device)
+    topic = topics.release(model, device)
     shas: list[str] = []
     if purge_blobs:
-        current = releases(client, fleet).get(topic)
+        current = releases(conn, topics).get(topic)
         if current:
             shas = sorted({f["sha256"] for v in current.get("variants", []) for f in v.get("files", [])})
-    client.wait([client.publish(topic, b"")])
+    conn.wait([conn.publish(topic, b"", retain=True)])
     if shas:
-        still = _referenced(releases(client, fleet))
+        still = _referenced(releases(conn, topics))
         for sha in shas:
             if sha not in still:
-                delete_blob(client, fleet, sha)
+                delete_blob(conn, topics, sha)
     return shas
 
 
@@ -89,25 +89,24 @@ def _referenced(manifests: dict[str, dict[str, Any]]) -> dict[str, int]:
     return out
 
 
-def delete_blob(client: HubClient, fleet: str, sha256: str) -> int:
+def delete_blob(conn: Connection, topics: Topics, sha256: str) -> int:
     """Clear every retained chunk of one blob; returns how many chunks there were."""
-    got = client.collect([f"{prefix(fleet)}/blobs/{sha256}/+"], quiet=0.3)
-    infos = [client.publish(topic, b"") for topic in got]
-    client.wait(infos)
+    got = conn.collect([topics.blobs(sha256)], quiet=0.3)
+    infos = [conn.publish(topic, b"", retain=True) for topic in got]
+    conn.wait(infos)
     return len(infos)
 
 
-def gc_blobs(client: HubClient, fleet: str, *, dry_run: bool = False) -> list[str]:
+def gc_blobs(conn: Connection, topics: Topics, *, dry_run: bool = False) -> list[str]:
     """Delete the retained chunks of every blob no current release (fleet or device) refers to."""
-    referenced = _referenced(releases(client, fleet))
-    firsts = client.collect([f"{prefix(fleet)}/blobs/+/0"], quiet=0.3)
-    base = f"{prefix(fleet)}/blobs/"
-    present = {t[len(base):].split("/", 1)[0] for t in firsts}
+    referenced = _referenced(releases(conn, topics))
+    firsts = conn.collect([f"{topics.prefix}/blobs/+/0"], quiet=0.3)
+    present = {ref.sha256 for t in firsts if (ref := topics.parse(t)) is not None and ref.kind == "blob"}
     orphans = sorted(present - set(referenced))
     if not dry_run:
         for sha in orphans:
-            delete_blob(client, fleet, sha)
+            delete_blob(conn, topics, sha)
     return orphans
 
 
-__all__ = ["DeviceRow", "fleet_status", "releases", "retire", "delete_blob", "gc_blobs", "blob_topic"]
+__all__ = ["DeviceRow", "fleet_status", "releases", "retire", "delete_blob", "gc_blobs"]

@@ -11,26 +11,13 @@ from typing import Any, Callable, Iterator
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgerun import manifest as manifest_mod
+from edgerun.contract import Topics
 from edgerun.errors import EdgerunError
-from edgerun.hub.broker import HubClient
+from edgerun.mqtt import Connection
 from edgerun.package import ModelPackage, package_to_dict, variant_to_dict
 
 DEFAULT_CHUNK_SIZE = 256 << 10
 WINDOW = 32  # chunks in flight before waiting for the broker's acknowledgements
-
-
-def prefix(fleet: str) -> str:
-    return f"edgerun/v1/{fleet}"
-
-
-def release_topic(fleet: str, model: str, device: str | None = None) -> str:
-    if device:
-        return f"{prefix(fleet)}/devices/{device}/releases/{model}"
-    return f"{prefix(fleet)}/releases/{model}"
-
-
-def blob_topic(fleet: str, sha256: str, index: int) -> str:
-    return f"{prefix(fleet)}/blobs/{sha256}/{index}"
 
 
 def build_manifest(pkg: ModelPackage, *, chunk_size: int = DEFAULT_CHUNK_SIZE, url_base: str | None = None,
@@ -72,7 +59,7 @@ def iter_chunks(path: Path, chunk_size: int) -> Iterator[tuple[int, bytes]]:
             i += 1
 
 
-def publish_blobs(client: HubClient, fleet: str, pkg: ModelPackage, manifest: dict[str, Any],
+def publish_blobs(conn: Connection, topics: Topics, pkg: ModelPackage, manifest: dict[str, Any],
                   progress: Callable[[int], None] | None = None) -> int:
     """Publish every chunk of every file the manifest names (retained, QoS 1); returns bytes sent."""
     sent = 0
@@ -84,14 +71,14 @@ def publish_blobs(client: HubClient, fleet: str, pkg: ModelPackage, manifest: di
                 continue
             seen.add(f["sha256"])
             for i, block in iter_chunks(pkg.root / f["path"], f["chunk_size"]):
-                pending.append(client.publish(blob_topic(fleet, f["sha256"], i), block))
+                pending.append(conn.publish(topics.blob(f["sha256"], i), block, retain=True))
                 if len(pending) >= WINDOW:
-                    client.wait(pending[:WINDOW // 2])
+                    conn.wait(pending[:WINDOW // 2])
                     del pending[:WINDOW // 2]
                 sent += len(block)
                 if progress:
                     progress(len(block))
-    client.wait(pending)
+    conn.wait(pending)
     return sent
 
 
@@ -108,12 +95,12 @@ def copy_blobs(pkg: ModelPackage, manifest: dict[str, Any], blob_dir: Path) -> l
     return out
 
 
-def publish_release(client: HubClient, pkg: ModelPackage, key: Ed25519PrivateKey, key_id: str, *, fleet: str,
-                    device: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, url_base: str | None = None,
-                    mqtt: bool = True, blob_dir: Path | None = None, expires: dt.datetime | None = None,
-                    variants: list[str] | None = None,
-                    progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Chunks first (so a device never waits for blobs that are not there yet), then the signed manifest."""
+def upload_release(conn: Connection, topics: Topics, pkg: ModelPackage, key: Ed25519PrivateKey, key_id: str, *,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE, url_base: str | None = None, mqtt: bool = True,
+                   blob_dir: Path | None = None, expires: dt.datetime | None = None,
+                   variants: list[str] | None = None,
+                   progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Check the files, publish every chunk (retained), and return the signed manifest, not yet released."""
     for v in pkg.variants:
         if variants is None or v.id in variants:
             pkg.verify(v)
@@ -122,9 +109,22 @@ def publish_release(client: HubClient, pkg: ModelPackage, key: Ed25519PrivateKey
     if blob_dir is not None:
         copy_blobs(pkg, unsigned, blob_dir)
     if mqtt:
-        publish_blobs(client, fleet, pkg, unsigned, progress)
-    signed = manifest_mod.sign(unsigned, key, key_id)
-    client.wait([client.publish(release_topic(fleet, pkg.name, device), encode(signed))])
+        publish_blobs(conn, topics, pkg, unsigned, progress)
+    return manifest_mod.sign(unsigned, key, key_id)
+
+
+def release(conn: Connection, topics: Topics, signed: dict[str, Any], device: str | None = None) -> str:
+    """Publish a signed manifest on the fleet's release topic (or one device's); returns the topic."""
+    topic = topics.release(signed["model"], device)
+    conn.wait([conn.publish(topic, encode(signed), retain=True)])
+    return topic
+
+
+def publish_release(conn: Connection, topics: Topics, pkg: ModelPackage, key: Ed25519PrivateKey, key_id: str, *,
+                    device: str | None = None, **upload: Any) -> dict[str, Any]:
+    """Chunks first (so a device never waits for blobs that are not there yet), then the signed manifest."""
+    signed = upload_release(conn, topics, pkg, key, key_id, **upload)
+    release(conn, topics, signed, device)
     return signed
 
 

@@ -20,9 +20,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgerun.hub.broker import BrokerOptions, HubClient
-from edgerun.hub.publish import blob_topic, build_manifest, encode, publish_blobs, release_topic
+from edgerun.contract import Topics
+from edgerun.hub.publish import build_manifest, encode, publish_blobs
 from edgerun.manifest import load_private_key, sign
+from edgerun.mqtt import Broker, Connection
 from edgerun.package import ModelPackage, Sample, Variant, file_entry, save_package
 from edgerun.tensors import TensorSpec
 from edgerun.testing.mosquitto import Mosquitto, free_port
@@ -70,12 +71,13 @@ class Hub:
     def __init__(self, broker: Mosquitto, fleet: str, keydir: Path):
         self.broker = broker
         self.fleet = fleet
+        self.topics = Topics(fleet)
         self.keydir = keydir
         self.key = load_private_key(keydir / "hub-test.key")
         self.key_id = "hub-test"
 
-    def client(self) -> HubClient:
-        return HubClient(BrokerOptions(port=self.broker.port))
+    def client(self) -> Connection:
+        return Connection(Broker(port=self.broker.port), persistent=False)
 
     def release(self, pkg: ModelPackage, *, device: str | None = None, chunks: bool = True,
                 edit: Callable[[dict], Any] | None = None, after_sign: Callable[[dict], Any] | None = None,
@@ -84,22 +86,22 @@ class Hub:
         unsigned = build_manifest(pkg, chunk_size=chunk_size, url_base=url_base, mqtt=mqtt)
         with self.client() as c:
             if chunks and mqtt:
-                publish_blobs(c, self.fleet, pkg, unsigned)
+                publish_blobs(c, self.topics, pkg, unsigned)
             if edit:
                 edit(unsigned)
             signed = sign(unsigned, key or self.key, key_id or self.key_id)
             if after_sign:
                 after_sign(signed)
-            c.wait([c.publish(release_topic(self.fleet, pkg.name, device), encode(signed))])
+            c.wait([c.publish(self.topics.release(pkg.name, device), encode(signed), retain=True)])
         return signed
 
     def raw(self, topic_suffix: str, payload: bytes) -> None:
         with self.client() as c:
-            c.wait([c.publish(f"edgerun/v1/{self.fleet}/{topic_suffix}", payload)])
+            c.wait([c.publish(f"{self.topics.prefix}/{topic_suffix}", payload, retain=True)])
 
     def chunk(self, sha: str, index: int, payload: bytes) -> None:
         with self.client() as c:
-            c.wait([c.publish(blob_topic(self.fleet, sha, index), payload)])
+            c.wait([c.publish(self.topics.blob(sha, index), payload, retain=True)])
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         """Run the real `edgerun hub ...` command line."""
@@ -190,7 +192,7 @@ class Device:
 
     def start(self, env: dict[str, str] | None = None, wait: bool = True) -> "Device":
         full_env = {**os.environ, "EDGERUN_LOG_LEVEL": "INFO", **(env or {})}
-        for k in ("EDGERUN_TEST_PAUSE_AT", "EDGERUN_MQTT_PASSWORD"):
+        for k in ("EDGERUN_TESTHOOKS_PAUSE_AT", "EDGERUN_MQTT_PASSWORD"):
             if k not in (env or {}):
                 full_env.pop(k, None)
         log = open(self.log, "a")

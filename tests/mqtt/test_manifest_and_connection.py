@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from edgerun.agent.mqtt import backoff_delay
+from edgerun.mqtt import backoff_delay
 from edgerun.errors import EdgerunError, ManifestError
 from edgerun.hub.keys import generate
 from edgerun.hub.publish import build_manifest, encode
@@ -132,7 +132,7 @@ def test_device_falls_back_to_mqtt_311_when_the_broker_refuses_mqtt_5(tmp_path, 
 
 
 def test_device_connects_over_tls_and_gets_a_release(tmp_path, keydir):
-    from edgerun.hub.broker import BrokerOptions, HubClient
+    from edgerun.mqtt import Broker, Connection
 
     ca = make_test_ca(tmp_path)
     with Mosquitto(tmp_path / "broker", extra_config=f"cafile {ca}\ncertfile {tmp_path / 'server.pem'}\n"
@@ -142,11 +142,11 @@ def test_device_connects_over_tls_and_gets_a_release(tmp_path, keydir):
         try:
             dev.start()
             hub = Hub(broker, "tls", keydir)
-            hub.client = lambda: HubClient(BrokerOptions(port=broker.port, tls=True, ca_file=ca))
+            hub.client = lambda: Connection(Broker(port=broker.port, tls=True, ca_file=ca), persistent=False)
             hub.release(make_package(tmp_path / "v1", 1))
             dev.wait_version(1)
             with pytest.raises(EdgerunError):  # the listener speaks only TLS: the device really used it
-                with HubClient(BrokerOptions(port=broker.port), timeout=2):
+                with Connection(Broker(port=broker.port), persistent=False, connect_timeout=2):
                     pass
         finally:
             dev.kill()

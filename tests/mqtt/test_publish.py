@@ -239,7 +239,7 @@ def test_device_fetches_only_the_variant_that_fits_its_memory(tmp_path, hub, wat
     save_package(replace(pkg, variants=[*pkg.variants, big]), root)
     pkg = ModelPackage.load(root)
     with hub.client() as c:  # only the small variant's chunks exist: waiting for the other would never end
-        publish_blobs(c, hub.fleet, pkg, build_manifest(pkg, chunk_size=64 << 10, variants=["onnx-fp32"]))
+        publish_blobs(c, hub.topics, pkg, build_manifest(pkg, chunk_size=64 << 10, variants=["onnx-fp32"]))
     signed = hub.release(pkg, chunks=False)
     assert [v["id"] for v in signed["variants"]] == ["onnx-fp32", "onnx-big"]
     dev.wait_version(1)

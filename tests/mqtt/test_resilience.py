@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from edgerun.hub.publish import blob_topic, build_manifest, encode, iter_chunks, release_topic
+from edgerun.hub.publish import build_manifest, encode, iter_chunks
 from edgerun.manifest import sign
 from mqtt_helpers import make_package
 
@@ -20,9 +20,10 @@ def _publish_partly(hub, pkg, first: int | None = None, start: int = 0, manifest
     f = unsigned["variants"][0]["files"][0]
     chunks = list(iter_chunks(pkg.root / f["path"], CHUNK))
     with hub.client() as c:
-        c.wait([c.publish(blob_topic(hub.fleet, f["sha256"], i), block) for i, block in chunks[start:first]])
+        c.wait([c.publish(hub.topics.blob(f["sha256"], i), block, retain=True) for i, block in chunks[start:first]])
         if manifest:
-            c.wait([c.publish(release_topic(hub.fleet, pkg.name), encode(sign(unsigned, hub.key, hub.key_id)))])
+            c.wait([c.publish(hub.topics.release(pkg.name), encode(sign(unsigned, hub.key, hub.key_id)),
+                              retain=True)])
     return len(chunks)
 
 
@@ -95,9 +96,10 @@ STATES = [  # state the device is killed in → the version it serves once the u
 
 @pytest.mark.slow
 @pytest.mark.parametrize("state,final", STATES, ids=[s for s, _ in STATES])
-def test_kill_9_in_each_update_state_comes_back_consistent(tmp_path, hub, watcher, device_factory, state, final):
+def test_kill_9_in_each_update_state_comes_back_consistent(tmp_path, hub, watcher, device_factory, testhooks, state,
+                                                           final):
     dev = device_factory()
-    dev.start(env={"EDGERUN_TEST_PAUSE_AT": f"{state}:2", "EDGERUN_TEST_PAUSE_SECONDS": "60"})
+    dev.start(env={**testhooks, "EDGERUN_TESTHOOKS_PAUSE_AT": f"{state}:2", "EDGERUN_TESTHOOKS_PAUSE_SECONDS": "60"})
     hub.release(make_package(tmp_path / "v1", 1))
     dev.wait_version(1)
     hub.release(make_package(tmp_path / "v2", 2))

@@ -160,7 +160,8 @@ def test_shipped_unit_passes_systemd_analyze_verify(tmp_path):
 
 
 SAMPLE = {bool: "true", int: "7", float: "7.5"}
-SPECIAL = {"log_level": "DEBUG", "memory_budget": "50%", "max_body": "1MiB", "host": "::1", "threads": "2"}
+SPECIAL = {"log_level": "DEBUG", "memory_budget": "50%", "max_body": "1MiB", "host": "::1", "threads": "2",
+           "protocol": "3.1.1", "tags": "site=berlin"}
 
 
 def test_every_key_is_documented_with_its_environment_variable_which_works(tmp_path):

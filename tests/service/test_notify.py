@@ -79,9 +79,9 @@ def test_ready_waits_for_a_slow_model_load(service, heavy_package, digits_packag
     assert len(extends) >= 2 and all(int(m["EXTEND_TIMEOUT_USEC"]) >= 10_000_000 for m in extends), extends
 
 
-def test_frozen_event_loop_stops_the_watchdog(service, digits_package):
+def test_frozen_event_loop_stops_the_watchdog(service, digits_package, testhooks):
     s = service(["--model", str(digits_package.root)], watchdog_usec=300_000,
-                env={"EDGERUN_TEST_FREEZE_AFTER": "0.8"})
+                env={**testhooks, "EDGERUN_TESTHOOKS_FREEZE_AFTER": "0.8"})
     i = s.wait_ready()
     t_ready = s.notify.messages[i][0]
     time.sleep(2.5)

@@ -252,10 +252,11 @@ def test_sigterm_during_an_update_exits_0_and_the_update_resumes(service, tmp_pa
     """The agent stops at a journalled step (no half-written state) and the next start carries on from it."""
     import json
 
-    from edgerun.hub.broker import BrokerOptions, HubClient
+    from edgerun.contract import Topics
     from edgerun.hub.keys import generate
-    from edgerun.hub.publish import blob_topic, build_manifest, encode, iter_chunks, release_topic
+    from edgerun.hub.publish import build_manifest, encode, iter_chunks
     from edgerun.manifest import load_private_key, sign
+    from edgerun.mqtt import Broker, Connection
     from edgerun.testing.mosquitto import Mosquitto, find_mosquitto
 
     if find_mosquitto() is None:
@@ -264,7 +265,8 @@ def test_sigterm_during_an_update_exits_0_and_the_update_resumes(service, tmp_pa
     generate(keys, "hub")
     state = tmp_path / "state"
     journal = state / "journal" / "digits.json"
-    with Mosquitto(tmp_path / "broker") as broker, HubClient(BrokerOptions(port=broker.port)) as hub:
+    topics = Topics("f")
+    with Mosquitto(tmp_path / "broker") as broker, Connection(Broker(port=broker.port), persistent=False) as hub:
         cfg = tmp_path / "edgerun.toml"
         cfg.write_text(f'[mqtt]\nenabled = true\nport = {broker.port}\nfleet = "f"\ndevice_id = "dev1"\n'
                        f'keepalive = 2\ntrusted_keys = "{keys}"\n')
@@ -274,9 +276,9 @@ def test_sigterm_during_an_update_exits_0_and_the_update_resumes(service, tmp_pa
                   for i, block in iter_chunks(digits_package.root / f["path"], f["chunk_size"])]
         assert len(chunks) >= 4
         half = chunks[:len(chunks) // 2]  # the hub is still uploading: the device gets half of the chunks
-        hub.wait([hub.publish(blob_topic("f", sha, i), block) for sha, i, block in half])
-        hub.wait([hub.publish(release_topic("f", "digits"), encode(sign(manifest, load_private_key(keys / "hub.key"),
-                                                                         "hub")))])
+        hub.wait([hub.publish(topics.blob(sha, i), block, retain=True) for sha, i, block in half])
+        hub.wait([hub.publish(topics.release("digits"), encode(sign(manifest, load_private_key(keys / "hub.key"),
+                                                                    "hub")), retain=True)])
         s = service(["--config", str(cfg)])
         s.wait_ready()
         deadline = time.monotonic() + 30
@@ -297,7 +299,7 @@ def test_sigterm_during_an_update_exits_0_and_the_update_resumes(service, tmp_pa
         assert not leftovers, f"temp files of interrupted writes: {leftovers}"
         assert list((state / "partial").glob("*.part")), "the chunks received so far were not kept"
 
-        hub.wait([hub.publish(blob_topic("f", sha, i), block) for sha, i, block in chunks])
+        hub.wait([hub.publish(topics.blob(sha, i), block, retain=True) for sha, i, block in chunks])
         again = service(["--config", str(cfg)])
         again.wait_ready()
         deadline = time.monotonic() + 30
