@@ -135,7 +135,9 @@ class Connection:
         self._thread: threading.Thread | None = None
         self._client: mqtt.Client | None = None
         self._connack_ok = False
+        self._probe_ok = False
         self._refused: ReasonCode | None = None
+        self._step = "normal"  # normal | probe311 | confirm5 | fallback311: see _choose_protocol
         self._collectors: list[_Collector] = []
         self._subacks: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
@@ -284,7 +286,6 @@ class Connection:
         if self.background:
             background_priority()  # a device's chunk writes happen in this thread
         attempt = 0
-        switched = False  # the protocol was already switched once in this round of attempts
         while not self._stop.is_set():
             if self._client is None or self._client.protocol != self.protocol:
                 self._client = self._make_client()
@@ -292,15 +293,23 @@ class Connection:
             self.session = self._next_session()
             if self.presence_topic:
                 c.will_set(self.presence_topic, State(False, self.session).to_payload(), qos=1, retain=True)
-            self._connack_ok, self._refused = False, None
+            self._connack_ok, self._refused, self._probe_ok = False, None, False
+            outcome = "unreachable"
             try:
                 self._connect(c)
+                outcome = "dropped"
                 while not self._stop.is_set():
                     if c.loop(timeout=0.5) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                         break
                     if self._connack_ok:
-                        attempt, switched = 0, False
-                if not self._connack_ok and self._refused is None:
+                        attempt = 0
+                if self._connack_ok:
+                    outcome = "connected"
+                elif self._probe_ok:
+                    outcome = "probe_ok"
+                elif self._refused is not None:
+                    outcome = "refused_protocol" if self._refused.value == UNSUPPORTED_PROTOCOL else "refused"
+                else:
                     self.last_error = "the broker closed the connection before its CONNACK"
             except (OSError, ssl.SSLError, ValueError) as exc:
                 self.last_error = f"unreachable: {exc}"
@@ -308,7 +317,6 @@ class Connection:
             except Exception:  # a bug in a handler must not end the connection thread
                 self.last_error = "the network loop failed"
                 log.exception("MQTT network loop failed")
-            was_connected = self._connack_ok
             self.connected.clear()
             if self._stop.is_set():
                 break
@@ -316,31 +324,58 @@ class Connection:
                 c.disconnect()
             except Exception:
                 pass
-            refused = self._refused
-            if refused is not None and refused.value == UNSUPPORTED_PROTOCOL and self.broker.protocol == "auto" \
-                    and not switched:
-                # only the broker's own CONNACK decides the version: a dropped socket (a load balancer in
-                # front of a restarting broker) says nothing about what the broker speaks
-                self.protocol = (MQTTProtocolVersion.MQTTv311 if self.protocol == MQTTProtocolVersion.MQTTv5
-                                 else MQTTProtocolVersion.MQTTv5)
-                switched = True
-                log.info("the MQTT broker refused the protocol version; trying %s", self.protocol.name)
-                continue
-            if was_connected:
-                self.protocol = self._first_protocol()  # the next connection asks for MQTT 5 again
-                switched = False
-            else:
-                self._gave_up.set()
+            if self._choose_protocol(outcome):
+                continue  # the next attempt is part of finding the version: no backoff
+            if outcome != "connected" and self._step == "normal":
+                self._gave_up.set()  # every version was tried: a context manager reports last_error
             delay = backoff_delay(attempt)
             attempt += 1
             log.info("MQTT disconnected; reconnecting in %.1fs (attempt %d)", delay, attempt)
             self._stop.wait(delay)
+
+    def _choose_protocol(self, outcome: str) -> bool:
+        """Pick the version of the next attempt from how this one ended; True to retry at once.
+
+        Only a CONNACK decides: MQTT 5 refused by the broker's CONNACK means 3.1.1. A socket closed before
+        any CONNACK (a 3.1.1-only broker that does not answer 5 at all, or a load balancer in front of a
+        restarting broker) is followed by a 3.1.1 probe; when the probe gets a CONNACK, MQTT 5 is asked once
+        more at once, and 3.1.1 is used only when that is closed again. Every new connection after a loss
+        starts from MQTT 5 again.
+        """
+        if self.broker.protocol != "auto":
+            return False
+        v5, v311 = MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311
+        step, self._step = self._step, "normal"
+        if outcome == "refused_protocol":
+            if step in ("normal", "confirm5"):
+                self.protocol, self._step = v311, "fallback311"
+                log.info("the MQTT broker refused MQTT 5 in its CONNACK; using 3.1.1")
+                return True
+        elif outcome == "dropped":
+            if step == "normal" and self.protocol == v5:
+                self.protocol, self._step = v311, "probe311"
+                return False
+            if step == "confirm5":
+                self.protocol, self._step = v311, "fallback311"
+                log.info("the MQTT broker answers 3.1.1 and closes MQTT 5 connections; using 3.1.1")
+                return True
+        elif outcome == "probe_ok":
+            self.protocol, self._step = v5, "confirm5"
+            return True
+        elif outcome == "connected" and step == "fallback311":
+            pass  # the 3.1.1 connection was used until it was lost: the next one asks for 5 again
+        self.protocol = v5
+        return False
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.warning("MQTT broker %s refused the connection: %s", self.broker.address, reason_code)
             self._refused = reason_code
             self.last_error = f"refused: {reason_code}"
+            return
+        if self._step == "probe311":
+            self._probe_ok = True  # the broker speaks 3.1.1; whether it speaks 5 is asked next
+            client.disconnect()
             return
         self._connack_ok = True
         self.last_error = None

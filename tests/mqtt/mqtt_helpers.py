@@ -300,11 +300,17 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
 
 class Mqtt311Gate:
     """In front of the real Mosquitto: answers an MQTT 5 CONNECT as a 3.1.1-only broker must (MQTT 3.1.1
-    §3.1.2.2: CONNACK return code 1, then disconnect) and passes every other connection through."""
+    §3.1.2.2: CONNACK return code 1, then disconnect) and passes every other connection through.
 
-    def __init__(self, upstream_port: int):
+    With ``refuse_v5=False`` and ``drop_first=N`` it is a load balancer in front of a restarting broker
+    instead: the first N connections are accepted and closed before any CONNACK, later ones pass through."""
+
+    def __init__(self, upstream_port: int, *, refuse_v5: bool = True, drop_first: int = 0):
         self.upstream_port = upstream_port
+        self.refuse_v5 = refuse_v5
+        self.drop_first = drop_first
         self.levels: list[int] = []  # the protocol level of every CONNECT seen (5 = MQTT 5, 4 = 3.1.1)
+        self.passed: list[int] = []  # the protocol level of every connection passed to the broker
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         self._socks: list[socket.socket] = []
@@ -323,10 +329,14 @@ class Mqtt311Gate:
         try:
             packet, body = _read_packet(conn)
             self.levels.append(body[6])  # after the protocol name b"\x00\x04MQTT"
-            if body[6] != 4:
+            if len(self.levels) <= self.drop_first:
+                conn.close()
+                return
+            if body[6] != 4 and self.refuse_v5:
                 conn.sendall(b"\x20\x02\x00\x01")
                 conn.close()
                 return
+            self.passed.append(body[6])
             up = socket.create_connection(("127.0.0.1", self.upstream_port))
             self._socks.append(up)
             up.sendall(packet)

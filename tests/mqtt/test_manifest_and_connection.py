@@ -131,6 +131,27 @@ def test_device_falls_back_to_mqtt_311_when_the_broker_refuses_mqtt_5(tmp_path, 
         gate.close()
 
 
+@pytest.mark.parametrize("dropped", [3, 4])
+def test_connections_closed_before_their_connack_do_not_move_the_device_off_mqtt_5(tmp_path, broker, keydir,
+                                                                                   dropped):
+    """A load balancer in front of a restarting broker accepts and closes; once the broker is back the
+    device speaks MQTT 5 with it, as its CONNACK allows, and is not left on 3.1.1."""
+    gate = Mqtt311Gate(broker.port, refuse_v5=False, drop_first=dropped)
+    watcher = Watcher(broker, "lb")
+    dev = Device(tmp_path / "dev", gate, "lb", keydir, "dev1")
+    try:
+        dev.start()
+        watcher.wait_for(lambda: watcher.state.get("dev1", {}).get("online"), timeout=30, what="online")
+        assert len(gate.levels) > dropped and gate.passed[-1] == 5, (gate.levels, gate.passed)
+        Hub(broker, "lb", keydir).release(make_package(tmp_path / "v1", 1))
+        dev.wait_version(1)
+        assert gate.passed[-1] == 5, gate.passed
+    finally:
+        dev.kill()
+        watcher.close()
+        gate.close()
+
+
 def test_device_connects_over_tls_and_gets_a_release(tmp_path, keydir):
     from edgerun.mqtt import Broker, Connection
 
