@@ -146,6 +146,14 @@ def digest(obj: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical(obj)).hexdigest()
 
 
+def payload_digest(payload: bytes) -> str:
+    """The digest a Manifest gets for this payload; the plain sha256 of a payload that is not JSON."""
+    try:
+        return digest(json.loads(payload))
+    except (ValueError, TypeError, AttributeError):
+        return hashlib.sha256(payload).hexdigest()
+
+
 def _parse_time(value: str, key: str) -> dt.datetime:
     try:
         t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))

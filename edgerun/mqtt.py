@@ -113,12 +113,14 @@ class Connection:
     def __init__(self, broker: Broker, *, client_id: str | None = None, persistent: bool = True,
                  presence_topic: str | None = None, next_session: Callable[[], int] | None = None,
                  on_message: MessageHandler | None = None, on_connected: Callable[[], None] | None = None,
-                 max_inflight: int = 50, background: bool = False, connect_timeout: float = 10.0):
+                 max_inflight: int = 50, background: bool = False, connect_timeout: float = 10.0,
+                 session_expiry: int = SESSION_EXPIRY):
         if broker.protocol not in ("auto", *PROTOCOLS):
             raise EdgerunError(f"MQTT protocol {broker.protocol!r}: expected 'auto', '5' or '3.1.1'")
         self.broker = broker
         self.client_id = client_id or f"edgerun-{uuid.uuid4().hex[:12]}"
         self.persistent = persistent
+        self.session_expiry = session_expiry
         self.presence_topic = presence_topic
         self._next_session = next_session or (lambda: self.session + 1)
         self._on_message = on_message
@@ -277,7 +279,7 @@ class Connection:
         if self.protocol == MQTTProtocolVersion.MQTTv5:
             props = Properties(PacketTypes.CONNECT)
             if self.persistent:
-                props.SessionExpiryInterval = SESSION_EXPIRY
+                props.SessionExpiryInterval = self.session_expiry
             c.connect(b.host, b.port, b.keepalive, clean_start=not self.persistent, properties=props)
         else:
             c.connect(b.host, b.port, b.keepalive)

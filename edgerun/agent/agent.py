@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -30,14 +29,6 @@ T = TypeVar("T")
 STATUS_MIN_INTERVAL = 0.5  # seconds between progress-only status messages
 SETTLE_SECONDS = 1.0  # after (re)subscribing, wait for every retained release before acting on any
 OUTBOX_LIMIT = 1000  # events kept while offline
-
-
-def payload_digest(payload: bytes) -> str:
-    """The digest a Manifest gets for this payload (canonical JSON including the signature)."""
-    try:
-        return manifest_mod.digest(json.loads(payload))
-    except Exception:
-        return hashlib.sha256(payload).hexdigest()
 
 
 class Agent:
@@ -159,7 +150,7 @@ class Agent:
             payload = self._device.get(model) or self._fleet.get(model)
             if payload is None:
                 return
-            if payload and self._current.get(model) == payload_digest(payload):
+            if payload and self._current.get(model) == manifest_mod.payload_digest(payload):
                 self._pending.pop(model, None)
                 return
             self._pending[model] = payload
@@ -181,7 +172,7 @@ class Agent:
                     return
                 model = next(iter(self._pending))
                 payload = self._pending.pop(model)
-                self._current[model] = payload_digest(payload) if payload else ""
+                self._current[model] = manifest_mod.payload_digest(payload) if payload else ""
             self._run(model, lambda: self.updater.process(model, payload, self._cancelled(model)))
 
     def _resume_update(self, model: str, j: JournalEntry) -> None:

@@ -1,41 +1,34 @@
-"""``edgerun hub keygen | publish | status | retire | gc``: signing keys, releases and the fleet's state."""
+"""``edgerun hub keygen | upload | publish | status | releases | history | watch | retire | gc``."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from edgerun.cli.app import console, err_console, fail, hub_app
+from edgerun.cli.app import console, err_console, fail, hub_app, is_tty
+from edgerun.cli.hub_common import Hub, hub_command, signing_key
+from edgerun.units import format_duration
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="Take broker and fleet defaults from this config's [mqtt].")
-HostOpt = typer.Option(None, "--host", help="MQTT broker host (default: config, else 127.0.0.1).")
-PortOpt = typer.Option(None, "--port", help="MQTT broker port (default: config, else 1883).")
-UserOpt = typer.Option(None, "--username", help="MQTT user name.")
-PassFileOpt = typer.Option(None, "--password-file", help="File holding the MQTT password (or EDGERUN_MQTT_PASSWORD).")
-TlsOpt = typer.Option(None, "--tls/--no-tls", help="Connect with TLS.")
-CaOpt = typer.Option(None, "--ca-file", help="CA bundle for the broker's certificate.")
-FleetOpt = typer.Option(None, "--fleet", "-f", help="Fleet name (default: config, else 'default').")
+if TYPE_CHECKING:
+    from edgerun.hub.registry import DeviceRecord, Registry
 
 
-def _broker(config: Path | None, host, port, username, password_file, tls, ca_file):
-    from edgerun.config import load_config
-    from edgerun.mqtt import Broker
+def when(ts: float | None) -> str:
+    """A time as people read it in a table: local, to the second."""
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
-    m = load_config(config).mqtt
-    password = os.environ.get("EDGERUN_MQTT_PASSWORD")
-    if password is None and password_file:
-        password = Path(password_file).read_text().strip()
-    if password is None and not username:
-        password = m.password()
-    return Broker(host=host or m.host, port=port or m.port, username=username or m.username, password=password,
-                  tls=m.tls if tls is None else tls, ca_file=ca_file or m.ca_file, cert_file=m.cert_file,
-                  key_file=m.key_file, protocol=m.protocol), m.fleet
+
+def ago(ts: float | None, now: float | None = None) -> str:
+    return "-" if not ts else f"{format_duration(max(0.0, (now or time.time()) - ts))} ago"
 
 
 @hub_app.command()
@@ -52,124 +45,275 @@ def keygen(
                   f"(copy to the devices' [mqtt] trusted_keys directory)", highlight=False)
 
 
-@hub_app.command()
-def publish(
-    package: Path = typer.Argument(..., help="Model package directory (edgerun.toml and its variant files)."),
-    fleet: str = FleetOpt,
-    device: str = typer.Option(None, "--device", "-d", help="Release to this device only (a canary)."),
-    key: Path = typer.Option(None, "--key", "-k", help="Private key file from `hub keygen` (or EDGERUN_HUB_KEY)."),
-    key_id: str = typer.Option(None, "--key-id", help="Key id (default: the key file's name without .key)."),
-    url_base: str = typer.Option(None, "--url-base", help="Devices fetch files from URL_BASE/<sha256> over HTTP(S)."),
-    blob_dir: Path = typer.Option(None, "--blob-dir", help="Copy files as BLOB_DIR/<sha256> (what --url-base serves)."),
-    mqtt_chunks: bool = typer.Option(True, "--mqtt-chunks/--no-mqtt-chunks", help="Also publish retained chunks."),
-    chunk_size: int = typer.Option(256 << 10, "--chunk-size", help="Chunk size in bytes."),
-    variant: list[str] = typer.Option(None, "--variant", help="Release only these variants (repeatable)."),
-    expires_in: float = typer.Option(None, "--expires-in", help="Hours until devices refuse this manifest."),
-    config: Path = ConfigOpt, host: str = HostOpt, port: int = PortOpt, username: str = UserOpt,
-    password_file: Path = PassFileOpt, tls: bool = TlsOpt, ca_file: Path = CaOpt,
-) -> None:
-    """Publish a release: the files as retained chunks, then the signed manifest."""
+def _upload(hub: Hub, package: Path, key: Path | None, key_id: str | None, *, device: str | None, release: bool,
+            url_base: str | None, blob_dir: Path | None, mqtt_chunks: bool, chunk_size: int,
+            variant: list[str] | None, expires_in: float | None) -> None:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    from edgerun.contract import Topics
-    from edgerun.hub.publish import publish_release, total_bytes
+    from edgerun.hub import publish as pub
     from edgerun.mqtt import Connection
-    from edgerun.manifest import load_private_key
     from edgerun.package import ModelPackage
 
-    opts, default_fleet = _broker(config, host, port, username, password_file, tls, ca_file)
-    fleet = fleet or default_fleet
-    key = key or (Path(os.environ["EDGERUN_HUB_KEY"]) if os.environ.get("EDGERUN_HUB_KEY") else None)
-    if key is None:
-        raise fail("a signing key is needed: --key FILE (from `edgerun hub keygen`) or EDGERUN_HUB_KEY")
-    private = load_private_key(key)
-    key_id = key_id or key.name.removesuffix(".key")
+    private, key_id = signing_key(key, key_id)
     pkg = ModelPackage.load(package)
+    registry = hub.registry()  # before anything is sent: a release is never published without its record
     expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=expires_in) if expires_in else None
     t0 = time.perf_counter()
     bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    console=err_console, disable=not mqtt_chunks)
-    topics = Topics(fleet)
-    with Connection(opts, persistent=False) as conn, bar:
-        task = bar.add_task(f"{pkg.name} v{pkg.version} chunks", total=total_bytes(pkg, variant or None))
-        publish_release(conn, topics, pkg, private, key_id, device=device, chunk_size=chunk_size,
-                        url_base=url_base, mqtt=mqtt_chunks, blob_dir=blob_dir, expires=expires,
-                        variants=variant or None, progress=lambda n: bar.advance(task, n))
-    console.print(f"published {pkg.name} v{pkg.version} to {topics.release(pkg.name, device)} "
-                  f"in {time.perf_counter() - t0:.1f}s (signed by {key_id!r})", highlight=False)
+    with Connection(hub.broker, persistent=False) as conn, bar:
+        task = bar.add_task(f"{pkg.name} v{pkg.version} chunks", total=pub.total_bytes(pkg, variant or None))
+        signed = pub.upload_release(conn, hub.topics, pkg, private, key_id, chunk_size=chunk_size, url_base=url_base,
+                                    mqtt=mqtt_chunks, blob_dir=blob_dir, expires=expires, variants=variant or None,
+                                    progress=lambda n: bar.advance(task, n))
+        record = registry.record_release(hub.fleet, signed, source="publish" if release else "upload")
+        if release:
+            topic = pub.release(conn, hub.topics, signed, device)
+    took = time.perf_counter() - t0
+    if release:
+        console.print(f"published {pkg.name} v{pkg.version} to {topic} in {took:.1f}s (signed by {key_id!r}, "
+                      f"release {record.digest[:12]})", highlight=False)
+    else:
+        console.print(f"uploaded {pkg.name} v{pkg.version} in {took:.1f}s (signed by {key_id!r}, release "
+                      f"{record.digest[:12]}); no device sees it yet. Roll it out with:\n"
+                      f"  edgerun hub rollout start {pkg.name} {pkg.version} --fleet {hub.fleet} --key ...",
+                      highlight=False)
+
+
+PackageArg = typer.Argument(..., help="Model package directory (edgerun.toml and its variant files).")
+KeyOpt = typer.Option(None, "--key", "-k", help="Private key file from `hub keygen` (or EDGERUN_HUB_KEY).")
+KeyIdOpt = typer.Option(None, "--key-id", help="Key id (default: the key file's name without .key).")
+UrlBaseOpt = typer.Option(None, "--url-base", help="Devices fetch files from URL_BASE/<sha256> over HTTP(S).")
+BlobDirOpt = typer.Option(None, "--blob-dir", help="Copy files as BLOB_DIR/<sha256> (what --url-base serves).")
+ChunksOpt = typer.Option(True, "--mqtt-chunks/--no-mqtt-chunks", help="Also publish retained chunks.")
+ChunkSizeOpt = typer.Option(256 << 10, "--chunk-size", help="Chunk size in bytes.")
+VariantOpt = typer.Option(None, "--variant", help="Release only these variants (repeatable).")
+ExpiresOpt = typer.Option(None, "--expires-in", help="Hours until devices refuse this manifest.")
 
 
 @hub_app.command()
-def status(
-    fleet: str = FleetOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    config: Path = ConfigOpt, host: str = HostOpt, port: int = PortOpt, username: str = UserOpt,
-    password_file: Path = PassFileOpt, tls: bool = TlsOpt, ca_file: Path = CaOpt,
-) -> None:
-    """The fleet from the devices' retained state and status: online, profile, models, update state."""
-    from edgerun.contract import Topics
-    from edgerun.hub.fleet import fleet_status
-    from edgerun.mqtt import Connection
+@hub_command
+def upload(package: Path = PackageArg, key: Path = KeyOpt, key_id: str = KeyIdOpt, url_base: str = UrlBaseOpt,
+           blob_dir: Path = BlobDirOpt, mqtt_chunks: bool = ChunksOpt, chunk_size: int = ChunkSizeOpt,
+           variant: list[str] = VariantOpt, expires_in: float = ExpiresOpt, *, hub: Hub) -> None:
+    """Upload a release (retained chunks) and record it, signed, in the registry; `rollout` releases it."""
+    _upload(hub, package, key, key_id, device=None, release=False, url_base=url_base, blob_dir=blob_dir,
+            mqtt_chunks=mqtt_chunks, chunk_size=chunk_size, variant=variant, expires_in=expires_in)
 
-    opts, default_fleet = _broker(config, host, port, username, password_file, tls, ca_file)
-    with Connection(opts, persistent=False) as conn:
-        rows = fleet_status(conn, Topics(fleet or default_fleet))
+
+@hub_app.command()
+@hub_command
+def publish(package: Path = PackageArg,
+            device: str = typer.Option(None, "--device", "-d", help="Release to this device only (a canary)."),
+            key: Path = KeyOpt, key_id: str = KeyIdOpt, url_base: str = UrlBaseOpt, blob_dir: Path = BlobDirOpt,
+            mqtt_chunks: bool = ChunksOpt, chunk_size: int = ChunkSizeOpt, variant: list[str] = VariantOpt,
+            expires_in: float = ExpiresOpt, *, hub: Hub) -> None:
+    """Publish a release to the whole fleet at once (or one device): chunks, then the signed manifest.
+
+    For a staged release with health gates use `upload`, then `rollout start`.
+    """
+    _upload(hub, package, key, key_id, device=device, release=True, url_base=url_base, blob_dir=blob_dir,
+            mqtt_chunks=mqtt_chunks, chunk_size=chunk_size, variant=variant, expires_in=expires_in)
+
+
+# --- the fleet's state ------------------------------------------------------------------------------
+
+def sync(hub: Hub, registry: "Registry", *, quiet: float = 0.5) -> str | None:
+    """Bring the registry up to date from the broker's retained messages; the reason when that failed."""
+    from edgerun.errors import EdgerunError
+    from edgerun.hub.watch import FleetWatch
+
+    try:
+        with FleetWatch(hub.broker, hub.topics, registry, name="status", persistent=False).start(quiet=quiet):
+            pass
+    except EdgerunError as exc:
+        return str(exc)
+    return None
+
+
+def _update_cell(d: "DeviceRecord") -> str:
+    u = d.update or {}
+    if not u:
+        return "-"
+    text = f"{u.get('model')} v{u.get('version')}: {u.get('state')}"
+    if u.get("state") == "downloading" and u.get("progress") is not None:
+        text += f" {u['progress']:.0%}"
+    if u.get("error"):
+        text += f"\n[red]{escape(str(u['error'])[:80])}[/]"
+    return text
+
+
+@hub_app.command()
+@hub_command
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    offline: bool = typer.Option(False, "--offline", help="Show the registry only; do not ask the broker."),
+    select: list[str] = typer.Option(None, "--select", "-s", help="Only devices matching tag:NAME=V, profile=P, "
+                                                                 "devices=ID or online (repeatable: all must match)."),
+    *, hub: Hub,
+) -> None:
+    """The fleet: online, profile, tags, models, versions, variant, backend, update state and last error."""
+    from edgerun.hub.rollout import check_selector, matches
+
+    registry = hub.registry()
+    problem = None if offline else sync(hub, registry)
+    if problem:
+        err_console.print(f"[yellow]warning:[/] {escape(problem)}; showing the registry as last seen")
+    if select:
+        check_selector(select)
+    rows = [d for d in registry.devices(hub.fleet) if not select or matches(d, select)]
     if as_json:
-        print(json.dumps([r.to_dict() for r in rows], indent=1))
+        print(json.dumps([d.to_dict() for d in rows], indent=1))
         return
-    table = Table(title=f"Fleet {fleet or default_fleet!r}: {len(rows)} device(s)")
-    for col in ("device", "online", "profile", "models", "versions", "variant", "backend", "update"):
+    online = sum(1 for d in rows if d.online)
+    table = Table(title=f"Fleet {hub.fleet!r}: {len(rows)} known, {online} connected")
+    for col in ("device", "online", "profile", "tags", "models", "versions", "variant", "backend", "update",
+                "seen"):
         table.add_column(col)
-    for r in rows:
-        u = r.update or {}
-        upd = f"{u.get('model')} v{u.get('version')}: {u.get('state')}" if u else "-"
-        if u.get("state") == "downloading" and u.get("progress") is not None:
-            upd += f" {u['progress']:.0%}"
-        if u.get("error"):
-            upd += f"\n{u['error'][:80]}"
-        online = "-" if r.online is None else ("[green]yes[/]" if r.online else "[red]no[/]")
-        table.add_row(r.device, online, r.profile or "-", "\n".join(m["name"] for m in r.models) or "-",
-                      "\n".join(str(m.get("version")) for m in r.models) or "-",
-                      "\n".join(str(m.get("variant")) for m in r.models) or "-",
-                      "\n".join(str(m.get("backend")) for m in r.models) or "-", upd)
+    now = time.time()
+    for d in rows:
+        state = "-" if d.online is None else ("[green]yes[/]" if d.online else "[red]no[/]")
+        tags = " ".join(f"{k}={v}" for k, v in sorted(d.tags.items())) or "-"
+        ms = d.models
+        table.add_row(d.device, state, d.profile or "-", escape(tags), "\n".join(m["name"] for m in ms) or "-",
+                      "\n".join(str(m.get("version")) for m in ms) or "-",
+                      "\n".join(str(m.get("variant")) for m in ms) or "-",
+                      "\n".join(str(m.get("backend")) for m in ms) or "-", _update_cell(d),
+                      ago(d.status_ts or d.state_ts, now))
     console.print(table)
 
 
 @hub_app.command()
+@hub_command
+def releases(model: str = typer.Argument(None, help="Only this model."),
+             as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."), *,
+             hub: Hub) -> None:
+    """Every release the registry knows: version, variants, signing key, who made it and when."""
+    rows = hub.registry().releases(hub.fleet, model)
+    if as_json:
+        print(json.dumps([{**r.__dict__, "manifest": None} for r in rows], indent=1, default=str))
+        return
+    table = Table(title=f"Releases of fleet {hub.fleet!r}" + (f", model {model}" if model else ""))
+    for col in ("model", "version", "release", "variants", "key", "how", "by", "recorded"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.model, str(r.version), r.digest[:12], ", ".join(v["id"] for v in r.variants), r.key_id,
+                      r.source, r.recorded_by, when(r.recorded_at))
+    console.print(table)
+
+
+@hub_app.command()
+@hub_command
+def history(model: str = typer.Argument(..., help="The model."),
+            limit: int = typer.Option(20, "--events", help="How many recent events to show."), *, hub: Hub) -> None:
+    """A model's story: releases, rollouts and how they ended, which versions run where, recent events."""
+    from edgerun.cli.hub_rollout import rollout_summary
+
+    registry = hub.registry()
+    rels = registry.releases(hub.fleet, model)
+    outs = registry.rollouts(hub.fleet, model)
+    devices = registry.devices(hub.fleet)
+    if not rels and not outs and not any(d.model(model) for d in devices):
+        raise fail(f"the registry of fleet {hub.fleet!r} knows nothing of model {model!r}", 66)
+    t = Table(title=f"{model}: releases")
+    for col in ("version", "release", "how", "by", "recorded"):
+        t.add_column(col)
+    for r in rels:
+        t.add_row(str(r.version), r.digest[:12], r.source, r.recorded_by, when(r.recorded_at))
+    console.print(t)
+    if outs:
+        t = Table(title=f"{model}: rollouts")
+        for col in ("id", "version", "state", "devices", "started", "by", "reason"):
+            t.add_column(col)
+        for r in outs:
+            t.add_row(str(r.id), str(r.version), r.state, rollout_summary(registry, r), when(r.created_at),
+                      r.created_by, escape(r.reason or ""))
+        console.print(t)
+    serving: dict[Any, int] = {}
+    for d in devices:
+        m = d.model(model)
+        if m:
+            serving[(m.get("version"), m.get("variant"), m.get("backend"))] = \
+                serving.get((m.get("version"), m.get("variant"), m.get("backend")), 0) + 1
+    if serving:
+        t = Table(title=f"{model}: what runs where")
+        for col in ("version", "variant", "backend", "devices"):
+            t.add_column(col)
+        for (v, variant, backend), n in sorted(serving.items(), key=lambda kv: (-(kv[0][0] or 0), kv[0][1] or "")):
+            t.add_row(str(v), str(variant), str(backend), str(n))
+        console.print(t)
+    evs = registry.events(hub.fleet, model=model, limit=limit)
+    if evs:
+        t = Table(title=f"{model}: last {len(evs)} event(s)")
+        for col in ("received", "device", "version", "state", "detail"):
+            t.add_column(col)
+        for e in evs:
+            t.add_row(when(e.received), e.device, str(e.version), e.state, escape(e.detail[:100]))
+        console.print(t)
+
+
+@hub_app.command()
+@hub_command
+def watch(*, hub: Hub) -> None:
+    """Follow the fleet and keep the registry current until Ctrl-C; prints every update event."""
+    import logging
+    import signal
+    import threading
+
+    from edgerun.contract import Event, State
+    from edgerun.hub.watch import FleetWatch
+
+    log = logging.getLogger("edgerun.hub")
+    stop = threading.Event()
+    registry = hub.registry()
+
+    def show(kind: str, device: str, obj: object) -> None:
+        if kind == "event" and isinstance(obj, Event):
+            level = logging.WARNING if obj.failed else logging.INFO
+            log.log(level, "%s: %s v%d %s %s", device, obj.model, obj.version, obj.state, obj.detail)
+        elif kind == "state" and isinstance(obj, State):
+            log.info("%s: %s (session %d)", device, "online" if obj.online else "offline", obj.session)
+
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    with FleetWatch(hub.broker, hub.topics, registry) as w:
+        log.info("watching fleet %r on %s into %s: %d device(s) known", hub.fleet, hub.broker.address,
+                 registry.shown, len(w.statuses))
+        w.add_listener(show)
+        try:
+            while not stop.wait(30 if not is_tty() else 3600):
+                log.info("%d device(s), %d online, %d message(s) so far", len(w.states),
+                         sum(1 for s in w.states.values() if s.online), w.messages)
+        except KeyboardInterrupt:
+            pass
+
+
+@hub_app.command()
+@hub_command
 def retire(
     model: str = typer.Argument(..., help="Model to retire."),
-    fleet: str = FleetOpt,
     device: str = typer.Option(None, "--device", "-d", help="Clear only this device's override release."),
     purge_blobs: bool = typer.Option(False, "--purge-blobs", help="Also delete the retired release's chunks."),
-    config: Path = ConfigOpt, host: str = HostOpt, port: int = PortOpt, username: str = UserOpt,
-    password_file: Path = PassFileOpt, tls: bool = TlsOpt, ca_file: Path = CaOpt,
+    *, hub: Hub,
 ) -> None:
     """Clear a model's retained release: devices stop serving it (a device release falls back to the fleet's)."""
-    from edgerun.contract import Topics
     from edgerun.hub.fleet import retire as do_retire
     from edgerun.mqtt import Connection
 
-    opts, default_fleet = _broker(config, host, port, username, password_file, tls, ca_file)
-    with Connection(opts, persistent=False) as conn:
-        shas = do_retire(conn, Topics(fleet or default_fleet), model, device=device, purge_blobs=purge_blobs)
+    with Connection(hub.broker, persistent=False) as conn:
+        shas = do_retire(conn, hub.topics, model, device=device, purge_blobs=purge_blobs)
     console.print(f"retired {model}" + (f" for device {device}" if device else "")
                   + (f"; deleted {len(shas)} blob(s)" if shas else ""), highlight=False)
 
 
 @hub_app.command()
-def gc(
-    fleet: str = FleetOpt,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Only list the blobs that would be deleted."),
-    config: Path = ConfigOpt, host: str = HostOpt, port: int = PortOpt, username: str = UserOpt,
-    password_file: Path = PassFileOpt, tls: bool = TlsOpt, ca_file: Path = CaOpt,
-) -> None:
+@hub_command
+def gc(dry_run: bool = typer.Option(False, "--dry-run", help="Only list the blobs that would be deleted."), *,
+       hub: Hub) -> None:
     """Delete retained chunks that no current release refers to (retired and superseded versions)."""
-    from edgerun.contract import Topics
     from edgerun.hub.fleet import gc_blobs
     from edgerun.mqtt import Connection
 
-    opts, default_fleet = _broker(config, host, port, username, password_file, tls, ca_file)
-    with Connection(opts, persistent=False) as conn:
-        orphans = gc_blobs(conn, Topics(fleet or default_fleet), dry_run=dry_run)
+    with Connection(hub.broker, persistent=False) as conn:
+        orphans = gc_blobs(conn, hub.topics, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     console.print(f"{verb} {len(orphans)} blob(s)" + "".join(f"\n  {s}" for s in orphans), highlight=False)

@@ -1,30 +1,12 @@
-"""The fleet seen from the hub: device table from retained state/status, retiring models, blob clean-up."""
+"""Retained messages on the broker seen from the hub: current releases, retiring models, blob clean-up."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 from edgerun.contract import Topics
 from edgerun.mqtt import Connection
-
-
-@dataclass
-class DeviceRow:
-    """One device as its retained ``state`` and ``status`` describe it."""
-
-    device: str
-    online: bool | None = None
-    session: int | None = None
-    profile: str = ""
-    models: list[dict[str, Any]] = field(default_factory=list)
-    update: dict[str, Any] | None = None
-    status_ts: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "online": self.online, "session": self.session, "profile": self.profile,
-                "models": self.models, "update": self.update, "status_ts": self.status_ts}
 
 
 def _json(payload: bytes) -> Any:
@@ -32,27 +14,6 @@ def _json(payload: bytes) -> Any:
         return json.loads(payload)
     except ValueError:
         return None
-
-
-def fleet_status(conn: Connection, topics: Topics, *, quiet: float = 0.5) -> list[DeviceRow]:
-    """Every device that has a retained state or status message in ``fleet``."""
-    base = f"{topics.prefix}/devices/"
-    got = conn.collect([f"{base}+/state", f"{base}+/status"], quiet=quiet)
-    rows: dict[str, DeviceRow] = {}
-    for topic, payload in got.items():
-        device, _, kind = topic[len(base):].partition("/")
-        row = rows.setdefault(device, DeviceRow(device))
-        data = _json(payload)
-        if not isinstance(data, dict):
-            continue
-        if kind == "state":
-            row.online, row.session = bool(data.get("online")), data.get("session")
-        elif kind == "status":
-            row.profile = str(data.get("profile", ""))
-            row.models = list(data.get("models") or [])
-            row.update = data.get("update")
-            row.status_ts = data.get("ts")
-    return [rows[k] for k in sorted(rows)]
 
 
 def releases(conn: Connection, topics: Topics) -> dict[str, dict[str, Any]]:
@@ -109,4 +70,4 @@ def gc_blobs(conn: Connection, topics: Topics, *, dry_run: bool = False) -> list
     return orphans
 
 
-__all__ = ["DeviceRow", "fleet_status", "releases", "retire", "delete_blob", "gc_blobs"]
+__all__ = ["releases", "retire", "delete_blob", "gc_blobs"]

@@ -68,8 +68,9 @@ def with_version(pkg: ModelPackage, version: int, root: Path) -> ModelPackage:
 class Hub:
     """Publishes releases (good or deliberately broken) to one fleet on the test broker."""
 
-    def __init__(self, broker: Mosquitto, fleet: str, keydir: Path):
+    def __init__(self, broker: Mosquitto, fleet: str, keydir: Path, db: str | None = None):
         self.broker = broker
+        self.db = db or f"sqlite:///{keydir.parent / f'hub-{fleet}.db'}"
         self.fleet = fleet
         self.topics = Topics(fleet)
         self.keydir = keydir
@@ -107,7 +108,8 @@ class Hub:
         """Run the real `edgerun hub ...` command line."""
         return subprocess.run([sys.executable, "-c", "import sys; from edgerun.cli import main; sys.exit(main())",
                                "hub", *args, "--host", "127.0.0.1", "--port", str(self.broker.port)],
-                              capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "COLUMNS": "200", "EDGERUN_HUB_DB": self.db})
 
 
 # --- watching the device over MQTT -------------------------------------------------------------

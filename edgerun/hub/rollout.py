@@ -1,0 +1,507 @@
+"""Staged rollouts: per-device releases stage by stage, health gates, automatic abort and roll-back.
+
+A rollout publishes the release on the per-device release topics of its devices (the contract's canary
+path), a canary first and then steps of the selection, waits for each device's ``active`` event, bakes, and
+promotes. When failures, rejections and time-outs pass the plan's threshold it aborts: every device it
+touched gets back the per-device release it had before, which makes the device fall back to the release
+it served and switch back to that kept version (the contract's explicit roll-back). A rollout of the whole
+fleet ends by moving the fleet's retained release and clearing the per-device ones. Its state lives in the
+registry, so another hub process can pick it up after a crash (``resume``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable
+
+from edgerun import manifest as manifest_mod
+from edgerun.contract import FAILED, Event, Topics
+from edgerun.errors import EdgerunError
+from edgerun.hub.publish import encode
+from edgerun.hub.registry import DeviceRecord, Registry, RegistryError, RolloutDevice, RolloutRecord
+from edgerun.hub.watch import FleetWatch
+from edgerun.units import parse_duration
+
+log = logging.getLogger(__name__)
+
+TICK = 0.25  # seconds between looks at the fleet
+STALE_RUNNER = 15.0  # a runner whose heartbeat is older than this is gone: another hub may take over
+CLOCK_SLACK = 120.0  # a device's status time may lag or lead the hub's by this much
+DONE = ("active", "failed", "timed_out")  # a device whose update is over, one way or the other
+FAILURES = ("failed", "timed_out")
+SETTLED = ("reverted", "kept", "revert_timed_out")  # a device the abort has dealt with
+
+
+class RolloutError(EdgerunError):
+    """A rollout cannot start or go on: unknown release, no device selected, one already in progress."""
+
+    exit_code = 65
+
+
+def runner_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# --- the plan ---------------------------------------------------------------------------------------
+
+def _amount(value: str | float | int, total: int, what: str) -> float:
+    """``"25%"`` of ``total``, or an absolute count."""
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            pct = float(text[:-1])
+            if not 0 <= pct <= 100:
+                raise ValueError
+            return total * pct / 100
+        n = float(text)
+        if n < 0:
+            raise ValueError
+        return n
+    except ValueError:
+        raise RolloutError(f"{what}: expected a count or a percentage such as 25%, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a rollout proceeds: canary size, step, bake time, failure threshold, per-device time-out."""
+
+    canary: int = 1
+    step: str = "25%"
+    bake: float = 60.0
+    max_failures: str = "10%"
+    timeout: float = 600.0
+
+    @classmethod
+    def parse(cls, *, canary: int = 1, step: str = "25%", bake: str | float = "60s", max_failures: str = "10%",
+              timeout: str | float = "10m") -> "Plan":
+        try:
+            plan = cls(canary, str(step), parse_duration(bake), str(max_failures), parse_duration(timeout))
+        except ValueError as exc:
+            raise RolloutError(str(exc)) from None
+        if canary < 0:
+            raise RolloutError(f"--canary: expected 0 or more devices, got {canary}")
+        if _amount(plan.step, 100, "--step") <= 0:
+            raise RolloutError(f"--step: expected more than 0, got {plan.step!r}")
+        _amount(plan.max_failures, 100, "--max-failures")
+        if plan.timeout <= 0:
+            raise RolloutError("--timeout: expected a positive duration")
+        return plan
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def stages(self, n: int) -> list[int]:
+        """The number of devices in each stage: the canary, then steps until all ``n``."""
+        sizes = []
+        left = n
+        if self.canary and left:
+            sizes.append(min(self.canary, left))
+            left -= sizes[-1]
+        step = max(1, math.ceil(_amount(self.step, n, "--step")))
+        while left > 0:
+            sizes.append(min(step, left))
+            left -= sizes[-1]
+        return sizes
+
+    def allowed_failures(self, published: int) -> float:
+        """How many failures the devices published so far may have before the rollout aborts."""
+        return _amount(self.max_failures, published, "--max-failures")
+
+    def describe(self) -> str:
+        return (f"canary {self.canary}, steps of {self.step}, bake {self.bake:g}s, abort above "
+                f"{self.max_failures} failures, {self.timeout:g}s per device")
+
+
+# --- selecting devices ------------------------------------------------------------------------------
+
+def _values(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def check_selector(selector: list[str]) -> None:
+    for s in selector:
+        key, sep, value = s.partition("=")
+        if s == "online":
+            continue
+        if not sep or not value or not (key in ("profile", "devices") or key.startswith("tag:") and key[4:]):
+            raise RolloutError(f"--select {s!r}: expected tag:NAME=VALUE, profile=NAME, devices=ID,ID or online "
+                               f"(values may be patterns such as pi-*)")
+
+
+def matches(device: DeviceRecord, selector: list[str]) -> bool:
+    """True when ``device`` matches every selector term (values separated by commas: any of them)."""
+    for s in selector:
+        if s == "online":
+            if not device.online:
+                return False
+            continue
+        key, _, value = s.partition("=")
+        if key == "profile":
+            have = device.profile
+        elif key == "devices":
+            have = device.device
+        else:
+            have = device.tags.get(key[4:])
+            if have is None:
+                return False
+        if not any(fnmatch.fnmatchcase(have, pat) for pat in _values(value)):
+            return False
+    return True
+
+
+def order(devices: list[DeviceRecord], seed: str) -> list[DeviceRecord]:
+    """Online devices first (a canary must answer), then a stable spread over the fleet."""
+    def key(d: DeviceRecord) -> tuple[bool, str]:
+        return (not d.online, hashlib.sha256(f"{seed}/{d.device}".encode()).hexdigest())
+
+    return sorted(devices, key=key)
+
+
+# --- starting ---------------------------------------------------------------------------------------
+
+@dataclass
+class Start:
+    """What ``start_rollout`` decided, for the command line to print."""
+
+    rollout: RolloutRecord
+    skipped: list[tuple[str, str]]  # (device, why it is not part of the rollout)
+
+
+def start_rollout(registry: Registry, watch: FleetWatch, key: Any, key_id: str, model: str, version: int, *,
+                  selector: list[str], plan: Plan, runner: str) -> Start:
+    """Check, select, sign the release afresh and record the rollout; ``RolloutRunner`` then runs it."""
+    fleet = watch.topics.fleet
+    check_selector(selector)
+    release = registry.release(fleet, model, version)
+    if release is None:
+        known = sorted({f"{r.model} v{r.version}" for r in registry.releases(fleet)})
+        raise RolloutError(f"no release of {model} v{version} in the registry of fleet {fleet!r} "
+                           f"(known: {', '.join(known) or 'none'}); upload it first: edgerun hub upload PACKAGE")
+    busy = registry.active_rollout(fleet, model)
+    if busy is not None:
+        raise RolloutError(f"rollout {busy.id} of {model} v{busy.version} is already {busy.state}; "
+                           f"abort it (edgerun hub rollout abort {busy.id}) or let it finish first")
+    watch.flush()
+    everyone = registry.devices(fleet)
+    chosen = [d for d in everyone if matches(d, selector)]
+    if not chosen:
+        what = " and ".join(selector) if selector else "the whole fleet"
+        raise RolloutError(f"no device of fleet {fleet!r} matches {what} ({len(everyone)} device(s) known; "
+                           f"`edgerun hub status` lists them)")
+    skipped, targets = [], []
+    for d in chosen:
+        have = d.version_of(model)
+        if have is not None and have > version:
+            skipped.append((d.device, f"serves v{have}, newer than v{version}"))
+        else:
+            targets.append(d)
+    if not targets:
+        raise RolloutError(f"every selected device already serves a newer {model}: "
+                           + ", ".join(f"{d} ({why})" for d, why in skipped[:5]))
+    unsigned = {k: v for k, v in release.signed().items() if k != "signature"}
+    unsigned["created"] = manifest_mod.utc_now()  # a new digest: devices that failed an earlier try take it
+    signed = manifest_mod.sign(unsigned, key, key_id)
+    record = registry.record_release(fleet, signed, source="rollout")
+    ordered = order(targets, record.digest)
+    stage_of = [i for i, size in enumerate(plan.stages(len(ordered))) for _ in range(size)]
+    rows = [(d.device, stage, d.version_of(model),
+             watch.releases.get(watch.topics.release(model, d.device), b"").decode())
+            for d, stage in zip(ordered, stage_of)]
+    rollout = registry.create_rollout(fleet, model, version, record.digest, selector=selector, plan=asdict(plan),
+                                      fleet_wide=not selector, targets=rows, runner=runner)
+    return Start(rollout, skipped)
+
+
+# --- running ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Progress:
+    """A rollout and its devices, as the runner sees them after one look."""
+
+    rollout: RolloutRecord
+    devices: list[RolloutDevice]
+
+    def counts(self, stage: int | None = None) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.devices:
+            if stage is None or d.stage == stage:
+                out[d.state] = out.get(d.state, 0) + 1
+        return out
+
+    @property
+    def stages(self) -> int:
+        return max((d.stage for d in self.devices), default=-1) + 1
+
+
+class RolloutRunner:
+    """Drives one rollout to its end; ``run()`` returns when it succeeded or was aborted (or on ``stop()``)."""
+
+    def __init__(self, registry: Registry, watch: FleetWatch, rollout_id: int, *, runner: str | None = None,
+                 on_progress: Callable[[Progress], None] | None = None, tick: float = TICK):
+        self.registry = registry
+        self.watch = watch
+        self.topics: Topics = watch.topics
+        self.runner = runner or runner_name()
+        self.on_progress = on_progress
+        self.tick = tick
+        self.rollout = registry.rollout(rollout_id)
+        self.plan = Plan.from_dict(self.rollout.plan)
+        release = registry.release_by_digest(self.rollout.fleet, self.rollout.digest)
+        if release is None:
+            raise RolloutError(f"rollout {rollout_id}: its signed release {self.rollout.digest[:12]} is not in the "
+                               f"registry")
+        self.payload = encode(release.signed())
+        self.devices = {d.device: d for d in registry.rollout_devices(rollout_id)}
+        self._seen: dict[str, list[tuple[Event, float]]] = {}  # device -> (event, when the hub received it)
+        self._stop = False
+        since = min((d.published_at for d in self.devices.values() if d.published_at), default=None)
+        if since is not None:  # what devices reported while no hub ran this rollout
+            for e in registry.events(self.rollout.fleet, model=self.rollout.model, since=since - 1, limit=100_000):
+                if e.device in self.devices:
+                    self._note(e.device, Event(e.model, e.version, e.state, e.detail, e.ts), e.received)
+
+    # --- events in --------------------------------------------------------------------------
+
+    def _listen(self, kind: str, device: str, obj: object) -> None:
+        if kind == "event" and device in self.devices and isinstance(obj, Event) and obj.model == self.rollout.model:
+            self._note(device, obj, time.time())
+
+    def _note(self, device: str, e: Event, received: float) -> None:
+        self._seen.setdefault(device, []).append((e, received))
+
+    def _events_after(self, device: str, since: float) -> list[Event]:
+        return [e for e, received in self._seen.get(device, []) if received >= since - 1.0]
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def run(self) -> RolloutRecord:
+        self.watch.add_listener(self._listen)
+        try:
+            while not self._stop:
+                self.rollout = self.registry.heartbeat(self.rollout.id, self.runner)
+                self._step()
+                if self.on_progress is not None:
+                    self.on_progress(Progress(self.rollout, list(self.devices.values())))
+                if not self.rollout.in_progress:
+                    break
+                time.sleep(self.tick)
+        finally:
+            self.watch.remove_listener(self._listen)
+        return self.rollout
+
+    def _step(self) -> None:
+        r = self.rollout
+        if r.request:
+            self._handle_request(r.request)
+            r = self.rollout
+        if r.state in ("running", "paused"):
+            self._track_updates()
+            failures = sum(1 for d in self.devices.values() if d.state in FAILURES)
+            published = sum(1 for d in self.devices.values() if d.state != "pending")
+            if failures and failures > self.plan.allowed_failures(published):
+                self._begin_abort(f"{failures} of {published} device(s) failed, timed out or were rejected: "
+                                  f"more than {self.plan.max_failures}")
+            elif r.state == "running":
+                self._advance()
+        if self.rollout.state == "aborting":
+            self._track_reverts()
+
+    def _handle_request(self, request: str) -> None:
+        r = self.rollout
+        if request == "abort" and r.state in ("running", "paused"):
+            self._begin_abort("aborted by hand")
+        elif request == "pause" and r.state == "running":
+            self._set(state="paused", request=None, log_message="paused by hand: no new stage starts")
+        elif request == "resume" and r.state == "paused":
+            self._set(state="running", request=None, log_message="resumed by hand")
+        else:
+            self._set(request=None)
+
+    def _set(self, log_message: str | None = None, **values: Any) -> None:
+        if log_message:
+            log.info("rollout %d: %s", self.rollout.id, log_message)
+        self.rollout = self.registry.update_rollout(self.rollout.id, expect_runner=self.runner,
+                                                    log_message=log_message, **values)
+
+    def _save(self, changed: dict[str, dict[str, Any]]) -> None:
+        if not changed:
+            return
+        self.registry.set_rollout_devices(self.rollout.id, changed.items())
+        for name, values in changed.items():
+            self.devices[name] = replace(self.devices[name], **values)
+
+    def _publish(self, names: list[str], payloads: dict[str, bytes]) -> None:
+        conn = self.watch.conn
+        conn.wait([conn.publish(self.topics.release(self.rollout.model, n), payloads[n], retain=True) for n in names])
+
+    # --- updating ---------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Publish the current stage, or bake it, or go to the next one, or finish."""
+        r = self.rollout
+        stage = [d for d in self.devices.values() if d.stage == r.stage]
+        pending = [d.device for d in stage if d.state == "pending"]
+        if pending:
+            self._start_stage(pending)
+            return
+        if any(d.state not in DONE for d in stage):
+            return
+        now = time.time()
+        if r.stage_done_at is None:
+            c = Progress(r, stage).counts()
+            self._set(stage_done_at=now, log_message=(
+                f"stage {r.stage + 1}: {c.get('active', 0)} active, {c.get('failed', 0)} failed, "
+                f"{c.get('timed_out', 0)} timed out; baking {self.plan.bake:g}s"))
+            return
+        if now - r.stage_done_at < self.plan.bake:
+            return
+        if any(d.stage > r.stage for d in self.devices.values()):
+            self._set(stage=r.stage + 1, stage_done_at=None, log_message=f"stage {r.stage + 2} starts")
+        else:
+            self._finish()
+
+    def _start_stage(self, names: list[str]) -> None:
+        now = time.time()
+        changed, publish = {}, []
+        for n in names:
+            have = self._serving(n)
+            if have == self.rollout.version:
+                changed[n] = {"state": "active", "published_at": now, "finished_at": now,
+                              "detail": f"already serves v{have}"}
+            else:
+                publish.append(n)
+                changed[n] = {"state": "updating", "published_at": now, "detail": ""}
+        self._publish(publish, {n: self.payload for n in publish})
+        self._save(changed)
+        log.info("rollout %d: stage %d published to %d device(s)", self.rollout.id, self.rollout.stage + 1,
+                 len(publish))
+
+    def _serving(self, device: str) -> int | None:
+        status = self.watch.statuses.get(device)
+        m = status.model(self.rollout.model) if status else None
+        return m.version if m else None
+
+    def _track_updates(self) -> None:
+        now = time.time()
+        target = self.rollout.version
+        changed = {}
+        for d in self.devices.values():
+            if d.state != "updating":
+                continue
+            since = d.published_at or now
+            outcome = None
+            for e in self._events_after(d.device, since):
+                if e.version == target and (e.state == "active" or e.failed):
+                    outcome = ("active" if e.state == "active" else "failed", f"{e.state}: {e.detail}")
+            if outcome is None:
+                outcome = self._from_status(d.device, since)
+            if outcome is None and now - since > self.plan.timeout:
+                outcome = ("timed_out", f"no answer within {self.plan.timeout:g}s"
+                                        + ("" if (self.watch.states.get(d.device) or _OFF).online else " (offline)"))
+            if outcome is not None:
+                changed[d.device] = {"state": outcome[0], "detail": outcome[1][:500], "finished_at": now}
+        self._save(changed)
+
+    def _from_status(self, device: str, since: float) -> tuple[str, str] | None:
+        """The outcome the retained status shows, for events missed while no hub was watching."""
+        status = self.watch.statuses.get(device)
+        if status is None:
+            return None
+        if self._serving(device) == self.rollout.version:
+            return ("active", f"serves v{self.rollout.version}")
+        u = status.updates.get(self.rollout.model)
+        if u is not None and u.version == self.rollout.version and u.state in FAILED and u.ts >= since - CLOCK_SLACK:
+            return ("failed", f"{u.state}: {u.detail}")
+        return None
+
+    def _finish(self) -> None:
+        r = self.rollout
+        names = list(self.devices)
+        if r.fleet_wide:
+            conn = self.watch.conn
+            conn.wait([conn.publish(self.topics.release(r.model), self.payload, retain=True)])
+            self._publish(names, {n: b"" for n in names})
+            where = "the fleet's release now names it; per-device releases cleared"
+        else:
+            where = "the selected devices keep their per-device release"
+        c = Progress(r, list(self.devices.values())).counts()
+        self._set(state="succeeded", finished_at=time.time(), log_message=(
+            f"succeeded: {c.get('active', 0)} active, {c.get('failed', 0) + c.get('timed_out', 0)} failed; {where}"))
+
+    # --- aborting ---------------------------------------------------------------------------
+
+    def _begin_abort(self, reason: str) -> None:
+        self._set(state="aborting", request=None, reason=reason, log_message=f"aborting: {reason}")
+        now = time.time()
+        touched = [d for d in self.devices.values() if d.state != "pending"]
+        payloads = {d.device: (d.before_release or "").encode() for d in touched}
+        self._publish([d.device for d in touched], payloads)  # each device's own release as it was before
+        changed = {}
+        for d in touched:
+            if d.before_version is None and d.state == "active":
+                changed[d.device] = {"state": "kept", "finished_at": now,
+                                     "detail": f"keeps v{self.rollout.version}: it served no earlier version"}
+            else:
+                changed[d.device] = {"state": "reverting", "published_at": now,
+                                     "detail": f"{d.state}: {d.detail}"[:500]}
+        self._save(changed)
+
+    def _track_reverts(self) -> None:
+        now = time.time()
+        changed = {}
+        for d in self.devices.values():
+            if d.state != "reverting":
+                continue
+            have = self._serving(d.device)
+            if have == d.before_version or (have is None and d.before_version is None):
+                changed[d.device] = {"state": "reverted", "finished_at": now,
+                                     "detail": f"back on v{d.before_version}" if d.before_version else "removed"}
+            elif now - (d.published_at or now) > self.plan.timeout:
+                changed[d.device] = {"state": "revert_timed_out", "finished_at": now,
+                                     "detail": f"not back on v{d.before_version} within {self.plan.timeout:g}s; "
+                                               f"its release names it, it switches when it is back"}
+        self._save(changed)
+        if all(d.state in SETTLED or d.state == "pending" for d in self.devices.values()):
+            c = Progress(self.rollout, list(self.devices.values())).counts()
+            self._set(state="aborted", finished_at=now, log_message=(
+                f"aborted: {c.get('reverted', 0)} rolled back, {c.get('kept', 0)} kept the new version, "
+                f"{c.get('revert_timed_out', 0)} not confirmed, {c.get('pending', 0)} never updated"))
+
+
+class _Off:
+    online = False
+
+
+_OFF = _Off()
+
+
+# --- by hand ----------------------------------------------------------------------------------------
+
+def request(registry: Registry, rollout_id: int, what: str) -> RolloutRecord:
+    """Ask the rollout's runner to pause, resume or abort (it acts within a tick)."""
+    r = registry.rollout(rollout_id)
+    if not r.in_progress:
+        raise RolloutError(f"rollout {rollout_id} is {r.state}: nothing to {what}")
+    allowed = {"pause": ("running",), "resume": ("paused", "running"), "abort": ("running", "paused")}
+    if r.state not in allowed[what]:
+        raise RolloutError(f"rollout {rollout_id} is {r.state}: it cannot be {what}d")
+    return registry.update_rollout(rollout_id, request=what, log_message=f"{what} asked by hand")
+
+
+def runner_alive(r: RolloutRecord, now: float | None = None) -> bool:
+    return r.heartbeat is not None and (now or time.time()) - r.heartbeat < STALE_RUNNER
+
+
+__all__ = ["Plan", "Progress", "RolloutError", "RolloutRunner", "RegistryError", "Start", "check_selector",
+           "matches", "request", "runner_alive", "runner_name", "start_rollout"]
