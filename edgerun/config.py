@@ -332,9 +332,29 @@ def check_config(config: Config) -> None:
                       ("mqtt.key_file", config.mqtt.key_file)):
         if path is not None and not os.access(path, os.R_OK):
             raise ConfigError(f"expected a readable file, cannot read {path}", file=src, key=key)
-    if config.mqtt.enabled and config.mqtt.trusted_keys is not None and not config.mqtt.trusted_keys.is_dir():
-        raise ConfigError(f"expected a directory of <key_id>.pub files, {config.mqtt.trusted_keys} is not one",
-                          file=src, key="mqtt.trusted_keys")
+    if config.mqtt.enabled and config.mqtt.trusted_keys is None:
+        raise ConfigError("MQTT updates are on but no trusted_keys directory is set: every release would be "
+                          "rejected", file=src, key="mqtt.trusted_keys")
+    if config.mqtt.enabled and config.mqtt.trusted_keys is not None:
+        from edgerun.manifest import read_trusted_keys
+
+        if not config.mqtt.trusted_keys.is_dir():
+            raise ConfigError(f"expected a directory of <key_id>.pub files, {config.mqtt.trusted_keys} is not one",
+                              file=src, key="mqtt.trusted_keys")
+        keys, problems = read_trusted_keys(config.mqtt.trusted_keys)
+        if problems:
+            raise ConfigError(f"not a usable release-signing key: {problems[0]}", file=src, key="mqtt.trusted_keys")
+        if not keys:
+            raise ConfigError(f"no <key_id>.pub file in {config.mqtt.trusted_keys}: every release would be "
+                              f"rejected (copy the hub's public key there: edgerun hub pubkey KEY > DIR/ID.pub)",
+                              file=src, key="mqtt.trusted_keys")
+    if config.mqtt.enabled:
+        from edgerun.contract import valid_name
+
+        for key, value in (("fleet", config.mqtt.fleet), ("device_id", config.mqtt.device_id)):
+            if not valid_name(value):
+                raise ConfigError(f"expected letters, digits, '.', '_' or '-' (one MQTT topic level), got {value!r}",
+                                  file=src, key=f"mqtt.{key}")
     if config.memory_budget is not None:
         try:
             parse_budget(config.memory_budget, 1 << 30)

@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -124,6 +125,10 @@ def check(obj: dict[str, Any], key_id: str, *, topic_model: str | None = None, n
         raise ManifestError("malformed manifest: 'package' must be an object")
     if not isinstance(variants, list) or not variants:
         raise ManifestError("malformed manifest: 'variants' must be a non-empty list")
+    missing = [k for k in ("name", "version") if pkg_data.get(k) is None]
+    if missing:
+        raise ManifestError(f"malformed manifest: its 'package' has no {' and no '.join(repr(k) for k in missing)} "
+                            f"(it must name {model!r} v{version})")
     if pkg_data.get("name") != model or pkg_data.get("version") != version:
         raise ManifestError(f"manifest names {model!r} v{version} but its package is "
                             f"{pkg_data.get('name')!r} v{pkg_data.get('version')!r}")
@@ -183,19 +188,40 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
-def load_trusted_keys(directory: Path | None) -> dict[str, Ed25519PublicKey]:
-    """Every ``<key_id>.pub`` in ``directory``; an unreadable key is logged and skipped."""
+KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def read_trusted_keys(directory: Path) -> tuple[dict[str, Ed25519PublicKey], list[str]]:
+    """Every ``<key_id>.pub`` in ``directory``, and a sentence for each file that is not a usable key."""
     keys: dict[str, Ed25519PublicKey] = {}
-    if directory is None or not Path(directory).is_dir():
-        if directory is not None:
-            log.warning("trusted keys directory %s does not exist: every release will be rejected", directory)
-        return keys
+    problems: list[str] = []
     for p in sorted(Path(directory).glob("*.pub")):
+        if not KEY_ID.match(p.stem):
+            problems.append(f"{p}: the key id {p.stem!r} (the file name without .pub) must be letters, digits, "
+                            f"'.', '_' or '-', at most 64")
+            continue
         try:
             keys[p.stem] = load_public_key(p)
         except (OSError, EdgerunError) as exc:
-            log.warning("skipping trusted key %s: %s", p, exc)
+            problems.append(str(exc) if str(p) in str(exc) else f"{p}: {exc}")
+    return keys, problems
+
+
+def load_trusted_keys(directory: Path | None) -> dict[str, Ed25519PublicKey]:
+    """Every ``<key_id>.pub`` in ``directory``; an unreadable key is logged and skipped."""
+    if directory is None or not Path(directory).is_dir():
+        if directory is not None:
+            log.warning("trusted keys directory %s does not exist: every release will be rejected", directory)
+        return {}
+    keys, problems = read_trusted_keys(Path(directory))
+    for problem in problems:
+        log.warning("skipping trusted key %s", problem)
     return keys
+
+
+def public_key_pem(key: Ed25519PrivateKey) -> bytes:
+    """The public half as PEM: what a device's ``<key_id>.pub`` holds."""
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:

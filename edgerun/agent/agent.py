@@ -195,8 +195,9 @@ class Agent:
             with self._lock:
                 self._current.pop(model, None)
 
-    def _cancelled(self, model: str) -> Callable[[], bool]:
-        return lambda: self._stop.is_set() or model in self._pending
+    def _cancelled(self, model: str) -> Callable[[], str]:
+        """Why the update of ``model`` should stop now: "stopping", "superseded", or "" to go on."""
+        return lambda: "stopping" if self._stop.is_set() else "superseded" if model in self._pending else ""
 
     # --- MQTT out (the updater's host) --------------------------------------------------------
 

@@ -193,7 +193,7 @@ def _certificate_problem(exc: BaseException) -> ssl.SSLCertVerificationError | N
 
 
 def http_fetch(url: str, dest: Path, size: int, *, progress: Callable[[int], None],
-               cancelled: Callable[[], bool], attempts: int = 5, timeout: float = 30.0,
+               cancelled: Callable[[], object], attempts: int = 5, timeout: float = 30.0,
                verify: ssl.SSLContext | bool = True) -> None:
     """Download ``url`` to ``dest``, resuming from what is there with a Range request; retries with backoff.
 

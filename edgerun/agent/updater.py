@@ -37,7 +37,13 @@ RESTORE_BUDGET = 1 << 62  # reloading the installed variant at start-up is not a
 
 
 class Cancelled(Exception):
-    """A newer release for the same model arrived, or the agent is stopping."""
+    """A newer release for the same model arrived ("superseded"), or the agent is stopping ("stopping")."""
+
+
+def check(cancelled: Callable[[], str]) -> None:
+    reason = cancelled()
+    if reason:
+        raise Cancelled(reason)
 
 
 class UpdateHost(Protocol):
@@ -102,7 +108,7 @@ class Updater:
 
     # --- entry point ------------------------------------------------------------------------
 
-    def process(self, model: str, payload: bytes, cancelled: Callable[[], bool]) -> None:
+    def process(self, model: str, payload: bytes, cancelled: Callable[[], str]) -> None:
         """Handle one (effective) release payload for ``model``."""
         if not payload:
             self.retire(model)
@@ -142,7 +148,7 @@ class Updater:
 
     # --- the update -------------------------------------------------------------------------
 
-    def update(self, m: "Manifest", cancelled: Callable[[], bool], resume_from: str | None = None) -> None:
+    def update(self, m: "Manifest", cancelled: Callable[[], str], resume_from: str | None = None) -> None:
         j = JournalEntry(m.model, m.version, "queued", digest=m.digest, manifest=m.raw)
         j = self.transition(j, "queued", f"release v{m.version} signed by {m.key_id!r}"
                             + (f" (resuming after restart in state {resume_from})" if resume_from else ""))
@@ -169,8 +175,12 @@ class Updater:
                             variant=variant.id, backend=cand.backend, progress=0.0)
         try:
             paths = self.fetch(j, variant, cancelled)
-        except Cancelled:
-            log.info("update of %s to v%d superseded or stopped during download", m.model, m.version)
+        except Cancelled as exc:
+            if str(exc) == "superseded":  # journaled as over, or a restart would resume a release no longer wanted
+                self.transition(j, "failed", "superseded by another release before it was installed")
+            else:
+                log.info("update of %s to v%d stopped during download; it resumes at the next start", m.model,
+                         m.version)
             return
         except (TransferError, IntegrityError, OSError) as exc:
             for f in variant.files:
@@ -233,7 +243,7 @@ class Updater:
         j = self.transition(j, "staged", f"the hub rolls back to v{m.version}, kept in {vdir}", variant=variant)
         self.warm_and_swap(j, m.model, m.version, vdir, variant, None)
 
-    def fetch(self, j: JournalEntry, variant, cancelled: Callable[[], bool]) -> list[Path]:
+    def fetch(self, j: JournalEntry, variant, cancelled: Callable[[], str]) -> list[Path]:
         total = max(1, variant.size)
         done_before = 0
         paths = []
@@ -253,8 +263,7 @@ class Updater:
                     if not src.get("mqtt"):
                         raise
                     log.warning("HTTP download failed (%s); falling back to MQTT chunks", exc)
-            if cancelled():
-                raise Cancelled()
+            check(cancelled)
             if path is None:
                 path = self._fetch_chunks(j, f, cancelled, done_before, total)
             paths.append(path)
@@ -270,8 +279,7 @@ class Updater:
                 self.chunks.add(t)
                 last_progress = -1
                 while not t.done.wait(0.25):
-                    if cancelled():
-                        raise Cancelled()
+                    check(cancelled)
                     n = t.received
                     if n != last_progress:
                         last_progress = n

@@ -30,8 +30,15 @@ def check(config: Path = ConfigOpt) -> None:
     if cfg.server.uds:
         listen = ", ".join(p for p in (listen, f"unix:{cfg.server.uds}") if p)
     env = f", environment overrides: {', '.join(cfg.overrides)}" if cfg.overrides else ""
-    typer.echo(f"ok: {where}: {len(cfg.models)} model(s), HTTP on {listen}, "
-               f"MQTT {'on' if cfg.mqtt.enabled else 'off'}{env}")
+    mqtt = "MQTT off"
+    if cfg.mqtt.enabled:
+        from edgerun.manifest import load_trusted_keys
+
+        m = cfg.mqtt
+        keys = sorted(load_trusted_keys(m.trusted_keys))
+        mqtt = (f"MQTT on: broker {m.host}:{m.port}{' (TLS)' if m.tls else ''}, fleet {m.fleet!r}, device "
+                f"{m.device_id!r}, {len(keys)} trusted key(s){': ' + ', '.join(keys) if keys else ''}")
+    typer.echo(f"ok: {where}: {len(cfg.models)} model(s), HTTP on {listen}, {mqtt}{env}")
 
 
 @config_app.command("show")

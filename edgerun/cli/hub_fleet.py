@@ -45,6 +45,14 @@ def keygen(
                   f"(copy to the devices' [mqtt] trusted_keys directory)", highlight=False)
 
 
+@hub_app.command()
+def pubkey(key: Path = typer.Argument(..., help="The private key file from `hub keygen`.")) -> None:
+    """Print the public key for devices: `edgerun hub pubkey KEY > TRUSTED_KEYS_DIR/KEY_ID.pub`."""
+    from edgerun.manifest import load_private_key, public_key_pem
+
+    print(public_key_pem(load_private_key(key)).decode(), end="")
+
+
 def _upload(hub: Hub, package: Path, key: Path | None, key_id: str | None, *, device: str | None, release: bool,
             url_base: str | None, blob_dir: Path | None, mqtt_chunks: bool, chunk_size: int,
             variant: list[str] | None, expires_in: float | None) -> None:

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgerun.errors import EdgerunError
-from edgerun.manifest import load_private_key
+from edgerun.manifest import KEY_ID, load_private_key, public_key_pem
 
 __all__ = ["generate", "load_private_key", "public_key_path"]
-
-_KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
 
 def public_key_path(directory: Path, key_id: str) -> Path:
     return Path(directory) / f"{key_id}.pub"
@@ -23,7 +19,7 @@ def public_key_path(directory: Path, key_id: str) -> Path:
 
 def generate(directory: Path, key_id: str, *, force: bool = False) -> tuple[Path, Path]:
     """Write ``{key_id}.key`` (PEM PKCS#8, mode 0600) and ``{key_id}.pub`` (PEM) in ``directory``."""
-    if not _KEY_ID.match(key_id):
+    if not KEY_ID.match(key_id):
         raise EdgerunError(f"key id {key_id!r}: use letters, digits, '.', '_' or '-' (at most 64)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -41,6 +37,5 @@ def generate(directory: Path, key_id: str, *, force: bool = False) -> tuple[Path
         os.fsync(f.fileno())
     os.chmod(tmp, 0o600)
     os.replace(tmp, priv_path)
-    pub_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                       serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub_path.write_bytes(public_key_pem(key))
     return priv_path, pub_path

@@ -102,6 +102,10 @@ def too_large(hub, pkg, ctx):
     hub.release(pkg, edit=lambda m: m["variants"][0].update(memory_bytes=1 << 45))
 
 
+def package_without_name(hub, pkg, ctx):
+    hub.release(pkg, edit=lambda m: m["package"].pop("name"))
+
+
 def expired(hub, pkg, ctx):
     hub.release(pkg, edit=lambda m: m.update(expires="2020-01-01T00:00:00Z"))
 
@@ -120,6 +124,7 @@ CASES = [  # (publish, version the event names, state, words the detail must con
     (warmup_mismatch, 3, "failed", "differs from the expected output"),
     (too_large, 3, "rejected", "too large"),
     (expired, 3, "rejected", "expired"),
+    (package_without_name, 3, "rejected", "its 'package' has no 'name'"),
 ]
 
 

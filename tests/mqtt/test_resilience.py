@@ -145,3 +145,29 @@ def test_an_active_version_that_no_longer_loads_rolls_back_to_the_previous_one(t
     event = watcher.event(2, ("rolled_back",), since=since)
     assert "failed to load at startup" in event["detail"] and "rolled back to v1" in event["detail"], event
     assert json.loads((dev.state_dir / "models" / "digits" / "active").read_text())["version"] == 1
+
+
+def test_a_download_superseded_by_the_release_already_served_is_not_resumed_after_a_restart(
+        tmp_path, hub, watcher, device_factory):
+    """A rollout aborted while a device downloads: its own release is cleared, the fleet's (served) applies."""
+    dev = device_factory().start()
+    hub.release(make_package(tmp_path / "v1", 1))
+    dev.wait_version(1)
+    big = make_package(tmp_path / "v2", 2, hidden=16000)
+    unsigned = build_manifest(big, chunk_size=CHUNK)
+    f = unsigned["variants"][0]["files"][0]
+    with hub.client() as c:  # a third of the chunks, then the device's own release of v2
+        c.wait([c.publish(hub.topics.blob(f["sha256"], i), block, retain=True)
+                for i, block in list(iter_chunks(big.root / f["path"], CHUNK))[:25]])
+        c.wait([c.publish(hub.topics.release("digits", "dev1"), encode(sign(unsigned, hub.key, hub.key_id)),
+                          retain=True)])
+    watcher.wait_for(lambda: _progress(watcher) > 0.1, what="v2 downloading")
+    hub.raw("devices/dev1/releases/digits", b"")  # withdrawn: the fleet's v1, which the device serves, applies
+    assert "superseded" in watcher.event(2, ("failed",))["detail"]
+    dev.stop()
+    dev.start()
+    time.sleep(2.0)  # restore, connect, settle: nothing may bring v2 back
+    assert dev.versions() == [1]
+    assert "resuming the update" not in dev.log.read_text()
+    assert not [e for e in watcher.events if e["version"] == 2 and e["state"] in ("queued", "active")][1:], \
+        "v2 was started again after the restart"

@@ -189,3 +189,35 @@ def test_every_key_is_documented_with_its_environment_variable_which_works(tmp_p
     for cls in (ModelConfig, BatchingConfig):
         for f in fields(cls):
             assert f"`{f.name}`" in doc or f"`[models.{f.name}]`" in doc, f"models: {f.name} is not documented"
+
+
+def test_config_check_reports_the_fleet_and_validates_trusted_keys(tmp_path):
+    keys = tmp_path / "trusted"
+    keys.mkdir()
+    r = edgerun("hub", "keygen", "--out", str(tmp_path / "hub"), "--key-id", "hub-2026")
+    assert r.returncode == 0, r.stderr
+    r = edgerun("hub", "pubkey", str(tmp_path / "hub" / "hub-2026.key"))
+    assert r.returncode == 0 and r.stdout.startswith("-----BEGIN PUBLIC KEY-----"), r.stdout + r.stderr
+    (keys / "hub-2026.pub").write_text(r.stdout)  # the hub's own output, as it is
+    cfg = tmp_path / "edgerun.toml"
+    cfg.write_text(f'[mqtt]\nenabled = true\nhost = "broker.lan"\nport = 8883\ntls = true\nfleet = "lab"\n'
+                   f'device_id = "pi-kitchen"\ntrusted_keys = "{keys}"\n')
+    r = edgerun("config", "check", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    for words in ("broker broker.lan:8883 (TLS)", "fleet 'lab'", "device 'pi-kitchen'", "1 trusted key(s): hub-2026"):
+        assert words in r.stdout, r.stdout
+
+    (keys / "hub-2027.pub").write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
+    r = edgerun("config", "check", "--config", str(cfg))
+    assert r.returncode == 78 and "key 'mqtt.trusted_keys'" in r.stderr and "hub-2027.pub" in r.stderr, r.stderr
+    (keys / "hub-2027.pub").unlink()
+    (keys / "hub 2027.pub").write_text((keys / "hub-2026.pub").read_text())
+    r = edgerun("config", "check", "--config", str(cfg))
+    assert r.returncode == 78 and "key id 'hub 2027'" in r.stderr, r.stderr
+    (keys / "hub 2027.pub").unlink()
+    (keys / "hub-2026.pub").unlink()
+    r = edgerun("config", "check", "--config", str(cfg))
+    assert r.returncode == 78 and "no <key_id>.pub file" in r.stderr and "edgerun hub pubkey" in r.stderr, r.stderr
+    cfg.write_text('[mqtt]\nenabled = true\n')
+    r = edgerun("config", "check", "--config", str(cfg))
+    assert r.returncode == 78 and "no trusted_keys directory" in r.stderr, r.stderr
