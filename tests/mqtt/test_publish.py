@@ -28,13 +28,15 @@ def test_publish_then_device_serves_it_and_hub_status_shows_it(tmp_path, hub, wa
     watcher.event(1, ("active",))  # the swap happens before `active` is journaled and published
     states = [e["state"] for e in watcher.events if e["version"] == 1]
     assert states == ["queued", "downloading", "verifying", "staged", "warming", "active"]
-    # DESIGN §7, exactly: what outside hubs parse
+    # docs/contract.md, exactly: what outside hubs parse
     assert all(set(e) == {"model", "version", "state", "detail", "ts"} for e in watcher.events), watcher.events
     assert set(watcher.state["dev1"]) == {"online", "session", "ts"} and watcher.state["dev1"]["online"] is True
 
     status = watcher.wait_for(lambda: (watcher.status.get("dev1") or {}).get("update", {}).get("state") == "active"
                               and watcher.status["dev1"], what="status active")
     assert {"profile", "backends", "models", "update"} <= set(status)
+    assert status["contract"] == "1.1" and status["tags"] == {}  # the additions of contract 1.1
+    assert status["memory"]["rss_bytes"] > 10 << 20 and status["memory"]["available_bytes"] > 0
     assert {"state", "version", "progress", "error"} <= set(status["update"]) and status["update"]["version"] == 1
     assert {"name", "version", "variant", "backend", "sha256", "memory_bytes"} <= set(status["models"][0])
     assert status["models"][0]["sha256"] == pkg.variants[0].files[0].sha256
@@ -265,7 +267,7 @@ def test_hub_rolls_back_by_publishing_the_kept_version_again(tmp_path, hub, watc
     assert json.loads((store / "active").read_text())["previous"] == 2
 
     since = len(watcher.events)
-    hub.release(pkgs[2])  # a signed manifest naming the kept version again: DESIGN §7's explicit roll-back
+    hub.release(pkgs[2])  # a signed manifest naming the kept version again: the contract's explicit roll-back
     assert "rolls back" in watcher.event(2, ("staged",), since=since)["detail"]
     watcher.event(2, ("active",), since=since)
     dev.wait_version(2)
