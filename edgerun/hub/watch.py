@@ -159,9 +159,10 @@ class FleetWatch:
                     self._batch.releases[payload_digest(payload)] = payload
         else:
             return
+        kind = {"events": "event", "device_release": "release"}.get(ref.kind, ref.kind)
         for fn in list(self._listeners):
             try:
-                fn(ref.kind if ref.kind != "device_release" else "release", ref.device or "", obj)
+                fn(kind, ref.device or "", obj)
             except Exception:
                 log.exception("fleet listener failed on %s", topic)
 
