@@ -259,12 +259,12 @@ def resume(rollout_id: int = typer.Argument(..., help="Rollout id."), force: boo
 
     registry = hub.registry()
     r = registry.rollout(rollout_id)
+    if r.state == "paused" and runner_alive(r) and not force:
+        _ask(hub, rollout_id, "resume", force)  # its hub waits for this
+        return
     if r.state == "paused":
-        _ask(hub, rollout_id, "resume", force)
-    elif r.in_progress and (force or not runner_alive(r)):
-        _run(hub, registry, rollout_id, claim=True, force=force)
-    else:
-        _ask(hub, rollout_id, "resume", force)
+        registry.update_rollout(rollout_id, request="resume", log_message="resume asked by hand")
+    _run(hub, registry, rollout_id, claim=True, force=force)  # refused while another hub runs it
 
 
 @rollout_app.command("abort")

@@ -397,6 +397,13 @@ class RolloutRunner:
         target = self.rollout.version
         changed = {}
         for d in self.devices.values():
+            if d.state == "active" and d.finished_at:  # a device that fails later (e.g. rolled back at a restart)
+                later = [e for e in self._events_after(d.device, d.finished_at + 1.0)
+                         if e.version == target and e.failed]
+                if later:
+                    changed[d.device] = {"state": "failed", "detail": f"{later[-1].state} after it was active: "
+                                                                      f"{later[-1].detail}"[:500]}
+                continue
             if d.state != "updating":
                 continue
             since = d.published_at or now
@@ -465,12 +472,13 @@ class RolloutRunner:
                 continue
             have = self._serving(d.device)
             if have == d.before_version or (have is None and d.before_version is None):
-                changed[d.device] = {"state": "reverted", "finished_at": now,
-                                     "detail": f"back on v{d.before_version}" if d.before_version else "removed"}
+                back = f"back on v{d.before_version}" if d.before_version else "serves no version, as before"
+                changed[d.device] = {"state": "reverted", "finished_at": now, "detail": f"{d.detail}; {back}"[:500]}
             elif now - (d.published_at or now) > self.plan.timeout:
                 changed[d.device] = {"state": "revert_timed_out", "finished_at": now,
-                                     "detail": f"not back on v{d.before_version} within {self.plan.timeout:g}s; "
-                                               f"its release names it, it switches when it is back"}
+                                     "detail": f"{d.detail}; not back on v{d.before_version} within "
+                                               f"{self.plan.timeout:g}s: its release names it, it switches when "
+                                               f"it is back"[:500]}
         self._save(changed)
         if all(d.state in SETTLED or d.state == "pending" for d in self.devices.values()):
             c = Progress(self.rollout, list(self.devices.values())).counts()

@@ -1,0 +1,241 @@
+"""Staged rollouts over simulated fleets: promotion, the failure gate, time-outs, pause, bad input, a hub crash."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from edgerun.contract import Topics
+from edgerun.hub.keys import generate
+from edgerun.hub.publish import build_manifest, encode
+from edgerun.hub.registry import Registry
+from edgerun.hub.rollout import Plan, RolloutError, RolloutRunner, request, start_rollout
+from edgerun.hub.watch import FleetWatch
+from edgerun.manifest import load_private_key, sign
+from edgerun.mqtt import Broker, Connection
+from edgerun.testing.fleet import SimFleet
+from edgerun.testing.mosquitto import Mosquitto, find_mosquitto
+
+if find_mosquitto() is None:
+    pytest.skip("mosquitto is not installed", allow_module_level=True)
+
+CLI = "import sys; from edgerun.cli import main; sys.exit(main())"
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    with Mosquitto(tmp_path_factory.mktemp("broker")) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    generate(d, "hub-t")
+    return d
+
+
+class Setup:
+    """A fleet name, its registry, a signing key and helpers to release versions of digits."""
+
+    def __init__(self, broker, keys, tmp_path, package, fleet: str):
+        self.broker, self.keydir, self.tmp = broker, keys, tmp_path
+        self.package = package
+        self.fleet = fleet
+        self.topics = Topics(fleet)
+        self.db = f"sqlite:///{tmp_path / 'hub.db'}"
+        self.registry = Registry(self.db)
+        self.key = load_private_key(keys / "hub-t.key")
+
+    def manifest(self, version: int) -> dict:
+        m = build_manifest(self.package)
+        m["version"] = version
+        m["package"]["version"] = version
+        return sign(m, self.key, "hub-t")
+
+    def publish(self, version: int) -> dict:
+        """The whole fleet at once (the state before a rollout)."""
+        signed = self.manifest(version)
+        self.registry.record_release(self.fleet, signed, source="publish")
+        with Connection(Broker(port=self.broker.port), persistent=False) as c:
+            c.wait([c.publish(self.topics.release("digits"), encode(signed), retain=True)])
+        return signed
+
+    def upload(self, version: int) -> None:
+        self.registry.record_release(self.fleet, self.manifest(version), source="upload")
+
+    def watch(self) -> FleetWatch:
+        return FleetWatch(Broker(port=self.broker.port), self.topics, self.registry, name="test")
+
+    def rollout(self, version: int, *, selector=(), **plan) -> tuple[object, list]:
+        progress = []
+        with self.watch() as w:
+            start = start_rollout(self.registry, w, self.key, "hub-t", "digits", version, selector=list(selector),
+                                  plan=Plan.parse(**plan), runner="test:1")
+            runner = RolloutRunner(self.registry, w, start.rollout.id, runner="test:1", tick=0.1,
+                                   on_progress=progress.append)
+            final = runner.run()
+        return final, progress
+
+
+def wait_for(pred, timeout: float = 30, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def setup(broker, keys, tmp_path, digits_package, request):
+    return Setup(broker, keys, tmp_path, digits_package, f"s{abs(hash(request.node.name)) % 10**8}")
+
+
+def _all_on(fleet: SimFleet, version: int) -> bool:
+    return all(d.active.get("digits") == version for d in fleet.devices.values())
+
+
+def test_a_staged_rollout_reaches_every_device_stage_after_stage(setup):
+    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=200, seed=1) as fleet:
+        setup.publish(1)
+        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        setup.upload(2)
+        final, progress = setup.rollout(2, canary=5, step="50%", bake="0.3s", max_failures="10%", timeout="30s")
+        assert final.state == "succeeded", final.reason
+        wait_for(lambda: _all_on(fleet, 2), what="v2 everywhere")
+    devices = setup.registry.rollout_devices(final.id)
+    assert [sum(1 for d in devices if d.stage == s) for s in range(3)] == [5, 100, 95]
+    for s in (1, 2):  # no device of a stage was published before the stage before it had finished and baked
+        done = max(d.finished_at for d in devices if d.stage == s - 1)
+        assert min(d.published_at for d in devices if d.stage == s) >= done + 0.3
+    assert {d.state for d in devices} == {"active"}
+    assert progress[-1].rollout.state == "succeeded"
+    log = [m for _, m in setup.registry.rollout_log(final.id)]
+    assert any("stage 1:" in m and "baking" in m for m in log) and "succeeded" in log[-1]
+
+
+def test_injected_failures_abort_at_the_first_gate_and_the_canary_rolls_back(setup):
+    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=100, seed=3) as fleet:
+        setup.publish(1)
+        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        fleet.fail_rate = 0.3  # from now on 30% of the devices fail an update
+        setup.upload(2)
+        final, _ = setup.rollout(2, canary=20, step="25%", bake="0.3s", max_failures="10%", timeout="30s")
+        assert final.state == "aborted" and "more than 10%" in final.reason, final.reason
+        devices = {d.device: d for d in setup.registry.rollout_devices(final.id)}
+        assert {d.stage for d in devices.values() if d.state != "pending"} == {0}  # stopped at the first gate
+        assert all(d.state in ("reverted", "pending") for d in devices.values()), \
+            {d.device: d.state for d in devices.values()}
+        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere again")
+        canary = [d for d in devices.values() if d.stage == 0]
+        failed = [d for d in canary if fleet.will_fail(d.device, 2)]
+        assert failed and len(failed) > 2  # 30% of 20: the gate of 10% is passed by the third failure at the latest
+    with Connection(Broker(port=setup.broker.port), persistent=False) as c:
+        left = c.collect([setup.topics.releases_filter("+")], quiet=0.5)
+    assert not any(left.values()), "the per-device releases of the canary were not put back"
+
+
+def test_devices_that_never_answer_time_out_and_count_as_failures(setup):
+    silent = {"sim-0003", "sim-0007"}
+    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=10, seed=5) as fleet:
+        setup.publish(1)
+        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        fleet.silent_devices |= silent  # two devices hang from now on
+        setup.upload(2)
+        final, _ = setup.rollout(2, canary=10, bake="0s", max_failures="1", timeout="2s")
+    devices = {d.device: d for d in setup.registry.rollout_devices(final.id)}
+    assert final.state == "aborted" and "2 of 10" in final.reason, final.reason
+    assert {n for n, d in devices.items() if d.detail.startswith("timed_out")} == silent
+    assert all(devices[n].state == "reverted" for n in silent)  # they never left v1, and their release names it
+    assert fleet.devices["sim-0003"].active["digits"] == 1
+
+
+def test_a_paused_rollout_starts_no_stage_until_resumed(setup):
+    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=20, seed=7) as fleet:
+        setup.publish(1)
+        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        setup.upload(2)
+        with setup.watch() as w:
+            start = start_rollout(setup.registry, w, setup.key, "hub-t", "digits", 2, selector=[],
+                                  plan=Plan.parse(canary=2, step="100%", bake="0.2s"), runner="test:1")
+            runner = RolloutRunner(setup.registry, w, start.rollout.id, runner="test:1", tick=0.1)
+            thread = threading.Thread(target=runner.run)
+            thread.start()
+            request(setup.registry, start.rollout.id, "pause")
+            wait_for(lambda: setup.registry.rollout(start.rollout.id).state == "paused", what="paused")
+            time.sleep(1.5)  # the canary finishes and bakes, but the next stage waits
+            devices = setup.registry.rollout_devices(start.rollout.id)
+            assert sum(1 for d in devices if d.state == "pending") >= 18, [d.state for d in devices]
+            request(setup.registry, start.rollout.id, "resume")
+            thread.join(30)
+        assert setup.registry.rollout(start.rollout.id).state == "succeeded"
+        wait_for(lambda: _all_on(fleet, 2), what="v2 everywhere")
+
+
+def test_bad_rollouts_are_refused_with_a_clear_message(setup):
+    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=5, seed=9) as fleet:
+        setup.publish(1)
+        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        with setup.watch() as w:
+            def start(version, selector=()):
+                return start_rollout(setup.registry, w, setup.key, "hub-t", "digits", version, selector=list(selector),
+                                     plan=Plan(), runner="test:1")
+
+            with pytest.raises(RolloutError, match="no release of digits v7 .* upload it first"):
+                start(7)
+            setup.upload(2)
+            with pytest.raises(RolloutError, match="no device of fleet .* matches tag:site=mars"):
+                start(2, ["tag:site=mars"])
+            with pytest.raises(RolloutError, match="expected tag:NAME=VALUE"):
+                start(2, ["site=berlin"])
+            first = start(2)
+            with pytest.raises(RolloutError, match=f"rollout {first.rollout.id} of digits v2 is already running"):
+                start(2)
+    with pytest.raises(RolloutError, match="--step: expected a count or a percentage"):
+        Plan.parse(step="a quarter")
+    with pytest.raises(RolloutError, match="expected a duration"):
+        Plan.parse(bake="soon")
+
+
+def test_a_hub_killed_mid_rollout_loses_nothing_and_resume_finishes_it(setup):
+    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=30, seed=11) as fleet:
+        setup.publish(1)
+        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        setup.upload(2)
+        env = {**os.environ, "EDGERUN_HUB_DB": setup.db, "EDGERUN_HUB_KEY": str(setup.keydir / "hub-t.key")}
+        common = ["--fleet", setup.fleet, "--host", "127.0.0.1", "--port", str(setup.broker.port)]
+        hub = subprocess.Popen([sys.executable, "-c", CLI, "hub", "rollout", "start", "digits", "2", "--canary", "3",
+                                "--step", "50%", "--bake", "2s", *common], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for(lambda: any("baking" in m for _, m in setup.registry.rollout_log(1)), timeout=60,
+                     what="the canary baking")
+            hub.send_signal(signal.SIGKILL)
+            hub.wait()
+        finally:
+            hub.kill()
+        r = setup.registry.rollout(1)
+        assert r.state == "running" and r.stage == 0
+        refused = subprocess.run([sys.executable, "-c", CLI, "hub", "rollout", "resume", "1", *common], env=env,
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 69 and "is being run by" in refused.stderr and "--force" in refused.stderr
+        resumed = subprocess.run([sys.executable, "-c", CLI, "hub", "rollout", "resume", "1", "--force", *common],
+                                 env=env, capture_output=True, text=True, timeout=120)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert "succeeded" in resumed.stdout
+        wait_for(lambda: _all_on(fleet, 2), what="v2 everywhere")
+    devices = setup.registry.rollout_devices(1)
+    assert {d.state for d in devices} == {"active"} and len(devices) == 30
+    status = json.loads(subprocess.run([sys.executable, "-c", CLI, "hub", "rollout", "status", "1", "--json", *common],
+                                       env=env, capture_output=True, text=True, timeout=60).stdout)
+    assert status["rollout"]["state"] == "succeeded"
+    assert any("run by" in m for _, m in status["log"][1:])  # the resuming hub took it over, on the record
