@@ -8,7 +8,9 @@ downloading or loading anything. One thread drives every client through paho's e
 >>> with SimFleet(broker.port, "f1", keydir, n=1000, fail_rate=0.1) as fleet:   # doctest: +SKIP
 ...     fleet.counts()
 
-``python -m edgerun.testing.fleet --port P --fleet F --trusted-keys DIR`` runs one in its own process.
+``python -m edgerun.testing.fleet --port P --fleet F --trusted-keys DIR`` runs one in its own process. Do that
+when the fleet is large and the same process runs other paho clients with ``loop_start()``: paho's own loop
+uses ``select()``, which cannot watch a socket whose descriptor is 1024 or more.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
@@ -63,6 +66,7 @@ BASE_RSS = 120 << 20  # what a simulated device says its process uses before any
 CONNECT_BATCH = 50  # devices connected at once when the fleet starts
 CONNECT_INTERVAL = 0.02  # seconds between two batches
 MISC_INTERVAL = 1.0  # seconds between two keep-alive passes over every client
+FAREWELL_TIMEOUT = 5.0  # seconds a clean stop waits for the broker to acknowledge every offline state
 PARSE_CACHE = 256  # parsed release payloads kept (the fleet's devices all receive the same ones)
 
 
@@ -74,14 +78,6 @@ def _unit(*parts: object) -> float:
 
 def _pick(choices: Sequence[T], *parts: object) -> T:
     return choices[int(_unit(*parts) * len(choices))]
-
-
-def _payload_digest(payload: bytes) -> str:
-    """The digest a Manifest gets for this payload; the plain sha256 of a payload that is not JSON."""
-    try:
-        return manifest_mod.digest(json.loads(payload))
-    except (ValueError, TypeError, AttributeError):
-        return hashlib.sha256(payload).hexdigest()
 
 
 def _guess_version(payload: bytes) -> int:
@@ -303,8 +299,10 @@ class SimDevice:
             return
         self.pending[model] = payload
         if mine and job.cancellable:
-            log.info("%s: the update of %s to v%d is superseded", self.id, model, job.manifest.version)
             self.job = None
+            if job.state:  # once it is reported, the agent journals and reports a superseded download as over
+                self.report(model, job.manifest.version, "failed",
+                            "superseded by another release before it was installed", 0.0, job.manifest.digest)
         self.work()
 
     def work(self) -> None:
@@ -515,14 +513,7 @@ class SimFleet:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name="edgerun-simfleet", daemon=True)
         self._thread.start()
-        devs = list(self.devices.values())
-
-        def schedule() -> None:
-            for k in range(0, len(devs), CONNECT_BATCH):
-                batch = devs[k:k + CONNECT_BATCH]
-                self.later(k // CONNECT_BATCH * CONNECT_INTERVAL, lambda b=batch: [d.connect() for d in b])
-
-        self._call(schedule)
+        self._call(self._schedule_connects)
         if wait:
             self.wait_ready(timeout)
             self.ready_seconds = time.monotonic() - t0
@@ -540,12 +531,12 @@ class SimFleet:
                 raise TimeoutError(f"{ready} of {len(want)} simulated devices ready after {timeout:.0f}s")
             time.sleep(0.05)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self) -> None:
         """Each device publishes its status and offline state, then disconnects; the loop thread ends."""
         if self._thread is None or not self._thread.is_alive():
             return
-        self._call(lambda: setattr(self, "closing", True))
-        self._thread.join(timeout + 5)
+        self._call(self._close)
+        self._thread.join(FAREWELL_TIMEOUT + 10)
 
     def __enter__(self) -> "SimFleet":
         try:
@@ -559,6 +550,18 @@ class SimFleet:
 
     # --- the loop thread ------------------------------------------------------------------------
 
+    def _schedule_connects(self) -> None:
+        devs = list(self.devices.values())
+        for k in range(0, len(devs), CONNECT_BATCH):
+            self.later(k // CONNECT_BATCH * CONNECT_INTERVAL, partial(self._connect, devs[k:k + CONNECT_BATCH]))
+
+    def _connect(self, devs: list[SimDevice]) -> None:
+        for d in devs:
+            d.connect()
+
+    def _close(self) -> None:
+        self.closing = True  # the loop ends its pass, then _shutdown says goodbye
+
     def later(self, delay: float, fn: Callable[[], None]) -> None:
         """Run ``fn`` in the loop thread after ``delay`` seconds (call from the loop thread)."""
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), fn))
@@ -571,7 +574,7 @@ class SimFleet:
         self._commands.put((fn, fut))
         try:
             self._wake_w.send(b"x")
-        except BlockingIOError:
+        except OSError:  # full (the loop is awake anyway) or already closed by the stop
             pass
         return fut.result(timeout)
 
@@ -603,15 +606,7 @@ class SimFleet:
             if events & selectors.EVENT_WRITE and c.socket() is not None:
                 self._guard(c.loop_write)
             self._dirty.add(dev)
-        while True:
-            try:
-                fn, fut = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:
-                fut.set_exception(exc)
+        self._run_commands()
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now and not self.closing:
             self._guard(heapq.heappop(self._timers)[2])
@@ -632,6 +627,17 @@ class SimFleet:
                 self._sel.modify(sock, mask, dev)
                 dev.mask = mask
 
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
     def _guard(self, fn: Callable[[], Any]) -> None:
         try:
             fn()
@@ -645,14 +651,14 @@ class SimFleet:
         except BlockingIOError:
             pass
 
-    def _shutdown(self, timeout: float = 5.0) -> None:
-        """The clean stop in the loop thread: farewells acked (or ``timeout``), DISCONNECT, sockets closed."""
+    def _shutdown(self) -> None:
+        """The clean stop in the loop thread: farewells acked (or a timeout), DISCONNECT, sockets closed."""
         self._timers.clear()
         live = [d for d in self.devices.values() if d.connected]
         for d in live:
             d.farewell()
             self._dirty.add(d)
-        end = time.monotonic() + timeout
+        end = time.monotonic() + FAREWELL_TIMEOUT
         while any(d.waiting and d.connected for d in live) and time.monotonic() < end:
             self._iterate(0.05)
         for d in self.devices.values():
@@ -671,6 +677,7 @@ class SimFleet:
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()
+        self._run_commands()  # what other threads asked while the loop was ending
 
     # --- paho callbacks (all in the loop thread) ---------------------------------------------------
 
@@ -728,7 +735,7 @@ class SimFleet:
         if got is None:
             if len(self._digests) >= PARSE_CACHE:
                 self._digests.clear()
-            got = self._digests[payload] = _payload_digest(payload)
+            got = self._digests[payload] = manifest_mod.payload_digest(payload)
         return got
 
 
