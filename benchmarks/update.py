@@ -32,10 +32,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgerun.hub.broker import BrokerOptions, HubClient  # noqa: E402
+from edgerun.contract import Topics  # noqa: E402
 from edgerun.hub.keys import generate  # noqa: E402
 from edgerun.hub.publish import publish_release  # noqa: E402
 from edgerun.manifest import load_private_key  # noqa: E402
+from edgerun.mqtt import Broker, Connection  # noqa: E402
 from edgerun.package import ModelPackage, Sample, Variant, file_entry, save_package  # noqa: E402
 from edgerun.tensors import TensorSpec  # noqa: E402
 from edgerun.testing.blobs import BlobServer  # noqa: E402
@@ -218,13 +219,13 @@ def run_updates(args, work: Path, broker: Mosquitto, keydir: Path, key) -> list[
     wait_http(port, proc)
     rows = []
     version = 0
-    opts = BrokerOptions(port=broker.port)
+    opts = Broker(port=broker.port)
     try:
-        with BlobServer(work / "blobs") as blobs, HubClient(opts) as hub:
+        with BlobServer(work / "blobs") as blobs, Connection(opts, persistent=False) as hub:
             for size in args.sizes:
                 base = make_package(work / f"pkg-{size}", size, version + 1, seed=int(size))
                 version += 1
-                publish_release(hub, base, key, "bench", fleet=fleet)
+                publish_release(hub, Topics(fleet), base, key, "bench")
                 events.final(version)
                 for mode in [m for _ in range(args.repeat) for m in args.modes]:
                     version += 1
@@ -234,9 +235,9 @@ def run_updates(args, work: Path, broker: Mosquitto, keydir: Path, key) -> list[
                     time.sleep(args.before + 1.0)  # 1 s for the load process to start
                     t0 = time.time()
                     if mode == "mqtt":
-                        publish_release(hub, pkg, key, "bench", fleet=fleet)
+                        publish_release(hub, Topics(fleet), pkg, key, "bench")
                     else:
-                        publish_release(hub, pkg, key, "bench", fleet=fleet, mqtt=False, url_base=blobs.url,
+                        publish_release(hub, Topics(fleet), pkg, key, "bench", mqtt=False, url_base=blobs.url,
                                         blob_dir=blobs.root)
                     t_published = time.time()
                     final = events.final(version)
@@ -284,9 +285,9 @@ def run_fleet(args, work: Path, broker: Mosquitto, keydir: Path, key) -> dict:
         t_online = time.time()
         time.sleep(2.0)  # let the start-up CPU burst settle
         pkg = make_package(work / "fleet-pkg", 1.0, 1, seed=7)
-        with HubClient(BrokerOptions(port=broker.port)) as hub:
+        with Connection(Broker(port=broker.port), persistent=False) as hub:
             t0 = time.time()
-            publish_release(hub, pkg, key, "bench", fleet=fleet)
+            publish_release(hub, Topics(fleet), pkg, key, "bench")
         done = events.wait(lambda: (lambda fin: fin if len(fin) >= args.fleet else None)(
             {e["device"]: e for e in events.events if e["version"] == 1 and e["state"] in
              ("active", "failed", "rejected")}), timeout=900)

@@ -131,6 +131,7 @@ class Connection:
         self.session = 0
         self.protocol = self._first_protocol()
         self.connected = threading.Event()
+        self._ready = threading.Event()  # connected, and on_connected (its subscriptions) has run
         self.last_error: str | None = None
         self._gave_up = threading.Event()  # an attempt failed: what a context manager reports at once
         self._stop = threading.Event()
@@ -142,6 +143,7 @@ class Connection:
         self._step = "normal"  # normal | probe311 | confirm5 | fallback311: see _choose_protocol
         self._collectors: list[_Collector] = []
         self._subacks: dict[int, threading.Event] = {}
+        self._unacked: list[threading.Event] = []
         self._lock = threading.Lock()
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -169,13 +171,13 @@ class Connection:
     def wait_connected(self, timeout: float | None = None) -> None:
         """Block until connected; raise EdgerunError naming the broker and the reason when that fails."""
         deadline = time.monotonic() + (self.connect_timeout if timeout is None else timeout)
-        while not self.connected.is_set():
+        while not self._ready.is_set():
             if self._gave_up.is_set() and not self.connected.is_set():
                 raise EdgerunError(f"cannot use the MQTT broker at {self.broker.address}: {self.last_error}")
             if time.monotonic() > deadline:
                 raise EdgerunError(f"the MQTT broker at {self.broker.address} did not answer within "
                                    f"{deadline - time.monotonic() + (timeout or self.connect_timeout):.0f}s")
-            self.connected.wait(0.05)
+            self._ready.wait(0.05)
 
     def __enter__(self) -> "Connection":
         self.start()
@@ -223,11 +225,21 @@ class Connection:
         events = []
         for i in range(0, len(topics), SUBSCRIBE_BATCH):
             rc, mid = c.subscribe([(t, 1) for t in topics[i:i + SUBSCRIBE_BATCH]])
-            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and wait is not None:
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 with self._lock:  # the SUBACK may have arrived before subscribe() returned its mid
                     events.append(self._subacks.setdefault(mid, threading.Event()))
-        deadline = time.monotonic() + (wait or 0)
+                    self._unacked.append(events[-1])
+        if wait is None:
+            return True
+        deadline = time.monotonic() + wait
         return all(e.wait(max(0.0, deadline - time.monotonic())) for e in events)
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Wait for the SUBACK of every subscription made so far (retained messages come right after it)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            pending, self._unacked = self._unacked, []
+        return all(e.wait(max(0.0, deadline - time.monotonic())) for e in pending)
 
     def unsubscribe(self, topics: list[str]) -> None:
         c = self._client
@@ -320,6 +332,7 @@ class Connection:
                 self.last_error = "the network loop failed"
                 log.exception("MQTT network loop failed")
             self.connected.clear()
+            self._ready.clear()
             if self._stop.is_set():
                 break
             try:
@@ -391,9 +404,11 @@ class Connection:
                 self._on_connected()
             except Exception:
                 log.exception("MQTT on-connect handler failed")
+        self._ready.set()
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+        self._ready.clear()
         if not self._stop.is_set() and self._connack_ok:
             log.warning("MQTT connection lost: %s", reason_code)
 

@@ -126,29 +126,89 @@ def publish(package: Path = PackageArg,
 
 # --- the fleet's state ------------------------------------------------------------------------------
 
-def sync(hub: Hub, registry: "Registry", *, quiet: float = 0.5) -> str | None:
+def sync(hub: Hub, registry: "Registry") -> str | None:
     """Bring the registry up to date from the broker's retained messages; the reason when that failed."""
     from edgerun.errors import EdgerunError
     from edgerun.hub.watch import FleetWatch
 
+    watch = FleetWatch(hub.broker, hub.topics, registry, name="status", persistent=False)
     try:
-        with FleetWatch(hub.broker, hub.topics, registry, name="status", persistent=False).start(quiet=quiet):
-            pass
+        watch.start()
     except EdgerunError as exc:
         return str(exc)
+    watch.stop()
     return None
 
 
-def _update_cell(d: "DeviceRecord") -> str:
+TABLE_LIMIT = 100  # beyond this many devices, status shows a summary and the devices that need a look
+DEVICE_COLUMNS = ("device", "online", "profile", "tags", "models", "versions", "variant", "backend", "update", "seen")
+
+
+def _cells(d: "DeviceRecord", now: float) -> list[str]:
+    """One device's row as plain text, one line per model."""
+    ms = d.models
     u = d.update or {}
-    if not u:
-        return "-"
-    text = f"{u.get('model')} v{u.get('version')}: {u.get('state')}"
+    update = "-" if not u else f"{u.get('model')} v{u.get('version')}: {u.get('state')}"
     if u.get("state") == "downloading" and u.get("progress") is not None:
-        text += f" {u['progress']:.0%}"
-    if u.get("error"):
-        text += f"\n[red]{escape(str(u['error'])[:80])}[/]"
-    return text
+        update += f" {u['progress']:.0%}"
+    return [d.device, "-" if d.online is None else ("yes" if d.online else "no"), d.profile or "-",
+            " ".join(f"{k}={v}" for k, v in sorted(d.tags.items())) or "-",
+            "\n".join(m["name"] for m in ms) or "-", "\n".join(str(m.get("version")) for m in ms) or "-",
+            "\n".join(str(m.get("variant")) for m in ms) or "-", "\n".join(str(m.get("backend")) for m in ms) or "-",
+            update, ago(d.status_ts or d.state_ts, now)]
+
+
+def device_table(rows: list["DeviceRecord"], title: str) -> Table:
+    table = Table(title=title)
+    for col in DEVICE_COLUMNS:
+        table.add_column(col)
+    now = time.time()
+    for d in rows:
+        cells = [escape(c) for c in _cells(d, now)]
+        cells[1] = {"yes": "[green]yes[/]", "no": "[red]no[/]"}.get(cells[1], cells[1])
+        if d.last_error:
+            cells[8] += f"\n[red]{escape(d.last_error[:80])}[/]"
+        table.add_row(*cells)
+    return table
+
+
+def print_plain(rows: list["DeviceRecord"]) -> None:
+    """Every device as aligned plain text: fast at any fleet size, and easy to grep."""
+    now = time.time()
+    lines = [list(DEVICE_COLUMNS)] + [[c.replace("\n", ",") for c in _cells(d, now)] for d in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(DEVICE_COLUMNS))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    print("\n".join(out))
+
+
+def needs_a_look(d: "DeviceRecord") -> bool:
+    state = (d.update or {}).get("state")
+    return d.online is False or bool(d.last_error) or state not in (None, "active", "retired")
+
+
+def summary_table(rows: list["DeviceRecord"], title: str) -> Table:
+    """Counts by connection, update state, profile and model version."""
+    def count(key) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in rows:
+            for k in key(d):
+                out[k] = out.get(k, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    groups = {
+        "connection": count(lambda d: ["online" if d.online else "offline" if d.online is False else "unknown"]),
+        "update": count(lambda d: [(d.update or {}).get("state") or "none"]),
+        "profile": count(lambda d: [d.profile or "-"]),
+        "model": count(lambda d: [f"{m['name']} v{m.get('version')}" for m in d.models] or ["none"]),
+    }
+    table = Table(title=title)
+    for name in groups:
+        table.add_column(name)
+    depth = max(len(g) for g in groups.values())
+    cols = [[f"{k}: {n}" for k, n in g.items()] + [""] * (depth - len(g)) for g in groups.values()]
+    for row in zip(*cols):
+        table.add_row(*(escape(c) for c in row))
+    return table
 
 
 @hub_app.command()
@@ -158,9 +218,14 @@ def status(
     offline: bool = typer.Option(False, "--offline", help="Show the registry only; do not ask the broker."),
     select: list[str] = typer.Option(None, "--select", "-s", help="Only devices matching tag:NAME=V, profile=P, "
                                                                  "devices=ID or online (repeatable: all must match)."),
+    show_all: bool = typer.Option(False, "--all", help=f"List every device, also beyond {TABLE_LIMIT} (plain text)."),
     *, hub: Hub,
 ) -> None:
-    """The fleet: online, profile, tags, models, versions, variant, backend, update state and last error."""
+    """The fleet: online, profile, tags, models, versions, variant, backend, update state and last error.
+
+    Up to 100 devices are listed in a table; a larger fleet gets a summary and the devices that need a look
+    (offline, failed, updating), and `--all` lists every device.
+    """
     from edgerun.hub.rollout import check_selector, matches
 
     registry = hub.registry()
@@ -174,21 +239,20 @@ def status(
         print(json.dumps([d.to_dict() for d in rows], indent=1))
         return
     online = sum(1 for d in rows if d.online)
-    table = Table(title=f"Fleet {hub.fleet!r}: {len(rows)} known, {online} connected")
-    for col in ("device", "online", "profile", "tags", "models", "versions", "variant", "backend", "update",
-                "seen"):
-        table.add_column(col)
-    now = time.time()
-    for d in rows:
-        state = "-" if d.online is None else ("[green]yes[/]" if d.online else "[red]no[/]")
-        tags = " ".join(f"{k}={v}" for k, v in sorted(d.tags.items())) or "-"
-        ms = d.models
-        table.add_row(d.device, state, d.profile or "-", escape(tags), "\n".join(m["name"] for m in ms) or "-",
-                      "\n".join(str(m.get("version")) for m in ms) or "-",
-                      "\n".join(str(m.get("variant")) for m in ms) or "-",
-                      "\n".join(str(m.get("backend")) for m in ms) or "-", _update_cell(d),
-                      ago(d.status_ts or d.state_ts, now))
-    console.print(table)
+    title = f"Fleet {hub.fleet!r}: {len(rows)} known, {online} connected"
+    if show_all:
+        console.print(title, highlight=False)
+        print_plain(rows)
+    elif len(rows) <= TABLE_LIMIT:
+        console.print(device_table(rows, title))
+    else:
+        console.print(summary_table(rows, title))
+        look = [d for d in rows if needs_a_look(d)]
+        if look:
+            console.print(device_table(look[:TABLE_LIMIT], f"{len(look)} device(s) that need a look"
+                                       + (f" (first {TABLE_LIMIT})" if len(look) > TABLE_LIMIT else "")))
+        console.print(f"--all lists all {len(rows)} devices; --select narrows (e.g. --select profile=raspberry-pi-4)",
+                      highlight=False)
 
 
 @hub_app.command()

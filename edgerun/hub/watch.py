@@ -1,7 +1,7 @@
 """Follow one fleet on the broker: device state, status and events into the registry and to live listeners.
 
-The watcher subscribes the contract's device topics with wildcards and, for brokers that keep retained
-messages from wildcard subscriptions (RabbitMQ), the exact topics of every device the registry knows.
+The watcher subscribes the contract's device topics with wildcards and, when the broker delivers no
+retained message to them (RabbitMQ), the exact topics of every device the registry knows.
 Messages are parsed in the MQTT thread and written by a writer thread in batches; while the database is
 unreachable or locked the batch is kept (device state and status coalesce per device) and written later.
 """
@@ -23,6 +23,7 @@ from edgerun.mqtt import Broker, Connection, backoff_delay
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.2
+QUIET = 0.25  # no message for this long after the SUBACKs: the retained messages are in
 MAX_PENDING_EVENTS = 200_000  # kept while the database is down; the oldest go first beyond this
 HUB_SESSION_EXPIRY = 3600  # the broker keeps a hub's events this long while it restarts
 Listener = Callable[[str, str, object], None]  # (kind: state | status | event | release, device, payload)
@@ -50,6 +51,9 @@ class FleetWatch:
         self._last_message = time.monotonic()
         self._writer: threading.Thread | None = None
         self.db_error: str | None = None
+        self._started = False
+        self._exact = False  # also subscribe each known device's exact topics (a broker that needs it)
+        self._retained_seen = False
         client_id = f"edgerun-hub-{topics.fleet}-{name}" + ("" if persistent else f"-{uuid.uuid4().hex[:8]}")
         self.conn = Connection(broker, client_id=client_id, persistent=persistent,
                                session_expiry=HUB_SESSION_EXPIRY, on_message=self._on_message,
@@ -57,8 +61,11 @@ class FleetWatch:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    def start(self, *, wait: bool = True, quiet: float = 0.5, timeout: float = 10.0) -> "FleetWatch":
+    def start(self, *, wait: bool = True, quiet: float = QUIET, timeout: float = 10.0) -> "FleetWatch":
         """Connect; with ``wait``, return once the retained messages have arrived (none for ``quiet`` s)."""
+        if self._started:
+            return self
+        self._started = True
         if self.registry is not None:
             self._writer = threading.Thread(target=self._write_loop, name="edgerun-hub-writer", daemon=True)
             self._writer.start()
@@ -69,14 +76,20 @@ class FleetWatch:
             raise
         if wait:
             self.settle(quiet, timeout)
+            if self._known and not self._retained_seen:  # RabbitMQ: retained messages only for exact topics
+                self._exact = True
+                self.conn.subscribe(self._exact_topics(), wait=timeout)
+                self.settle(quiet, timeout)
         return self
 
-    def settle(self, quiet: float = 0.5, timeout: float = 10.0) -> None:
-        """Wait until no message arrived for ``quiet`` seconds (the retained ones are in), then flush."""
+    def settle(self, quiet: float = QUIET, timeout: float = 10.0) -> None:
+        """Wait for the subscriptions' acknowledgements, then until no message arrived for ``quiet`` seconds
+        (a broker sends the retained messages right after it acknowledges), then flush."""
         end = time.monotonic() + timeout
-        self._last_message = time.monotonic()
+        self.conn.wait_subscribed(timeout)
+        self._last_message = max(self._last_message, time.monotonic())
         while time.monotonic() < end and time.monotonic() - self._last_message < quiet:
-            time.sleep(0.02)
+            time.sleep(0.01)
         self.flush()
 
     def stop(self) -> None:
@@ -112,9 +125,12 @@ class FleetWatch:
 
     # --- MQTT in ----------------------------------------------------------------------------
 
+    def _exact_topics(self) -> list[str]:
+        return [topic for d in self._known for topic in (self.topics.state(d), self.topics.status(d))]
+
     def _subscribe(self) -> None:
         t = self.topics
-        exact = [topic for d in self._known for topic in (t.state(d), t.status(d))]
+        exact = self._exact_topics() if self._exact else []
         self.conn.subscribe([*t.device_filters(), t.releases_filter(), t.releases_filter("+"), *exact])
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
@@ -123,6 +139,8 @@ class FleetWatch:
             return
         self.messages += 1
         self._last_message = time.monotonic()
+        if retained and ref.kind in ("state", "status"):
+            self._retained_seen = True
         now = time.time()
         obj: object
         if ref.kind == "state":

@@ -421,13 +421,14 @@ class SimFleet:
                  profiles: Sequence[str] = PROFILES, tags: Mapping[str, Sequence[str]] = TAGS,
                  step_delay: tuple[float, float] = (0.05, 0.3), protocol: str = "5", keepalive: int = 30,
                  session_expiry: int = SESSION_EXPIRY, fail_devices: Iterable[str] = (),
-                 silent_devices: Iterable[str] = ()):
+                 silent_devices: Iterable[str] = (), fail_from: int = 0):
         if protocol not in PROTOCOLS:
             raise ValueError(f"MQTT protocol {protocol!r}: expected one of {sorted(PROTOCOLS)}")
         self.host, self.port, self.fleet = host, broker_port, fleet
         self.topics = Topics(fleet)
         self.trusted = manifest_mod.load_trusted_keys(Path(trusted_keys_dir) if trusted_keys_dir else None)
         self.fail_rate, self.seed = fail_rate, seed
+        self.fail_from = fail_from  # versions below this one never fail (a fleet's baseline)
         self.step_delay = step_delay
         self.keepalive, self.session_expiry = keepalive, session_expiry
         self.fail_devices: set[str] = set(fail_devices)
@@ -472,6 +473,8 @@ class SimFleet:
 
     def will_fail(self, device: str, version: int) -> bool:
         """Whether ``device`` fails the update to ``version`` (the same answer in every process)."""
+        if version < self.fail_from:
+            return False
         return device in self.fail_devices or _unit(self.seed, device, version) < self.fail_rate
 
     def set_offline(self, device: str) -> None:
@@ -750,6 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--trusted-keys", type=Path, required=True)
     p.add_argument("--devices", type=int, default=1000)
     p.add_argument("--fail-rate", type=float, default=0.0)
+    p.add_argument("--fail-from", type=int, default=0, help="only versions from this one on fail")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefix", default="sim")
     p.add_argument("--step-delay", type=float, nargs=2, default=(0.05, 0.3), metavar=("MIN", "MAX"))
@@ -761,7 +765,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     fleet = SimFleet(args.port, args.fleet, args.trusted_keys, args.devices, host=args.host, prefix=args.prefix,
-                     fail_rate=args.fail_rate, seed=args.seed, step_delay=tuple(args.step_delay))
+                     fail_rate=args.fail_rate, seed=args.seed, step_delay=tuple(args.step_delay),
+                     fail_from=args.fail_from)
     t0 = time.monotonic()
     try:
         fleet.start(timeout=args.timeout)
