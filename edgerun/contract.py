@@ -220,6 +220,13 @@ class UpdateInfo:
                 "detail": self.detail, "error": self.error, "ts": self.ts}
 
     @classmethod
+    def transition(cls, model: str, version: int, state: str, detail: str = "", progress: float | None = None,
+                   ts: float | None = None) -> "UpdateInfo":
+        """The update as a device reports it after a transition: ``error`` is the detail of a failure."""
+        return cls(model, version, state, progress, detail, detail if state in FAILED else None,
+                   time.time() if ts is None else ts)
+
+    @classmethod
     def from_dict(cls, d: Any) -> "UpdateInfo | None":
         if not isinstance(d, dict) or not isinstance(d.get("model"), str) or _int(d.get("version")) is None \
                 or d.get("state") not in STATES:
@@ -298,6 +305,14 @@ class Status:
 
     def model(self, name: str) -> ModelInfo | None:
         return next((m for m in self.models if m.name == name), None)
+
+
+def current_update(updates: dict[str, UpdateInfo], last: str | None) -> UpdateInfo | None:
+    """What a status's ``update`` shows: an update in progress if there is one, else the last one."""
+    latest = updates.get(last) if last else None
+    if latest is None:
+        return None
+    return next((u for u in updates.values() if u.state in IN_PROGRESS), latest)
 
 
 def _list(value: Any) -> list[Any]:

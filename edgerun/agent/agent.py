@@ -8,13 +8,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from edgerun import manifest as manifest_mod
 from edgerun.agent.transfer import Chunks
 from edgerun.agent.updater import UpdatePolicy, Updater
 from edgerun.config import Config
-from edgerun.contract import IN_PROGRESS, BackendInfo, Event, ModelInfo, Status, Topics, UpdateInfo, valid_name
+from edgerun.contract import (FAILED, BackendInfo, Event, ModelInfo, Status, Topics, UpdateInfo, current_update,
+                              valid_name)
 from edgerun.errors import ConfigError, EdgerunError
 from edgerun.mqtt import Broker, Connection, background_priority
 from edgerun.plugins import call_each
@@ -204,7 +205,7 @@ class Agent:
     def report(self, entry: JournalEntry) -> None:
         """Publish one transition (already journaled): an event, the hook, and the status."""
         self._remember(entry)
-        level = logging.WARNING if entry.state in ("failed", "rejected", "rolled_back") else logging.INFO
+        level = logging.WARNING if entry.state in FAILED else logging.INFO
         log.log(level, "update %s v%d: %s %s", entry.model, entry.version, entry.state, entry.detail)
         payload = Event(entry.model, entry.version, entry.state, entry.detail, entry.ts).to_payload()
         topic = self.topics.events(self.device)
@@ -231,9 +232,8 @@ class Agent:
         return self._loader.submit(fn).result()
 
     def _remember(self, entry: JournalEntry) -> None:
-        failed = entry.state in ("failed", "rejected", "rolled_back")
-        self._updates[entry.model] = UpdateInfo(entry.model, entry.version, entry.state, entry.progress,
-                                                entry.detail, entry.detail if failed else None, entry.ts)
+        self._updates[entry.model] = UpdateInfo.transition(entry.model, entry.version, entry.state, entry.detail,
+                                                           entry.progress, entry.ts)
         self._last_update = entry.model
 
     def _status_loop(self) -> None:
@@ -264,11 +264,9 @@ class Agent:
             models.append(ModelInfo(d["name"], d["version"], d.get("variant") or "", d.get("backend") or "",
                                     d.get("sha256") or "", d.get("memory_bytes")))
         updates = dict(self._updates)
-        current = updates.get(self._last_update) if self._last_update else None
-        if current is not None:
-            current = next((u for u in updates.values() if u.state in IN_PROGRESS), current)
         return Status(device=self.device, fleet=self.config.mqtt.fleet, session=self.conn.session, profile=profile,
-                      tags=dict(self.config.mqtt.tags), backends=backends, models=tuple(models), update=current,
+                      tags=dict(self.config.mqtt.tags), backends=backends, models=tuple(models),
+                      update=current_update(updates, self._last_update),
                       updates=updates, memory=_memory(rt))
 
     def _publish_status(self) -> None:

@@ -235,7 +235,6 @@ class Updater:
 
     def rollback_to(self, m: "Manifest") -> None:
         """The hub names a version this device keeps: serve it again (an explicit roll-back)."""
-        ptr = self.store.pointer(m.model)
         j = JournalEntry(m.model, m.version, "queued", digest=m.digest)
         vdir = self.store.version_dir(m.model, m.version)
         pkg = ModelPackage.load(vdir)

@@ -44,8 +44,8 @@ from paho.mqtt.properties import Properties
 
 from edgerun import manifest as manifest_mod
 from edgerun.agent.agent import OUTBOX_LIMIT, SETTLE_SECONDS
-from edgerun.contract import (FAILED, FINAL, IN_PROGRESS, BackendInfo, Event, ModelInfo, State, Status, Topics,
-                              UpdateInfo)
+from edgerun.contract import (FINAL, BackendInfo, Event, ModelInfo, State, Status, Topics, UpdateInfo,
+                              current_update)
 from edgerun.errors import ManifestError
 from edgerun.manifest import Manifest
 from edgerun.mqtt import PROTOCOLS, SESSION_EXPIRY, SUBSCRIBE_BATCH, backoff_delay
@@ -233,9 +233,7 @@ class SimDevice:
         return info.mid
 
     def status(self) -> Status:
-        current = self.updates.get(self.last_update) if self.last_update else None
-        if current is not None:
-            current = next((u for u in self.updates.values() if u.state in IN_PROGRESS), current)
+        current = current_update(self.updates, self.last_update)
         rss = BASE_RSS + sum(m.memory_bytes or 0 for m in self.models.values())
         total = PROFILE_MEMORY.get(self.profile, 4 << 30)
         backends = tuple(BackendInfo(b, True, "sim") for b in PROFILE_BACKENDS.get(self.profile, ("onnxruntime",)))
@@ -251,8 +249,7 @@ class SimDevice:
                digest: str = "") -> None:
         """One transition: remembered, then the event and the retained status (the event waits while offline)."""
         ts = time.time()
-        self.updates[model] = UpdateInfo(model, version, state, progress, detail,
-                                         detail if state in FAILED else None, ts)
+        self.updates[model] = UpdateInfo.transition(model, version, state, detail, progress, ts)
         self.last_update = model
         if state in FINAL and digest:
             self.done.add(digest)
