@@ -520,12 +520,16 @@ class Registry:
                                 f"({busy.state if busy else 'unknown'}); pause, resume or abort it first") from None
         return self.rollout(rid)
 
-    def rollout(self, rid: int) -> RolloutRecord:
+    def find_rollout(self, rid: int) -> RolloutRecord | None:
         with self._begin() as db:
             r = db.execute(sa.select(rollouts).where(rollouts.c.id == rid)).first()
+        return RolloutRecord(**r._mapping) if r else None
+
+    def rollout(self, rid: int) -> RolloutRecord:
+        r = self.find_rollout(rid)
         if r is None:
             raise RegistryError(f"no rollout {rid} in registry {self.shown}")
-        return RolloutRecord(**r._mapping)
+        return r
 
     def rollouts(self, fleet: str, model: str | None = None, limit: int = 50) -> list[RolloutRecord]:
         q = sa.select(rollouts).where(rollouts.c.fleet == fleet)
