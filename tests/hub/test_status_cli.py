@@ -50,3 +50,20 @@ def test_a_large_fleet_gets_a_summary_and_the_devices_that_need_a_look(tmp_path)
     r = hub("status", "--fleet", "big", "--port", str(free_port()), db=db)  # the broker is gone
     assert r.returncode == 0 and "showing the registry as last seen" in r.stderr, r.stderr
     assert "150 known" in r.stdout
+
+
+def test_an_unusable_registry_stops_a_command_with_a_clear_message(tmp_path):
+    db = f"postgresql://edgerun@127.0.0.1:{free_port()}/hub"
+    r = hub("status", "--offline", db=db)
+    assert r.returncode == 69 and "registry postgresql+psycopg://edgerun@127.0.0.1" in r.stderr, r.stderr
+    assert "cannot be used" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "keys").mkdir()
+    generate(tmp_path / "keys", "k")
+    pkg = tmp_path / "pkg"
+    from edgerun.testing.models import make_digits_package
+
+    make_digits_package(pkg)
+    r = subprocess.run([sys.executable, "-c", CLI, "hub", "publish", str(pkg), "--key", str(tmp_path / "keys" / "k.key"),
+                        "--port", str(free_port())], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "EDGERUN_HUB_DB": db})
+    assert r.returncode == 69 and "cannot be used" in r.stderr, r.stderr  # refused before anything was sent
