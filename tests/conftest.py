@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+MEASURED = pytest.StashKey[dict]()
 
 os.environ.setdefault("EDGERUN_LOG_LEVEL", "WARNING")
 
@@ -25,3 +29,17 @@ def testhooks(tmp_path_factory) -> dict[str, str]:
 
     site = site_dir(Path(__file__).parent / "plugins" / "edgerun_testhooks", tmp_path_factory.mktemp("testhooks"))
     return {"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)}
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """Print what tests measured (``measured[name] = ...``), whether or not output is captured: timings are
+    reported, never asserted (benchmarks/ checks targets)."""
+    got = config.stash.get(MEASURED, None)
+    if got:
+        terminalreporter.write_sep("-", "measurements")
+        terminalreporter.write_line(json.dumps(got))
+
+
+@pytest.fixture(scope="session")
+def measured(request) -> dict[str, Any]:
+    return request.config.stash.setdefault(MEASURED, {})

@@ -5,12 +5,13 @@ Needs the ``dev`` extra (scikit-learn, onnx); nothing is downloaded.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from edgerun.package import FileEntry, ModelPackage, Sample, Variant, file_entry, save_package
+from edgerun.package import ModelPackage, Sample, Variant, file_entry, save_package
 from edgerun.tensors import TensorSpec
 
 
@@ -128,5 +129,15 @@ def make_digits_package(root: str | Path, *, name: str = "digits", version: int 
                        outputs=[TensorSpec("probabilities", "FP32", (-1, 10))],
                        variants=variants, samples=[Sample({"input": x_s}, {"probabilities": expected})],
                        description="MLP classifier for 8x8 handwritten digits (scikit-learn digits)")
+    save_package(pkg, root)
+    return ModelPackage.load(root)
+
+
+def tiny_package(root: Path, version: int, name: str = "m") -> ModelPackage:
+    """A package whose one file is a few KB unique to ``name`` and ``version``, for a fleet that loads nothing."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model.onnx").write_bytes(hashlib.sha256(f"{name}-{version}".encode()).digest() * 128)
+    pkg = ModelPackage(name, version, [TensorSpec("input", "FP32", (-1, 4))], [TensorSpec("out", "FP32", (-1, 2))],
+                       [Variant("onnx-fp32", "onnx", "fp32", (file_entry(root, "model.onnx"),))])
     save_package(pkg, root)
     return ModelPackage.load(root)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -14,22 +12,6 @@ from edgerun.testing.mosquitto import Mosquitto, find_mosquitto
 
 if find_mosquitto() is None:
     pytest.skip("mosquitto is not installed", allow_module_level=True)
-
-MEASURED = pytest.StashKey[dict]()
-
-
-def pytest_terminal_summary(terminalreporter, config) -> None:
-    """Print what the thousand-device tests measured, whether or not output is captured."""
-    got = config.stash.get(MEASURED, None)
-    if got:
-        terminalreporter.write_sep("-", "simulated fleet")
-        terminalreporter.write_line(json.dumps(got))
-
-
-@pytest.fixture(scope="session")
-def measured(request) -> dict[str, Any]:
-    """Measurements to report at the end of the run."""
-    return request.config.stash.setdefault(MEASURED, {})
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import select
@@ -24,9 +23,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgerun.contract import Event, State, Status, Topics
 from edgerun.hub.publish import build_manifest, encode
 from edgerun.manifest import load_private_key, sign
-from edgerun.package import ModelPackage, Variant, file_entry, save_package
-from edgerun.tensors import TensorSpec
+from edgerun.package import ModelPackage
 from edgerun.testing.fleet import PROFILES, SimFleet
+from edgerun.testing.models import tiny_package
 
 MODEL = "m"
 FAST = (0.01, 0.03)  # step delays of the small fleets
@@ -34,16 +33,6 @@ BIG = 1000
 
 
 # --- a hub: packages, signed releases, a watcher -------------------------------------------------
-
-def tiny_package(root: Path, version: int, name: str = MODEL) -> ModelPackage:
-    """A package whose one file is a few KB unique to ``name`` and ``version`` (never loaded by the fleet)."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "model.onnx").write_bytes(hashlib.sha256(f"{name}-{version}".encode()).digest() * 128)
-    pkg = ModelPackage(name, version, [TensorSpec("input", "FP32", (-1, 4))], [TensorSpec("out", "FP32", (-1, 2))],
-                       [Variant("onnx-fp32", "onnx", "fp32", (file_entry(root, "model.onnx"),))])
-    save_package(pkg, root)
-    return ModelPackage.load(root)
-
 
 class Hub:
     """Publishes retained releases with a plain paho client."""

@@ -6,7 +6,6 @@ would push the watcher's and the publisher's descriptors past what paho's ``sele
 
 from __future__ import annotations
 
-import hashlib
 import json
 import select
 import signal
@@ -27,8 +26,7 @@ from edgerun.hub.registry import Registry
 from edgerun.hub.watch import FleetWatch
 from edgerun.manifest import load_private_key, sign
 from edgerun.mqtt import Broker, Connection
-from edgerun.package import ModelPackage, Variant, file_entry, save_package
-from edgerun.tensors import TensorSpec
+from edgerun.testing.models import tiny_package
 from edgerun.testing.mosquitto import Mosquitto
 
 MODEL = "detector"
@@ -47,16 +45,6 @@ def wait_for(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condit
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(every)
-
-
-def tiny_package(root: Path, version: int, name: str = MODEL) -> ModelPackage:
-    """A package whose one file is a few KB unique to ``name`` and ``version`` (never loaded by the fleet)."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "model.onnx").write_bytes(hashlib.sha256(f"{name}-{version}".encode()).digest() * 128)
-    pkg = ModelPackage(name, version, [TensorSpec("input", "FP32", (-1, 4))], [TensorSpec("out", "FP32", (-1, 2))],
-                       [Variant("onnx-fp32", "onnx", "fp32", (file_entry(root, "model.onnx"),))])
-    save_package(pkg, root)
-    return ModelPackage.load(root)
 
 
 def final_on(status: Status | None, version: int) -> bool:
@@ -161,7 +149,7 @@ class Fleet:
 
     def release(self, version: int, timeout: float = 60.0) -> float:
         """Publish ``MODEL`` v``version`` fleet-wide; wait until every device's status is final on it."""
-        pkg = tiny_package(self.workdir / f"pkg-{version}", version)
+        pkg = tiny_package(self.workdir / f"pkg-{version}", version, MODEL)
         t0 = time.monotonic()
         self.publish(self.topics.release(MODEL), encode(sign(build_manifest(pkg), self.key, "hub-test")), retain=True)
         w = self.watch
