@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgerun.cli.app import console, err_console, fail, hub_app, is_tty
+from edgerun.cli.app import console, err_console, fail, hub_app
 from edgerun.cli.hub_common import Hub, hub_command, signing_key
 from edgerun.units import format_duration
 
@@ -352,7 +352,7 @@ def watch(*, hub: Hub) -> None:
                  registry.shown, len(w.statuses))
         w.add_listener(show)
         try:
-            while not stop.wait(30 if not is_tty() else 3600):
+            while not stop.wait(60):
                 log.info("%d device(s), %d online, %d message(s) so far", len(w.states),
                          sum(1 for s in w.states.values() if s.online), w.messages)
         except KeyboardInterrupt:
