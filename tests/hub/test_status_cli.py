@@ -67,3 +67,32 @@ def test_an_unusable_registry_stops_a_command_with_a_clear_message(tmp_path):
                         "--port", str(free_port())], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "EDGERUN_HUB_DB": db})
     assert r.returncode == 69 and "cannot be used" in r.stderr, r.stderr  # refused before anything was sent
+
+
+def test_hub_watch_keeps_the_registry_current_and_logs_events_until_sigterm(tmp_path):
+    import signal
+
+    from edgerun.hub.registry import Registry
+
+    generate(tmp_path / "keys", "k")
+    db = f"sqlite:///{tmp_path / 'hub.db'}"
+    with Mosquitto(tmp_path / "broker") as broker, SimFleet(broker.port, "w", tmp_path / "keys", n=5) as fleet:
+        watch = subprocess.Popen([sys.executable, "-c", CLI, "hub", "watch", "--fleet", "w", "--port", str(broker.port)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env={**os.environ, "EDGERUN_HUB_DB": db, "EDGERUN_LOG_LEVEL": "INFO"})
+        try:
+            deadline = time.monotonic() + 30
+            while len(Registry(db).devices("w")) < 5:
+                assert time.monotonic() < deadline and watch.poll() is None, "the watcher wrote no device"
+                time.sleep(0.2)
+            fleet.set_offline("sim-0001")
+            deadline = time.monotonic() + 30
+            while Registry(db).device("w", "sim-0001").online is not False:
+                assert time.monotonic() < deadline, "the last will did not reach the registry"
+                time.sleep(0.2)
+            watch.send_signal(signal.SIGTERM)
+            out, _ = watch.communicate(timeout=30)
+        finally:
+            watch.kill()
+    assert watch.returncode == 0, out
+    assert "watching fleet 'w'" in out and "sim-0001: offline" in out, out
