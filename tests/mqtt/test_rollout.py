@@ -60,6 +60,9 @@ def test_a_rollout_updates_stage_by_stage_then_moves_the_fleet_release(tmp_path,
     assert status["rollout"]["state"] == "succeeded"
     assert [d["state"] for d in status["devices"]] == ["active"] * 3
     assert [d["stage"] for d in status["devices"]] == [0, 1, 2]
+    rels = json.loads(hub.cli("releases", "digits", "--fleet", hub.fleet, "--json").stdout)
+    assert [(r["version"], r["source"]) for r in rels] == [(1, "publish"), (2, "upload"), (2, "rollout")]
+    assert all(r["key_id"] == "hub-test" and r["variants"][0]["files"][0]["sha256"] for r in rels)
     history = hub.cli("history", "digits", "--fleet", hub.fleet)
     assert history.returncode == 0 and "succeeded" in history.stdout, history.stdout
 
