@@ -42,3 +42,13 @@ def on_model_activated(model: str, version: int, variant: str, backend: str) -> 
 @hookspec
 def on_update_event(model: str, version: int, state: str, detail: str) -> None:
     """Called on every update state transition of the device agent."""
+
+
+@hookspec
+def register_model_sources(register: Callable[[Any], None]) -> None:
+    """Hub: register ModelSource objects that turn a model of some framework into ONNX (``edgerun.hub.tools``)."""
+
+
+@hookspec
+def register_variant_makers(register: Callable[[Any], None]) -> None:
+    """Hub: register VariantMaker objects that make one format and precision of a model (``edgerun.hub.tools``)."""

@@ -19,7 +19,8 @@ import numpy as np
 from edgerun.errors import PackageError
 from edgerun.hub import quantize as q
 from edgerun.hub.measure import Measured, measure
-from edgerun.package import FORMATS, PRECISIONS, ModelPackage, Measurement, Sample, Variant, file_entry, save_package
+from edgerun.hub.tools import MakeJob, PrecisionUnavailable, VariantMaker, variant_makers
+from edgerun.package import PRECISIONS, ModelPackage, Measurement, Sample, Variant, file_entry, save_package
 from edgerun.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class VariantReport:
     size: int = 0
     compressed_size: int = 0
     results: dict[str, BackendResult] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
     atol: float = 1e-4
     rtol: float = 1e-3
 
@@ -185,9 +187,11 @@ def _check_request(req: PackageRequest) -> None:
     bad = [p for p in req.precisions if p not in PRECISIONS]
     if bad or not req.precisions:
         raise PackageError(f"--precisions: unknown {bad or 'empty list'}; choose from {', '.join(PRECISIONS)}")
-    bad = [f for f in req.formats if f not in FORMATS]
+    formats = sorted({m.format for m in variant_makers()})
+    bad = [f for f in req.formats if f not in formats]
     if bad or not req.formats:
-        raise PackageError(f"--formats: unknown {bad or 'empty list'}; choose from {', '.join(FORMATS)}")
+        raise PackageError(f"--formats: unknown {bad or 'empty list'} (no variant maker makes it); choose from "
+                           f"{', '.join(formats)}")
     if req.metric not in METRICS:
         raise PackageError(f"--metric: expected one of {', '.join(METRICS)}, got {req.metric!r}")
     if req.prune is not None and not 0 < req.prune < 1:
@@ -200,57 +204,18 @@ def _check_request(req: PackageRequest) -> None:
 
 # --- planning ---------------------------------------------------------------------------------------
 
-# (id, format, precision, method); int8 has two methods per format, one is kept by measuring
-_PLAN = [
-    ("onnx-fp32", "onnx", "fp32", "original"),
-    ("onnx-fp16", "onnx", "fp16", "fp16"),
-    ("onnx-int8-qdq", "onnx", "int8", "static"),
-    ("onnx-int8-dynamic", "onnx", "int8", "dynamic"),
-    ("onnx-int4", "onnx", "int4", "matmulnbits"),
-    ("openvino-fp32", "openvino", "fp32", "convert"),
-    ("openvino-fp16", "openvino", "fp16", "convert"),
-    ("openvino-int8-nncf", "openvino", "int8", "nncf"),
-    ("openvino-int8-weights", "openvino", "int8", "weights"),
-    ("openvino-int4", "openvino", "int4", "weights"),
-    ("tflite-fp32", "tflite", "fp32", "convert"),
-    ("tflite-fp16", "tflite", "fp16", "convert"),
-    ("tflite-int8", "tflite", "int8", "convert"),
-    ("tflite-int4", "tflite", "int4", "convert"),
-]
-_TFLITE_REASON = ("no ONNX→TFLite converter is available to the hub (onnx2tf/TensorFlow are not part of "
-                  "edgerun[hub]); convert with your own tools and add the .tflite as a variant")
+def plan(req: PackageRequest, makers: list[VariantMaker], options: dict[str, Any]) -> list[tuple[VariantMaker,
+                                                                                                  VariantReport]]:
+    """The variants to make: every maker of an asked format and precision, the fp32 reference, and the optional
+    ones (``--prune``) whose option is set."""
+    def wanted(m: VariantMaker) -> bool:
+        if m.always:
+            return True
+        if m.option is not None:
+            return options.get(m.option) is not None
+        return m.format in req.formats and m.precision in req.precisions
 
-
-def _make(v: VariantReport, src: Path, stage: Path, profile: q.WeightProfile,
-          calibration: dict[str, np.ndarray] | None, prune: float | None) -> None:
-    """Write ``v``'s files under ``stage``; PrecisionUnavailable when it cannot be made."""
-    if v.format == "tflite":
-        raise q.PrecisionUnavailable(_TFLITE_REASON)
-    if v.format == "openvino":
-        rel = f"{v.id}/model.xml"
-        (stage / v.id).mkdir(parents=True, exist_ok=True)
-        q.make_openvino(src, stage / rel, v.precision, v.method, calibration, profile)
-        v.files = [rel, f"{v.id}/model.bin"]
-        return
-    rel = f"{v.id}.onnx"
-    dst = stage / rel
-    if v.method == "original":
-        q.copy_fp32(src, dst)
-    elif v.method == "fp16":
-        q.make_fp16(src, dst)
-    elif v.method == "static":
-        if not calibration:
-            raise q.PrecisionUnavailable("static int8 needs calibration data")
-        q.make_int8_static(src, dst, calibration)
-    elif v.method == "dynamic":
-        q.make_int8_dynamic(src, dst)
-    elif v.method == "matmulnbits":
-        n = q.make_int4(src, dst, profile)
-        v.note = f"{n} MatMul/Gemm layer(s) as 4-bit MatMulNBits, block 32"
-    elif v.method == "prune":
-        sparsity = q.prune(src, dst, prune or 0.5)
-        v.note = f"{100 * sparsity:.0f}% of MatMul/Gemm/Conv weights zeroed (magnitude)"
-    v.files = [rel]
+    return [(m, VariantReport(m.variant_id(options), m.format, m.precision, m.method)) for m in makers if wanted(m)]
 
 
 def _compressed_size(paths: list[Path]) -> int:
@@ -288,13 +253,12 @@ def package_model(req: PackageRequest, progress: Progress | None = None) -> Pack
             notes.append("no --calibration given: int8 ranges were calibrated on the validation set, which "
                          "flatters int8 accuracy; pass a separate calibration set")
     backends = available_backends(req.backends)
-    planned = [VariantReport(i, f, p, m) for i, f, p, m in _PLAN
-               if (f in req.formats and p in req.precisions) or i == "onnx-fp32"]
-    if req.prune is not None:
-        planned.insert(1, VariantReport(f"onnx-fp32-pruned{round(100 * req.prune)}", "onnx", "fp32", "prune"))
+    options: dict[str, Any] = {"prune": req.prune}
+    jobs = plan(req, variant_makers(), options)
+    planned = [v for _, v in jobs]
     if "openvino" in req.formats and not any("openvino" in fmts for fmts in backends.values()):
         notes.append("no OpenVINO backend is available here: OpenVINO IR variants cannot be measured")
-    per_format = {f: [b for b, fmts in backends.items() if f in fmts] for f in FORMATS}
+    per_format = {v.format: [b for b, fmts in backends.items() if v.format in fmts] for v in planned}
     progress.total(len(planned) + sum(max(1, len(per_format[v.format])) for v in planned) + 1)
 
     out = Path(req.out).resolve()  # the measuring children run in another directory
@@ -302,11 +266,12 @@ def package_model(req: PackageRequest, progress: Progress | None = None) -> Pack
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     work = Path(tempfile.mkdtemp(prefix="edgerun-package-"))
     try:
-        for v in planned:
+        for maker, v in jobs:
             progress.step(f"making {v.id}")
             try:
-                _make(v, req.model, stage, profile, calibration, req.prune)
-            except q.PrecisionUnavailable as exc:
+                made = maker.make(MakeJob(req.model, stage, v.id, calibration, val, inputs, outputs, options))
+                v.files, v.note, v.info = made.files, made.note, made.info
+            except PrecisionUnavailable as exc:
                 v.status, v.reason = "skipped", str(exc)
                 log.info("skipped %s: %s", v.id, exc)
                 continue

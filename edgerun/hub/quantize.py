@@ -15,7 +15,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from edgerun.errors import EdgerunError, PackageError
+from edgerun.errors import PackageError
+from edgerun.hub.tools import PrecisionUnavailable
 from edgerun.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -25,10 +26,6 @@ HUB_EXTRA_HINT = "pip install 'edgerun[hub]'"
 _ONNX_TYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 9: "BOOL",
                10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64", 8: "BYTES"}
 MATMUL_OPS = ("MatMul", "Gemm")
-
-
-class PrecisionUnavailable(EdgerunError):
-    """The tools cannot make this precision/format for this model; the packager skips it with the reason."""
 
 
 @dataclass(frozen=True)
@@ -54,11 +51,13 @@ class WeightProfile:
                 f"{100 * self.conv_params / t:.0f}% Conv")
 
 
-def load_onnx(path: Path) -> Any:
+def load_onnx(path: Path, check: bool = True) -> Any:
     """The ONNX model at ``path``, checked; PackageError naming the file when it is not a loadable ONNX model."""
     import onnx
 
     path = Path(path)
+    if not check:
+        return onnx.load(str(path))
     if not path.is_file():
         raise PackageError(f"{path}: no such model file")
     try:
@@ -191,10 +190,55 @@ def iter_rows(data: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         yield {k: v[i:i + 1] for k, v in data.items()}
 
 
-def make_int8_static(src: Path, dst: Path, calibration: dict[str, np.ndarray]) -> None:
-    """QDQ int8: per-channel int8 weights, uint8 activations with ranges from the calibration set."""
+@dataclass(frozen=True)
+class Int8Settings:
+    """How a static int8 variant was quantized, and for which CPUs' int8 kernels."""
+
+    reduce_range: bool
+    per_channel: bool = True
+    activations: str = "uint8"
+    weights: str = "int8"
+    targets: tuple[str, ...] = ()  # CPU classes it is made for: x86-vnni, x86, arm64
+    excluded: tuple[str, ...] = ()  # nodes left in fp32 to meet the accuracy bound
+
+    def describe(self) -> str:
+        parts = [f"{self.activations} activations, {self.weights} weights "
+                 f"{'per channel' if self.per_channel else 'per tensor'}"]
+        if self.reduce_range:
+            parts.append("7-bit weight range (reduce_range) for x86 CPUs without VNNI")
+        if self.targets:
+            parts.append(f"for {', '.join(self.targets)}")
+        if self.excluded:
+            parts.append(f"{len(self.excluded)} sensitive node(s) kept in fp32: {', '.join(self.excluded[:4])}"
+                         + ("..." if len(self.excluded) > 4 else ""))
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reduce_range": self.reduce_range, "per_channel": self.per_channel, "activations": self.activations,
+                "weights": self.weights, "targets": list(self.targets), "excluded": list(self.excluded)}
+
+
+CPU_CLASSES = ("x86-vnni", "x86", "arm64")  # what decides which int8 kernels run
+
+
+def int8_settings(targets: tuple[str, ...] | None, exclude: tuple[str, ...] = ()) -> Int8Settings:
+    """The static int8 settings the targets' kernels need.
+
+    onnxruntime's u8s8 kernels on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply with VPMADDUBSW,
+    whose 16-bit pair sums can saturate; a 7-bit weight range avoids that. CPUs with VNNI and ARM64 have no
+    such limit, so full-range weights are kept when no target needs it.
+    """
+    targets = tuple(targets or CPU_CLASSES)
+    return Int8Settings(reduce_range="x86" in targets, targets=targets, excluded=tuple(exclude))
+
+
+def make_int8_static(src: Path, dst: Path, calibration: dict[str, np.ndarray],
+                     targets: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> Int8Settings:
+    """QDQ int8: per-channel int8 weights, uint8 activations with ranges from the calibration set, with the
+    weight range the targets' kernels need; ``exclude`` names nodes left in fp32."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    settings = int8_settings(targets, exclude)
     prepped = dst.with_suffix(".pre.onnx")
     source = src
     try:
@@ -208,8 +252,9 @@ def make_int8_static(src: Path, dst: Path, calibration: dict[str, np.ndarray]) -
     try:
         with _quiet_root_logger():
             quantize_static(str(source), str(dst), _Reader(calibration), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax,
+                            per_channel=settings.per_channel, reduce_range=settings.reduce_range,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(settings.excluded),
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     except Exception as exc:
         raise PrecisionUnavailable(f"static int8 quantization failed: {exc}") from None
@@ -217,6 +262,7 @@ def make_int8_static(src: Path, dst: Path, calibration: dict[str, np.ndarray]) -
         prepped.unlink(missing_ok=True)
         for extra in dst.parent.glob(dst.stem + "*-inferred.onnx"):
             extra.unlink()
+    return settings
 
 
 def make_int8_dynamic(src: Path, dst: Path) -> None:

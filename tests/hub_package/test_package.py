@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 
 from edgerun.errors import ModelLoadError, NoVariantFits
-from edgerun.hub.packager import _TFLITE_REASON, REPORT_FILE, PackageRequest, VariantReport, package_model
+from edgerun.hub.makers import TFLITE_REASON as _TFLITE_REASON
+from edgerun.hub.packager import REPORT_FILE, PackageRequest, VariantReport, package_model
 from edgerun.package import ModelPackage, file_entry, package_to_dict, save_package
 from edgerun.runtime import Runtime
 from edgerun.testing.models import mlp_onnx, random_mlp_weights

@@ -1,0 +1,146 @@
+"""The built-in variant makers: ONNX (fp32, fp16, int8 static and dynamic, int4, pruned) and OpenVINO IR.
+
+Each is a plugin on ``register_variant_makers``; the work is done by ``edgerun.hub.quantize``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from edgerun.hookspecs import hookimpl
+from edgerun.hub import quantize as q
+from edgerun.hub.tools import Made, MakeJob, PrecisionUnavailable, VariantMaker
+
+
+class OnnxFp32(VariantMaker):
+    """The model as given: the reference every other variant is judged by."""
+
+    id, format, precision, method, order, always = "onnx-fp32", "onnx", "fp32", "original", 0, True
+
+    def make(self, job: MakeJob) -> Made:
+        q.copy_fp32(job.source, job.stage / f"{self.id}.onnx")
+        return Made([f"{self.id}.onnx"])
+
+
+class OnnxPruned(VariantMaker):
+    """fp32 with the smallest weights zeroed (``--prune``): smaller after compression, not faster."""
+
+    id, format, precision, method, order, option = "onnx-fp32-pruned", "onnx", "fp32", "prune", 1, "prune"
+
+    def variant_id(self, options: dict[str, Any]) -> str:
+        return f"{self.id}{round(100 * options['prune'])}"
+
+    def make(self, job: MakeJob) -> Made:
+        rel = f"{job.variant_id}.onnx"
+        sparsity = q.prune(job.source, job.stage / rel, job.options["prune"])
+        return Made([rel], f"{100 * sparsity:.0f}% of MatMul/Gemm/Conv weights zeroed (magnitude)")
+
+
+class _OnnxMaker(VariantMaker):
+    """An ONNX variant written by one function of ``edgerun.hub.quantize``."""
+
+    format = "onnx"
+
+    def write(self, job: MakeJob, dst: Any) -> str:
+        raise NotImplementedError
+
+    def make(self, job: MakeJob) -> Made:
+        rel = f"{self.id}.onnx"
+        note = self.write(job, job.stage / rel)
+        return Made([rel], note or "")
+
+
+class OnnxFp16(_OnnxMaker):
+    """Weights and compute in fp16, fp32 at the edges."""
+
+    id, precision, method, order = "onnx-fp16", "fp16", "fp16", 10
+
+    def write(self, job: MakeJob, dst: Any) -> str:
+        q.make_fp16(job.source, dst)
+        return ""
+
+
+class OnnxInt8Static(_OnnxMaker):
+    """QDQ int8 with ranges from the calibration set, with the settings the targets' int8 kernels need."""
+
+    id, precision, method, order = "onnx-int8-qdq", "int8", "static", 20
+
+    def make(self, job: MakeJob) -> Made:
+        if not job.calibration:
+            raise PrecisionUnavailable("static int8 needs calibration data")
+        rel = f"{self.id}.onnx"
+        settings = q.make_int8_static(job.source, job.stage / rel, job.calibration,
+                                      targets=job.options.get("int8_targets"),
+                                      exclude=job.options.get("int8_exclude", {}).get(self.id, ()))
+        return Made([rel], settings.describe(), {"int8": settings.to_dict()})
+
+
+class OnnxInt8Dynamic(_OnnxMaker):
+    """int8 weights, activations quantized at run time."""
+
+    id, precision, method, order = "onnx-int8-dynamic", "int8", "dynamic", 21
+
+    def write(self, job: MakeJob, dst: Any) -> str:
+        q.make_int8_dynamic(job.source, dst)
+        return ""
+
+
+class OnnxInt4(_OnnxMaker):
+    """4-bit weight-only MatMulNBits for MatMul-heavy models."""
+
+    id, precision, method, order = "onnx-int4", "int4", "matmulnbits", 30
+
+    def write(self, job: MakeJob, dst: Any) -> str:
+        n = q.make_int4(job.source, dst, q.weight_profile(q.load_onnx(job.source, check=False)))
+        return f"{n} MatMul/Gemm layer(s) as 4-bit MatMulNBits, block 32"
+
+
+class _OpenVinoMaker(VariantMaker):
+    """An OpenVINO IR (.xml + .bin) by conversion, NNCF quantization or weight compression."""
+
+    format = "openvino"
+
+    def make(self, job: MakeJob) -> Made:
+        rel = f"{self.id}/model.xml"
+        (job.stage / self.id).mkdir(parents=True, exist_ok=True)
+        q.make_openvino(job.source, job.stage / rel, self.precision, self.method, job.calibration,
+                        q.weight_profile(q.load_onnx(job.source, check=False)))
+        return Made([rel, f"{self.id}/model.bin"])
+
+
+def _openvino(vid: str, precision: str, method: str, order: int) -> type[VariantMaker]:
+    return type(vid.replace("-", "_"), (_OpenVinoMaker,), {"id": vid, "precision": precision, "method": method,
+                                                          "order": order, "__doc__": f"OpenVINO IR, {precision}."})
+
+
+TFLITE_REASON = ("no ONNX→TFLite converter is available to the hub (onnx2tf/TensorFlow are not part of "
+                 "edgerun[hub]); convert with your own tools and add the .tflite as a variant")
+
+
+class _TfliteUnavailable(VariantMaker):
+    """A TFLite variant the hub cannot make yet."""
+
+    format, method = "tflite", "convert"
+
+    def make(self, job: MakeJob) -> Made:
+        raise PrecisionUnavailable(TFLITE_REASON)
+
+
+def _tflite(precision: str, order: int) -> type[VariantMaker]:
+    return type(f"tflite_{precision}", (_TfliteUnavailable,), {"id": f"tflite-{precision}", "precision": precision,
+                                                              "order": order})
+
+
+BUILTIN: list[Callable[[], VariantMaker]] = [
+    OnnxFp32, OnnxPruned, OnnxFp16, OnnxInt8Static, OnnxInt8Dynamic, OnnxInt4,
+    _openvino("openvino-fp32", "fp32", "convert", 40), _openvino("openvino-fp16", "fp16", "convert", 41),
+    _openvino("openvino-int8-nncf", "int8", "nncf", 42), _openvino("openvino-int8-weights", "int8", "weights", 43),
+    _openvino("openvino-int4", "int4", "weights", 44),
+    _tflite("fp32", 50), _tflite("fp16", 51), _tflite("int8", 52), _tflite("int4", 53),
+]
+
+
+@hookimpl
+def register_variant_makers(register: Callable[[VariantMaker], None]) -> None:
+    for cls in BUILTIN:
+        register(cls())
