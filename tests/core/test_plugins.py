@@ -114,6 +114,46 @@ def test_hook_register_backends(fake_plugin, measured_digits, digits_input) -> N
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def _hub_package(tmp_path: Path, model: Path, val: Path, **kw):
+    from edgerun.hub.packager import PackageRequest, package_model
+    from edgerun.hub.tools import hub_plugins
+
+    hub_plugins.cache_clear()  # the hub's plugin manager, with the plugin just installed
+    try:
+        return package_model(PackageRequest(model=model, name="lin", version=1, validation=val, out=tmp_path / "pkg",
+                                            precisions=("fp32",), formats=("onnx",), backends=("onnxruntime",),
+                                            repeats=10, **kw))
+    finally:
+        hub_plugins.cache_clear()
+
+
+def test_hook_register_model_sources(fake_plugin, tmp_path: Path) -> None:
+    """A third-party source turns its own model file into the ONNX model the package is made from."""
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    np.savez(tmp_path / "clf.linear.npz", W=w, b=b)
+    x = rng.normal(size=(20, 4)).astype(np.float32)
+    np.savez(tmp_path / "val.npz", x=x, labels=np.argmax(x @ w + b, axis=1))
+    report = _hub_package(tmp_path, tmp_path / "clf.linear.npz", tmp_path / "val.npz")
+    assert report.variants[0].status == "kept" and report.variants[0].score("accuracy") == 1.0
+    with Runtime(profile=Profile(name="ort", prefer=("onnxruntime",))) as rt:
+        rt.load(tmp_path / "pkg")
+        np.testing.assert_allclose(rt.infer("lin", {"x": x})["scores"], x @ w + b, rtol=1e-5, atol=1e-5)
+
+
+def test_hook_register_variant_makers(fake_plugin, measured_digits, tmp_path: Path) -> None:
+    """A third-party maker's variant is planned, measured and judged like the built-in ones."""
+    from edgerun.testing.models import digits_data
+
+    _, _, x_val, y_val = digits_data()
+    np.savez(tmp_path / "val.npz", input=x_val[:100], labels=y_val[:100])
+    report = _hub_package(tmp_path, measured_digits.root / measured_digits.variant("onnx-fp32").files[0].path,
+                          tmp_path / "val.npz")
+    copy = next(v for v in report.variants if v.id == "onnx-fp32-copy")
+    assert copy.note == "copied by the fake plugin" and copy.results["onnxruntime"].latency_ms > 0
+    assert copy.status in ("kept", "dropped") and copy.reason  # judged: kept as measured, or dropped with why
+
+
 def test_hook_describe_device(fake_plugin, cli) -> None:
     """Facts a plugin contributes are merged into the host's facts and shown by ``edgerun device``."""
     pm, _ = make_plugin_manager()

@@ -88,3 +88,57 @@ def on_model_activated(model: str, version: int, variant: str, backend: str) -> 
 def on_update_event(model: str, version: int, state: str, detail: str) -> None:
     """Record the update transition."""
     EVENTS.append(("update", {"model": model, "version": version, "state": state, "detail": detail}))
+
+
+class LinearNpz:
+    """A model source: a linear classifier stored as ``W`` and ``b`` in a ``.linear.npz`` file, written as ONNX."""
+
+    name = "linear-npz"
+    describe = "a linear classifier in a .linear.npz file (arrays W and b)"
+
+    def matches(self, spec: str) -> bool:
+        return spec.endswith(".linear.npz")
+
+    def to_onnx(self, spec: str, out: Path, example: dict[str, np.ndarray]) -> Path:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+
+        with np.load(spec) as z:
+            w, b = z["W"].astype(np.float32), z["b"].astype(np.float32)
+        (name, x), = example.items()
+        graph = helper.make_graph(
+            [helper.make_node("Gemm", [name, "W", "b"], ["scores"])], "linear",
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", x.shape[1]])],
+            [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", w.shape[1]])],
+            [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(out))
+        return out
+
+
+class CopyMaker:
+    """A variant maker: another fp32 ONNX copy, to show a third-party method competes like the built-ins."""
+
+    id, format, precision, method, order, always, option = "onnx-fp32-copy", "onnx", "fp32", "copy", 5, False, None
+
+    def variant_id(self, options: dict[str, Any]) -> str:
+        return self.id
+
+    def make(self, job: Any) -> Any:
+        import shutil
+
+        from edgerun.hub.tools import Made
+
+        shutil.copyfile(job.source, job.stage / f"{self.id}.onnx")
+        return Made([f"{self.id}.onnx"], "copied by the fake plugin")
+
+
+@hookimpl
+def register_model_sources(register: Callable[[Any], None]) -> None:
+    """Offer the .linear.npz source."""
+    register(LinearNpz())
+
+
+@hookimpl
+def register_variant_makers(register: Callable[[Any], None]) -> None:
+    """Offer the copying maker."""
+    register(CopyMaker())
