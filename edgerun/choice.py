@@ -73,6 +73,9 @@ def candidates(package: ModelPackage, profile: Profile, backends: dict[str, Back
             avail = backend.check()
             if not avail.available:
                 out.append(Candidate(variant, backend.name, need, measured, False, f"backend {avail}"))
+            elif backend.name in variant.failed:
+                out.append(Candidate(variant, backend.name, need, measured, False,
+                                     f"the hub could not run it on {backend.name}: {variant.failed[backend.name]}"))
             elif unusable := unsupported_tensors(package, backend):
                 out.append(Candidate(variant, backend.name, need, measured, False, unusable))
             elif need > budget:

@@ -14,6 +14,10 @@ from edgerun.plugins import call_each
 
 # What ``platform.machine()`` reports on other systems, mapped to the Linux names profiles use.
 ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8l": "aarch64"}
+# which int8 kernels a CPU runs: x86 without VNNI multiplies u8 by s8 with VPMADDUBSW, whose 16-bit pair sums
+# saturate; VNNI (and AMX) sum into 32 bits; ARM64 has no such limit
+CPU_CLASSES = ("x86-vnni", "x86", "arm64")
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 @dataclass
@@ -29,6 +33,13 @@ class DeviceFacts:
     memory_available: int = 0
     accelerators: frozenset[str] = frozenset()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cpu_class(self) -> str:
+        """The kind of int8 kernels this CPU runs: ``x86-vnni``, ``x86``, ``arm64``, or its architecture."""
+        if self.arch == "x86_64":
+            return "x86-vnni" if self.cpu_flags & VNNI_FLAGS else "x86"
+        return "arm64" if self.arch == "aarch64" else self.arch
 
     def to_dict(self) -> dict[str, Any]:
         """The facts as plain JSON-able values (for status reports and ``edgerun device``)."""

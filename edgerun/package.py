@@ -52,6 +52,8 @@ class Variant:
     atol: float = 1e-3
     rtol: float = 1e-3
     measured: dict[str, Measurement] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # backend -> why the hub could not run it there
+    info: dict[str, Any] = field(default_factory=dict)  # how it was made and validated (int8 settings, CPUs)
 
     @property
     def size(self) -> int:
@@ -92,6 +94,7 @@ class ModelPackage:
     description: str = ""
     root: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    model_file: Path | None = None  # set when the package is a bare model file, with no edgerun.toml (edgerun.bare)
 
     @classmethod
     def load(cls, root: str | Path) -> "ModelPackage":
@@ -180,7 +183,7 @@ def _tensor_spec(t: Table) -> TensorSpec:
 
 def _variant(t: Table) -> Variant:
     t.only("id", "format", "precision", "files", "accuracy", "memory_bytes", "atol", "rtol", "measured",
-           "latency_ms")
+           "latency_ms", "failed", "info")
     fmt = t.get("format", str, required=True)
     if fmt not in FORMATS:
         raise t.fail("format", f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -210,9 +213,14 @@ def _variant(t: Table) -> Variant:
         b.only("latency_ms", "memory_bytes", "accuracy")
         measured[backend] = Measurement(b.get("latency_ms", float, None), b.get("memory_bytes", int, None),
                                         b.get("accuracy", float, None))
+    failed = t.get("failed", dict, {})
+    for backend, why in failed.items():
+        if not isinstance(why, str):
+            raise t.fail(f"failed.{backend}", f"expected the reason as a string, got {why!r}")
     return Variant(id=t.get("id", str, required=True), format=fmt, precision=precision, files=tuple(files),
                    accuracy=t.get("accuracy", float, None), memory_bytes=t.get("memory_bytes", int, None),
-                   atol=t.get("atol", float, 1e-3), rtol=t.get("rtol", float, 1e-3), measured=measured)
+                   atol=t.get("atol", float, 1e-3), rtol=t.get("rtol", float, 1e-3), measured=measured,
+                   failed=dict(failed), info=t.get("info", dict, {}))
 
 
 def _sample(t: Table, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> Sample:
@@ -282,6 +290,10 @@ def variant_to_dict(v: Variant) -> dict[str, Any]:
         d["measured"] = {b: {k: val for k, val in (("latency_ms", m.latency_ms), ("memory_bytes", m.memory_bytes),
                                                     ("accuracy", m.accuracy)) if val is not None}
                          for b, m in v.measured.items()}
+    if v.failed:
+        d["failed"] = dict(v.failed)
+    if v.info:
+        d["info"] = v.info
     return d
 
 

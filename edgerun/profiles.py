@@ -66,6 +66,19 @@ class Profile:
             ok = ok and hit
         return ok, reasons
 
+    def cpu_classes(self) -> tuple[str, ...]:
+        """The int8 CPU classes the devices of this profile can have (x86-vnni, x86, arm64)."""
+        from edgerun.device import VNNI_FLAGS
+
+        arches = self.match.get("arch") or ["x86_64", "aarch64"]
+        out: list[str] = []
+        for arch in arches:
+            if arch == "x86_64":
+                out += ["x86-vnni"] if set(self.match.get("cpu_flags", ())) & VNNI_FLAGS else ["x86-vnni", "x86"]
+            elif arch == "aarch64":
+                out.append("arm64")
+        return tuple(out)
+
     @property
     def specificity(self) -> int:
         """How much a match says: each key counts, each flag or accelerator required counts, a board model most."""

@@ -5,11 +5,20 @@ Each is a plugin on ``register_variant_makers``; the work is done by ``edgerun.h
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
+from edgerun.device import CPU_CLASSES
 from edgerun.hookspecs import hookimpl
 from edgerun.hub import quantize as q
 from edgerun.hub.tools import Made, MakeJob, PrecisionUnavailable, VariantMaker
+
+if TYPE_CHECKING:
+    from edgerun.hub.accuracy import Scorer
+
+log = logging.getLogger(__name__)
 
 
 class OnnxFp32(VariantMaker):
@@ -61,7 +70,8 @@ class OnnxFp16(_OnnxMaker):
 
 
 class OnnxInt8Static(_OnnxMaker):
-    """QDQ int8 with ranges from the calibration set, with the settings the targets' int8 kernels need."""
+    """QDQ int8 with ranges from the calibration set and the settings the targets' int8 kernels need; checked on
+    the validation set here and on emulated CPUs, with NNCF's accuracy control when it drops too much."""
 
     id, precision, method, order = "onnx-int8-qdq", "int8", "static", 20
 
@@ -69,10 +79,23 @@ class OnnxInt8Static(_OnnxMaker):
         if not job.calibration:
             raise PrecisionUnavailable("static int8 needs calibration data")
         rel = f"{self.id}.onnx"
-        settings = q.make_int8_static(job.source, job.stage / rel, job.calibration,
-                                      targets=job.options.get("int8_targets"),
-                                      exclude=job.options.get("int8_exclude", {}).get(self.id, ()))
-        return Made([rel], settings.describe(), {"int8": settings.to_dict()})
+        dst = job.stage / rel
+        settings = q.make_int8_static(job.source, dst, job.calibration, targets=job.options.get("int8_targets"))
+        scorer = job.options.get("scorer")
+        if scorer is None:
+            return Made([rel], settings.describe(), {"int8": settings.to_dict()})
+        here = scorer.onnx(dst)
+        if scorer.baseline - here > scorer.max_drop + 1e-9:
+            from edgerun.hub.accuracy import onnx_int8_with_accuracy_control
+
+            log.info("%s drops %.2f points; NNCF accuracy control keeps sensitive layers in fp32", self.id,
+                     100 * (scorer.baseline - here))
+            kept, here = onnx_int8_with_accuracy_control(job.source, dst, job.calibration, scorer, settings.targets)
+            settings = replace(settings, excluded=tuple(kept), tool="NNCF quantize_with_accuracy_control")
+            if scorer.baseline - here > scorer.max_drop + 1e-9:
+                raise PrecisionUnavailable(f"int8 stays {100 * (scorer.baseline - here):.2f} points below fp32 even "
+                                           f"with {len(kept)} layer(s) kept in fp32 by NNCF's accuracy control")
+        return validated(self.id, rel, dst, settings, here, scorer, job.options.get("emulate", True))
 
 
 class OnnxInt8Dynamic(_OnnxMaker):
@@ -96,16 +119,23 @@ class OnnxInt4(_OnnxMaker):
 
 
 class _OpenVinoMaker(VariantMaker):
-    """An OpenVINO IR (.xml + .bin) by conversion, NNCF quantization or weight compression."""
+    """An OpenVINO IR (.xml + .bin) by conversion, NNCF quantization (with accuracy control) or weight compression."""
 
     format = "openvino"
 
     def make(self, job: MakeJob) -> Made:
         rel = f"{self.id}/model.xml"
         (job.stage / self.id).mkdir(parents=True, exist_ok=True)
+        targets = tuple(job.options.get("int8_targets") or CPU_CLASSES)
+        accuracy_controlled = self.method == "nncf" and job.options.get("scorer") is not None
         q.make_openvino(job.source, job.stage / rel, self.precision, self.method, job.calibration,
-                        q.weight_profile(q.load_onnx(job.source, check=False)))
-        return Made([rel, f"{self.id}/model.bin"])
+                        q.weight_profile(q.load_onnx(job.source, check=False)),
+                        scorer=job.options.get("scorer") if self.method == "nncf" else None, targets=targets)
+        if not accuracy_controlled:
+            return Made([rel, f"{self.id}/model.bin"])
+        return Made([rel, f"{self.id}/model.bin"], "NNCF quantize_with_accuracy_control",
+                    {"int8": {"tool": "NNCF quantize_with_accuracy_control", "targets": list(targets),
+                              "overflow_fix": "x86" in targets}})
 
 
 def _openvino(vid: str, precision: str, method: str, order: int) -> type[VariantMaker]:
@@ -129,6 +159,46 @@ class _TfliteUnavailable(VariantMaker):
 def _tflite(precision: str, order: int) -> type[VariantMaker]:
     return type(f"tflite_{precision}", (_TfliteUnavailable,), {"id": f"tflite-{precision}", "precision": precision,
                                                               "order": order})
+
+
+def validated(vid: str, rel: str, path: Path, settings: q.Int8Settings, here: float, scorer: "Scorer",
+              emulate: bool) -> Made:
+    """Record where the int8 model was checked: here, and on the target CPUs this hub emulates; a target class
+    whose kernels lose accuracy is taken off the variant's targets."""
+    import onnxruntime as ort
+
+    from edgerun.device import detect
+    from edgerun.hub import emulate as emu
+
+    host = detect()
+    records = [{"cpu": host.cpu_class, "how": "this hub", "cpu_model": host.cpu_model,
+                "features": sorted(host.cpu_flags & INT8_FLAGS), "backend": f"onnxruntime {ort.__version__}",
+                "metric": scorer.metric, "score": round(here, 4), "samples": len(scorer)}]
+    targets = list(settings.targets)
+    notes = [settings.describe()]
+    for cls in settings.targets:
+        if cls == host.cpu_class or not emulate or emu.can_emulate(cls) is None:
+            continue
+        rows = list(scorer.rows(emu.DEFAULT_SAMPLES))
+        base = scorer.score_top1(scorer.reference[:len(rows)])
+        got = emu.score(path, cls, rows, scorer.truth)
+        if got is None:
+            continue
+        value, n = got
+        records.append({"cpu": cls, "how": f"emulated: {emu.can_emulate(cls)} ({emu.EMULATORS[cls][2]})",
+                        "backend": f"onnxruntime {ort.__version__}", "metric": scorer.metric,
+                        "score": round(value, 4), "samples": n, "fp32_score": round(base, 4)})
+        if base - value > scorer.max_drop + 1e-9:
+            targets.remove(cls)
+            notes.append(f"not for {cls}: {100 * value:.1f}% there (emulated) vs fp32's {100 * base:.1f}%")
+    if not targets:
+        raise PrecisionUnavailable(f"{vid} loses accuracy on every target CPU: " + "; ".join(notes[1:]))
+    info = {"int8": {**settings.to_dict(), "targets": targets}, "validated": records}
+    return Made([rel], "; ".join(notes), info)
+
+
+INT8_FLAGS = frozenset({"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "asimd", "asimddp",
+                        "i8mm", "sve"})
 
 
 BUILTIN: list[Callable[[], VariantMaker]] = [

@@ -51,6 +51,8 @@ class PackageRequest:
     samples: int = 2
     repeats: int = 50
     description: str = ""
+    targets: tuple[str, ...] | None = None  # CPU classes (x86-vnni, x86, arm64) or profile names; None: all
+    emulate: bool = True  # check int8 on the target CPUs this hub can emulate (qemu-user)
 
 
 @dataclass
@@ -204,6 +206,26 @@ def _check_request(req: PackageRequest) -> None:
 
 # --- planning ---------------------------------------------------------------------------------------
 
+def check_targets(targets: tuple[str, ...] | None) -> tuple[str, ...]:
+    """CPU classes from ``--targets`` (classes, or device profile names whose CPUs they stand for)."""
+    from edgerun.device import CPU_CLASSES
+    from edgerun.profiles import load_profiles
+
+    if not targets:
+        return CPU_CLASSES
+    profiles = load_profiles()
+    out: list[str] = []
+    for t in targets:
+        if t in CPU_CLASSES:
+            out.append(t)
+        elif t in profiles:
+            out.extend(profiles[t].cpu_classes())
+        else:
+            raise PackageError(f"--targets: {t!r} is neither a CPU class ({', '.join(CPU_CLASSES)}) nor a device "
+                               f"profile ({', '.join(sorted(profiles))})")
+    return tuple(dict.fromkeys(out))
+
+
 def plan(req: PackageRequest, makers: list[VariantMaker], options: dict[str, Any]) -> list[tuple[VariantMaker,
                                                                                                   VariantReport]]:
     """The variants to make: every maker of an asked format and precision, the fp32 reference, and the optional
@@ -253,7 +275,12 @@ def package_model(req: PackageRequest, progress: Progress | None = None) -> Pack
             notes.append("no --calibration given: int8 ranges were calibrated on the validation set, which "
                          "flatters int8 accuracy; pass a separate calibration set")
     backends = available_backends(req.backends)
-    options: dict[str, Any] = {"prune": req.prune}
+    from edgerun.hub.accuracy import Scorer
+
+    targets = check_targets(req.targets)
+    options: dict[str, Any] = {"prune": req.prune, "int8_targets": targets, "emulate": req.emulate,
+                               "scorer": Scorer.for_fp32(req.model, val, labels if metric == "accuracy" else None,
+                                                         req.max_accuracy_drop / 100.0)}
     jobs = plan(req, variant_makers(), options)
     planned = [v for _, v in jobs]
     if "openvino" in req.formats and not any("openvino" in fmts for fmts in backends.values()):
@@ -315,6 +342,8 @@ def package_model(req: PackageRequest, progress: Progress | None = None) -> Pack
         save_package(pkg, stage)
         report = PackagingReport(req.name, req.version, out, metric, profile.describe(), list(backends), planned, notes)
         (stage / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, default=_json_default))
+        for p in (stage, *(p for p in stage.rglob("*") if not p.is_symlink())):  # mkdtemp is 0700: readable by a
+            p.chmod(0o755 if p.is_dir() else 0o644)  # service user (DynamicUser), nothing looser, no link followed
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(stage, out)
@@ -489,9 +518,11 @@ def package_variant(v: VariantReport, stage: Path, metric: str) -> Variant:
     measured = {b: Measurement(round(r.latency_ms, 4) if r.latency_ms is not None else None, r.memory_bytes,
                                r.accuracy if metric == "accuracy" else None) for b, r in ok.items()}
     mems = [r.memory_bytes for r in ok.values() if r.memory_bytes is not None]
+    failed = {b: r.error for b, r in v.results.items() if r.error is not None}
     return Variant(v.id, v.format, v.precision, tuple(file_entry(stage, f) for f in v.files),
                    accuracy=v.score("accuracy") if metric == "accuracy" else None,
-                   memory_bytes=max(mems) if mems else None, atol=v.atol, rtol=v.rtol, measured=measured)
+                   memory_bytes=max(mems) if mems else None, atol=v.atol, rtol=v.rtol, measured=measured,
+                   failed=failed, info=v.info)
 
 
 def _json_default(o: Any) -> Any:

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from edgerun.device import CPU_CLASSES
 from edgerun.errors import PackageError
 from edgerun.hub.tools import PrecisionUnavailable
 from edgerun.tensors import TensorSpec
@@ -149,7 +150,8 @@ def make_fp16(src: Path, dst: Path) -> None:
 
 
 def _name_output_casts(model: Any) -> None:
-    """Rename the fp16 tensor feeding each output's Cast to ``<output>_fp16`` so backends report the output's own name.
+    """Rename the fp16 tensor feeding each output's Cast to ``<output>_fp16`` so backends report the output's own name,
+    and make nodes that read an output read that fp16 tensor instead.
 
     OpenVINO folds that Cast when it computes in fp32, merges the two tensor names on the output port and reports
     the lexicographically smallest; onnxconverter-common's ``<node>_cast_to_<output>`` can sort first (an unnamed
@@ -171,6 +173,14 @@ def _name_output_casts(model: Any) -> None:
         node.output[:] = [renames.get(t, t) for t in node.output]
     for info in model.graph.value_info:
         info.name = renames.get(info.name, info.name)
+    # an output that also feeds other nodes (logits -> softmax): those read the fp16 tensor before its Cast,
+    # as the rest of the graph computes in fp16 (the fp32 output would not match their fp16 inputs)
+    casts = {n.output[0]: n for n in model.graph.node
+             if n.op_type == "Cast" and len(n.output) == 1 and n.output[0] in outputs}
+    for node in model.graph.node:
+        if node in casts.values():
+            continue
+        node.input[:] = [casts[t].input[0] if t in casts else t for t in node.input]
 
 
 class _Reader:
@@ -200,9 +210,10 @@ class Int8Settings:
     weights: str = "int8"
     targets: tuple[str, ...] = ()  # CPU classes it is made for: x86-vnni, x86, arm64
     excluded: tuple[str, ...] = ()  # nodes left in fp32 to meet the accuracy bound
+    tool: str = "onnxruntime quantize_static"
 
     def describe(self) -> str:
-        parts = [f"{self.activations} activations, {self.weights} weights "
+        parts = [f"{self.tool}: {self.activations} activations, {self.weights} weights "
                  f"{'per channel' if self.per_channel else 'per tensor'}"]
         if self.reduce_range:
             parts.append("7-bit weight range (reduce_range) for x86 CPUs without VNNI")
@@ -214,11 +225,9 @@ class Int8Settings:
         return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"reduce_range": self.reduce_range, "per_channel": self.per_channel, "activations": self.activations,
-                "weights": self.weights, "targets": list(self.targets), "excluded": list(self.excluded)}
-
-
-CPU_CLASSES = ("x86-vnni", "x86", "arm64")  # what decides which int8 kernels run
+        return {"tool": self.tool, "reduce_range": self.reduce_range, "per_channel": self.per_channel,
+                "activations": self.activations, "weights": self.weights, "targets": list(self.targets),
+                "excluded": list(self.excluded)}
 
 
 def int8_settings(targets: tuple[str, ...] | None, exclude: tuple[str, ...] = ()) -> Int8Settings:
@@ -384,7 +393,7 @@ def openvino_missing() -> str | None:
 
 
 def make_openvino(src: Path, xml: Path, precision: str, method: str, calibration: dict[str, np.ndarray] | None,
-                  profile: WeightProfile) -> None:
+                  profile: WeightProfile, scorer: Any = None, targets: tuple[str, ...] = CPU_CLASSES) -> None:
     """An OpenVINO IR (.xml + .bin) from the ONNX model.
 
     fp32/fp16: ``convert_model`` + ``save_model`` (fp16 compresses weights). int8 ``nncf``: post-training
@@ -412,8 +421,13 @@ def make_openvino(src: Path, xml: Path, precision: str, method: str, calibration
             if method == "nncf":
                 if not calibration:
                     raise PrecisionUnavailable("NNCF int8 quantization needs a calibration set")
-                rows = list(iter_rows(calibration))
-                model = nncf.quantize(model, nncf.Dataset(rows), subset_size=min(300, len(rows)))
+                if scorer is not None:  # keeps the most sensitive layers in fp32 until the drop fits the bound
+                    from edgerun.hub.accuracy import openvino_int8_with_accuracy_control
+
+                    model = openvino_int8_with_accuracy_control(model, calibration, scorer, targets)
+                else:
+                    rows = list(iter_rows(calibration))
+                    model = nncf.quantize(model, nncf.Dataset(rows), subset_size=min(300, len(rows)))
             elif method == "weights":
                 if not profile.matmul_heavy:
                     raise PrecisionUnavailable(f"weight-only compression covers MatMul weights; this model is Conv-heavy "

@@ -141,3 +141,32 @@ def tiny_package(root: Path, version: int, name: str = "m") -> ModelPackage:
                        [Variant("onnx-fp32", "onnx", "fp32", (file_entry(root, "model.onnx"),))])
     save_package(pkg, root)
     return ModelPackage.load(root)
+
+
+def train_digits_cnn(path: Path, *, epochs: int = 30, seed: int = 0) -> tuple[Path, dict[str, np.ndarray]]:
+    """A small CNN trained with PyTorch on scikit-learn's digits as [N, 1, 8, 8] images, exported to ONNX
+    (input ``input``, output ``logits``); returns the file and the data: x_train, y_train, x_val, y_val."""
+    import torch
+    from torch import nn
+
+    x_train, y_train, x_val, y_val = digits_data(seed)
+    images = {"x_train": x_train.reshape(-1, 1, 8, 8), "y_train": y_train, "x_val": x_val.reshape(-1, 1, 8, 8),
+              "y_val": y_val}
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    xt, yt = torch.tensor(images["x_train"]), torch.tensor(y_train)
+    for _ in range(epochs):
+        order = torch.randperm(len(xt))
+        for i in range(0, len(xt), 64):
+            idx = order[i:i + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
+            opt.step()
+    net.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    return path, images
