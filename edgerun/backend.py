@@ -68,6 +68,9 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     formats: ClassVar[tuple[str, ...]]
+    suffixes: ClassVar[dict[str, str]] = {}
+    """The file suffixes this backend loads, each with its format (``{".onnx": "onnx"}``): a bare model file
+    (``edgerun serve --model model.onnx``, no edgerun.toml) is read by its suffix, so a plugin can bring a file type."""
     install_hint: ClassVar[str]
     #: KServe datatypes this backend cannot take or return; variant choice drops models that use them
     unsupported_datatypes: ClassVar[frozenset[str]] = frozenset()

@@ -313,14 +313,17 @@ def with_overrides(config: Config, **changes: Any) -> Config:
 
 def check_config(config: Config) -> None:
     """What loading cannot see: model packages, secret files and the budget; raises the first problem."""
-    from edgerun.package import ModelPackage
+    from edgerun.package import PACKAGE_FILE, ModelPackage
     from edgerun.units import parse_budget
 
     src = config.source
     for i, m in enumerate(config.models):
+        if m.path.is_file() and m.path.name != PACKAGE_FILE:
+            _check_model_file(m.path, src, f"models[{i}].path")
+            continue
         if not m.path.is_dir():
-            raise ConfigError(f"expected a model package directory, but {m.path} does not exist or is not one",
-                              file=src, key=f"models[{i}].path")
+            raise ConfigError(f"expected a model package directory or a model file, but {m.path} does not exist "
+                              "or is neither", file=src, key=f"models[{i}].path")
         try:
             ModelPackage.load(m.path)
         except ConfigError:
@@ -361,6 +364,18 @@ def check_config(config: Config) -> None:
         except ValueError as exc:
             raise ConfigError(f"expected a size or a percentage, e.g. \"512MiB\" or \"60%\": {exc}",
                               file=src, key="memory_budget") from None
+
+
+def _check_model_file(path: Path, source: str | None, key: str) -> None:
+    """A bare model file must have a suffix an installed backend reads (the model itself is read when loading)."""
+    from edgerun.bare import format_of
+    from edgerun.errors import PackageError
+    from edgerun.runtime import Runtime
+
+    try:
+        format_of(path, Runtime().backends)
+    except PackageError as exc:
+        raise ConfigError(str(exc), file=source, key=key) from None
 
 
 _SECRETS = {"server": ("api token", "EDGERUN_API_TOKEN", "token_file"),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 from edgerun.config import Config, ModelConfig
-from edgerun.errors import EdgerunError
+from edgerun.errors import EdgerunError, IntegrityError
 from edgerun.runtime import LoadedModel, Runtime
 from edgerun.systemd import Notifier, watchdog_interval
 
@@ -130,7 +130,7 @@ class Daemon:
         from edgerun.server.app import create_app
         from edgerun.server.http import HttpServer
 
-        self.app = create_app(self.runtime, self.config)
+        self.app = create_app(self.runtime, self._app_config())
         self.server = HttpServer(self.app, self.config.server, handle_signals=False)
         serving = asyncio.create_task(self.server.serve(), name="edgerun-http")
         started = asyncio.create_task(self.server.started.wait())
@@ -267,7 +267,7 @@ class Daemon:
         self.config = replace(old, models=new.models, log_level=new.log_level, mqtt=new.mqtt, source=new.source)
         reconfigure = getattr(getattr(self.app, "state", None), "reconfigure", None)
         if reconfigure is not None:
-            reconfigure(self.config)
+            reconfigure(self._app_config())
         if new.mqtt != old.mqtt:
             if self.agent is not None:
                 log.info("MQTT settings changed: restarting the update agent")
@@ -279,20 +279,23 @@ class Daemon:
             log.warning("%s changed (%s -> %s): not applied while running, kept %s until the next restart",
                         key, before, after, before)
 
-    async def _apply_models(self, wanted: tuple[ModelConfig, ...]) -> None:
-        from edgerun.package import ModelPackage
+    def _app_config(self) -> Config:
+        """The config the HTTP app schedules by: each [[models]] entry named after the model it loaded.
 
+        The app finds an entry's model by its package directory or name; a bare model file has neither an
+        edgerun.toml to read the name from nor a directory of its own.
+        """
+        models = tuple(replace(m, name=self._loaded[m].name) if m.name is None and m in self._loaded else m
+                       for m in self.config.models)
+        return replace(self.config, models=models)
+
+    async def _apply_models(self, wanted: tuple[ModelConfig, ...]) -> None:
         keep: dict[ModelConfig, LoadedModel] = {}
         load: list[ModelConfig] = []
         for m in wanted:
             current = self._loaded.get(m)
             if current is not None:
-                try:
-                    on_disk = ModelPackage.load(m.path)
-                    changed = (on_disk.name, on_disk.version) != (current.name, current.version)
-                except EdgerunError:
-                    changed = False  # keep serving what works; the error shows at the next load
-                if not changed:
+                if not await asyncio.to_thread(_changed_on_disk, m, current):  # hashes a bare model file
                     keep[m] = current
                     continue
             load.append(m)
@@ -310,6 +313,24 @@ class Daemon:
                 log.info("reload: no longer serving %s v%d", model.name, model.version)
             except EdgerunError:
                 pass  # already replaced (e.g. by an update)
+
+
+def _changed_on_disk(m: ModelConfig, current: LoadedModel) -> bool:
+    """Whether ``m.path`` now holds another model: a package of another name or version, a model file of other bytes."""
+    from edgerun.package import ModelPackage
+
+    try:
+        if current.package.model_file is not None:  # a bare model file is always version 1: compare its bytes
+            if not m.path.is_file():
+                return False  # keep serving what works; the error shows at the next load
+            current.package.verify(current.variant)  # size, then sha256, of the file (and an IR's .bin)
+            return False
+        on_disk = ModelPackage.load(m.path)
+        return (on_disk.name, on_disk.version) != (current.name, current.version)
+    except IntegrityError:
+        return True
+    except EdgerunError:
+        return False  # keep serving what works; the error shows at the next load
 
 
 RESTART_ONLY = ("state_dir", "profile", "memory_budget", "threads")  # and every key of [server]

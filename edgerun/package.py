@@ -37,6 +37,7 @@ class Measurement:
     latency_ms: float | None = None
     memory_bytes: int | None = None
     accuracy: float | None = None
+    latency_err_ms: float | None = None  # half-width of the 95% interval of the median latency
 
 
 @dataclass(frozen=True)
@@ -210,9 +211,9 @@ def _variant(t: Table) -> Variant:
     m = t.table("measured")
     for backend in m.data:
         b = m.table(backend)
-        b.only("latency_ms", "memory_bytes", "accuracy")
+        b.only("latency_ms", "memory_bytes", "accuracy", "latency_err_ms")
         measured[backend] = Measurement(b.get("latency_ms", float, None), b.get("memory_bytes", int, None),
-                                        b.get("accuracy", float, None))
+                                        b.get("accuracy", float, None), b.get("latency_err_ms", float, None))
     failed = t.get("failed", dict, {})
     for backend, why in failed.items():
         if not isinstance(why, str):
@@ -288,7 +289,8 @@ def variant_to_dict(v: Variant) -> dict[str, Any]:
     d["atol"], d["rtol"] = v.atol, v.rtol
     if v.measured:
         d["measured"] = {b: {k: val for k, val in (("latency_ms", m.latency_ms), ("memory_bytes", m.memory_bytes),
-                                                    ("accuracy", m.accuracy)) if val is not None}
+                                                    ("accuracy", m.accuracy), ("latency_err_ms", m.latency_err_ms))
+                             if val is not None}
                          for b, m in v.measured.items()}
     if v.failed:
         d["failed"] = dict(v.failed)

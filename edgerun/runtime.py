@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import psutil
 
+from edgerun import bare
 from edgerun import choice as choice_mod
 from edgerun.backend import Availability, Backend, LoadOptions, Session
 from edgerun.device import DeviceFacts, detect, refresh_memory
@@ -248,9 +249,18 @@ class Runtime:
 
     # --- choice and loading ----------------------------------------------------------------
 
+    def open_package(self, package: str | Path | ModelPackage) -> ModelPackage:
+        """A package as given, read from its directory (or edgerun.toml), or built from a bare model file."""
+        if isinstance(package, ModelPackage):
+            return package
+        path = Path(package)
+        if bare.is_model_file(path, self.backends):
+            return bare.from_model_file(path, self.backends, self.profile.prefer)
+        return ModelPackage.load(path)
+
     def explain(self, package: str | Path | ModelPackage, *, memory_budget: str | int | None = None) -> Choice:
         """Every candidate variant/backend, kept or dropped with the reason, and the winner."""
-        pkg = package if isinstance(package, ModelPackage) else ModelPackage.load(package)
+        pkg = self.open_package(package)
         if memory_budget is not None:
             try:
                 budget = parse_budget(memory_budget, refresh_memory(self.facts).memory_available)
@@ -273,7 +283,7 @@ class Runtime:
                 backend: str | None = None, verify: bool = True, warmup: bool = True,
                 memory_budget: str | int | None = None) -> LoadedModel:
         """Load and warm up a package without serving it yet (the first half of a swap)."""
-        pkg = package if isinstance(package, ModelPackage) else ModelPackage.load(package)
+        pkg = self.open_package(package)
         choice = self.explain(pkg, memory_budget=memory_budget)
         cand = self._pick(choice, variant, backend)
         if verify:
@@ -431,10 +441,7 @@ def _warm_up(model: LoadedModel) -> None:
     """Run the package's samples, comparing outputs with the expected ones; or one zero input."""
     samples = model.package.samples
     if not samples:
-        zeros = {s.name: np.zeros(tuple(d if d > 0 else 1 for d in s.shape), dtype=s.dtype)
-                 for s in model.inputs if s.datatype != "BYTES"}
-        if len(zeros) == len(model.inputs):
-            model.run(zeros)
+        _warm_up_zeros(model)
         return
     v = model.variant
     for i, sample in enumerate(samples):
@@ -454,3 +461,23 @@ def _warm_up(model: LoadedModel) -> None:
                                          f"(max abs diff {diff:.3g} > atol {v.atol:g}, rtol {v.rtol:g})")
             elif not np.array_equal(out, want):
                 raise ModelLoadError(f"warm-up sample {i}: output {name!r} differs from the expected output")
+
+
+def _warm_up_zeros(model: LoadedModel) -> None:
+    """Without samples (a bare model file has none): one zero-filled batch of 1, its outputs checked by name."""
+    if any(s.datatype == "BYTES" for s in model.inputs):
+        return
+    zeros = {s.name: np.zeros(tuple(d if d > 0 else 1 for d in s.shape), dtype=s.dtype) for s in model.inputs}
+    try:
+        got = model.run(zeros)
+    except Exception as exc:
+        shapes = {name: list(z.shape) for name, z in zeros.items()}
+        if any(d < 0 for s in model.inputs for d in s.shape[1:]):  # a guessed size, e.g. an image of 1x1 pixels
+            log.warning("%s: skipped the warm-up: the model rejects zero input(s) %s with its dynamic sizes set "
+                        "to 1: %s", model.name, shapes, exc)
+            return
+        raise ModelLoadError(f"warm-up: model {model.name!r} fails on zero input(s) {shapes}: {exc}") from None
+    missing = [s.name for s in model.outputs if s.name not in got]
+    if missing:
+        raise ModelLoadError(f"warm-up: model {model.name!r} returned outputs {sorted(got)}, not the declared "
+                             f"{missing}")

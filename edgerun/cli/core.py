@@ -13,6 +13,7 @@ from rich.text import Text
 from edgerun.cli.app import app, console, fail
 from edgerun.units import format_size
 
+PackageArg = typer.Argument(..., help="Model package directory, or a bare model file (.onnx, .tflite, OpenVINO .xml).")
 ProfileOpt = typer.Option(None, "--profile", "-p", help="Device profile name or TOML file (default: detected).")
 BudgetOpt = typer.Option(None, "--memory-budget", "-m", help="Memory budget, e.g. 200MiB or 60% (default: profile).")
 
@@ -98,7 +99,7 @@ def device(profile: str = ProfileOpt) -> None:
 
 
 @app.command()
-def explain(package: Path = typer.Argument(..., help="Model package directory."),
+def explain(package: Path = PackageArg,
             memory_budget: str = BudgetOpt, profile: str = ProfileOpt) -> None:
     """Show every variant of a package: kept or dropped and why, and the one that would be loaded."""
     from edgerun.choice import no_fit_error
@@ -107,6 +108,10 @@ def explain(package: Path = typer.Argument(..., help="Model package directory.")
     c = rt.explain(package, memory_budget=memory_budget)
     console.print(f"[bold]{escape(c.package.name)}[/] v{c.package.version} on profile "
                   f"[bold]{escape(c.profile.name)}[/], memory budget {format_size(c.budget)}")
+    if c.package.model_file is not None:
+        console.print(f"bare model file: version {c.package.version}, no measurements; inputs and outputs read "
+                      "from the model; warm-up runs one zero-filled batch of 1 and checks the output names "
+                      "(no samples)", style="dim", markup=False)
     table = Table()
     table.add_column("variant", overflow="fold")
     table.add_column("backend", no_wrap=True)
@@ -134,7 +139,7 @@ def explain(package: Path = typer.Argument(..., help="Model package directory.")
 
 
 @app.command()
-def run(package: Path = typer.Argument(..., help="Model package directory."),
+def run(package: Path = PackageArg,
         input: list[str] = typer.Option(..., "--input", "-i", help="NAME=file.npy (repeat for each input)."),
         variant: str = typer.Option(None, help="Force a variant id."),
         backend: str = typer.Option(None, help="Force a backend."),

@@ -12,8 +12,8 @@ from edgerun.cli.app import app
 
 @app.command()
 def serve(
-    model: list[Path] = typer.Option(None, "--model", "-M", metavar="DIR",
-                                     help="Model package directory to serve (repeatable)."),
+    model: list[Path] = typer.Option(None, "--model", "-M", metavar="PATH",
+                                     help="Model package directory, or a bare model file, to serve (repeatable)."),
     config: Path = typer.Option(None, "--config", "-c", help="Config file (default /etc/edgerun/edgerun.toml if present)."),
     host: str = typer.Option(None, help="Address to listen on (default 127.0.0.1)."),
     port: int = typer.Option(None, help="Port to listen on (default 8000)."),

@@ -46,7 +46,7 @@ def score(model: Path, cpu_class: str, rows: list[dict[str, np.ndarray]], truth:
         data = Path(tmp) / "rows.npz"
         np.savez(data, __truth__=truth[:len(rows)], **{f"{i}/{k}": v for i, r in enumerate(rows) for k, v in r.items()})
         job = Path(tmp) / "job.json"
-        job.write_text(json.dumps({"model": str(model), "rows": str(data), "n": len(rows)}))
+        job.write_text(json.dumps({"model": str(Path(model).resolve()), "rows": str(data), "n": len(rows)}))
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         try:
             proc = subprocess.run([shutil.which(binary), "-cpu", cpu, sys.executable, "-m", "edgerun.hub.emulate",

@@ -1,8 +1,11 @@
-"""Measuring one variant on one backend in a fresh subprocess: latency, peak memory and its outputs.
+"""Measuring variants in fresh subprocesses: peak memory and outputs of each, then latencies side by side.
 
-The parent calls ``measure``; the child (``python -m edgerun.hub.measure JOB.json``) loads the variant with
-``Runtime.prepare`` on one thread, times batch-1 runs, reads its peak RSS, then runs the whole validation set (batch 1)
-and the package's warm-up samples and saves the outputs for the parent to score.
+``measure`` runs one variant on one backend: the child (``python -m edgerun.hub.measure JOB.json``) loads it with
+``Runtime.prepare`` on one thread, reads its peak RSS, runs the whole validation set (batch 1) and the package's
+warm-up samples and saves the outputs for the parent to score. ``time_side_by_side`` then loads every variant of
+one backend in one child and times them interleaved (round after round, in a shuffled order, so a noisy moment
+of a shared machine hits them all alike) until each median is known within ``rel_error`` (a distribution-free
+95% interval of the median) or the time budget is spent; each reported latency carries that error.
 """
 
 from __future__ import annotations
@@ -19,6 +22,15 @@ from typing import Any
 import numpy as np
 
 from edgerun.errors import EdgerunError
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A median latency and the half-width of its 95% interval, from ``samples`` timings."""
+
+    latency_ms: float
+    error_ms: float
+    samples: int
 
 
 @dataclass
@@ -62,6 +74,35 @@ def measure(package_dir: Path, variant: str, backend: str, inputs_npz: Path, wor
                     samples.append({})
                 samples[int(i)][name] = z[key]
     return Measured(backend, result["latency_ms"], result["memory_bytes"], outputs, samples)
+
+
+def time_side_by_side(package_dir: Path, variants: list[str], backend: str, inputs_npz: Path, work: Path, *,
+                      budget: float = 10.0, rel_error: float = 0.02, timeout: float = 900.0) -> dict[str, Timing]:
+    """Time ``variants`` on ``backend`` interleaved in one child; {} when the child fails (logged by the caller)."""
+    job = work / f"timing.{backend}.json"
+    job.write_text(json.dumps({"mode": "timing", "package": str(package_dir), "variants": variants,
+                               "backend": backend, "inputs": str(inputs_npz), "budget": budget,
+                               "rel_error": rel_error}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EDGERUN_LOG_LEVEL": "ERROR"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edgerun.hub.measure", str(job)], capture_output=True,
+                              text=True, timeout=timeout, env=env, cwd=work)
+    except subprocess.TimeoutExpired:
+        return {}
+    if proc.returncode != 0:
+        return {}
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {v: Timing(t["latency_ms"], t["error_ms"], t["samples"]) for v, t in got.items()}
+
+
+def median_interval(samples: list[float]) -> tuple[float, float]:
+    """The median and the half-width of its distribution-free 95% confidence interval (order statistics)."""
+    xs = sorted(samples)
+    n = len(xs)
+    med = float(np.median(xs))
+    half_band = 0.98 * n ** 0.5  # 1.96 * sqrt(n) / 2
+    lo, hi = max(0, int(np.floor(n / 2 - half_band))), min(n - 1, int(np.ceil(n / 2 + half_band)))
+    return med, (xs[hi] - xs[lo]) / 2
 
 
 # --- the child ---------------------------------------------------------------------------------------
@@ -137,10 +178,57 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     return {"latency_ms": float(np.median(times) * 1000.0), "memory_bytes": int(memory)}
 
 
+MIN_SAMPLES = 15
+SAMPLE_SECONDS = 0.002  # a timing sample is the mean of enough runs to last this long
+
+
+def _timing_child(job: dict[str, Any]) -> dict[str, Any]:
+    import random
+
+    from edgerun.runtime import Runtime
+
+    rt = Runtime(threads=1)
+    with np.load(job["inputs"], allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
+    first = {k: v[:1] for k, v in data.items()}
+    models, runs = {}, {}
+    for vid in job["variants"]:
+        m = rt.prepare(job["package"], variant=vid, backend=job["backend"], verify=False, warmup=False,
+                       memory_budget=1 << 40)
+        for _ in range(5):
+            m.run_unchecked(first)
+        t0 = time.perf_counter()
+        m.run_unchecked(first)
+        once = max(time.perf_counter() - t0, 1e-6)
+        models[vid], runs[vid] = m, max(1, int(SAMPLE_SECONDS / once))
+    samples: dict[str, list[float]] = {vid: [] for vid in models}
+    order = list(models)
+    rng = random.Random(0)
+    deadline = time.perf_counter() + float(job["budget"])
+    while True:
+        rng.shuffle(order)
+        for vid in order:
+            m, k = models[vid], runs[vid]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                m.run_unchecked(first)
+            samples[vid].append((time.perf_counter() - t0) / k)
+        if min(len(s) for s in samples.values()) < MIN_SAMPLES:
+            continue
+        done = all(e <= float(job["rel_error"]) * med for med, e in map(median_interval, samples.values()))
+        if done or time.perf_counter() > deadline:
+            break
+    out = {}
+    for vid, s in samples.items():
+        med, err = median_interval(s)
+        out[vid] = {"latency_ms": med * 1000.0, "error_ms": err * 1000.0, "samples": len(s)}
+    return out
+
+
 def main(argv: list[str]) -> int:
     job = json.loads(Path(argv[0]).read_text())
     try:
-        result = _child(job)
+        result = _timing_child(job) if job.get("mode") == "timing" else _child(job)
     except EdgerunError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -162,6 +162,7 @@ class LiteRTBackend(Backend):
 
     name = "litert"
     formats = ("tflite",)
+    suffixes = {".tflite": "tflite"}
     install_hint = INSTALL_HINT
 
     def availability(self) -> Availability:

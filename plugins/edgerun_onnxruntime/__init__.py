@@ -58,6 +58,7 @@ class OnnxRuntimeSession(Session):
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     formats = ("onnx",)
+    suffixes = {".onnx": "onnx"}
     install_hint = INSTALL_HINT
 
     def availability(self) -> Availability:

@@ -103,6 +103,7 @@ class OpenVinoBackend(Backend):
 
     name = "openvino"
     formats = ("onnx", "openvino")
+    suffixes = {".onnx": "onnx", ".xml": "openvino"}  # an IR .xml, its .bin beside it
     install_hint = INSTALL_HINT
     # String tensors load, but after one inference freeing the request corrupts the heap and aborts the
     # process (openvino 2026.4: "free(): invalid pointer"). Such models go to another backend.
