@@ -100,25 +100,46 @@ def unsupported_tensors(package: ModelPackage, backend: Backend) -> str:
 ACCURACY_TIE = 0.005
 
 
+# Latencies this close count as equal, on top of their measured errors: a gap that small flips between
+# packaging runs, and must not decide between a backend that needs 11 MiB and one that needs 50.
+SPEED_TIE = 0.10
+
+
+def _latency(c: Candidate) -> tuple[float, float]:
+    m = c.variant.measured.get(c.backend)
+    if m is None or m.latency_ms is None:
+        return float("inf"), 0.0
+    return m.latency_ms, m.latency_err_ms or 0.0
+
+
+def clearly_faster(a: Candidate, b: Candidate) -> bool:
+    """``a`` is faster than ``b`` beyond both measured errors and by more than SPEED_TIE."""
+    (la, ea), (lb, eb) = _latency(a), _latency(b)
+    return la + ea < lb - eb and la < lb * (1 - SPEED_TIE)
+
+
 def best_of(kept: list[Candidate], profile: Profile) -> Candidate:
-    """Most accurate (within ACCURACY_TIE of the best), then most precise, then fastest, then the profile's order."""
+    """Most accurate (within ACCURACY_TIE of the best), then most precise, then fastest; latencies within their
+    errors are a tie, decided by memory, then by the profile's backend order."""
     rank = {name: i for i, name in enumerate(profile.prefer)}
     accuracies = [c.accuracy for c in kept if c.accuracy is not None]
     best = max(accuracies) if accuracies else None
 
-    def key(c: Candidate) -> tuple:
+    def tier(c: Candidate) -> tuple:
         acc = c.accuracy
         if acc is None:
-            tier = (2, 0.0)
+            t = (2, 0.0)
         elif best is not None and best - acc <= ACCURACY_TIE:
-            tier = (0, 0.0)
+            t = (0, 0.0)
         else:
-            tier = (1, -acc)
-        latency = c.latency_ms
-        return (*tier, c.variant.precision_rank, latency if latency is not None else float("inf"),
-                rank.get(c.backend, 99))
+            t = (1, -acc)
+        return (*t, c.variant.precision_rank)
 
-    return min(kept, key=key)
+    top = min(tier(c) for c in kept)
+    group = [c for c in kept if tier(c) == top]
+    fastest = min(group, key=lambda c: (_latency(c)[0], rank.get(c.backend, 99)))
+    tied = [c for c in group if c is fastest or not clearly_faster(fastest, c)]
+    return min(tied, key=lambda c: (c.memory_bytes, rank.get(c.backend, 99), _latency(c)[0]))
 
 
 @hookimpl(trylast=True)

@@ -98,3 +98,21 @@ def test_an_accuracy_edge_within_noise_does_not_buy_a_less_precise_variant(
         for v in measured_digits.variants])
     c = runtime.explain(pkg, memory_budget="1GiB")
     assert c.chosen is not None and c.chosen.variant.id == winner
+
+
+def test_a_latency_gap_within_the_noise_is_decided_by_memory(runtime: Runtime, measured_digits) -> None:
+    """One variant on two backends 7% apart: not a reason to take the one needing four times the memory."""
+    from dataclasses import replace
+
+    from edgerun.package import Measurement
+
+    fp32 = measured_digits.variant("onnx-fp32")
+    timed = replace(fp32, memory_bytes=None, measured={
+        "openvino": Measurement(latency_ms=0.093, memory_bytes=50 << 20, accuracy=0.978, latency_err_ms=0.004),
+        "onnxruntime": Measurement(latency_ms=0.100, memory_bytes=12 << 20, accuracy=0.978, latency_err_ms=0.004)})
+    pkg = replace(measured_digits, variants=[timed])
+    for first in ("openvino", "onnxruntime"):
+        with Runtime(profile=Profile(name=f"{first}-first", prefer=(first,))) as rt:
+            assert rt.explain(pkg, memory_budget="1GiB").chosen.backend == "onnxruntime"
+    faster = replace(timed, measured={**timed.measured, "openvino": Measurement(0.05, 50 << 20, 0.978, 0.002)})
+    assert runtime.explain(replace(pkg, variants=[faster]), memory_budget="1GiB").chosen.backend == "openvino"
