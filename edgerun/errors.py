@@ -43,6 +43,10 @@ class ModelLoadError(EdgerunError):
     exit_code = 65
 
 
+class VariantRejected(ModelLoadError):
+    """A variant loaded here but failed the package's validation sample: this CPU's kernels disagree with fp32."""
+
+
 class NoVariantFits(EdgerunError):
     """No variant of a package can run here within the memory budget."""
 

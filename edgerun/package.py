@@ -82,6 +82,21 @@ class Sample:
     expected: dict[str, np.ndarray]
 
 
+@dataclass(frozen=True)
+class Validation:
+    """A few validation examples and the fp32 model's top-1 on each: a device checks a quantized variant with them
+    before serving it (its agreement with fp32 here must be close to what the hub measured)."""
+
+    inputs: dict[str, np.ndarray]  # examples along the first axis
+    top1: np.ndarray  # the fp32 model's class per example
+
+    def __len__(self) -> int:
+        return len(self.top1)
+
+    def rows(self) -> list[dict[str, np.ndarray]]:
+        return [{k: v[i:i + 1] for k, v in self.inputs.items()} for i in range(len(self))]
+
+
 @dataclass
 class ModelPackage:
     """A model with its interface, samples and variants, rooted at a directory (or not yet on disk)."""
@@ -92,6 +107,7 @@ class ModelPackage:
     outputs: list[TensorSpec]
     variants: list[Variant]
     samples: list[Sample] = field(default_factory=list)
+    validation: Validation | None = None
     description: str = ""
     root: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
@@ -115,7 +131,7 @@ class ModelPackage:
     def from_dict(cls, data: dict[str, Any], root: Path | None = None, source: str | None = None) -> "ModelPackage":
         """Build a package from its edgerun.toml content (also the ``package`` of a release manifest)."""
         t = Table(data, source, error=PackageError)
-        t.only("name", "version", "description", "inputs", "outputs", "samples", "variants")
+        t.only("name", "version", "description", "inputs", "outputs", "samples", "variants", "validation")
         name = t.get("name", str, required=True)
         if not name or "/" in name or name.startswith("."):
             raise t.fail("name", f"expected a model name without '/', got {name!r}")
@@ -131,8 +147,10 @@ class ModelPackage:
         if len(set(ids)) != len(ids):
             raise t.fail("variants", f"variant ids must be unique, got {ids}")
         samples = [_sample(s, inputs, outputs) for s in t.tables("samples")]
+        validation = _validation(t.table("validation"), inputs) if "validation" in t.data else None
         return cls(name=name, version=version, inputs=inputs, outputs=outputs, variants=variants,
-                   samples=samples, description=t.get("description", str, ""), root=root, raw=data)
+                   samples=samples, validation=validation, description=t.get("description", str, ""), root=root,
+                   raw=data)
 
     def variant(self, variant_id: str) -> Variant:
         for v in self.variants:
@@ -242,6 +260,23 @@ def _sample(t: Table, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> Sa
     return Sample(arrays["inputs"], arrays["expected"])
 
 
+def _validation(t: Table, inputs: list[TensorSpec]) -> Validation:
+    t.only("inputs", "top1")
+    arrays = {}
+    table = t.table("inputs", required=True)
+    names = {s.name for s in inputs}
+    for name in table.data:
+        if name not in names:
+            raise table.fail(name, f"not a model input; expected one of {sorted(names)}")
+        arrays[name] = decode_array(table.table(name))
+    if set(arrays) != names:
+        raise t.fail("inputs", f"expected an array for every input {sorted(names)}")
+    top1 = np.asarray(t.list_of("top1", int), np.int64)
+    if any(len(a) != len(top1) for a in arrays.values()):
+        raise t.fail("top1", f"expected one class per example ({len(next(iter(arrays.values())))}), got {len(top1)}")
+    return Validation(arrays, top1)
+
+
 def decode_array(t: Table) -> np.ndarray:
     """A tensor written as {datatype, shape, data=[...]} or {datatype, shape, b64="..."} (little-endian)."""
     t.only("datatype", "shape", "data", "b64")
@@ -310,6 +345,9 @@ def package_to_dict(pkg: ModelPackage) -> dict[str, Any]:
         d["samples"] = [{"inputs": {k: encode_array(a) for k, a in s.inputs.items()},
                          **({"expected": {k: encode_array(a) for k, a in s.expected.items()}} if s.expected else {})}
                         for s in pkg.samples]
+    if pkg.validation is not None:
+        d["validation"] = {"inputs": {k: encode_array(a) for k, a in pkg.validation.inputs.items()},
+                           "top1": [int(x) for x in pkg.validation.top1]}
     d["variants"] = [variant_to_dict(v) for v in pkg.variants]
     return d
 

@@ -18,7 +18,7 @@ from edgerun import choice as choice_mod
 from edgerun.backend import Availability, Backend, LoadOptions, Session
 from edgerun.device import DeviceFacts, detect, refresh_memory
 from edgerun.errors import (BackendUnavailable, EdgerunError, InvalidInput, ModelLoadError, ModelNotFound,
-                            ModelNotReady, PackageError)
+                            ModelNotReady, PackageError, VariantRejected)
 from edgerun.package import ModelPackage, Variant
 from edgerun.plugins import PluginFailure, call_each, make_plugin_manager
 from edgerun.profiles import Profile, ProfileChoice, choose_profile
@@ -55,6 +55,7 @@ class LoadedModel:
         self.memory_bytes = memory_bytes
         self.load_seconds = load_seconds
         self.loaded_at = time.time()
+        self.validation: dict[str, Any] | None = None  # agreement with fp32 on the package's validation sample
         self.inputs: list[TensorSpec] = list(package.inputs)
         self.outputs: list[TensorSpec] = list(package.outputs)
         # (name, dtype, shape, rank, fixed dims as (axis, size)): what check_inputs compares on the hot path
@@ -165,7 +166,7 @@ class LoadedModel:
         return {"name": self.name, "version": self.version, "variant": self.variant.id, "backend": self.backend,
                 "format": self.variant.format, "precision": self.variant.precision,
                 "sha256": self.variant.main_file.sha256, "memory_bytes": self.memory_bytes,
-                "device": self.session.device}
+                "device": self.session.device, "validation": self.validation}
 
 
 @dataclass
@@ -196,6 +197,8 @@ class Runtime:
         self._backends: dict[str, Backend] | None = None
         self._slots: dict[str, _Slot] = {}
         self._lock = threading.RLock()
+        # (model, version, variant, backend) -> why the variant failed the package's validation sample here
+        self.rejected: dict[tuple[str, int, str, str], str] = {}
 
     # --- host, profile, backends -------------------------------------------------------------
 
@@ -269,6 +272,10 @@ class Runtime:
         else:
             budget = self.memory_budget()
         cands = choice_mod.candidates(pkg, self.profile, self.backends, budget)
+        for c in cands:
+            why = self.rejected.get((pkg.name, pkg.version, c.variant.id, c.backend))
+            if why is not None and c.kept:
+                c.kept, c.reason = False, f"failed this device's validation: {why}"
         chosen = self.pm.hook.choose_variant(package=pkg, profile=self.profile, candidates=cands)
         if chosen is not None:
             chosen.chosen = True
@@ -282,10 +289,26 @@ class Runtime:
     def prepare(self, package: str | Path | ModelPackage, *, variant: str | None = None,
                 backend: str | None = None, verify: bool = True, warmup: bool = True,
                 memory_budget: str | int | None = None) -> LoadedModel:
-        """Load and warm up a package without serving it yet (the first half of a swap)."""
+        """Load and warm up a package without serving it yet (the first half of a swap).
+
+        A quantized variant that fails the package's validation sample here is set aside (``explain`` shows why)
+        and the next choice is loaded, when its files are present; otherwise VariantRejected is raised.
+        """
         pkg = self.open_package(package)
-        choice = self.explain(pkg, memory_budget=memory_budget)
-        cand = self._pick(choice, variant, backend)
+        while True:
+            choice = self.explain(pkg, memory_budget=memory_budget)
+            cand = self._pick(choice, variant, backend)
+            try:
+                return self._load(pkg, cand, verify=verify, warmup=warmup)
+            except VariantRejected as exc:
+                self.rejected[(pkg.name, pkg.version, cand.variant.id, cand.backend)] = str(exc)
+                log.warning("%s v%d: %s; trying the next choice", pkg.name, pkg.version, exc)
+                nxt = self.explain(pkg, memory_budget=memory_budget).chosen
+                if variant is not None or backend is not None or nxt is None or not _files_present(pkg, nxt.variant):
+                    raise
+
+    def _load(self, pkg: ModelPackage, cand: choice_mod.Candidate, *, verify: bool, warmup: bool) -> LoadedModel:
+        """Load one candidate, check its interface, warm it up and check it on the validation sample."""
         if verify:
             pkg.verify(cand.variant)
         b = self.backends[cand.backend]
@@ -307,6 +330,7 @@ class Runtime:
             model = LoadedModel(pkg, cand.variant, b.name, session, 0, 0.0)
             if warmup:
                 _warm_up(model)
+                _validate(model)
         except BaseException:
             session.close()
             raise
@@ -330,7 +354,11 @@ class Runtime:
                                      f"registered backends: {sorted(self.backends)}")
         kept = [c for c in matching if c.kept]
         if not kept:
-            raise BackendUnavailable(f"{matching[0].variant.id} on {matching[0].backend}: {matching[0].reason}")
+            first = matching[0]
+            rejected = self.rejected.get((choice.package.name, choice.package.version, first.variant.id, first.backend))
+            if rejected is not None:
+                raise VariantRejected(rejected)
+            raise BackendUnavailable(f"{first.variant.id} on {first.backend}: {first.reason}")
         return choice_mod.best_of(kept, self.profile)
 
     def activate(self, model: LoadedModel, *, keep_other_versions: bool = False) -> list[LoadedModel]:
@@ -444,6 +472,8 @@ def _warm_up(model: LoadedModel) -> None:
         _warm_up_zeros(model)
         return
     v = model.variant
+    # a quantized variant whose numbers differ here is set aside for the next choice; an fp32 one is broken
+    differs = ModelLoadError if v.precision == "fp32" else VariantRejected
     for i, sample in enumerate(samples):
         try:
             got = model.run(sample.inputs)
@@ -457,10 +487,35 @@ def _warm_up(model: LoadedModel) -> None:
             if out.dtype.kind in "fc":
                 if not np.allclose(out, want, atol=v.atol, rtol=v.rtol, equal_nan=False):
                     diff = float(np.max(np.abs(out.astype(np.float64) - want.astype(np.float64))))
-                    raise ModelLoadError(f"warm-up sample {i}: output {name!r} differs from the expected output "
-                                         f"(max abs diff {diff:.3g} > atol {v.atol:g}, rtol {v.rtol:g})")
+                    raise differs(f"warm-up sample {i}: output {name!r} differs from the expected output ({v.id}: "
+                                  f"max abs diff {diff:.3g} > atol {v.atol:g}, rtol {v.rtol:g})")
             elif not np.array_equal(out, want):
-                raise ModelLoadError(f"warm-up sample {i}: output {name!r} differs from the expected output")
+                raise differs(f"warm-up sample {i}: output {name!r} differs from the expected output ({v.id})")
+
+
+VALIDATION_SLACK = 0.02  # agreement may be this much (or two examples) below what the hub measured
+
+
+def _validate(model: LoadedModel) -> None:
+    """Run a quantized variant on the package's validation sample; VariantRejected when its top-1 agrees with the
+    fp32 model's clearly less here than it did on the hub (this CPU's int8 or fp16 kernels differ)."""
+    val = model.package.validation
+    v = model.variant
+    if val is None or not len(val) or v.precision == "fp32":
+        return
+    first = model.outputs[0].name
+    top = np.array([int(np.argmax(model.run(row)[first])) for row in val.rows()])
+    agreement = float(np.mean(top == val.top1))
+    hub = float((v.info.get("validation") or {}).get("agreement", 1.0))
+    model.validation = {"agreement": round(agreement, 4), "hub_agreement": hub, "samples": len(val)}
+    if agreement < hub - max(VALIDATION_SLACK, 2 / len(val)) - 1e-9:
+        raise VariantRejected(f"{v.id} on {model.backend} agrees with fp32 on {agreement:.0%} of the package's "
+                              f"{len(val)} validation examples here, the hub measured {hub:.0%}: this CPU's "
+                              f"{v.precision} kernels give other answers")
+
+
+def _files_present(pkg: ModelPackage, variant: Variant) -> bool:
+    return pkg.root is not None and all((pkg.root / f.path).is_file() for f in variant.files)
 
 
 def _warm_up_zeros(model: LoadedModel) -> None:

@@ -19,7 +19,7 @@ from edgerun import manifest as manifest_mod
 from edgerun.agent.transfer import Chunks, ChunkTransfer, TransferError, download_verify, http_fetch
 from edgerun.choice import no_fit_error
 from edgerun.contract import IN_PROGRESS, Topics
-from edgerun.errors import EdgerunError, IntegrityError, ManifestError
+from edgerun.errors import EdgerunError, IntegrityError, ManifestError, VariantRejected
 from edgerun.package import ModelPackage, save_package, verify_file
 from edgerun.store import JournalEntry, Pointer, Store
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STALL_TIMEOUT = float(os.environ.get("EDGERUN_TRANSFER_STALL_TIMEOUT", "600"))
+MAX_VARIANTS_TRIED = 3  # a device tries this many variants of one release before it gives up on it
 RESTORE_BUDGET = 1 << 62  # reloading the installed variant at start-up is not a new choice (see docs/updates.md)
 
 
@@ -152,27 +153,48 @@ class Updater:
         j = JournalEntry(m.model, m.version, "queued", digest=m.digest, manifest=m.raw)
         j = self.transition(j, "queued", f"release v{m.version} signed by {m.key_id!r}"
                             + (f" (resuming after restart in state {resume_from})" if resume_from else ""))
-        try:
-            choice = self.runtime.explain(m.package)
-        except EdgerunError as exc:
-            self.transition(j, "rejected", f"incompatible: {exc}")
-            return
-        cand = choice.chosen
-        old = self._loaded(m.model)
-        unload_first: int | None = None  # the budget once the old version is unloaded, when that is needed
-        if cand is None and self.policy.unload_first and old is not None:
-            retry = self.runtime.explain(m.package, memory_budget=choice.budget + old.memory_bytes)
-            if retry.chosen is not None:
-                cand, unload_first = retry.chosen, retry.budget
-        if cand is None:
-            err = no_fit_error(m.package, choice.candidates, choice.budget)
-            hint = "" if old is None else " while the active version stays loaded (set mqtt.unload_first to " \
-                                          "unload it first, with a short unavailability)"
-            self.transition(j, "rejected", f"too large: {err}{hint}")
-            return
-        variant = cand.variant
-        j = self.transition(j, "downloading", f"variant {variant.id} on {cand.backend}, {variant.size} bytes",
-                            variant=variant.id, backend=cand.backend, progress=0.0)
+        set_aside: list[str] = []  # variants that failed this device's validation sample, in this update
+        for _ in range(MAX_VARIANTS_TRIED):
+            try:
+                choice = self.runtime.explain(m.package)
+            except EdgerunError as exc:
+                self.transition(j, "rejected", f"incompatible: {exc}")
+                return
+            cand = choice.chosen
+            old = self._loaded(m.model)
+            unload_first: int | None = None  # the budget once the old version is unloaded, when that is needed
+            if cand is None and self.policy.unload_first and old is not None:
+                retry = self.runtime.explain(m.package, memory_budget=choice.budget + old.memory_bytes)
+                if retry.chosen is not None:
+                    cand, unload_first = retry.chosen, retry.budget
+            if cand is None:
+                err = no_fit_error(m.package, choice.candidates, choice.budget)
+                hint = "" if old is None else " while the active version stays loaded (set mqtt.unload_first to " \
+                                              "unload it first, with a short unavailability)"
+                state = "failed" if set_aside else "rejected"  # set-aside variants: nothing else can run here
+                self.transition(j, state, f"too large: {err}{hint}" if not set_aside else
+                                f"no variant left that passes this device's validation: {err}")
+                return
+            variant = cand.variant
+            aside = f" ({'; '.join(set_aside)})" if set_aside else ""
+            j = self.transition(j, "downloading", f"variant {variant.id} on {cand.backend}, {variant.size} bytes"
+                                + aside, variant=variant.id, backend=cand.backend, progress=0.0)
+            staged = self._download_and_stage(j, m, variant, cancelled)
+            if staged is None:
+                return
+            vdir, j = staged
+            j = self.transition(j, "staged", f"stored in {vdir}")
+            try:
+                self.warm_and_swap(j, m.model, m.version, vdir, variant.id, cand.backend, unload_first)
+                return
+            except VariantRejected as exc:  # the runtime set it aside: choose again, without it
+                set_aside.append(f"{variant.id} on {cand.backend} set aside: {exc}")
+        self.transition(j, "failed", f"no variant of v{m.version} passed this device's validation: "
+                        + "; ".join(set_aside))
+
+    def _download_and_stage(self, j: JournalEntry, m: "Manifest", variant,
+                            cancelled: Callable[[], str]) -> tuple[Path, JournalEntry] | None:
+        """Fetch, verify and stage ``variant``; None when the update ended (its transition is reported)."""
         try:
             paths = self.fetch(j, variant, cancelled)
         except Cancelled as exc:
@@ -181,12 +203,12 @@ class Updater:
             else:
                 log.info("update of %s to v%d stopped during download; it resumes at the next start", m.model,
                          m.version)
-            return
+            return None
         except (TransferError, IntegrityError, OSError) as exc:
             for f in variant.files:
                 self.store.drop_partial(f.sha256)
             self.transition(j, "failed", f"download: {exc}")
-            return
+            return None
         j = self.transition(j, "verifying", f"checking size and sha256 of {len(paths)} file(s)", progress=1.0)
         try:
             for f, p in zip(variant.files, paths):
@@ -195,10 +217,8 @@ class Updater:
             for f in variant.files:
                 self.store.drop_partial(f.sha256)
             self.transition(j, "failed", f"verification: {exc}")
-            return
-        vdir = self._stage(m, variant, paths)
-        j = self.transition(j, "staged", f"stored in {vdir}")
-        self.warm_and_swap(j, m.model, m.version, vdir, variant.id, cand.backend, unload_first)
+            return None
+        return self._stage(m, variant, paths), j
 
     def warm_and_swap(self, j: JournalEntry, model: str, version: int, vdir: Path, variant: str,
                       backend: str | None, unload_first: int | None = None) -> bool:
@@ -214,6 +234,11 @@ class Updater:
         try:
             loaded = self.host.in_loader(lambda: self.runtime.prepare(vdir, variant=variant, backend=backend,
                                                                       verify=False, memory_budget=unload_first))
+        except VariantRejected:  # this device's kernels disagree with fp32: the caller takes the next variant
+            self.store.remove_version(model, version)
+            if unload_first is not None and old is not None:
+                self._reload_pointer(model)
+            raise
         except Exception as exc:  # any load/warm-up failure leaves the old version serving
             self.store.remove_version(model, version)
             if unload_first is not None and old is not None:
