@@ -7,7 +7,7 @@ onnxruntime and OpenVINO, tflite for LiteRT) is loaded and run once in a fresh p
 The need of one run is the peak RSS of the process (VmHWM, reset just before the load) minus its RSS then, with the
 backend library already imported (the import is paid once per process, not per model). Medians per size
 are fitted with least squares to ``need = base + factor * file_size``; the table and the fit are printed and
-written to benchmarks/results/calibrate_memory.json. ``MEMORY_ESTIMATE`` in edgerun/choice.py holds the result.
+written to benchmarks/results/calibrate_memory.json. Each backend class's ``memory_estimate`` (plugins/edgerun_*/__init__.py) holds the result.
 """
 
 from __future__ import annotations
@@ -148,10 +148,9 @@ def main() -> None:
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "backends": results}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(out, indent=2) + "\n")
-    console.print("MEMORY_ESTIMATE = {")
     for backend, r in results.items():
-        console.print(f'    "{backend}": ({max(1, round(r["base_bytes"] / 2**20))} << 20, {r["factor"]:.1f}),')
-    console.print("}")
+        console.print(f'{backend}: memory_estimate = ({max(1, round(r["base_bytes"] / 2**20))} << 20, '
+                      f'{r["factor"]:.1f})')
     console.print(f"wrote {args.output}")
 
 

@@ -72,6 +72,14 @@ class Backend(abc.ABC):
     """The file suffixes this backend loads, each with its format (``{".onnx": "onnx"}``): a bare model file
     (``edgerun serve --model model.onnx``, no edgerun.toml) is read by its suffix, so a plugin can bring a file type."""
     install_hint: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    """Other names profiles may use for this backend (``tflite`` for LiteRT)."""
+    options: ClassVar[dict[str, type | tuple[type, ...]] | None] = None
+    """The options a profile's ``[backends.<name>]`` table may set, with their types; None passes the table through
+    unchecked. A misspelt option is a profile error, never silently ignored."""
+    memory_estimate: ClassVar[tuple[int, float]] = (32 << 20, 2.5)
+    """Resident memory a loaded session needs when the package measured none: ``base + factor * file size``
+    (bytes); calibrate it with benchmarks/calibrate_memory.py."""
     #: KServe datatypes this backend cannot take or return; variant choice drops models that use them
     unsupported_datatypes: ClassVar[frozenset[str]] = frozenset()
 

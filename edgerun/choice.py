@@ -11,15 +11,6 @@ from edgerun.package import ModelPackage, Variant
 from edgerun.profiles import Profile
 from edgerun.units import format_size
 
-# Resident memory a loaded session needs, estimated from the variant's file size when the package
-# records no measurement: need = base + factor * size. Calibrated with benchmarks/calibrate_memory.py
-# (peak RSS growth over load + one inference, median of 5 processes); see docs/variant-choice.md.
-MEMORY_ESTIMATE: dict[str, tuple[int, float]] = {
-    "onnxruntime": (11 << 20, 1.5),
-    "openvino": (40 << 20, 2.0),
-    "litert": (3 << 20, 2.0),
-}
-DEFAULT_ESTIMATE = (32 << 20, 2.5)
 
 
 @dataclass
@@ -47,14 +38,15 @@ class Candidate:
         return self.variant.accuracy
 
 
-def memory_need(variant: Variant, backend: str) -> tuple[int, bool]:
-    """Bytes the variant needs on ``backend`` and whether that figure was measured."""
-    m = variant.measured.get(backend)
+def memory_need(variant: Variant, backend: Backend) -> tuple[int, bool]:
+    """Bytes the variant needs on ``backend`` and whether that figure was measured; unmeasured, the backend's
+    ``memory_estimate`` (base + factor * file size, calibrated with benchmarks/calibrate_memory.py)."""
+    m = variant.measured.get(backend.name)
     if m and m.memory_bytes:
         return m.memory_bytes, True
     if variant.memory_bytes:
         return variant.memory_bytes, True
-    base, factor = MEMORY_ESTIMATE.get(backend, DEFAULT_ESTIMATE)
+    base, factor = backend.memory_estimate
     return int(base + factor * variant.size), False
 
 
@@ -66,10 +58,12 @@ def candidates(package: ModelPackage, profile: Profile, backends: dict[str, Back
     for variant in package.variants:
         able = sorted((b for b in backends.values() if variant.format in b.formats), key=lambda b: rank.get(b.name, 99))
         if not able:
-            out.append(Candidate(variant, "-", 0, False, False, f"no installed backend loads format {variant.format!r}"))
+            known = sorted({f for b in backends.values() for f in b.formats})
+            out.append(Candidate(variant, "-", 0, False, False, f"no installed backend loads format "
+                                 f"{variant.format!r} (the backends here load {', '.join(known)})"))
             continue
         for backend in able:
-            need, measured = memory_need(variant, backend.name)
+            need, measured = memory_need(variant, backend)
             avail = backend.check()
             if not avail.available:
                 out.append(Candidate(variant, backend.name, need, measured, False, f"backend {avail}"))

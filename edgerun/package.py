@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from edgerun.tensors import DATATYPE_TO_DTYPE, TensorSpec, dtype_of
 from edgerun.tomlfile import Table, read_toml
 
 PACKAGE_FILE = "edgerun.toml"
-FORMATS = ("onnx", "openvino", "tflite")
+FORMAT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # which formats exist is up to the backends installed
 PRECISIONS = ("fp32", "fp16", "int8", "int4")  # most to least precise
 
 
@@ -204,8 +205,8 @@ def _variant(t: Table) -> Variant:
     t.only("id", "format", "precision", "files", "accuracy", "memory_bytes", "atol", "rtol", "measured",
            "latency_ms", "failed", "info")
     fmt = t.get("format", str, required=True)
-    if fmt not in FORMATS:
-        raise t.fail("format", f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if not FORMAT_NAME.match(fmt):
+        raise t.fail("format", f"expected a format name such as onnx, openvino or tflite, got {fmt!r}")
     precision = t.get("precision", str, required=True)
     if precision not in PRECISIONS:
         raise t.fail("precision", f"expected one of {', '.join(PRECISIONS)}, got {precision!r}")

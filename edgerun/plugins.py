@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -55,6 +56,15 @@ def make_plugin_manager(load_entry_points: bool = True) -> tuple[pluggy.PluginMa
                 failures.append(PluginFailure(ep.name, f"{type(exc).__name__}: {exc}"))
     pm.check_pending()
     return pm, failures
+
+
+@functools.lru_cache(maxsize=1)
+def backend_classes() -> tuple[type, ...]:
+    """The Backend classes every installed plugin registers (what profiles and packages may name)."""
+    pm, _ = make_plugin_manager()
+    classes: list[type] = []
+    call_each(pm, "register_backends", register=classes.append)
+    return tuple(classes)
 
 
 def call_each(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> tuple[list[Any], list[PluginFailure]]:

@@ -21,15 +21,21 @@ BUNDLED_DIR = _HERE / "device_profiles" if (_HERE / "device_profiles").is_dir() 
 SYSTEM_DIR = Path("/etc/edgerun/device_profiles")
 MATCH_KEYS = ("arch", "cpu_flags", "device_tree_model", "accelerators", "cpu_model", "min_memory")
 # Older names people write for a backend, mapped to the backend's registered name.
-BACKEND_ALIASES = {"tflite": "litert", "ort": "onnxruntime", "ov": "openvino"}
-# Options the built-in backends read from ``[backends.<name>]``; a misspelt one must not be silently ignored.
-# Third-party backends' tables are passed through unchecked.
-BACKEND_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "onnxruntime": {"device": str, "providers": list, "intra_op_threads": int, "inter_op_threads": int,
-                    "arena": bool},
-    "openvino": {"device": str, "performance_hint": str, "inference_precision": str, "config": dict},
-    "litert": {"device": str, "num_threads": int},
-}
+
+
+def _backend_tables() -> tuple[dict[str, str], dict[str, dict[str, type | tuple[type, ...]]]]:
+    """Backend names by alias, and the options each backend reads: both come from the Backend classes."""
+    from edgerun.plugins import backend_classes
+
+    aliases: dict[str, str] = {}
+    options: dict[str, dict[str, type | tuple[type, ...]]] = {}
+    for cls in backend_classes():
+        for alias in getattr(cls, "aliases", ()):
+            aliases[alias] = cls.name
+        if getattr(cls, "options", None) is not None:
+            options[cls.name] = cls.options
+    return aliases, options
+
 # How much each kind of match key says about a host: a board model or an accelerator says more than an arch.
 _WEIGHTS = {"arch": 1, "min_memory": 1, "cpu_model": 3, "device_tree_model": 8}
 _PER_ITEM = {"cpu_flags": 1, "accelerators": 4}
@@ -171,16 +177,17 @@ def _read_match(m: Table) -> dict[str, Any]:
 
 def _read_backends(b: Table) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
     """The ``[backends]`` table: the preference order and each backend's options."""
-    prefer = tuple(BACKEND_ALIASES.get(n, n) for n in b.list_of("prefer", str, []))
+    aliases, known_options = _backend_tables()
+    prefer = tuple(aliases.get(n, n) for n in b.list_of("prefer", str, []))
     if len(set(prefer)) != len(prefer):
         raise b.fail("prefer", f"expected each backend once, got {list(prefer)}")
     options: dict[str, dict[str, Any]] = {}
     for key in b.data:
         if key == "prefer":
             continue
-        name = BACKEND_ALIASES.get(key, key)
+        name = aliases.get(key, key)
         table = b.table(key)
-        known = BACKEND_OPTIONS.get(name)
+        known = known_options.get(name)
         if known is not None:
             table.only(*known)
             for option, kind in known.items():

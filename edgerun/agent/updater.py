@@ -171,9 +171,12 @@ class Updater:
                 err = no_fit_error(m.package, choice.candidates, choice.budget)
                 hint = "" if old is None else " while the active version stays loaded (set mqtt.unload_first to " \
                                               "unload it first, with a short unavailability)"
-                state = "failed" if set_aside else "rejected"  # set-aside variants: nothing else can run here
-                self.transition(j, state, f"too large: {err}{hint}" if not set_aside else
-                                f"no variant left that passes this device's validation: {err}")
+                if set_aside:  # nothing else can run here
+                    self.transition(j, "failed", f"no variant left that passes this device's validation: {err}")
+                elif "memory budget" in str(err):
+                    self.transition(j, "rejected", f"too large: {err}{hint}")
+                else:
+                    self.transition(j, "rejected", f"incompatible: {err}")
                 return
             variant = cand.variant
             aside = f" ({'; '.join(set_aside)})" if set_aside else ""

@@ -164,6 +164,9 @@ class LiteRTBackend(Backend):
     formats = ("tflite",)
     suffixes = {".tflite": "tflite"}
     install_hint = INSTALL_HINT
+    aliases = ("tflite",)  # the backend's name before LiteRT
+    options = {"device": str, "num_threads": int}
+    memory_estimate = (3 << 20, 2.0)  # calibrated: benchmarks/calibrate_memory.py
 
     def availability(self) -> Availability:
         try:

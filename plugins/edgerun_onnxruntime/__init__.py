@@ -60,6 +60,9 @@ class OnnxRuntimeBackend(Backend):
     formats = ("onnx",)
     suffixes = {".onnx": "onnx"}
     install_hint = INSTALL_HINT
+    aliases = ("ort",)
+    options = {"device": str, "providers": list, "intra_op_threads": int, "inter_op_threads": int, "arena": bool}
+    memory_estimate = (11 << 20, 1.5)  # calibrated: benchmarks/calibrate_memory.py
 
     def availability(self) -> Availability:
         try:

@@ -105,6 +105,9 @@ class OpenVinoBackend(Backend):
     formats = ("onnx", "openvino")
     suffixes = {".onnx": "onnx", ".xml": "openvino"}  # an IR .xml, its .bin beside it
     install_hint = INSTALL_HINT
+    aliases = ("ov",)
+    options = {"device": str, "performance_hint": str, "inference_precision": str, "config": dict}
+    memory_estimate = (40 << 20, 2.0)  # calibrated: benchmarks/calibrate_memory.py
     # String tensors load, but after one inference freeing the request corrupts the heap and aborts the
     # process (openvino 2026.4: "free(): invalid pointer"). Such models go to another backend.
     unsupported_datatypes = frozenset({"BYTES"})

@@ -116,11 +116,11 @@ def test_memory_estimate_is_calibrated_against_measured_peak_rss(big_models, nam
         from calibrate_memory import measure
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    backend(name)
+    b = backend(name)
     path = big_models.get(fmt) or pytest.skip(f"no {fmt} model")
     size = _model_size(path)
     variant = Variant("v", {"ir": "openvino"}.get(fmt, fmt), "fp32", (FileEntry(path.name, "0" * 64, size),))
-    need, measured = memory_need(variant, name)
+    need, measured = memory_need(variant, b)
     peak = measure(name, path)["peak"]
     assert not measured
     assert 0.75 * peak <= need <= 1.35 * peak, (f"{name} on a {size / 2**20:.1f} MiB {fmt} model: estimate "

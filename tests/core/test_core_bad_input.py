@@ -30,13 +30,19 @@ def test_missing_variant_file(runtime: Runtime, package_copy) -> None:
     assert runtime.load(root).variant.id == "onnx-fp32"  # the intact variant still loads
 
 
-def test_unknown_format_names_file_key_and_the_known_formats(package_copy) -> None:
+def test_a_format_no_backend_loads_is_dropped_with_the_formats_that_load(runtime: Runtime, package_copy) -> None:
+    """Which formats exist is up to the backends installed (a plugin can bring one): the package loads, the
+    variant no backend reads is dropped with the reason, and the others serve."""
     root = package_copy(lambda d: d["variants"][1].update(format="pytorch"))
+    choice = runtime.explain(ModelPackage.load(root))
+    dropped = next(c for c in choice.candidates if c.variant.id == "onnx-int8")
+    assert not dropped.kept and "no installed backend loads format 'pytorch'" in dropped.reason
+    assert "onnx, openvino, tflite" in dropped.reason
+    assert runtime.load(root).variant.id == "onnx-fp32"
+    bad = package_copy(lambda d: d["variants"][1].update(format="Py Torch!"), name="bad")
     with pytest.raises(PackageError) as err:
-        ModelPackage.load(root)
-    msg = str(err.value)
-    assert str(root / "edgerun.toml") in msg and "variants[1].format" in msg
-    assert "unknown format 'pytorch'" in msg and "onnx, openvino, tflite" in msg
+        ModelPackage.load(bad)
+    assert str(bad / "edgerun.toml") in str(err.value) and "variants[1].format" in str(err.value)
 
 
 def test_not_a_package_directory(tmp_path: Path, runtime: Runtime) -> None:

@@ -119,7 +119,7 @@ CASES = [  # (publish, version the event names, state, words the detail must con
     (truncated_file, 3, "failed", "truncated"),
     (downgrade, 1, "rejected", "downgrade"),
     (malformed_json, 0, "rejected", "malformed"),  # no version can be read from it
-    (unknown_format, 3, "rejected", "unknown format 'pytorch'"),
+    (unknown_format, 3, "rejected", "no installed backend loads format 'pytorch'"),
     (fails_to_load, 3, "failed", "did not load"),
     (warmup_mismatch, 3, "failed", "differs from the expected output"),
     (too_large, 3, "rejected", "too large"),
