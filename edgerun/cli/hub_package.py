@@ -18,6 +18,11 @@ if TYPE_CHECKING:
     from edgerun.hub.packager import PackagingReport
 
 REQUIRED = ("onnx", "onnxruntime")
+SOURCE_HELP = ("The fp32 model: an ONNX file (.onnx); a PyTorch module as module:callable (pkg.models:make_net, "
+               "importable from the current directory or PYTHONPATH; an nn.Module, an nn.Module class or a function "
+               "returning one), an ExportedProgram (.pt2, torch.export.save) or a TorchScript file (.pt/.pth, "
+               "torch.jit.save), with edgerun\\[hub-torch]; a TensorFlow SavedModel directory (serving_default "
+               "signature) or a Keras file (.keras, .h5), with edgerun\\[hub-tf]; or a kind a hub plugin adds.")
 
 
 def _split(text: str | None) -> tuple[str, ...] | None:
@@ -45,10 +50,13 @@ class _Bar:
     def step(self, message: str) -> None:
         self._p.update(self._task, advance=1, description=message)
 
+    def note(self, message: str) -> None:
+        self._p.update(self._task, description=message)
+
 
 @hub_app.command("package")
 def package(
-    model: Path = typer.Argument(..., help="The fp32 model (.onnx)."),
+    source: str = typer.Argument(..., metavar="SOURCE", help=SOURCE_HELP, show_default=False),
     name: str = typer.Option(..., "--name", help="Model name in the package."),
     version: int = typer.Option(..., "--version", help="Package version (positive integer)."),
     validation: Path = typer.Option(..., "--validation", help=".npz: arrays named after the model inputs, plus 'labels'."),
@@ -63,14 +71,18 @@ def package(
     repeats: int = typer.Option(50, "--repeats", help="Timed batch-1 runs per variant and backend (median reported)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
 ) -> None:
-    """Make fp16/int8/int4/OpenVINO variants of an ONNX model, measure each here, keep the ones worth shipping."""
+    """Make fp16/int8/int4/OpenVINO variants of a model, measure each here, keep the ones worth shipping.
+
+    SOURCE is an ONNX file, or a PyTorch or TensorFlow model that is converted to ONNX first by its framework's own
+    exporter (torch.onnx.export, tf2onnx); see docs/packaging.md, "What it takes".
+    """
     missing = [m for m in REQUIRED if not _importable(m)]
     if missing:
         raise fail(escape(f"edgerun hub package needs {', '.join(missing)}: pip install 'edgerun[hub]'"), 69)
     from edgerun.errors import EdgerunError
     from edgerun.hub.packager import PackageRequest, package_model
 
-    req = PackageRequest(model=model, name=name, version=version, validation=validation, out=out,
+    req = PackageRequest(model=source, name=name, version=version, validation=validation, out=out,
                          precisions=_split(precisions) or (), formats=_split(formats) or (), calibration=calibration,
                          max_accuracy_drop=max_accuracy_drop, metric=metric, prune=prune, backends=_split(backends),
                          force=force, repeats=repeats)

@@ -143,24 +143,6 @@ def _openvino(vid: str, precision: str, method: str, order: int) -> type[Variant
                                                           "order": order, "__doc__": f"OpenVINO IR, {precision}."})
 
 
-TFLITE_REASON = ("no ONNX→TFLite converter is available to the hub (onnx2tf/TensorFlow are not part of "
-                 "edgerun[hub]); convert with your own tools and add the .tflite as a variant")
-
-
-class _TfliteUnavailable(VariantMaker):
-    """A TFLite variant the hub cannot make yet."""
-
-    format, method = "tflite", "convert"
-
-    def make(self, job: MakeJob) -> Made:
-        raise PrecisionUnavailable(TFLITE_REASON)
-
-
-def _tflite(precision: str, order: int) -> type[VariantMaker]:
-    return type(f"tflite_{precision}", (_TfliteUnavailable,), {"id": f"tflite-{precision}", "precision": precision,
-                                                              "order": order})
-
-
 def validated(vid: str, rel: str, path: Path, settings: q.Int8Settings, here: float, scorer: "Scorer",
               emulate: bool) -> Made:
     """Record where the int8 model was checked: here, and on the target CPUs this hub emulates; a target class
@@ -206,7 +188,6 @@ BUILTIN: list[Callable[[], VariantMaker]] = [
     _openvino("openvino-fp32", "fp32", "convert", 40), _openvino("openvino-fp16", "fp16", "convert", 41),
     _openvino("openvino-int8-nncf", "int8", "nncf", 42), _openvino("openvino-int8-weights", "int8", "weights", 43),
     _openvino("openvino-int4", "int4", "weights", 44),
-    _tflite("fp32", 50), _tflite("fp16", 51), _tflite("int8", 52), _tflite("int4", 53),
 ]
 
 

@@ -10,24 +10,28 @@ import platform
 import shutil
 import tempfile
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from edgerun.errors import PackageError
+from edgerun.errors import EdgerunError, PackageError
 from edgerun.hub import quantize as q
-from edgerun.hub.measure import Measured, measure
-from edgerun.hub.tools import MakeJob, PrecisionUnavailable, VariantMaker, variant_makers
-from edgerun.package import PRECISIONS, ModelPackage, Measurement, Sample, Variant, file_entry, save_package
+from edgerun.hub.measure import Measured, measure, time_side_by_side
+from edgerun.hub.sources import OnnxFile, conversion_note, example_inputs
+from edgerun.hub.tools import MakeJob, PrecisionUnavailable, VariantMaker, model_sources, source_for, variant_makers
+from edgerun.package import (PRECISIONS, ModelPackage, Measurement, Sample, Validation, Variant, file_entry,
+                             save_package)
 from edgerun.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "packaging-report.json"
 METRICS = ("auto", "accuracy", "agreement")
-SPEED_NOISE = 0.03  # a variant must be >3% faster somewhere to count as faster (median timing noise)
+SPEED_NOISE = 0.10  # a variant must also be >10% faster to count as faster: smaller gaps flip between runs
+TIMING_BUDGET = 2.0  # seconds of side-by-side timing per variant on each backend, at most
+TIMING_ERROR = 0.02  # time until each median is known within 2% (95% interval)
 FORMAT_BACKENDS_HINT = {"onnx": "onnxruntime", "openvino": "openvino", "tflite": "litert"}  # also each format's primary
 
 
@@ -35,7 +39,7 @@ FORMAT_BACKENDS_HINT = {"onnx": "onnxruntime", "openvino": "openvino", "tflite":
 class PackageRequest:
     """What ``edgerun hub package`` was asked to do."""
 
-    model: Path
+    model: str | Path  # an .onnx file, or any model a source reads (a path or a module:callable reference)
     name: str
     version: int
     validation: Path
@@ -63,6 +67,7 @@ class BackendResult:
     memory_bytes: int | None = None
     accuracy: float | None = None
     agreement: float | None = None
+    latency_err_ms: float | None = None  # half-width of the 95% interval of the median
     max_deviation: float | None = None
     error: str | None = None
 
@@ -132,6 +137,9 @@ class Progress:
     def step(self, message: str) -> None:
         pass
 
+    def note(self, message: str) -> None:
+        """Say what is happening without advancing the bar."""
+
 
 # --- inputs -----------------------------------------------------------------------------------------
 
@@ -200,8 +208,12 @@ def _check_request(req: PackageRequest) -> None:
         raise PackageError(f"--prune: expected a sparsity between 0 and 1 (e.g. 0.5), got {req.prune}")
     if req.max_accuracy_drop < 0:
         raise PackageError(f"--max-accuracy-drop: expected points >= 0, got {req.max_accuracy_drop}")
-    if req.model.suffix.lower() != ".onnx":
-        raise PackageError(f"{req.model}: expected an ONNX model (.onnx); convert other formats to ONNX first")
+    try:
+        source_for(str(req.model))
+    except PackageError:
+        accepted = "; ".join(getattr(s, "describe", s.name) for s in model_sources())
+        raise PackageError(f"{req.model}: expected an ONNX model (.onnx) or a model the packager converts to ONNX "
+                           f"({accepted}); convert other formats to ONNX first") from None
 
 
 # --- planning ---------------------------------------------------------------------------------------
@@ -248,9 +260,30 @@ def _compressed_size(paths: list[Path]) -> int:
 
 
 def package_model(req: PackageRequest, progress: Progress | None = None) -> PackagingReport:
-    """Make, measure and choose the variants of ``req.model``; write the package to ``req.out``."""
+    """Make, measure and choose the variants of ``req.model``; write the package to ``req.out``.
+
+    A model that is not ONNX is converted first, once, by the source that reads it (``edgerun.hub.sources``)."""
     progress = progress or Progress()
     _check_request(req)
+    spec = str(req.model)
+    source = source_for(spec)
+    if isinstance(source, OnnxFile):
+        return _package_onnx(replace(req, model=Path(req.model)), progress, None)
+    with tempfile.TemporaryDirectory(prefix="edgerun-convert-") as tmp:
+        try:
+            onnx_path = source.to_onnx(spec, Path(tmp) / "model.onnx", example_inputs(req.validation))
+        except EdgerunError:
+            raise
+        except Exception as exc:  # a plugin's bug still ends in a message naming the source
+            log.debug("model source %s failed", source.name, exc_info=True)
+            raise PackageError(f"{spec}: model source {source.name!r} failed ({type(exc).__name__}: {exc})") from None
+        origin = conversion_note(source, spec, onnx_path)
+        log.info("converted %s", origin)
+        return _package_onnx(replace(req, model=onnx_path), progress, origin)
+
+
+def _package_onnx(req: PackageRequest, progress: Progress, origin: str | None) -> PackagingReport:
+    """``package_model`` of an ONNX file; ``origin`` says what it was converted from (None: given as ONNX)."""
     model = q.load_onnx(req.model)
     inputs, outputs = q.interface(model)
     profile = q.weight_profile(model)
@@ -265,7 +298,7 @@ def package_model(req: PackageRequest, progress: Progress | None = None) -> Pack
     if len(first.shape) != 2:
         raise PackageError(f"the model's first output {first.name!r} has shape {list(first.shape)}; accuracy and "
                            f"agreement are top-1 over a [batch, classes] output")
-    notes: list[str] = []
+    notes: list[str] = [f"converted from {origin}"] if origin else []
     calibration = None
     if "int8" in req.precisions:
         if req.calibration is not None:
@@ -335,8 +368,9 @@ def package_model(req: PackageRequest, progress: Progress | None = None) -> Pack
             name=req.name, version=req.version, inputs=inputs, outputs=outputs,
             variants=[package_variant(v, stage, metric) for v in kept],
             samples=[Sample(s, e) for s, e in zip(sample_inputs, expected)],
-            description=req.description or (f"{req.model.name}, packaged by edgerun hub; variants measured on "
-                                             f"{platform.machine()} with {', '.join(backends) or 'no backend'}"
+            validation=validation_sample(val, np.argmax(ref.outputs, axis=1)),
+            description=req.description or (f"{origin or req.model.name}, packaged by edgerun hub; variants measured "
+                                             f"on {platform.machine()} with {', '.join(backends) or 'no backend'}"
                                              + ("; accuracy = top-1 on the validation labels" if metric == "accuracy"
                                                 else "; no labels: variants scored by top-1 agreement with fp32")))
         save_package(pkg, stage)
@@ -379,26 +413,58 @@ def measure_variants(stage: Path, variants: list[VariantReport], backends: dict[
             m = measure(stage, v.id, b, inputs_npz, work, repeats=repeats)
             raw[(v.id, b)] = m
             v.results[b] = BackendResult(m.latency_ms, m.memory_bytes, error=m.error)
+    for b in backends:  # latencies side by side, interleaved, each with its error
+        ran = [v for v in variants if b in v.ok_results()]
+        if not ran:
+            continue
+        progress.note(f"timing {len(ran)} variant(s) side by side on {b}")
+        timings = time_side_by_side(stage, [v.id for v in ran], b, inputs_npz, work,
+                                    budget=TIMING_BUDGET * len(ran), rel_error=TIMING_ERROR)
+        for v in ran:
+            t = timings.get(v.id)
+            if t is not None:
+                v.results[b].latency_ms, v.results[b].latency_err_ms = t.latency_ms, t.error_ms
     ref = raw.get(("onnx-fp32", "onnxruntime"))
     if ref is None or ref.error is not None:
         ref = next((m for (vid, _), m in raw.items() if vid == "onnx-fp32" and m.error is None), None)
     if ref is None or ref.outputs is None:
         return None
     ref_top = np.argmax(ref.outputs, axis=1)
+    n = validation_size(val)
     for v in variants:
+        sample_agreement = []
         for b, r in v.results.items():
             m = raw[(v.id, b)]
             if r.error is not None or m.outputs is None:
                 continue
             top = np.argmax(m.outputs, axis=1)
             r.agreement = round(float(np.mean(top == ref_top)), 4)
+            sample_agreement.append(float(np.mean(top[:n] == ref_top[:n])))
             if labels is not None:
                 r.accuracy = round(float(np.mean(top == labels)), 4)
             r.max_deviation = _max_deviation(m.sample_outputs or [], ref.sample_outputs or [])
         devs = [r.max_deviation for r in v.ok_results().values() if r.max_deviation is not None]
         if devs:
             v.atol = _round_up(max(1e-4, 3.0 * max(devs)))
+        if sample_agreement and v.precision != "fp32":  # what a device compares its own run of the sample with
+            v.info["validation"] = {"agreement": round(min(sample_agreement), 4), "samples": n}
     return ref
+
+
+VALIDATION_EXAMPLES = 64  # carried in the package for a device to check quantized variants with
+VALIDATION_BYTES = 256 << 10
+
+
+def validation_size(val: dict[str, np.ndarray]) -> int:
+    """How many validation examples the package carries: up to 64, within 256 KiB of inputs, at least 8."""
+    total = len(next(iter(val.values())))
+    per_example = max(1, sum(a[:1].nbytes for a in val.values()))
+    return min(total, VALIDATION_EXAMPLES, max(8, VALIDATION_BYTES // per_example))
+
+
+def validation_sample(val: dict[str, np.ndarray], ref_top: np.ndarray) -> Validation:
+    n = validation_size(val)
+    return Validation({k: np.ascontiguousarray(a[:n]) for k, a in val.items()}, ref_top[:n].astype(np.int64))
 
 
 def available_backends(only: tuple[str, ...] | None = None) -> dict[str, tuple[str, ...]]:
@@ -447,17 +513,19 @@ def _decide(variants: list[VariantReport], req: PackageRequest, metric: str) -> 
             v.status = "dropped"
             v.reason = (f"{metric} {100 * s:.2f}% is {100 * (ref_score - s):.2f} points below fp32's "
                         f"{100 * ref_score:.2f}% (bound {req.max_accuracy_drop:g})")
-    # int8 has two methods per format; keep the one that measures faster on the format's own backend
-    for fmt in ("onnx", "openvino"):
-        alts = [v for v in made if v.status == "planned" and v.format == fmt and v.precision == "int8"]
+    # a precision with several methods in one format (int8): keep the one faster on the format's own backend;
+    # latencies within their measured errors are a tie, decided by memory
+    for fmt, precision in sorted({(v.format, v.precision) for v in made}):
+        alts = [v for v in made if v.status == "planned" and v.format == fmt and v.precision == precision
+                and v is not ref]
         if len(alts) > 1:
-            on = _speed_backends(alts, FORMAT_BACKENDS_HINT[fmt])
-            best = min(alts, key=lambda v: _speed(v, on))
+            on = _speed_backends(alts, FORMAT_BACKENDS_HINT.get(fmt, ""))
+            best, why = _fastest(alts, on)
             for v in alts:
                 if v is not best:
                     v.status = "dropped"
-                    v.reason = (f"{best.id} is faster on {', '.join(sorted(on)) or 'the backends tried'} "
-                                f"({_latencies(best)} vs {_latencies(v)})")
+                    v.reason = f"{best.id} {why} on {', '.join(sorted(on)) or 'the backends tried'} " \
+                               f"({_latencies(best)} vs {_latencies(v)})"
     # fp32 is measured as the reference even when not asked for
     if ref is not None and ref.status == "planned" and ("fp32" not in req.precisions or "onnx" not in req.formats):
         ref.status, ref.reason = "dropped", "ONNX fp32 not requested (measured as the reference)"
@@ -477,18 +545,19 @@ def _decide(variants: list[VariantReport], req: PackageRequest, metric: str) -> 
             # a lower precision scoring above the fp32 model it was made from is noise on the validation set:
             # it has to earn its place by speed like any other
             over_ref = u is ref and v.precision_rank > u.precision_rank
-            better = su > s or (su == s and u.precision_rank < v.precision_rank) or over_ref
+            better = su > s or (su == s and u.precision_rank <= v.precision_rank) or over_ref
             mine = v.ok_results()
             theirs = u.ok_results()
-            faster = all(b in theirs and r.latency_ms > theirs[b].latency_ms * (1 - SPEED_NOISE)
-                         for b, r in mine.items())
-            if better and faster:
+            # a variant stays when it is faster or lighter than every better one somewhere, beyond the errors
+            no_gain = all(b in theirs and not _clearly_faster(r, theirs[b]) and not _clearly_lighter(r, theirs[b])
+                          for b, r in mine.items())
+            if better and no_gain:
                 v.status = "dropped"
                 than = (f"the {u.precision} model it was made from ({100 * s:.2f}% vs {100 * su:.2f}% is not "
                         f"counted for a lower precision)" if su < s else
                         f"which is as accurate or more ({100 * su:.2f}% vs {100 * s:.2f}%)")
-                v.reason = (f"not faster than {u.id}, {than}, on any backend tried "
-                            f"({_latencies(u)} vs {_latencies(v)})")
+                v.reason = (f"neither faster (beyond the measured error) nor lighter than {u.id}, {than}, on any "
+                            f"backend tried ({_latencies(u)} vs {_latencies(v)})")
                 staying.pop()
                 break
     for v in made:
@@ -502,6 +571,42 @@ def _speed_backends(alts: list[VariantReport], primary: str) -> set[str]:
     return {primary} if primary in common else common
 
 
+def _clearly_faster(a: BackendResult, b: BackendResult) -> bool:
+    """``a`` is faster than ``b`` beyond their measured errors and by at least SPEED_NOISE: a smaller gap is a tie."""
+    if a.latency_ms is None or b.latency_ms is None:
+        return False
+    beyond_errors = (a.latency_err_ms is None or b.latency_err_ms is None
+                     or a.latency_ms + a.latency_err_ms < b.latency_ms - b.latency_err_ms)
+    return beyond_errors and a.latency_ms < b.latency_ms * (1 - SPEED_NOISE)
+
+
+MEMORY_GAIN = 0.2  # a variant needing 20% (and 1 MiB) less memory than another is lighter
+MEMORY_NOISE = 1 << 20
+
+
+def _clearly_lighter(a: BackendResult, b: BackendResult) -> bool:
+    """``a`` needs clearly less memory than ``b`` on the same backend (peak RSS moves by a few hundred KiB)."""
+    if a.memory_bytes is None or b.memory_bytes is None:
+        return False
+    return a.memory_bytes < b.memory_bytes * (1 - MEMORY_GAIN) and b.memory_bytes - a.memory_bytes > MEMORY_NOISE
+
+
+def _fastest(alts: list[VariantReport], on: set[str]) -> tuple[VariantReport, str]:
+    """The fastest on ``on``; when none is faster than another beyond the errors, the one needing least memory."""
+    quickest = min(alts, key=lambda v: (_speed(v, on), v.id))
+    tied = [v for v in alts if v is quickest or not all(_clearly_faster(quickest.results[b], v.results[b])
+                                                            for b in on if b in v.results and b in quickest.results)]
+    if len(tied) == 1:
+        return quickest, "is faster"
+    lightest = min(tied, key=lambda v: (_memory(v), v.precision_rank, v.id))
+    return lightest, "is as fast (within the measured error) and needs less memory"
+
+
+def _memory(v: VariantReport) -> int:
+    mems = [r.memory_bytes for r in v.ok_results().values() if r.memory_bytes is not None]
+    return max(mems) if mems else 1 << 62
+
+
 def _speed(v: VariantReport, backends: set[str]) -> float:
     """Mean log latency over ``backends`` (lower is faster)."""
     bs = backends or set(v.ok_results())
@@ -509,14 +614,17 @@ def _speed(v: VariantReport, backends: set[str]) -> float:
 
 
 def _latencies(v: VariantReport) -> str:
-    return ", ".join(f"{r.latency_ms:.3g} ms on {b}" for b, r in v.ok_results().items())
+    return ", ".join(f"{r.latency_ms:.3g}" + (f" ± {r.latency_err_ms:.2g}" if r.latency_err_ms is not None else "")
+                     + f" ms on {b}" for b, r in v.ok_results().items())
 
 
 def package_variant(v: VariantReport, stage: Path, metric: str) -> Variant:
     """The edgerun.toml record of a measured variant: files, worst accuracy, max memory, per-backend measurements."""
     ok = v.ok_results()
     measured = {b: Measurement(round(r.latency_ms, 4) if r.latency_ms is not None else None, r.memory_bytes,
-                               r.accuracy if metric == "accuracy" else None) for b, r in ok.items()}
+                               r.accuracy if metric == "accuracy" else None,
+                               round(r.latency_err_ms, 4) if r.latency_err_ms is not None else None)
+                for b, r in ok.items()}
     mems = [r.memory_bytes for r in ok.values() if r.memory_bytes is not None]
     failed = {b: r.error for b, r in v.results.items() if r.error is not None}
     return Variant(v.id, v.format, v.precision, tuple(file_entry(stage, f) for f in v.files),

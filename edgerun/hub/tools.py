@@ -20,7 +20,7 @@ from edgerun.errors import EdgerunError, PackageError
 if TYPE_CHECKING:
     import pluggy
 
-BUILTIN_HUB_PLUGINS = ("edgerun.hub.sources", "edgerun.hub.makers")
+BUILTIN_HUB_PLUGINS = ("edgerun.hub.sources", "edgerun.hub.makers", "edgerun.hub.tflite")
 
 
 class PrecisionUnavailable(EdgerunError):

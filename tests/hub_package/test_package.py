@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 
 from edgerun.errors import ModelLoadError, NoVariantFits
-from edgerun.hub.makers import TFLITE_REASON as _TFLITE_REASON
 from edgerun.hub.packager import REPORT_FILE, PackageRequest, VariantReport, package_model
+from edgerun.hub.tflite import INT4_REASON, MISSING_REASON
 from edgerun.package import ModelPackage, file_entry, package_to_dict, save_package
 from edgerun.runtime import Runtime
 from edgerun.testing.models import mlp_onnx, random_mlp_weights
@@ -62,16 +62,21 @@ def test_every_planned_variant_has_a_verdict_consistent_with_its_measurements(di
         if v.status == "kept" and v is not fp32:
             drop = fp32.score("accuracy") - v.score("accuracy")
             assert drop <= 0.01 + 1e-9, f"{v.id} kept {100 * drop:.2f} points below fp32"
-            faster_somewhere = any(r.latency_ms < fp32.results[b].latency_ms for b, r in v.ok_results().items())
-            assert faster_somewhere or v.score("accuracy") > fp32.score("accuracy"), f"{v.id} kept though dominated"
+            better_somewhere = any(r.latency_ms < fp32.results[b].latency_ms or r.memory_bytes < fp32.results[b].memory_bytes
+                                   for b, r in v.ok_results().items())
+            assert better_somewhere or v.score("accuracy") > fp32.score("accuracy"), f"{v.id} kept though dominated"
     # int8: one method per format, chosen by measured speed
     qdq, dyn = variants["onnx-int8-qdq"], variants["onnx-int8-dynamic"]
     both_ok = all(x.status != "skipped" and not x.reason.startswith("accuracy") for x in (qdq, dyn))
     if both_ok:
-        loser = qdq if qdq.reason.startswith(f"{dyn.id} is faster") else dyn
+        loser = qdq if qdq.reason.startswith(f"{dyn.id} is") else dyn
         winner = dyn if loser is qdq else qdq
-        assert loser.status == "dropped" and loser.reason.startswith(f"{winner.id} is faster on onnxruntime")
-        assert winner.results["onnxruntime"].latency_ms <= loser.results["onnxruntime"].latency_ms
+        assert loser.status == "dropped"
+        if loser.reason.startswith(f"{winner.id} is faster on onnxruntime"):
+            assert winner.results["onnxruntime"].latency_ms < loser.results["onnxruntime"].latency_ms
+        else:  # within the measured error: the lighter one
+            assert loser.reason.startswith(f"{winner.id} is as fast (within the measured error) and needs less memory")
+            assert winner.results["onnxruntime"].memory_bytes <= loser.results["onnxruntime"].memory_bytes
     # the report on disk says the same
     on_disk = json.loads((out / REPORT_FILE).read_text())
     assert {v["id"]: v["status"] for v in on_disk["variants"]} == {v.id: v.status for v in report.variants}
@@ -95,9 +100,11 @@ def test_summary_table_shows_every_variant_with_its_verdict_and_reason(digits_pa
     from edgerun.cli.hub_package import summary_table
 
     report, _ = digits_packaged
-    tflite = VariantReport("tflite-fp32", "tflite", "fp32", "convert", status="skipped", reason=_TFLITE_REASON)
+    missing = MISSING_REASON.format("tensorflow")
+    tflite = [VariantReport("tflite-fp32", "tflite", "fp32", "convert", status="skipped", reason=missing),
+              VariantReport("tflite-int4", "tflite", "int4", "weights", status="skipped", reason=INT4_REASON)]
     console = Console(width=3000, record=True, color_system=None)
-    console.print(summary_table(dataclasses.replace(report, variants=[*report.variants, tflite])))
+    console.print(summary_table(dataclasses.replace(report, variants=[*report.variants, *tflite])))
     lines = console.export_text().splitlines()
     for v in report.variants:
         row = next(ln for ln in lines if ln.count("│") > 2 and ln.split("│")[1].strip() == v.id)
@@ -108,7 +115,8 @@ def test_summary_table_shows_every_variant_with_its_verdict_and_reason(digits_pa
             assert v.note in row
     assert any("dropped" in ln for ln in lines)  # the digits MLP always loses a variant (one int8 method per format)
     tflite_rows = [ln for ln in lines if ln.count("│") > 2 and ln.split("│")[1].strip() == "tflite-*"]
-    assert len(tflite_rows) == 1 and _TFLITE_REASON in tflite_rows[0]  # brackets and all: edgerun[hub]
+    assert len(tflite_rows) == 2  # skipped TFLite variants: one row per reason
+    assert missing in tflite_rows[0] and INT4_REASON in tflite_rows[1]  # brackets and all: edgerun[hub-tflite]
 
 
 def test_int4_on_the_digits_mlp_is_matmulnbits_and_keeps_its_accuracy(digits_files, tmp_path):
