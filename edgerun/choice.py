@@ -50,8 +50,10 @@ def memory_need(variant: Variant, backend: Backend) -> tuple[int, bool]:
     return int(base + factor * variant.size), False
 
 
-def candidates(package: ModelPackage, profile: Profile, backends: dict[str, Backend], budget: int) -> list[Candidate]:
-    """Every (variant, backend) pair, each marked kept or dropped with the reason."""
+def candidates(package: ModelPackage, profile: Profile, backends: dict[str, Backend], budget: int,
+               cpu_class: str | None = None) -> list[Candidate]:
+    """Every (variant, backend) pair, each marked kept or dropped with the reason; an int8 variant made for other
+    CPUs than this one's ``cpu_class`` (x86-vnni, x86, arm64) is dropped."""
     order = list(profile.prefer) + [b for b in backends if b not in profile.prefer]
     rank = {name: i for i, name in enumerate(order)}
     out: list[Candidate] = []
@@ -67,6 +69,8 @@ def candidates(package: ModelPackage, profile: Profile, backends: dict[str, Back
             avail = backend.check()
             if not avail.available:
                 out.append(Candidate(variant, backend.name, need, measured, False, f"backend {avail}"))
+            elif (wrong := wrong_cpu(variant, cpu_class)):
+                out.append(Candidate(variant, backend.name, need, measured, False, wrong))
             elif backend.name in variant.failed:
                 out.append(Candidate(variant, backend.name, need, measured, False,
                                      f"the hub could not run it on {backend.name}: {variant.failed[backend.name]}"))
@@ -78,6 +82,14 @@ def candidates(package: ModelPackage, profile: Profile, backends: dict[str, Back
             else:
                 out.append(Candidate(variant, backend.name, need, measured, True, "fits"))
     return out
+
+
+def wrong_cpu(variant: Variant, cpu_class: str | None) -> str:
+    """Why ``variant`` is not for this CPU ('' when it is): int8 made for other CPUs' kernels."""
+    targets = (variant.info.get("int8") or {}).get("targets")
+    if not targets or cpu_class is None or cpu_class in targets:
+        return ""
+    return f"int8 made for {', '.join(targets)} CPUs, not this one ({cpu_class}): its kernels may saturate"
 
 
 def unsupported_tensors(package: ModelPackage, backend: Backend) -> str:

@@ -271,7 +271,7 @@ class Runtime:
                 raise EdgerunError(f"memory budget: {exc}") from None
         else:
             budget = self.memory_budget()
-        cands = choice_mod.candidates(pkg, self.profile, self.backends, budget)
+        cands = choice_mod.candidates(pkg, self.profile, self.backends, budget, self.facts.cpu_class)
         for c in cands:
             why = self.rejected.get((pkg.name, pkg.version, c.variant.id, c.backend))
             if why is not None and c.kept:

@@ -70,6 +70,10 @@ def package(
     backends: str = typer.Option(None, "--backends", help="Measure only on these backends (default: every available one)."),
     repeats: int = typer.Option(50, "--repeats", help="Timed batch-1 runs per variant and backend (median reported)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    targets: str = typer.Option(None, "--targets", help="CPUs the int8 variants are made for: x86-vnni, x86, arm64 or "
+                                                        "device profile names (default: all of them)."),
+    emulate: bool = typer.Option(True, "--emulate/--no-emulate", help="Check int8 variants on emulated target CPUs "
+                                                                      "(qemu-user) where this hub's CPU differs."),
 ) -> None:
     """Make fp16/int8/int4/OpenVINO variants of a model, measure each here, keep the ones worth shipping.
 
@@ -85,7 +89,7 @@ def package(
     req = PackageRequest(model=source, name=name, version=version, validation=validation, out=out,
                          precisions=_split(precisions) or (), formats=_split(formats) or (), calibration=calibration,
                          max_accuracy_drop=max_accuracy_drop, metric=metric, prune=prune, backends=_split(backends),
-                         force=force, repeats=repeats)
+                         force=force, repeats=repeats, targets=_split(targets), emulate=emulate)
     with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         try:

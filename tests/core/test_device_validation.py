@@ -78,3 +78,20 @@ def test_a_quantized_variant_that_disagrees_here_is_set_aside_for_the_next_choic
     save_package(solo, only_int8)
     with Runtime(profile=ort_first) as rt, pytest.raises(VariantRejected):
         rt.load(only_int8)  # nothing else on disk (a staged update): the caller fetches the next variant
+
+
+def test_an_int8_variant_made_for_other_cpus_is_not_chosen_here(digits_package, tmp_path, ort_first):
+    from edgerun.device import detect
+
+    pkg = _package(digits_package, tmp_path / "targets", bad_int8=False)
+    here = detect().cpu_class
+    others = [c for c in ("x86-vnni", "x86", "arm64") if c != here]
+    int8 = dataclasses.replace(pkg.variant("onnx-int8"), info={"int8": {"targets": others},
+                                                               "validation": {"agreement": 1.0}})
+    pkg.variants = [pkg.variant("onnx-fp32"), int8]
+    save_package(pkg, pkg.root)
+    with Runtime(profile=ort_first) as rt:
+        c = rt.explain(pkg.root)
+        dropped = [x for x in c.candidates if x.variant.id == "onnx-int8"]
+        assert dropped and all(not x.kept and f"not this one ({here})" in x.reason for x in dropped)
+        assert rt.load(pkg.root).variant.id == "onnx-fp32"
