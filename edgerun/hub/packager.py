@@ -370,7 +370,7 @@ def _package_onnx(req: PackageRequest, progress: Progress, origin: str | None) -
             samples=[Sample(s, e) for s, e in zip(sample_inputs, expected)],
             validation=validation_sample(val, np.argmax(ref.outputs, axis=1)),
             description=req.description or (f"{origin or req.model.name}, packaged by edgerun hub; variants measured "
-                                             f"on {platform.machine()} with {', '.join(backends) or 'no backend'}"
+                                             f"on {platform.machine()} with {_measured_with(kept)}"
                                              + ("; accuracy = top-1 on the validation labels" if metric == "accuracy"
                                                 else "; no labels: variants scored by top-1 agreement with fp32")))
         save_package(pkg, stage)
@@ -465,6 +465,15 @@ def validation_size(val: dict[str, np.ndarray]) -> int:
 def validation_sample(val: dict[str, np.ndarray], ref_top: np.ndarray) -> Validation:
     n = validation_size(val)
     return Validation({k: np.ascontiguousarray(a[:n]) for k, a in val.items()}, ref_top[:n].astype(np.int64))
+
+
+def _measured_with(kept: list[VariantReport]) -> str:
+    """The backends that measured the variants the package keeps, and on what (only what really ran)."""
+    runs: dict[str, list[str]] = {}
+    for v in kept:
+        for b in v.ok_results():
+            runs.setdefault(b, []).append(v.id)
+    return "; ".join(f"{b} ({', '.join(ids)})" for b, ids in sorted(runs.items())) or "no backend"
 
 
 def available_backends(only: tuple[str, ...] | None = None) -> dict[str, tuple[str, ...]]:

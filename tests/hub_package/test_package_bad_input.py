@@ -65,6 +65,17 @@ def test_an_empty_calibration_set_is_refused(digits_files, tmp_path):
                            calibration=tmp_path / "empty.npz"))
 
 
+def test_calibration_data_of_the_wrong_shape_is_refused_from_the_command_line(digits_files, tmp_path):
+    np.savez(tmp_path / "calib.npz", input=np.zeros((20, 8, 8), np.float32))  # images, the model takes [N, 64]
+    out = tmp_path / "out"
+    r = _edgerun("hub", "package", str(digits_files["model"]), "--name", "digits", "--version", "1",
+                 "--validation", str(digits_files["val"]), "--calibration", str(tmp_path / "calib.npz"),
+                 "--out", str(out), "--precisions", "fp32,int8", "--formats", "onnx", "--backends", "onnxruntime")
+    assert r.returncode == 65, r.stderr
+    assert "calibration data" in r.stderr and "shape [20, 8, 8]" in r.stderr and "[N, 64]" in r.stderr, r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))  # nothing half-written
+
+
 def test_unknown_precision_or_format_is_refused(digits_files, tmp_path):
     with pytest.raises(PackageError, match="--precisions: unknown \\['int3'\\]"):
         package_model(_req(digits_files, tmp_path / "out", precisions=("fp32", "int3")))
