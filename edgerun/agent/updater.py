@@ -188,7 +188,7 @@ class Updater:
             vdir, j = staged
             j = self.transition(j, "staged", f"stored in {vdir}")
             try:
-                self.warm_and_swap(j, m.model, m.version, vdir, variant.id, cand.backend, unload_first)
+                self.warm_and_swap(j, m.model, m.version, vdir, variant.id, cand.backend, unload_first, aside)
                 return
             except VariantRejected as exc:  # the runtime set it aside: choose again, without it
                 set_aside.append(f"{variant.id} on {cand.backend} set aside: {exc}")
@@ -224,7 +224,7 @@ class Updater:
         return self._stage(m, variant, paths), j
 
     def warm_and_swap(self, j: JournalEntry, model: str, version: int, vdir: Path, variant: str,
-                      backend: str | None, unload_first: int | None = None) -> bool:
+                      backend: str | None, unload_first: int | None = None, note: str = "") -> bool:
         """Load and warm up in the loader thread, then swap; ``unload_first`` is the budget to load with
         after unloading the old version (mqtt.unload_first), else both are loaded side by side."""
         j = self.transition(j, "warming", f"loading {variant} on {backend or 'the chosen backend'} and running "
@@ -258,7 +258,7 @@ class Updater:
         self.store.prune(model)
         self._prune_partials()
         self.transition(j, "active", f"serving v{version} ({variant} on {loaded.backend})"
-                        + (f"; v{previous} kept for rollback" if previous else ""), progress=None)
+                        + (f"; v{previous} kept for rollback" if previous else "") + note, progress=None)
         return True
 
     def rollback_to(self, m: "Manifest") -> None:

@@ -32,6 +32,7 @@ def test_a_release_whose_int8_disagrees_here_installs_fp32_and_says_why(tmp_path
     hub.release(ModelPackage.load(root))
     active = watcher.event(1, ("active", "failed"), timeout=60)
     assert active["state"] == "active" and "onnx-fp32" in active["detail"], active
+    assert "onnx-int8 on" in active["detail"] and "set aside" in active["detail"]  # the status shows it too
     dev.wait_version(1)
     downloads = [e["detail"] for e in watcher.events if e["version"] == 1 and e["state"] == "downloading"]
     assert downloads[0].startswith("variant onnx-int8"), downloads  # the first choice was tried...
