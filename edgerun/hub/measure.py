@@ -76,13 +76,14 @@ def measure(package_dir: Path, variant: str, backend: str, inputs_npz: Path, wor
     return Measured(backend, result["latency_ms"], result["memory_bytes"], outputs, samples)
 
 
-def time_side_by_side(package_dir: Path, variants: list[str], backend: str, inputs_npz: Path, work: Path, *,
-                      budget: float = 10.0, rel_error: float = 0.02, timeout: float = 900.0) -> dict[str, Timing]:
-    """Time ``variants`` on ``backend`` interleaved in one child; {} when the child fails (logged by the caller)."""
-    job = work / f"timing.{backend}.json"
-    job.write_text(json.dumps({"mode": "timing", "package": str(package_dir), "variants": variants,
-                               "backend": backend, "inputs": str(inputs_npz), "budget": budget,
-                               "rel_error": rel_error}))
+def time_side_by_side(package_dir: Path, pairs: list[tuple[str, str]], inputs_npz: Path, work: Path, *,
+                      budget: float = 10.0, rel_error: float = 0.02,
+                      timeout: float = 900.0) -> dict[tuple[str, str], Timing]:
+    """Time every (variant, backend) pair interleaved in one child, backends mixed, so that a ratio between two
+    backends is measured as side by side as one between two variants; {} when the child fails."""
+    job = work / "timing.json"
+    job.write_text(json.dumps({"mode": "timing", "package": str(package_dir), "pairs": pairs,
+                               "inputs": str(inputs_npz), "budget": budget, "rel_error": rel_error}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EDGERUN_LOG_LEVEL": "ERROR"}
     try:
         proc = subprocess.run([sys.executable, "-m", "edgerun.hub.measure", str(job)], capture_output=True,
@@ -92,7 +93,7 @@ def time_side_by_side(package_dir: Path, variants: list[str], backend: str, inpu
     if proc.returncode != 0:
         return {}
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {v: Timing(t["latency_ms"], t["error_ms"], t["samples"]) for v, t in got.items()}
+    return {(t["variant"], t["backend"]): Timing(t["latency_ms"], t["error_ms"], t["samples"]) for t in got}
 
 
 def median_interval(samples: list[float]) -> tuple[float, float]:
@@ -182,7 +183,7 @@ MIN_SAMPLES = 15
 SAMPLE_SECONDS = 0.002  # a timing sample is the mean of enough runs to last this long
 
 
-def _timing_child(job: dict[str, Any]) -> dict[str, Any]:
+def _timing_child(job: dict[str, Any]) -> list[dict[str, Any]]:
     import random
 
     from edgerun.runtime import Runtime
@@ -192,36 +193,37 @@ def _timing_child(job: dict[str, Any]) -> dict[str, Any]:
         data = {k: z[k] for k in z.files}
     first = {k: v[:1] for k, v in data.items()}
     models, runs = {}, {}
-    for vid in job["variants"]:
-        m = rt.prepare(job["package"], variant=vid, backend=job["backend"], verify=False, warmup=False,
+    for vid, backend in map(tuple, job["pairs"]):
+        m = rt.prepare(job["package"], variant=vid, backend=backend, verify=False, warmup=False,
                        memory_budget=1 << 40)
         for _ in range(5):
             m.run_unchecked(first)
         t0 = time.perf_counter()
         m.run_unchecked(first)
         once = max(time.perf_counter() - t0, 1e-6)
-        models[vid], runs[vid] = m, max(1, int(SAMPLE_SECONDS / once))
-    samples: dict[str, list[float]] = {vid: [] for vid in models}
+        models[(vid, backend)], runs[(vid, backend)] = m, max(1, int(SAMPLE_SECONDS / once))
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in models}
     order = list(models)
     rng = random.Random(0)
     deadline = time.perf_counter() + float(job["budget"])
     while True:
         rng.shuffle(order)
-        for vid in order:
-            m, k = models[vid], runs[vid]
+        for key in order:
+            m, k = models[key], runs[key]
             t0 = time.perf_counter()
             for _ in range(k):
                 m.run_unchecked(first)
-            samples[vid].append((time.perf_counter() - t0) / k)
+            samples[key].append((time.perf_counter() - t0) / k)
         if min(len(s) for s in samples.values()) < MIN_SAMPLES:
             continue
         done = all(e <= float(job["rel_error"]) * med for med, e in map(median_interval, samples.values()))
         if done or time.perf_counter() > deadline:
             break
-    out = {}
-    for vid, s in samples.items():
+    out = []
+    for (vid, backend), s in samples.items():
         med, err = median_interval(s)
-        out[vid] = {"latency_ms": med * 1000.0, "error_ms": err * 1000.0, "samples": len(s)}
+        out.append({"variant": vid, "backend": backend, "latency_ms": med * 1000.0, "error_ms": err * 1000.0,
+                    "samples": len(s)})
     return out
 
 

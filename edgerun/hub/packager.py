@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "packaging-report.json"
 METRICS = ("auto", "accuracy", "agreement")
-SPEED_NOISE = 0.10  # a variant must also be >10% faster to count as faster: smaller gaps flip between runs
-TIMING_BUDGET = 2.0  # seconds of side-by-side timing per variant on each backend, at most
+SPEED_NOISE = 0.15  # a variant must also be >15% faster to count as faster: smaller gaps flip between runs
+TIMING_BUDGET = 1.5  # seconds of side-by-side timing per variant and backend, at most
+TIMING_MAX = 30.0  # and in all
 TIMING_ERROR = 0.02  # time until each median is known within 2% (95% interval)
 FORMAT_BACKENDS_HINT = {"onnx": "onnxruntime", "openvino": "openvino", "tflite": "litert"}  # also each format's primary
 
@@ -413,17 +414,17 @@ def measure_variants(stage: Path, variants: list[VariantReport], backends: dict[
             m = measure(stage, v.id, b, inputs_npz, work, repeats=repeats)
             raw[(v.id, b)] = m
             v.results[b] = BackendResult(m.latency_ms, m.memory_bytes, error=m.error)
-    for b in backends:  # latencies side by side, interleaved, each with its error
-        ran = [v for v in variants if b in v.ok_results()]
-        if not ran:
-            continue
-        progress.note(f"timing {len(ran)} variant(s) side by side on {b}")
-        timings = time_side_by_side(stage, [v.id for v in ran], b, inputs_npz, work,
-                                    budget=TIMING_BUDGET * len(ran), rel_error=TIMING_ERROR)
-        for v in ran:
-            t = timings.get(v.id)
-            if t is not None:
-                v.results[b].latency_ms, v.results[b].latency_err_ms = t.latency_ms, t.error_ms
+    # latencies side by side: every variant on every backend in one process, interleaved, each with its error
+    pairs = [(v.id, b) for v in variants for b in v.ok_results()]
+    if pairs:
+        progress.note(f"timing {len(pairs)} variant/backend pair(s) side by side")
+        timings = time_side_by_side(stage, pairs, inputs_npz, work, budget=min(TIMING_MAX, TIMING_BUDGET * len(pairs)),
+                                    rel_error=TIMING_ERROR)
+        for v in variants:
+            for b, r in v.ok_results().items():
+                t = timings.get((v.id, b))
+                if t is not None:
+                    r.latency_ms, r.latency_err_ms = t.latency_ms, t.error_ms
     ref = raw.get(("onnx-fp32", "onnxruntime"))
     if ref is None or ref.error is not None:
         ref = next((m for (vid, _), m in raw.items() if vid == "onnx-fp32" and m.error is None), None)
@@ -601,19 +602,18 @@ def _clearly_lighter(a: BackendResult, b: BackendResult) -> bool:
 
 
 def _fastest(alts: list[VariantReport], on: set[str]) -> tuple[VariantReport, str]:
-    """The fastest on ``on``; when none is faster than another beyond the errors, the one needing least memory."""
+    """The fastest on ``on``; among those no other is clearly faster than, the one clearly lighter on ``on``, else
+    the first in the plan (a tie keeps the same variant from one packaging run to the next)."""
     quickest = min(alts, key=lambda v: (_speed(v, on), v.id))
     tied = [v for v in alts if v is quickest or not all(_clearly_faster(quickest.results[b], v.results[b])
                                                             for b in on if b in v.results and b in quickest.results)]
     if len(tied) == 1:
         return quickest, "is faster"
-    lightest = min(tied, key=lambda v: (_memory(v), v.precision_rank, v.id))
-    return lightest, "is as fast (within the measured error) and needs less memory"
-
-
-def _memory(v: VariantReport) -> int:
-    mems = [r.memory_bytes for r in v.ok_results().values() if r.memory_bytes is not None]
-    return max(mems) if mems else 1 << 62
+    for v in tied:
+        if all(v is u or any(_clearly_lighter(v.results[b], u.results[b]) for b in on
+                             if b in v.results and b in u.results) for u in tied):
+            return v, "is as fast (within the measured error or 15%) and needs clearly less memory"
+    return tied[0], "is as fast (within the measured error or 15%) and as light, and comes first"
 
 
 def _speed(v: VariantReport, backends: set[str]) -> float:

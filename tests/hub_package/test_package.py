@@ -75,8 +75,7 @@ def test_every_planned_variant_has_a_verdict_consistent_with_its_measurements(di
         if loser.reason.startswith(f"{winner.id} is faster on onnxruntime"):
             assert winner.results["onnxruntime"].latency_ms < loser.results["onnxruntime"].latency_ms
         else:  # within the measured error: the lighter one
-            assert loser.reason.startswith(f"{winner.id} is as fast (within the measured error) and needs less memory")
-            assert winner.results["onnxruntime"].memory_bytes <= loser.results["onnxruntime"].memory_bytes
+            assert loser.reason.startswith(f"{winner.id} is as fast (within the measured error or 15%)")
     # the report on disk says the same
     on_disk = json.loads((out / REPORT_FILE).read_text())
     assert {v["id"]: v["status"] for v in on_disk["variants"]} == {v.id: v.status for v in report.variants}
