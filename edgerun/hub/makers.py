@@ -99,13 +99,18 @@ class OnnxInt8Static(_OnnxMaker):
 
 
 class OnnxInt8Dynamic(_OnnxMaker):
-    """int8 weights, activations quantized at run time."""
+    """int8 weights, activations quantized at run time, with the weight range the targets' kernels need."""
 
     id, precision, method, order = "onnx-int8-dynamic", "int8", "dynamic", 21
 
-    def write(self, job: MakeJob, dst: Any) -> str:
-        q.make_int8_dynamic(job.source, dst)
-        return ""
+    def make(self, job: MakeJob) -> Made:
+        rel = f"{self.id}.onnx"
+        dst = job.stage / rel
+        settings = q.make_int8_dynamic(job.source, dst, targets=job.options.get("int8_targets"))
+        scorer = job.options.get("scorer")
+        if scorer is None:
+            return Made([rel], settings.describe(), {"int8": settings.to_dict()})
+        return validated(self.id, rel, dst, settings, scorer.onnx(dst), scorer, job.options.get("emulate", True))
 
 
 class OnnxInt4(_OnnxMaker):
@@ -145,17 +150,15 @@ def _openvino(vid: str, precision: str, method: str, order: int) -> type[Variant
 
 def validated(vid: str, rel: str, path: Path, settings: q.Int8Settings, here: float, scorer: "Scorer",
               emulate: bool) -> Made:
-    """Record where the int8 model was checked: here, and on the target CPUs this hub emulates; a target class
-    whose kernels lose accuracy is taken off the variant's targets."""
+    """Check the int8 model on the target CPUs this hub emulates and record it; a target class whose kernels lose
+    accuracy is taken off the variant's targets (``here`` is its score on this hub, for the note)."""
     import onnxruntime as ort
 
     from edgerun.device import detect
     from edgerun.hub import emulate as emu
 
     host = detect()
-    records = [{"cpu": host.cpu_class, "how": "this hub", "cpu_model": host.cpu_model,
-                "features": sorted(host.cpu_flags & INT8_FLAGS), "backend": f"onnxruntime {ort.__version__}",
-                "metric": scorer.metric, "score": round(here, 4), "samples": len(scorer)}]
+    records = []  # on this hub's CPU the packager records what every backend measured
     targets = list(settings.targets)
     notes = [settings.describe()]
     for cls in settings.targets:
@@ -177,10 +180,6 @@ def validated(vid: str, rel: str, path: Path, settings: q.Int8Settings, here: fl
         raise PrecisionUnavailable(f"{vid} loses accuracy on every target CPU: " + "; ".join(notes[1:]))
     info = {"int8": {**settings.to_dict(), "targets": targets}, "validated": records}
     return Made([rel], "; ".join(notes), info)
-
-
-INT8_FLAGS = frozenset({"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "asimd", "asimddp",
-                        "i8mm", "sve"})
 
 
 BUILTIN: list[Callable[[], VariantMaker]] = [

@@ -12,7 +12,7 @@ import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -449,7 +449,27 @@ def measure_variants(stage: Path, variants: list[VariantReport], backends: dict[
             v.atol = _round_up(max(1e-4, 3.0 * max(devs)))
         if sample_agreement and v.precision != "fp32":  # what a device compares its own run of the sample with
             v.info["validation"] = {"agreement": round(min(sample_agreement), 4), "samples": n}
+        if v.precision in ("int8", "int4"):
+            v.info["validated"] = _validated_here(v, labels is not None, len(ref_top)) + v.info.get("validated", [])
     return ref
+
+
+INT8_FLAGS = frozenset({"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "asimd", "asimddp",
+                        "i8mm", "sve"})
+
+
+def _validated_here(v: VariantReport, labelled: bool, n: int) -> list[dict[str, Any]]:
+    """Where an int8/int4 variant was checked on this hub's CPU: one record per backend it ran on."""
+    from edgerun.device import detect
+    from edgerun.runtime import Runtime
+
+    host = detect()
+    versions = {name: b.check().version for name, b in Runtime().backends.items()}
+    return [{"cpu": host.cpu_class, "how": "this hub", "cpu_model": host.cpu_model,
+             "features": sorted(host.cpu_flags & INT8_FLAGS), "backend": f"{b} {versions.get(b) or ''}".strip(),
+             "metric": "accuracy" if labelled else "agreement",
+             "score": r.accuracy if labelled else r.agreement, "samples": n}
+            for b, r in v.ok_results().items()]
 
 
 VALIDATION_EXAMPLES = 64  # carried in the package for a device to check quantized variants with

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -274,15 +274,20 @@ def make_int8_static(src: Path, dst: Path, calibration: dict[str, np.ndarray],
     return settings
 
 
-def make_int8_dynamic(src: Path, dst: Path) -> None:
-    """Dynamic int8: int8 weights, activations quantized at run time (MatMulInteger/ConvInteger)."""
+def make_int8_dynamic(src: Path, dst: Path, targets: tuple[str, ...] | None = None) -> Int8Settings:
+    """Dynamic int8: int8 weights (7-bit for x86 targets without VNNI), activations quantized at run time
+    (MatMulInteger/ConvInteger, the same u8s8 kernels as static int8)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    settings = replace(int8_settings(targets), per_channel=False, activations="uint8 at run time",
+                       tool="onnxruntime quantize_dynamic")
     try:
         with _quiet_root_logger():
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False)
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
+                             reduce_range=settings.reduce_range)
     except Exception as exc:
         raise PrecisionUnavailable(f"dynamic int8 quantization failed: {exc}") from None
+    return settings
 
 
 def make_int4(src: Path, dst: Path, profile: WeightProfile, block_size: int = 32) -> int:
