@@ -18,6 +18,7 @@ import pytest
 
 from edgerun.bare import from_model_file, precision_of
 from edgerun.runtime import Runtime
+from edgerun.testing.processes import terminate
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS = REPO / "examples" / "digits"
@@ -251,13 +252,7 @@ class Serve:
         return np.asarray(out["data"], np.float32).reshape(out["shape"])
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.notify.close()
 
 

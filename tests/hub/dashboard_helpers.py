@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import select
-import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from edgerun.manifest import load_private_key, sign
 from edgerun.mqtt import Broker, Connection
 from edgerun.testing.models import tiny_package
 from edgerun.testing.mosquitto import Mosquitto
+from edgerun.testing.processes import terminate
 
 MODEL = "detector"
 XSS = "<img src=x onerror=alert(1)>"
@@ -116,13 +116,7 @@ class Fleet:
         return self
 
     def stop(self) -> None:
-        if self.sim is not None and self.sim.poll() is None:
-            self.sim.send_signal(signal.SIGTERM)
-            try:
-                self.sim.wait(30)
-            except subprocess.TimeoutExpired:
-                self.sim.kill()
-                self.sim.wait()
+        terminate(self.sim)
         if self.conn is not None:
             self.conn.__exit__(None, None, None)
         if self.watch is not None:

@@ -27,6 +27,7 @@ from edgerun.mqtt import Broker, Connection
 from edgerun.package import ModelPackage, Sample, Variant, file_entry, save_package
 from edgerun.tensors import TensorSpec
 from edgerun.testing.mosquitto import Mosquitto, free_port
+from edgerun.testing.processes import terminate
 
 MODEL = "digits"
 
@@ -249,12 +250,7 @@ class Device:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        terminate(self.proc, 15)
 
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import numpy as np
 
 from edgerun.package import ModelPackage, Variant, file_entry, save_package
 from edgerun.tensors import TensorSpec
+from edgerun.testing.processes import terminate
 
 ALL_DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
                  "FP64", "BYTES"]
@@ -147,13 +147,7 @@ class ServerProcess:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self._log_file.close()
         return self.proc.returncode
 

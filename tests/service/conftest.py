@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 
 from edgerun.package import ModelPackage, Variant, file_entry, save_package
 from edgerun.tensors import TensorSpec
+from edgerun.testing.processes import terminate
 
 CLI = "import sys; from edgerun.cli import main; sys.argv[0] = 'edgerun'; sys.exit(main())"
 
@@ -133,13 +133,7 @@ class Service:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout)
         return self.proc.returncode
 
     def close(self) -> None:

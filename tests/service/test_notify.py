@@ -130,7 +130,7 @@ def test_missing_model_fails_startup_naming_it(service, tmp_path):
 
 def test_ready_does_not_wait_for_mqtt(service, digits_package, tmp_path):
     """A device starts offline too: READY=1 once the models serve, while the agent keeps trying the broker."""
-    from conftest import free_port
+    from edgerun.testing.mosquitto import free_port
 
     cfg = tmp_path / "edgerun.toml"
     cfg.write_text(f'[mqtt]\nenabled = true\nport = {free_port()}\nfleet = "f"\ndevice_id = "dev1"\n'

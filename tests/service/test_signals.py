@@ -206,7 +206,7 @@ def test_sighup_applies_mqtt_settings(service, tmp_path):
 
 
 def test_sighup_applies_the_log_level_and_keeps_the_listener(service, tmp_path, digits_package, second_package):
-    from conftest import free_port
+    from edgerun.testing.mosquitto import free_port
 
     cfg = tmp_path / "edgerun.toml"
     port = free_port()
