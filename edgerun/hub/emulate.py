@@ -17,8 +17,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from edgerun.hub.accuracy import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,39 @@ def score(model: Path, cpu_class: str, rows: list[dict[str, np.ndarray]], truth:
         return None
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return float(result["score"]), int(result["n"])
+
+
+def check_targets(path: Path, info: dict, scorer: "Scorer", vid: str) -> list[str]:
+    """Score an int8 ONNX variant on the target CPUs this hub emulates, recording each check in ``info``
+    (``validated``) and taking a class whose kernels lose accuracy off ``info["int8"]["targets"]``; the notes."""
+    import onnxruntime as ort
+
+    from edgerun.device import detect
+
+    host = detect().cpu_class
+    int8 = info.get("int8") or {}
+    targets = list(int8.get("targets") or [])
+    notes = []
+    for cls in list(targets):
+        if cls == host or can_emulate(cls) is None:
+            continue
+        rows = list(scorer.rows(DEFAULT_SAMPLES))
+        base = scorer.score_top1(scorer.reference[:len(rows)])
+        got = score(path, cls, rows, scorer.truth)
+        if got is None:
+            continue
+        value, n = got
+        info.setdefault("validated", []).append({
+            "cpu": cls, "how": f"emulated: {can_emulate(cls)} ({EMULATORS[cls][2]})",
+            "backend": f"onnxruntime {ort.__version__}", "metric": scorer.metric, "score": round(value, 4),
+            "samples": n, "fp32_score": round(base, 4)})
+        if base - value > scorer.max_drop + 1e-9:
+            targets.remove(cls)
+            notes.append(f"not for {cls}: {100 * value:.1f}% there (emulated) vs fp32's {100 * base:.1f}%")
+        else:
+            notes.append(f"checked on {cls} (emulated): {100 * value:.1f}%")
+    int8["targets"] = targets
+    return notes
 
 
 def _child(job: dict) -> dict:

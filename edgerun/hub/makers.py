@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from edgerun.device import CPU_CLASSES
 from edgerun.hookspecs import hookimpl
 from edgerun.hub import quantize as q
 from edgerun.hub.tools import Made, MakeJob, PrecisionUnavailable, VariantMaker
-
-if TYPE_CHECKING:
-    from edgerun.hub.accuracy import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +91,7 @@ class OnnxInt8Static(_OnnxMaker):
             if scorer.baseline - here > scorer.max_drop + 1e-9:
                 raise PrecisionUnavailable(f"int8 stays {100 * (scorer.baseline - here):.2f} points below fp32 even "
                                            f"with {len(kept)} layer(s) kept in fp32 by NNCF's accuracy control")
-        return validated(self.id, rel, dst, settings, here, scorer, job.options.get("emulate", True))
+        return Made([rel], settings.describe(), {"int8": settings.to_dict()})
 
 
 class OnnxInt8Dynamic(_OnnxMaker):
@@ -107,10 +103,7 @@ class OnnxInt8Dynamic(_OnnxMaker):
         rel = f"{self.id}.onnx"
         dst = job.stage / rel
         settings = q.make_int8_dynamic(job.source, dst, targets=job.options.get("int8_targets"))
-        scorer = job.options.get("scorer")
-        if scorer is None:
-            return Made([rel], settings.describe(), {"int8": settings.to_dict()})
-        return validated(self.id, rel, dst, settings, scorer.onnx(dst), scorer, job.options.get("emulate", True))
+        return Made([rel], settings.describe(), {"int8": settings.to_dict()})
 
 
 class OnnxInt4(_OnnxMaker):
@@ -146,40 +139,6 @@ class _OpenVinoMaker(VariantMaker):
 def _openvino(vid: str, precision: str, method: str, order: int) -> type[VariantMaker]:
     return type(vid.replace("-", "_"), (_OpenVinoMaker,), {"id": vid, "precision": precision, "method": method,
                                                           "order": order, "__doc__": f"OpenVINO IR, {precision}."})
-
-
-def validated(vid: str, rel: str, path: Path, settings: q.Int8Settings, here: float, scorer: "Scorer",
-              emulate: bool) -> Made:
-    """Check the int8 model on the target CPUs this hub emulates and record it; a target class whose kernels lose
-    accuracy is taken off the variant's targets (``here`` is its score on this hub, for the note)."""
-    import onnxruntime as ort
-
-    from edgerun.device import detect
-    from edgerun.hub import emulate as emu
-
-    host = detect()
-    records = []  # on this hub's CPU the packager records what every backend measured
-    targets = list(settings.targets)
-    notes = [settings.describe()]
-    for cls in settings.targets:
-        if cls == host.cpu_class or not emulate or emu.can_emulate(cls) is None:
-            continue
-        rows = list(scorer.rows(emu.DEFAULT_SAMPLES))
-        base = scorer.score_top1(scorer.reference[:len(rows)])
-        got = emu.score(path, cls, rows, scorer.truth)
-        if got is None:
-            continue
-        value, n = got
-        records.append({"cpu": cls, "how": f"emulated: {emu.can_emulate(cls)} ({emu.EMULATORS[cls][2]})",
-                        "backend": f"onnxruntime {ort.__version__}", "metric": scorer.metric,
-                        "score": round(value, 4), "samples": n, "fp32_score": round(base, 4)})
-        if base - value > scorer.max_drop + 1e-9:
-            targets.remove(cls)
-            notes.append(f"not for {cls}: {100 * value:.1f}% there (emulated) vs fp32's {100 * base:.1f}%")
-    if not targets:
-        raise PrecisionUnavailable(f"{vid} loses accuracy on every target CPU: " + "; ".join(notes[1:]))
-    info = {"int8": {**settings.to_dict(), "targets": targets}, "validated": records}
-    return Made([rel], "; ".join(notes), info)
 
 
 BUILTIN: list[Callable[[], VariantMaker]] = [

@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "packaging-report.json"
 METRICS = ("auto", "accuracy", "agreement")
 SPEED_NOISE = 0.15  # a variant must also be >15% faster to count as faster: smaller gaps flip between runs
-TIMING_BUDGET = 1.5  # seconds of side-by-side timing per variant and backend, at most
-TIMING_MAX = 30.0  # and in all
+TIMING_BUDGET = 1.0  # seconds of side-by-side timing per variant and backend, at most
+TIMING_MAX = 20.0  # and in all
 TIMING_ERROR = 0.02  # time until each median is known within 2% (95% interval)
 FORMAT_BACKENDS_HINT = {"onnx": "onnxruntime", "openvino": "openvino", "tflite": "litert"}  # also each format's primary
 
@@ -356,6 +356,8 @@ def _package_onnx(req: PackageRequest, progress: Progress, origin: str | None) -
                                f"({errors or 'no backend could run it'})")
         progress.step("choosing variants")
         _decide(planned, req, metric)
+        if req.emulate:
+            _check_on_emulated_cpus(planned, stage, options["scorer"])
         kept = [v for v in planned if v.status == "kept"]
         for v in planned:
             if v.status != "kept":
@@ -486,6 +488,21 @@ def validation_size(val: dict[str, np.ndarray]) -> int:
 def validation_sample(val: dict[str, np.ndarray], ref_top: np.ndarray) -> Validation:
     n = validation_size(val)
     return Validation({k: np.ascontiguousarray(a[:n]) for k, a in val.items()}, ref_top[:n].astype(np.int64))
+
+
+def _check_on_emulated_cpus(variants: list[VariantReport], stage: Path, scorer: Any) -> None:
+    """Kept int8 ONNX variants are scored on the target CPUs this hub emulates (x86 without VNNI); one that
+    loses accuracy on every target is dropped."""
+    from edgerun.hub import emulate
+
+    for v in variants:
+        if v.status != "kept" or v.format != "onnx" or not (v.info.get("int8") or {}).get("targets"):
+            continue
+        notes = emulate.check_targets(stage / v.files[0], v.info, scorer, v.id)
+        if notes:
+            v.note = "; ".join([v.note, *notes]) if v.note else "; ".join(notes)
+        if not v.info["int8"]["targets"]:
+            v.status, v.reason = "dropped", "loses accuracy on every target CPU: " + "; ".join(notes)
 
 
 def _measured_with(kept: list[VariantReport]) -> str:
