@@ -13,7 +13,8 @@ Formats onnx, openvino, tflite; precisions fp32, fp16, int8, and int4 for the ML
 
 Targets (a reference fp32 is the same format's fp32 variant on the same backend, else onnx-fp32 there; every
 planned variant is measured, so it exists even when dropped; an int8 variant is *kept for a backend* when the
-package keeps it and it ran on that backend; *faster* means beyond both measured 95% errors):
+package keeps it, it ran on that backend and the package does not mark it ``not_for`` that backend (a device
+does not pick it there); *faster* means beyond both measured 95% errors):
   1. every kept int8 variant is within 1 point of fp32 and faster than fp32 on each backend it is kept for;
   2. a TFLite int8 variant is kept on the CNN, within 1 point of fp32 on LiteRT (in every CNN packaging);
   3. the three CNN-from-ONNX packagings keep the same variants (and the device's choice at 1 GiB / 64 MiB /
@@ -269,6 +270,8 @@ def target_int8(runs: list[Run]) -> dict[str, Any]:
             if v.precision != "int8":
                 continue
             for b, r in v.ok_results().items():
+                if b in (v.info.get("not_for") or {}):
+                    continue
                 ref = reference(run, v, b)
                 if ref is None:
                     rows.append({"run": run.label, "variant": v.id, "backend": b, "pass": False,

@@ -71,6 +71,9 @@ def candidates(package: ModelPackage, profile: Profile, backends: dict[str, Back
                 out.append(Candidate(variant, backend.name, need, measured, False, f"backend {avail}"))
             elif (wrong := wrong_cpu(variant, cpu_class)):
                 out.append(Candidate(variant, backend.name, need, measured, False, wrong))
+            elif backend.name in (variant.info.get("not_for") or {}):
+                out.append(Candidate(variant, backend.name, need, measured, False,
+                                     f"not for {backend.name}: {variant.info['not_for'][backend.name]}"))
             elif backend.name in variant.failed:
                 out.append(Candidate(variant, backend.name, need, measured, False,
                                      f"the hub could not run it on {backend.name}: {variant.failed[backend.name]}"))

@@ -607,6 +607,12 @@ def _decide(variants: list[VariantReport], req: PackageRequest, metric: str) -> 
                             f"backend tried ({_latencies(u)} vs {_latencies(v)})")
                 staying.pop()
                 break
+            if better:  # it stays for the backends where it gains; a device does not pick it on the others
+                for b, r in mine.items():
+                    if b in theirs and not _clearly_faster(r, theirs[b]) and not _clearly_lighter(r, theirs[b]):
+                        v.info.setdefault("not_for", {}).setdefault(
+                            b, f"neither faster nor lighter than {u.id} on {b} when packaged "
+                               f"({_latency(theirs[b])} vs {_latency(r)})")
     for v in made:
         if v.status == "planned":
             v.status, v.reason = "kept", "measured"
@@ -657,6 +663,10 @@ def _speed(v: VariantReport, backends: set[str]) -> float:
     """Mean log latency over ``backends`` (lower is faster)."""
     bs = backends or set(v.ok_results())
     return float(np.mean([math.log(v.results[b].latency_ms) for b in bs])) if bs else float("inf")
+
+
+def _latency(r: BackendResult) -> str:
+    return f"{r.latency_ms:.3g}" + (f" ± {r.latency_err_ms:.2g}" if r.latency_err_ms is not None else "") + " ms"
 
 
 def _latencies(v: VariantReport) -> str:

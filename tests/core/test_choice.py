@@ -116,3 +116,19 @@ def test_a_latency_gap_within_the_noise_is_decided_by_memory(runtime: Runtime, m
             assert rt.explain(pkg, memory_budget="1GiB").chosen.backend == "onnxruntime"
     faster = replace(timed, measured={**timed.measured, "openvino": Measurement(0.05, 50 << 20, 0.978, 0.002)})
     assert runtime.explain(replace(pkg, variants=[faster]), memory_budget="1GiB").chosen.backend == "openvino"
+
+
+def test_a_variant_marked_not_for_a_backend_is_taken_on_another(package_copy) -> None:
+    """The hub kept int8 for openvino only: a device runs it there, never on onnxruntime."""
+    def mark(data) -> None:
+        for v in data["variants"]:
+            v["memory_bytes"] = 30 << 20 if v["precision"] == "fp32" else 12 << 20
+            if v["precision"] == "int8":
+                v.setdefault("info", {})["not_for"] = {"onnxruntime": "neither faster nor lighter than onnx-fp32"}
+
+    root = package_copy(mark)
+    with Runtime(profile=Profile(name="ort-first", prefer=("onnxruntime", "openvino"))) as rt:
+        c = rt.explain(root, memory_budget="20MiB")
+        assert (c.chosen.variant.id, c.chosen.backend) == ("onnx-int8", "openvino")
+        ort = next(cand for cand in c.candidates if (cand.variant.id, cand.backend) == ("onnx-int8", "onnxruntime"))
+        assert not ort.kept and "not for onnxruntime: neither faster nor lighter than onnx-fp32" in ort.reason

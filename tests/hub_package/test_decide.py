@@ -115,3 +115,12 @@ def test_a_variant_no_faster_but_clearly_lighter_stays():
     by = _decided(_v("onnx-fp32", "fp32", "original", 0.97, mib=40, onnxruntime=1.0),
                   _v("onnx-int8-qdq", "int8", "static", 0.968, mib=36, onnxruntime=0.98))
     assert by["onnx-int8-qdq"].status == "dropped"  # 10% less memory is not enough to keep it
+
+
+def test_a_variant_kept_for_one_backend_is_marked_not_for_the_others():
+    by = _decided(_v("onnx-fp32", "fp32", "original", 0.97, onnxruntime=1.0, openvino=2.0),
+                  _v("onnx-int8-qdq", "int8", "static", 0.97, onnxruntime=0.97, openvino=1.2))
+    int8 = by["onnx-int8-qdq"]
+    assert int8.status == "kept"  # 40% faster on openvino
+    assert set(int8.info["not_for"]) == {"onnxruntime"}  # no gain there: a device does not pick it on onnxruntime
+    assert "neither faster nor lighter than onnx-fp32 on onnxruntime" in int8.info["not_for"]["onnxruntime"]
