@@ -378,7 +378,8 @@ def int8_info(v: VariantReport) -> str:
                      + f" (onnx2tf {t.get('onnx2tf')})")
     where = []
     for rec in v.info.get("validated", []):
-        on = f"{rec['cpu']} ({rec['how']}" + (f", {rec['cpu_model']}" if rec.get("cpu_model") else "") + ")"
+        on = (f"{rec['cpu']} ({rec['how']}" + (f", {rec['cpu_model']}" if rec.get("cpu_model") else "")
+              + (f", {rec['backend']}" if rec.get("backend") else "") + ")")
         base = f", fp32 {pct(rec['fp32_score'])}" if "fp32_score" in rec else ""
         where.append(f"{on}: {rec['metric']} {pct(rec['score'])} on {rec['samples']}{base}")
     parts.append("validated on " + "; ".join(where) if where else "no per-CPU validation recorded")
