@@ -338,19 +338,22 @@ def watch(*, hub: Hub) -> None:
     log = logging.getLogger("edgerun.hub")
     stop = threading.Event()
     registry = hub.registry()
+    online = {d.device: d.online for d in registry.devices(hub.fleet)}  # log changes, not every retained state
 
     def show(kind: str, device: str, obj: object) -> None:
         if kind == "event" and isinstance(obj, Event):
             level = logging.WARNING if obj.failed else logging.INFO
             log.log(level, "%s: %s v%d %s %s", device, obj.model, obj.version, obj.state, obj.detail)
-        elif kind == "state" and isinstance(obj, State):
+        elif kind == "state" and isinstance(obj, State) and online.get(device) is not obj.online:
+            online[device] = obj.online
             log.info("%s: %s (session %d)", device, "online" if obj.online else "offline", obj.session)
 
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
-    with FleetWatch(hub.broker, hub.topics, registry) as w:
+    w = FleetWatch(hub.broker, hub.topics, registry)
+    w.add_listener(show)  # before the connection: no message between the retained ones and the live ones is missed
+    with w:
         log.info("watching fleet %r on %s into %s: %d device(s) known", hub.fleet, hub.broker.address,
                  registry.shown, len(w.statuses))
-        w.add_listener(show)
         try:
             while not stop.wait(60):
                 log.info("%d device(s), %d online, %d message(s) so far", len(w.states),
