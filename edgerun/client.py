@@ -7,7 +7,10 @@ from typing import Any, Iterable, Mapping
 import httpx
 import numpy as np
 
-from edgerun.errors import EdgerunError, InvalidInput, ModelNotFound, ModelNotReady
+from edgerun.errors import EdgerunError, Forbidden, InvalidInput, ModelNotFound, ModelNotReady, Unauthenticated
+
+# the error a status stands for: each class carries its own status, so this reads them off
+_BY_STATUS = {cls.http_status: cls for cls in (InvalidInput, ModelNotFound, ModelNotReady, Unauthenticated, Forbidden)}
 
 
 class ServerError(EdgerunError):
@@ -94,12 +97,9 @@ class Client:
             message = r.json().get("error", r.text)
         except ValueError:
             message = r.text
-        if r.status_code == 400:
-            raise InvalidInput(message)
-        if r.status_code == 404:
-            raise ModelNotFound(message)
-        if r.status_code == 503:
-            raise ModelNotReady(message)
+        cls = _BY_STATUS.get(r.status_code)
+        if cls is not None:
+            raise cls(message)
         raise ServerError(r.status_code, message)
 
 

@@ -54,6 +54,8 @@ class ServerConfig:
     max_body: int = 64 << 20
     drain_timeout: float = 30.0
     allow_insecure: bool = False  # allow a non-loopback host without a token (logged loudly)
+    grpc_port: int = 8001  # KServe v2 gRPC on the same host; 0 turns it off
+    repository_dir: Path | None = None  # packages the repository extension may load and unload (needs a token)
 
     def token(self) -> str | None:
         """The bearer token, from EDGERUN_API_TOKEN or token_file; None when not configured."""
@@ -203,6 +205,7 @@ def parse_config(data: dict[str, Any], source: str | None = None, base: Path | N
         raise t.fail("mqtt.protocol", f"expected \"auto\", \"5\" or \"3.1.1\", got {mqtt.protocol!r}")
     for key, value, low, high, what in (
             ("server.port", server.port, 1, 65535, "a port number 1-65535"),
+            ("server.grpc_port", server.grpc_port, 0, 65535, "a port number 1-65535, or 0 for no gRPC"),
             ("mqtt.port", mqtt.port, 1, 65535, "a port number 1-65535"),
             ("server.max_body", server.max_body, 1, None, "a size above 0, e.g. \"64MiB\""),
             ("server.drain_timeout", server.drain_timeout, 0, None, "seconds >= 0"),

@@ -18,7 +18,7 @@ from edgerun import choice as choice_mod
 from edgerun.backend import Availability, Backend, LoadOptions, Session
 from edgerun.device import DeviceFacts, detect, refresh_memory
 from edgerun.errors import (BackendUnavailable, EdgerunError, InvalidInput, ModelLoadError, ModelNotFound,
-                            ModelNotReady, PackageError, VariantRejected)
+                            ModelNotReady, PackageError, Retired, VariantRejected)
 from edgerun.package import ModelPackage, Variant
 from edgerun.plugins import PluginFailure, call_each, make_plugin_manager
 from edgerun.profiles import Profile, ProfileChoice, choose_profile
@@ -37,10 +37,6 @@ class Choice:
     budget: int
     candidates: list[choice_mod.Candidate]
     chosen: choice_mod.Candidate | None
-
-
-class _Retired(ModelNotReady):
-    """The model version was swapped out or unloaded between lookup and run; look the model up again."""
 
 
 class LoadedModel:
@@ -117,16 +113,25 @@ class LoadedModel:
             out[name] = arr
         return out
 
+    def select_outputs(self, outputs: Iterable[str] | None) -> list[str] | None:
+        """The outputs asked for, checked before anything runs (None or empty: all of them)."""
+        if not outputs:
+            return None
+        wanted = list(outputs)
+        unknown = [o for o in wanted if o not in self._output_names]
+        if unknown:
+            named = f"output {unknown[0]!r}" if len(unknown) == 1 else f"outputs {unknown}"
+            raise InvalidInput(f"model {self.name!r} has no {named}; its outputs are {sorted(self._output_names)}")
+        if len(set(wanted)) != len(wanted):
+            raise InvalidInput(f"output(s) {sorted({o for o in wanted if wanted.count(o) > 1})} asked for more "
+                               "than once")
+        return wanted
+
     def run(self, inputs: Mapping[str, Any], outputs: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Validate and run; requests that started before a swap finish on this session."""
+        wanted = self.select_outputs(outputs)
         result = self.run_unchecked(self.check_inputs(inputs))
-        if outputs is not None:
-            wanted = list(outputs)
-            unknown = [o for o in wanted if o not in self._output_names]
-            if unknown:
-                raise InvalidInput(f"model {self.name!r} has no output(s) {unknown}; it has {sorted(self._output_names)}")
-            result = {k: result[k] for k in wanted}
-        return result
+        return result if wanted is None else {k: result[k] for k in wanted}
 
     def run_unchecked(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run inputs already checked with ``check_inputs`` (the server's batching path)."""
@@ -134,7 +139,7 @@ class LoadedModel:
         active.append(None)
         try:
             if self._retiring:
-                raise _Retired(f"model {self.name!r} version {self.version} was replaced or unloaded; "
+                raise Retired(f"model {self.name!r} version {self.version} was replaced or unloaded; "
                                "look the model up again")
             return self.session.run(inputs)
         finally:
@@ -409,7 +414,7 @@ class Runtime:
             m = self.model(model, version)
             try:
                 return m.run(inputs, outputs)
-            except _Retired:
+            except Retired:
                 continue
         raise ModelNotReady(f"model {model!r} is being replaced; retry")
 

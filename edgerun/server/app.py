@@ -6,12 +6,14 @@ import logging
 from typing import Any
 
 from edgerun.config import Config
+from edgerun.errors import ClientGone, EdgerunError, Unauthenticated
 from edgerun.runtime import Runtime
-from edgerun.server.asgi import ClientGone, Receive, Send, send_error, send_json
+from edgerun.server.asgi import Receive, Send, send_error, send_json
 from edgerun.server.errors import HttpError
 from edgerun.server.infer import handle_infer, parse_infer_path
 from edgerun.server.routes import build_routes
 from edgerun.server.state import ServerState
+from edgerun.serving.service import InferenceService
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +21,8 @@ log = logging.getLogger(__name__)
 class EdgerunApp:
     """An ASGI app serving KServe v2 for a Runtime's models."""
 
-    def __init__(self, runtime: Runtime, config: Config):
-        self.state = ServerState(runtime, config)
+    def __init__(self, runtime: Runtime, config: Config, service: InferenceService | None = None):
+        self.state = ServerState(runtime, config, service)
         self._routes = build_routes(self.state)
         self._auth = self.state.auth
         self._max_body = self.state.max_body
@@ -44,8 +46,7 @@ class EdgerunApp:
         state.in_flight += 1
         try:
             if self._auth is not None and not self._auth.allows(scope):
-                await send_error(send, HttpError(401, "missing or wrong bearer token (Authorization: Bearer ...)",
-                                                 headers={"www-authenticate": "Bearer"}))
+                await send_error(send, Unauthenticated("missing or wrong bearer token (Authorization: Bearer ...)"))
                 state.metrics.failure("", "unauthorized")
                 return
             target = parse_infer_path(scope["path"])
@@ -55,10 +56,10 @@ class EdgerunApp:
                         raise HttpError(405, f"method {scope['method']} not allowed on {scope['path']}; use POST",
                                         headers={"allow": "POST"})
                     await handle_infer(state, target[0], target[1], scope, receive, send)
-                except HttpError as err:
-                    await send_error(send, err)
                 except ClientGone:
                     pass
+                except EdgerunError as err:
+                    await send_error(send, err)
                 return
             length = _content_length(scope)
             if length is not None and length > self._max_body:
@@ -88,9 +89,9 @@ def _content_length(scope: dict) -> int | None:
     return None
 
 
-def create_app(runtime: Runtime, config: Config) -> Any:
-    """The ASGI app for ``edgerun serve`` (see docs/http-api.md)."""
-    return EdgerunApp(runtime, config)
+def create_app(runtime: Runtime, config: Config, service: InferenceService | None = None) -> Any:
+    """The ASGI app for ``edgerun serve`` (see docs/http-api.md); front ends of one server share ``service``."""
+    return EdgerunApp(runtime, config, service)
 
 
 __all__ = ["EdgerunApp", "create_app", "send_json"]

@@ -8,15 +8,12 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 
+from edgerun.errors import ClientGone, EdgerunError
 from edgerun.server.errors import HttpError
 
 Send = Callable[[dict], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict]]
 JSON = b"application/json"
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
 
 
 def header(scope: dict, name: bytes) -> bytes | None:
@@ -126,6 +123,7 @@ async def send_json(send: Send, status: int, doc: Any) -> None:
     await send_bytes(send, status, orjson.dumps(doc))
 
 
-async def send_error(send: Send, err: HttpError) -> None:
+async def send_error(send: Send, err: EdgerunError) -> None:
+    """``{"error": message}`` with the error's HTTP status and headers."""
     extra = [(k.encode(), v.encode()) for k, v in err.headers.items()]
-    await send_bytes(send, err.status, orjson.dumps({"error": err.message}), extra=extra)
+    await send_bytes(send, err.http_status, orjson.dumps({"error": str(err)}), extra=extra)

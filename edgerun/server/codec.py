@@ -30,6 +30,14 @@ class InferRequest:
     outputs: list[tuple[str, bool]] | None  # (name, binary) in the order asked, or None for all
     binary_default: bool
 
+    @property
+    def output_names(self) -> list[str] | None:
+        return None if self.outputs is None else [name for name, _ in self.outputs]
+
+    def wanted(self, datatypes: Mapping[str, str]) -> list[tuple[str, bool]]:
+        """(name, binary) per output to answer: those asked for, else all of the model's in its order."""
+        return self.outputs if self.outputs is not None else [(o, self.binary_default) for o in datatypes]
+
 
 def parse_json(header: bytes | memoryview) -> Any:
     """The JSON document; NaN/Infinity literals (which Python's json writes) are accepted."""

@@ -1,18 +1,11 @@
-"""``POST /v2/models/{m}[/versions/{v}]/infer``: the hot path, in raw ASGI."""
+"""``POST /v2/models/{m}[/versions/{v}]/infer``: the HTTP glue around the inference service, in raw ASGI."""
 
 from __future__ import annotations
 
-import logging
-from time import perf_counter
-
-from edgerun.errors import EdgerunError
-from edgerun.runtime import _Retired
+from edgerun.runtime import LoadedModel
 from edgerun.server import codec
-from edgerun.server.asgi import ClientGone, Receive, Send, header, read_body, send_bytes
-from edgerun.server.errors import HttpError, bad_request, from_edgerun
+from edgerun.server.asgi import Receive, Send, header, read_body, send_bytes
 from edgerun.server.state import ServerState
-
-log = logging.getLogger(__name__)
 
 _HEADER_LENGTH = codec.HEADER_LENGTH.encode()
 
@@ -32,48 +25,24 @@ def parse_infer_path(path: str) -> tuple[str, str | None] | None:
 
 async def handle_infer(state: ServerState, name: str, version: str | None, scope: dict, receive: Receive,
                        send: Send) -> None:
-    """Decode, queue (batched), run, encode; errors become ``{"error": ...}`` with their status."""
-    metrics = state.metrics
-    label = ""
-    try:
-        body = await read_body(scope, receive, state.max_body)
-        t0 = perf_counter()
-        for _ in range(3):
-            model = state.model(name, version)
-            label = model.name
-            specs, out_types = state.specs(model)
-            req = codec.decode_request(body, header(scope, _HEADER_LENGTH), model.name, specs)
-            checked = model.check_inputs(req.inputs)
-            try:
-                result = await state.watch.wait(state.scheduler(model).submit(checked), receive)
-                break
-            except _Retired:
-                continue  # swapped out between lookup and run: look the model up again
-        else:
-            raise HttpError(503, f"model {name!r} is being replaced; retry", "not_ready")
-        if req.outputs is None:
-            wanted = [(o, req.binary_default) for o in out_types]
-        else:
-            wanted = req.outputs
-            for o, _ in wanted:
-                if o not in out_types:
-                    raise bad_request(f"model {model.name!r} has no output {o!r}; its outputs are {sorted(out_types)}")
-        out, header_len = codec.encode_response(model.name, model.version, req.id, result, wanted, out_types)
-        metrics.success(label, perf_counter() - t0)
-    except HttpError as err:
-        metrics.failure(label, err.reason)
-        raise
-    except EdgerunError as exc:
-        err = from_edgerun(exc)
-        metrics.failure(label, err.reason)
-        raise err from None
-    except ClientGone:
-        metrics.failure(label, "client_gone")  # its queued run, if any, is dropped
-        raise
-    except Exception as exc:
-        log.exception("inference on %s failed", name)
-        metrics.failure(label, "internal")
-        raise HttpError(500, f"inference failed: {type(exc).__name__}: {exc}") from None
+    """Read the body, then let the service decode, queue (batched), run and encode; errors propagate."""
+    service = state.service
+    body = await read_body(scope, receive, state.max_body)
+    header_length = header(scope, _HEADER_LENGTH)
+    request: codec.InferRequest | None = None
+
+    def decode(model: LoadedModel) -> codec.InferRequest:
+        nonlocal request
+        request = codec.decode_request(body, header_length, model.name, service.specs(model)[0])
+        return request
+
+    def encode(model: LoadedModel, outputs: dict) -> tuple[bytes, int | None]:
+        out_types = service.specs(model)[1]
+        return codec.encode_response(model.name, model.version, request.id, outputs,  # type: ignore[union-attr]
+                                     request.wanted(out_types), out_types)  # type: ignore[union-attr]
+
+    out, header_len = await service.infer(name, version, decode, encode,
+                                          wait=lambda fut: state.watch.wait(fut, receive))
     if header_len is None:
         await send_bytes(send, 200, out)
     else:

@@ -1,4 +1,4 @@
-"""Every endpoint but ``infer``: health, server and model metadata, readiness, repository index, metrics."""
+"""Every endpoint but ``infer``: health, metadata, readiness, model config, statistics, repository, metrics."""
 
 from __future__ import annotations
 
@@ -12,31 +12,45 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import edgerun
-from edgerun.errors import EdgerunError
+from edgerun.errors import EdgerunError, InvalidInput
 from edgerun.server.asgi import read_body
-from edgerun.server.errors import HttpError, from_edgerun
+from edgerun.server.errors import HttpError
 from edgerun.server.state import ServerState
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "metrics"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics", "metrics"]
 
 
 def _json(doc: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(doc), status, media_type="application/json")
 
 
-def _error(status: int, message: str) -> Response:
-    return _json({"error": message}, status)
+def _error(exc: EdgerunError) -> Response:
+    return Response(orjson.dumps({"error": str(exc)}), exc.http_status, exc.headers or None,
+                    media_type="application/json")
+
+
+async def _json_body(request: Request, limit: int) -> dict[str, Any]:
+    """An optional JSON object body ({} when empty)."""
+    body = await read_body(request.scope, request.receive, limit)
+    if not body.strip():
+        return {}
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON in request body: {exc}") from None
+    if type(doc) is not dict:
+        raise InvalidInput("request body must be a JSON object")
+    return doc
 
 
 def build_routes(state: ServerState) -> Starlette:
+    service = state.service
     runtime = state.runtime
+    repository = state.repository
 
     def lookup(request: Request):
         p = request.path_params
-        try:
-            return state.model(p["model"], p.get("version"))
-        except EdgerunError as exc:
-            raise HttpError(404, str(exc)) from None
+        return service.model(p["model"], p.get("version"))
 
     async def live(request: Request) -> Response:
         return _json({"live": True})
@@ -51,9 +65,9 @@ def build_routes(state: ServerState) -> Starlette:
 
     async def model_metadata(request: Request) -> Response:
         m = lookup(request)
-        versions = [str(x.version) for x in runtime.models() if x.name == m.name]
-        policy = state.policy(m)
-        return _json({"name": m.name, "versions": versions, "platform": f"{m.backend}_{m.variant.format}",
+        policy = service.policy(m)
+        return _json({"name": m.name, "versions": [str(v) for v in service.versions(m.name)],
+                      "platform": f"{m.backend}_{m.variant.format}",
                       "inputs": [s.to_dict() for s in m.inputs], "outputs": [s.to_dict() for s in m.outputs],
                       "parameters": {"variant": m.variant.id, "precision": m.variant.precision,
                                      "device": str(m.session.device),
@@ -64,46 +78,67 @@ def build_routes(state: ServerState) -> Starlette:
         m = lookup(request)
         return _json({"name": m.name, "version": str(m.version), "ready": True})
 
+    async def model_config(request: Request) -> Response:
+        return _json(service.model_config(lookup(request)))
+
+    async def statistics(request: Request) -> Response:
+        p = request.path_params
+        return _json({"model_stats": service.statistics(p.get("model"), p.get("version"))})
+
     async def repository_index(request: Request) -> Response:
-        body = await read_body(request.scope, request.receive, state.max_body)
-        if body.strip():
-            try:
-                doc = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                return _error(400, f"malformed JSON in request body: {exc}")
-            if type(doc) is not dict:
-                return _error(400, "request body must be a JSON object")
-        # {"ready": true} filters nothing: every listed model is loaded, hence READY
-        return _json([{"name": m.name, "version": str(m.version), "state": "READY", "reason": "",
-                       "variant": m.variant.id, "backend": m.backend} for m in runtime.models()])
+        doc = await _json_body(request, state.max_body)
+        ready_only = doc.get("ready", False)
+        if type(ready_only) is not bool:
+            raise InvalidInput("'ready' must be true or false")
+        return _json(repository.index(ready_only))
+
+    async def repository_load(request: Request) -> Response:
+        doc = await _json_body(request, state.max_body)
+        params = doc.get("parameters") or {}
+        if type(params) is not dict:
+            raise InvalidInput("'parameters' must be an object")
+        if params:
+            raise InvalidInput(f"load parameters {sorted(params)} are not supported: edgerun loads the package as it "
+                               "is in the repository")
+        await repository.load(request.path_params["model"])
+        return Response(status_code=200)
+
+    async def repository_unload(request: Request) -> Response:
+        await _json_body(request, state.max_body)
+        await repository.unload(request.path_params["model"])
+        return Response(status_code=200)
 
     async def metrics(request: Request) -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def http_error(request: Request, exc: Exception) -> Response:
-        if isinstance(exc, HttpError):
-            return _error(exc.status, exc.message)
+        if isinstance(exc, EdgerunError):
+            return _error(exc)
         if isinstance(exc, HTTPException):
             if exc.status_code == 404:
-                return _error(404, f"no such endpoint: {request.method} {request.url.path}")
+                return _error(HttpError(404, f"no such endpoint: {request.method} {request.url.path}"))
             if exc.status_code == 405:
-                return _error(405, f"method {request.method} not allowed on {request.url.path}")
-            return _error(exc.status_code, str(exc.detail))
-        if isinstance(exc, EdgerunError):
-            err = from_edgerun(exc)
-            return _error(err.status, err.message)
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+                return _error(HttpError(405, f"method {request.method} not allowed on {request.url.path}"))
+            return _error(HttpError(exc.status_code, str(exc.detail)))
+        return _error(HttpError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
     routes = [
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
         Route("/v2", server_metadata),
+        Route("/v2/models/stats", statistics),
         Route("/v2/models/{model}", model_metadata),
         Route("/v2/models/{model}/versions/{version}", model_metadata),
         Route("/v2/models/{model}/ready", model_ready),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
+        Route("/v2/models/{model}/config", model_config),
+        Route("/v2/models/{model}/versions/{version}/config", model_config),
+        Route("/v2/models/{model}/stats", statistics),
+        Route("/v2/models/{model}/versions/{version}/stats", statistics),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
         Route("/metrics", metrics),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, HttpError: http_error,
-                                                        EdgerunError: http_error, Exception: http_error})
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, EdgerunError: http_error,
+                                                        Exception: http_error})

@@ -130,7 +130,7 @@ def test_infer_with_a_wrong_shape(loaded: Runtime, shape: tuple[int, ...]) -> No
 
 
 def test_infer_asking_for_an_unknown_output(loaded: Runtime, digits_input: np.ndarray) -> None:
-    with pytest.raises(InvalidInput, match=r"no output\(s\) \['logits'\]; it has \['probabilities'\]"):
+    with pytest.raises(InvalidInput, match=r"has no output 'logits'; its outputs are \['probabilities'\]"):
         loaded.infer("digits", {"input": digits_input}, outputs=["logits"])
 
 

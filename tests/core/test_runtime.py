@@ -146,8 +146,9 @@ class _CountingSession:
 
 def test_retire_racing_many_runs_never_runs_a_closed_session_and_closes_once() -> None:
     """In-flight accounting is lock-free; a run and retire() racing must still resolve one way or the other."""
+    from edgerun.errors import Retired
     from edgerun.package import ModelPackage, Variant
-    from edgerun.runtime import LoadedModel, _Retired
+    from edgerun.runtime import LoadedModel
 
     spec = [TensorSpec("x", "FP32", (-1, 1))]
     pkg = ModelPackage(name="m", version=1, inputs=spec, outputs=[TensorSpec("y", "FP32", (-1, 1))],
@@ -163,7 +164,7 @@ def test_retire_racing_many_runs_never_runs_a_closed_session_and_closes_once() -
             for _ in range(300):
                 try:
                     model.run(x)
-                except _Retired:  # retired: the runner backs out, as Runtime.infer would look again
+                except Retired:  # retired: the runner backs out, as Runtime.infer would look again
                     return
 
         threads = [threading.Thread(target=runner) for _ in range(4)]

@@ -161,11 +161,11 @@ def test_batcher_respects_max_batch_size_and_max_queue_delay(slow_package):
     from concurrent.futures import ThreadPoolExecutor
 
     from edgerun.runtime import Runtime
-    from edgerun.server.batching import ModelScheduler, Policy
+    from edgerun.serving.batching import ModelScheduler, Policy
 
     runs = []
 
-    def observe(model, rows, compute, waits):
+    def observe(model, rows, merge, compute, split, waits):
         runs.append((rows, min(waits), time.perf_counter()))
 
     async def scenario(model, executor, rounds):
@@ -186,7 +186,7 @@ def test_batcher_respects_max_batch_size_and_max_queue_delay(slow_package):
         model.run({"x": np.full((1, 1), 200, np.float32)})
         rounds = round(200 * 0.5 / (time.perf_counter() - t))  # a ~0.5 s run on this host
         xs, outs, t0 = asyncio.run(scenario(model, executor, rounds))
-    for x, out in zip(xs, outs):
+    for x, (out, _, _) in zip(xs, outs):
         np.testing.assert_array_equal(out["y"], x)  # split back to the request it came from
     assert [r[0] for r in runs] == [4, 2, 1]
     (_, wait4, _), (_, wait2, _), _ = runs
@@ -201,7 +201,7 @@ def test_batcher_runs_alone_a_request_whose_inputs_disagree_on_rows(tmp_path):
     from server_helpers import ALL_DATATYPES, make_echo_package
 
     from edgerun.runtime import Runtime
-    from edgerun.server.batching import ModelScheduler, Policy
+    from edgerun.serving.batching import ModelScheduler, Policy
     from edgerun.tensors import dtype_of
 
     def request(rows_after_first: int, value: int) -> dict[str, np.ndarray]:
@@ -218,7 +218,7 @@ def test_batcher_runs_alone_a_request_whose_inputs_disagree_on_rows(tmp_path):
     with Runtime(threads=1) as rt, ThreadPoolExecutor(2) as executor:
         model = rt.load(make_echo_package(tmp_path / "echo"))
         outs = asyncio.run(scenario(model, executor))
-    for req, out in zip(reqs, outs):
+    for req, (out, _, _) in zip(reqs, outs):
         for name, arr in req.items():
             np.testing.assert_array_equal(out[name.replace("in_", "out_")], arr)
     assert sorted(runs) == [1, 1], "the mismatched request was stacked with another"

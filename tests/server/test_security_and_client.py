@@ -97,10 +97,10 @@ def test_client_on_a_stopped_server():
 
 
 def test_client_without_token_is_refused(secured):
-    from edgerun.client import ServerError
+    from edgerun.errors import Unauthenticated
 
     with edgerun.Client(secured.url) as c:
-        with pytest.raises(ServerError, match="HTTP 401"):
+        with pytest.raises(Unauthenticated, match="bearer token"):
             c.models()
 
 

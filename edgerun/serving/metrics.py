@@ -1,4 +1,4 @@
-"""Prometheus metrics for the server: requests, failures, latencies, batch sizes, loaded models."""
+"""Prometheus metrics for every front end: requests, failures, latencies, batch sizes, loaded models."""
 
 from __future__ import annotations
 
@@ -109,6 +109,7 @@ class ServerMetrics:
         self.failures.labels(model, reason).inc()
 
     def batch(self, model: str, rows: int, compute: float, waits: list[float]) -> None:
+        """One backend run of ``rows`` rows, and how long each request in it waited."""
         _, _, queue, comp, size = self._for(model)
         size.observe(rows)
         comp.observe(compute)

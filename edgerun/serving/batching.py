@@ -8,13 +8,15 @@ from collections import deque
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from edgerun.config import BatchingConfig, ModelConfig
-from edgerun.runtime import LoadedModel
-from edgerun.server.errors import HttpError
+from edgerun.errors import Busy
+
+if TYPE_CHECKING:
+    from edgerun.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +62,27 @@ class _Item:
 
 
 def _run_batch(model: LoadedModel, items: list[dict[str, np.ndarray]], rows: list[int]
-               ) -> tuple[list[dict[str, np.ndarray]], float]:
-    """Stack the requests along the first dimension, run once, split the outputs back (in a worker thread)."""
-    t0 = perf_counter()
+               ) -> tuple[list[dict[str, np.ndarray]], float, float, float]:
+    """Stack the requests along the first dimension, run once, split the outputs back (in a worker thread).
+
+    Returns the outputs per request and the seconds spent stacking, running and splitting.
+    """
     if len(items) == 1:
-        return [model.run_unchecked(items[0])], perf_counter() - t0
+        t0 = perf_counter()
+        out = model.run_unchecked(items[0])
+        return [out], 0.0, perf_counter() - t0, 0.0
+    t0 = perf_counter()
     merged = {name: np.concatenate([x[name] for x in items]) for name in items[0]}
+    t1 = perf_counter()
     out = model.run_unchecked(merged)
+    t2 = perf_counter()
     results = []
     start = 0
     for n in rows:
         end = start + n
         results.append({k: v[start:end] for k, v in out.items()})
         start = end
-    return results, perf_counter() - t0
+    return results, t1 - t0, t2 - t1, perf_counter() - t2
 
 
 class ModelScheduler:
@@ -84,7 +93,7 @@ class ModelScheduler:
     """
 
     def __init__(self, model: LoadedModel, policy: Policy, executor: Executor,
-                 observe: Callable[[str, int, float, list[float]], None] | None = None):
+                 observe: Callable[[LoadedModel, int, float, float, float, list[float]], None] | None = None):
         self.model = model
         self.policy = policy
         self._executor = executor
@@ -105,12 +114,12 @@ class ModelScheduler:
         return self._inflight
 
     def submit(self, inputs: dict[str, np.ndarray]) -> asyncio.Future:
-        """Queue checked inputs; the future resolves to this request's outputs."""
+        """Queue checked inputs; the future resolves to (this request's outputs, seconds it waited, seconds its
+        run took)."""
         p = self.policy
         if len(self._pending) >= p.max_queue:
-            raise HttpError(503, f"model {self.model.name!r} is busy: its queue is full ({p.max_queue} requests "
-                                 f"waiting, {self._inflight} runs in flight); retry later", "queue_full",
-                            {"retry-after": "1"})
+            raise Busy(f"model {self.model.name!r} is busy: its queue is full ({p.max_queue} requests waiting, "
+                       f"{self._inflight} runs in flight); retry later")
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -181,11 +190,11 @@ class ModelScheduler:
                 if not it.future.done():
                     it.future.set_exception(exc)
         else:
-            results, compute = fut.result()
-            for it, r in zip(batch, results):
+            results, merge, compute, split = fut.result()
+            for it, r, wait in zip(batch, results, waits):
                 if not it.future.done():
-                    it.future.set_result(r)
+                    it.future.set_result((r, wait, compute))
             if self._observe is not None:
-                self._observe(self.model.name, sum(it.rows for it in batch), compute, waits)
+                self._observe(self.model, sum(it.rows for it in batch), merge, compute, split, waits)
         if self._pending:
             self._kick()

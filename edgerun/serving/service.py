@@ -1,0 +1,226 @@
+"""The inference service every front end calls: model look-up, input and output checks, scheduling, statistics.
+
+A front end (HTTP, gRPC) is glue around ``InferenceService.infer``: it hands over a ``decode`` callable that
+turns its request into input arrays for the model found, and an ``encode`` callable that turns the outputs
+into its answer. The service does the rest the same way for all of them: it looks the model up (again, if a
+swap retired the version between look-up and run), refuses unknown outputs before the model runs, checks the
+inputs, queues them on the model's scheduler (batching), and records metrics and statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, TypeVar
+
+import numpy as np
+
+from edgerun.config import Config, ModelConfig
+from edgerun.errors import EdgerunError, ModelNotFound, ModelNotReady, Retired
+from edgerun.serving.batching import ModelScheduler, Policy, has_batch_dim, policy_for
+from edgerun.serving.metrics import ServerMetrics
+from edgerun.serving.modelconfig import model_config
+from edgerun.serving.repository import ModelRepository
+from edgerun.serving.stats import ModelStats
+from edgerun.tensors import TensorSpec
+
+if TYPE_CHECKING:
+    from edgerun.runtime import LoadedModel, Runtime
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 3  # look-ups per request when swaps keep retiring the version found
+T = TypeVar("T")
+
+
+class Decoded(Protocol):
+    """What a front end's ``decode`` returns: input arrays and the outputs asked for (None: all)."""
+
+    inputs: dict[str, Any]
+
+    @property
+    def output_names(self) -> list[str] | None: ...
+
+
+class InternalError(EdgerunError):
+    """An unexpected failure while serving a request (logged with its traceback)."""
+
+
+class _Served:
+    """What the service keeps per loaded model version."""
+
+    __slots__ = ("scheduler", "specs", "out_types", "batched", "stats")
+
+    def __init__(self, model: LoadedModel, scheduler: ModelScheduler):
+        self.scheduler = scheduler
+        self.specs = {t.name: t for t in model.inputs}
+        self.out_types = {t.name: t.datatype for t in model.outputs}
+        self.batched = has_batch_dim(model)
+        self.stats = ModelStats(model.name, model.version)
+
+
+class InferenceService:
+    """Serve a Runtime's models to any number of front ends; one per server process."""
+
+    def __init__(self, runtime: Runtime, config: Config, *, workers: int = 32):
+        self.runtime = runtime
+        self.config = config
+        self.metrics = ServerMetrics(runtime, self._queues)
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgerun-infer")
+        self._model_configs = _ModelConfigs(runtime, config.models)
+        self._served: dict[LoadedModel, _Served] = {}
+        self.repository = ModelRepository(runtime, config.server.repository_dir,
+                                          admin=config.server.token() is not None)
+
+    # --- models ----------------------------------------------------------------------------
+
+    def model(self, name: str, version: str | int | None = None) -> LoadedModel:
+        """The loaded model for a name and version (the highest when None), or ModelNotFound naming what is."""
+        if isinstance(version, str):
+            if not version.isdigit():
+                raise ModelNotFound(f"model {name!r} has no version {version!r}; versions are positive integers")
+            version = int(version)
+        return self.runtime.model(name, version)
+
+    def versions(self, name: str) -> list[int]:
+        return [m.version for m in self.runtime.models() if m.name == name]
+
+    def policy(self, model: LoadedModel) -> Policy:
+        return policy_for(model, self._model_configs.get(model))
+
+    def served(self, model: LoadedModel) -> _Served:
+        s = self._served.get(model)
+        if s is None:
+            live = set(self.runtime.models())
+            for old in [m for m in self._served if m not in live]:
+                del self._served[old]
+            s = self._served[model] = _Served(model, ModelScheduler(model, self.policy(model), self.executor,
+                                                                      self._observe))
+        return s
+
+    def specs(self, model: LoadedModel) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+        """Input specs by name and output datatypes by name."""
+        s = self.served(model)
+        return s.specs, s.out_types
+
+    def model_config(self, model: LoadedModel) -> dict[str, Any]:
+        """Triton's model configuration for a loaded version (see edgerun.serving.modelconfig)."""
+        return model_config(model, self.policy(model), self.served(model).batched)
+
+    def statistics(self, name: str | None = None, version: str | int | None = None) -> list[dict[str, Any]]:
+        """Triton's statistics of every loaded version, of a model's, or of one version."""
+        if name is None:
+            models = self.runtime.models()
+        elif version is None:
+            self.model(name)  # ModelNotFound when it is not loaded
+            models = [m for m in self.runtime.models() if m.name == name]
+        else:
+            models = [self.model(name, version)]
+        return [self.served(m).stats.to_dict() for m in models]
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config's per-model settings (SIGHUP); models scheduled from now on use them."""
+        self.config = config
+        self._model_configs = _ModelConfigs(self.runtime, config.models)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=False)
+
+    # --- inference -------------------------------------------------------------------------
+
+    async def infer(self, name: str, version: str | int | None, decode: Callable[[LoadedModel], Decoded],
+                    encode: Callable[[LoadedModel, dict[str, np.ndarray]], T], *,
+                    wait: Callable[[Any], Awaitable[Any]] | None = None) -> T:
+        """Decode, check, queue (batched), run, select the outputs asked for and encode them.
+
+        ``wait`` awaits the scheduler's future (a front end that watches for its client leaving passes its
+        own); errors are EdgerunErrors, each carrying its HTTP status and gRPC code.
+        """
+        metrics = self.metrics
+        label = ""
+        served = None
+        t0 = perf_counter()
+        try:
+            for _ in range(ATTEMPTS):
+                model = self.model(name, version)
+                label = model.name
+                served = self.served(model)
+                request = decode(model)
+                wanted = model.select_outputs(request.output_names)
+                checked = model.check_inputs(request.inputs)
+                t1 = perf_counter()
+                fut = served.scheduler.submit(checked)
+                try:
+                    outputs, waited, computed = await (fut if wait is None else wait(fut))
+                    break
+                except Retired:
+                    continue  # swapped out between look-up and run: look the model up again
+            else:
+                raise ModelNotReady(f"model {name!r} is being replaced; retry")
+            t2 = perf_counter()
+            answer = encode(model, outputs if wanted is None else {k: outputs[k] for k in wanted})
+            t3 = perf_counter()
+        except EdgerunError as exc:
+            self._failed(label, served, exc.reason, t0)
+            raise
+        except Exception as exc:
+            log.exception("inference on %s failed", name)
+            self._failed(label, served, "internal", t0)
+            raise InternalError(f"inference failed: {type(exc).__name__}: {exc}") from None
+        metrics.success(label, t3 - t0)
+        first = next(iter(checked.values()))
+        rows = first.shape[0] if served.batched and first.ndim else 1
+        served.stats.request(rows, t3 - t0, t1 - t0, waited, computed, t3 - t2)
+        return answer
+
+    def _failed(self, label: str, served: _Served | None, reason: str, t0: float) -> None:
+        self.metrics.failure(label, reason)
+        if served is not None:
+            served.stats.failed(perf_counter() - t0)
+
+    def _observe(self, model: LoadedModel, rows: int, merge: float, compute: float, split: float,
+                 waits: list[float]) -> None:
+        self.metrics.batch(model.name, rows, compute, waits)
+        s = self._served.get(model)
+        if s is not None:
+            s.stats.batch(rows, merge, compute, split)
+
+    def _queues(self) -> list[tuple[str, int, int]]:
+        """(model, version, requests waiting) per scheduler, for /metrics."""
+        live = set(self.runtime.models())
+        return [(m.name, m.version, s.scheduler.queued) for m, s in list(self._served.items()) if m in live]
+
+
+class _ModelConfigs:
+    """Each loaded model's [[models]] entry: the one naming its package directory, else the last with its name.
+
+    Two entries may hold two versions of one model (each with its own batching and limits), so the package
+    directory decides first; a version that arrived later by an update, from a directory no entry names,
+    takes the settings of the model's name.
+    """
+
+    def __init__(self, runtime: Runtime, models: tuple[ModelConfig, ...]):
+        roots = {Path(m.package.root).resolve(): m.name for m in runtime.models() if m.package.root is not None}
+        self.by_root: dict[Path, ModelConfig] = {}
+        self.by_name: dict[str, ModelConfig] = {}
+        for mc in models:
+            root = Path(mc.path).resolve()
+            name = mc.name or roots.get(root)
+            if name is None:
+                try:
+                    from edgerun.package import ModelPackage
+
+                    name = ModelPackage.load(mc.path).name
+                except EdgerunError:
+                    continue
+            self.by_root[root] = mc
+            self.by_name[name] = mc
+
+    def get(self, model: LoadedModel) -> ModelConfig | None:
+        if model.package.root is not None:
+            mc = self.by_root.get(Path(model.package.root).resolve())
+            if mc is not None:
+                return mc
+        return self.by_name.get(model.name)
