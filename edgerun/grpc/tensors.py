@@ -1,0 +1,234 @@
+"""KServe v2 gRPC messages to and from numpy: infer requests and responses, model metadata and config."""
+
+from __future__ import annotations
+
+import struct
+from math import prod
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from edgerun.errors import InvalidInput
+from edgerun.grpc.inference_pb2 import (
+    DataType,
+    ModelConfig,
+    ModelInferRequest,
+    ModelInferResponse,
+    ModelInstanceGroup,
+    ModelMetadataResponse,
+)
+from edgerun.tensors import DATATYPE_TO_DTYPE, TensorSpec, datatype_of
+
+_LE_DTYPES = {k: v.newbyteorder("<") for k, v in DATATYPE_TO_DTYPE.items() if k not in ("BYTES", "BOOL")}
+_LE_DTYPES["BOOL"] = np.dtype(np.bool_)
+
+# The InferTensorContents list each datatype travels in, and the numpy type protobuf hands its elements in.
+_CONTENTS = {
+    "BOOL": ("bool_contents", np.bool_),
+    "INT8": ("int_contents", np.int32),
+    "INT16": ("int_contents", np.int32),
+    "INT32": ("int_contents", np.int32),
+    "INT64": ("int64_contents", np.int64),
+    "UINT8": ("uint_contents", np.uint32),
+    "UINT16": ("uint_contents", np.uint32),
+    "UINT32": ("uint_contents", np.uint32),
+    "UINT64": ("uint64_contents", np.uint64),
+    "FP32": ("fp32_contents", np.float32),
+    "FP64": ("fp64_contents", np.float64),
+    "BYTES": ("bytes_contents", None),
+}
+_NARROW = ("INT8", "INT16", "UINT8", "UINT16")
+
+CONFIG_DATATYPE: dict[str, int] = {name: DataType.Value(f"TYPE_{name}") for name in DATATYPE_TO_DTYPE
+                                   if name != "BYTES"}
+CONFIG_DATATYPE["BYTES"] = DataType.TYPE_STRING
+
+_SHARED_MEMORY = "shared_memory_region"
+_LENGTH = struct.Struct("<I")
+
+
+def decode_request(req: ModelInferRequest,
+                   specs: Mapping[str, TensorSpec]) -> tuple[dict[str, np.ndarray], list[str] | None, str]:
+    """The input arrays, the requested output names (None: all) and the id of a request, checked against a
+    model's inputs; every error is an InvalidInput naming the input."""
+    model = req.model_name
+    if not req.inputs:
+        raise InvalidInput(f"the request has no inputs; model {model!r} takes {sorted(specs)}")
+    raw = req.raw_input_contents
+    for t in req.inputs:
+        if _SHARED_MEMORY in t.parameters:
+            raise InvalidInput(f"input {t.name!r}: shared memory is not supported; send the data in the request")
+        if raw and t.HasField("contents"):
+            raise InvalidInput(f"input {t.name!r} has typed contents but the request also has raw_input_contents; "
+                               "send every input raw or every input typed")
+    if raw and len(raw) != len(req.inputs):
+        raise InvalidInput(f"the request has {len(req.inputs)} inputs but {len(raw)} raw_input_contents; "
+                           "give one per input, in the order of the inputs")
+    arrays: dict[str, np.ndarray] = {}
+    for i, t in enumerate(req.inputs):
+        name = t.name
+        if name in arrays:
+            raise InvalidInput(f"input {name!r} is given more than once")
+        spec = specs.get(name)
+        if spec is None:
+            raise InvalidInput(f"model {model!r} has no input {name!r}; its inputs are {sorted(specs)}")
+        datatype = t.datatype
+        if datatype != spec.datatype:
+            if datatype not in DATATYPE_TO_DTYPE:
+                raise InvalidInput(f"input {name!r}: unknown or missing datatype {datatype!r}; expected "
+                                   f"{spec.datatype}")
+            raise InvalidInput(f"input {name!r}: datatype {datatype}, model expects {spec.datatype}")
+        shape = list(t.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"input {name!r}: shape must be non-negative integers, got {shape}")
+        count = prod(shape)
+        if raw:
+            arr = _from_raw(raw[i], datatype, count, name)
+        else:
+            arr = _from_contents(t, datatype, count, name)
+        arrays[name] = arr.reshape(shape)
+    missing = [n for n in specs if n not in arrays]
+    if missing:
+        raise InvalidInput(f"model {model!r} needs input(s) {sorted(missing)}; the request has {sorted(arrays)}")
+    return arrays, _wanted_outputs(req), req.id
+
+
+def _wanted_outputs(req: ModelInferRequest) -> list[str] | None:
+    wanted: list[str] = []
+    for o in req.outputs:
+        if o.name in wanted:
+            raise InvalidInput(f"output {o.name!r} is requested more than once")
+        if "classification" in o.parameters:
+            raise InvalidInput(f"output {o.name!r}: the classification extension is not supported; ask for the "
+                               "raw output and take the top classes on the client")
+        if _SHARED_MEMORY in o.parameters:
+            raise InvalidInput(f"output {o.name!r}: shared memory is not supported; the output comes back in the "
+                               "response")
+        wanted.append(o.name)
+    return wanted or None
+
+
+def _from_raw(buf: bytes, datatype: str, count: int, name: str) -> np.ndarray:
+    if datatype == "BYTES":
+        items = _unpack_bytes(buf, name)
+        if len(items) != count:
+            raise InvalidInput(f"input {name!r}: shape needs {count} elements but its raw_input_contents "
+                               f"holds {len(items)}")
+        return _object_array(items)
+    dtype = _LE_DTYPES[datatype]
+    if len(buf) != count * dtype.itemsize:
+        raise InvalidInput(f"input {name!r}: raw_input_contents has {len(buf)} bytes but shape and {datatype} "
+                           f"need {count * dtype.itemsize}")
+    return np.frombuffer(buf, dtype=dtype)
+
+
+def _from_contents(t: ModelInferRequest.InferInputTensor, datatype: str, count: int, name: str) -> np.ndarray:
+    if datatype == "FP16":
+        if count == 0:
+            return np.empty(0, np.float16)
+        raise InvalidInput(f"input {name!r}: FP16 has no typed contents; send it in raw_input_contents")
+    field, wire = _CONTENTS[datatype]
+    c = t.contents
+    for fd, _ in c.ListFields():
+        if fd.name != field:
+            raise InvalidInput(f"input {name!r}: {datatype} data goes in contents.{field}, not contents.{fd.name}")
+    values = getattr(c, field)
+    if len(values) != count:
+        raise InvalidInput(f"input {name!r}: shape needs {count} elements but contents.{field} has {len(values)}")
+    if datatype == "BYTES":
+        return _object_array([_text(b) for b in values])
+    arr = np.fromiter(values, dtype=wire, count=len(values))
+    if datatype in _NARROW and arr.size:
+        info = np.iinfo(DATATYPE_TO_DTYPE[datatype])
+        if arr.min() < info.min or arr.max() > info.max:
+            raise InvalidInput(f"input {name!r}: value out of range for {datatype}")
+        return arr.astype(DATATYPE_TO_DTYPE[datatype])
+    return arr
+
+
+def _unpack_bytes(buf: bytes, name: str) -> list:
+    items = []
+    pos, end = 0, len(buf)
+    while pos < end:
+        if pos + 4 > end:
+            raise InvalidInput(f"input {name!r}: BYTES raw_input_contents ends inside an element's 4-byte length")
+        (n,) = _LENGTH.unpack_from(buf, pos)
+        pos += 4
+        if pos + n > end:
+            raise InvalidInput(f"input {name!r}: BYTES element of {n} bytes runs past the end of its "
+                               f"raw_input_contents ({end - pos} bytes left)")
+        items.append(_text(buf[pos:pos + n]))
+        pos += n
+    return items
+
+
+def _text(b: bytes) -> str | bytes:
+    """UTF-8 elements as str (as the HTTP API gives them), others as bytes."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return b
+
+
+def _object_array(items: list) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
+
+
+def encode_response(model_name: str, model_version: int | str, id: str, outputs: Mapping[str, np.ndarray],
+                    wanted: Iterable[str], out_types: Mapping[str, str]) -> ModelInferResponse:
+    """A response carrying the ``wanted`` outputs, in that order, in raw_output_contents."""
+    resp = ModelInferResponse(model_name=model_name, model_version=str(model_version), id=id)
+    raw = resp.raw_output_contents
+    for name in wanted:
+        arr = outputs[name]
+        datatype = out_types.get(name) or datatype_of(arr.dtype)
+        resp.outputs.add(name=name, datatype=datatype, shape=arr.shape)
+        raw.append(to_raw(arr, datatype))
+    return resp
+
+
+def to_raw(arr: np.ndarray, datatype: str) -> bytes:
+    """The raw contents of an array as ``datatype``: little-endian row-major, BYTES length-prefixed."""
+    if datatype == "BYTES":
+        parts = []
+        for x in arr.reshape(-1):
+            b = x if isinstance(x, bytes) else str(x).encode("utf-8")
+            parts.append(_LENGTH.pack(len(b)))
+            parts.append(b)
+        return b"".join(parts)
+    dtype = _LE_DTYPES[datatype]
+    if arr.dtype != dtype:
+        arr = arr.astype(dtype)
+    return arr.tobytes()
+
+
+def model_metadata(name: str, versions: Iterable[int | str], platform: str, inputs: Iterable[TensorSpec],
+                   outputs: Iterable[TensorSpec]) -> ModelMetadataResponse:
+    """The ModelMetadata answer for a model."""
+    resp = ModelMetadataResponse(name=name, versions=[str(v) for v in versions], platform=platform)
+    for spec in inputs:
+        resp.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+    for spec in outputs:
+        resp.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+    return resp
+
+
+def model_config(name: str, platform: str, backend: str, inputs: Iterable[TensorSpec],
+                 outputs: Iterable[TensorSpec], *, max_batch_size: int = 0,
+                 preferred_batch_sizes: Iterable[int] = (), max_queue_delay_us: int | None = None,
+                 instance_count: int = 1) -> ModelConfig:
+    """The ModelConfig of a model; with ``max_batch_size`` > 0 the first dimension of every tensor is the batch
+    and is left out of ``dims``, and ``max_queue_delay_us`` (not None) turns on dynamic_batching."""
+    cut = 1 if max_batch_size > 0 else 0
+    config = ModelConfig(name=name, platform=platform, backend=backend, max_batch_size=max_batch_size)
+    for spec in inputs:
+        config.input.add(name=spec.name, data_type=CONFIG_DATATYPE[spec.datatype], dims=spec.shape[cut:])
+    for spec in outputs:
+        config.output.add(name=spec.name, data_type=CONFIG_DATATYPE[spec.datatype], dims=spec.shape[cut:])
+    config.instance_group.add(kind=ModelInstanceGroup.KIND_CPU, count=instance_count)
+    if max_queue_delay_us is not None:
+        config.dynamic_batching.preferred_batch_size.extend(preferred_batch_sizes)
+        config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    return config
