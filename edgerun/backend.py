@@ -42,6 +42,7 @@ class Session(abc.ABC):
 
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    text_only: ClassVar[bool] = False  # BYTES elements must be UTF-8 text (str), not arbitrary bytes
 
     @abc.abstractmethod
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

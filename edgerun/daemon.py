@@ -36,6 +36,7 @@ class Daemon:
     log_level_fixed: bool = False  # --log-level given: a reload does not change the level
     runtime: Runtime = field(init=False)
     server: Any = None
+    grpc: Any = None
     agent: Any = None
     app: Any = None
 
@@ -50,6 +51,7 @@ class Daemon:
         self._reload_again = False
         self._reloading = False
         self._status = ""
+        self._grpc_stopped: asyncio.Task | None = None
 
     # --- the main loop ----------------------------------------------------------------------
 
@@ -90,6 +92,9 @@ class Daemon:
         self.notifier.extend_timeout(self.config.server.drain_timeout + AGENT_STOP_TIMEOUT + 5)
         if self.server is not None:
             self.server.request_stop()
+        if self.grpc is not None and self._grpc_stopped is None:
+            grace = self.config.server.drain_timeout
+            self._grpc_stopped = asyncio.get_running_loop().create_task(self.grpc.stop(grace))
         if self._stop is not None:
             self._stop.set()
 
@@ -132,6 +137,8 @@ class Daemon:
 
         self.app = create_app(self.runtime, self._app_config())
         self.server = HttpServer(self.app, self.config.server, handle_signals=False)
+        self.server.check_security()
+        await self._start_grpc()
         serving = asyncio.create_task(self.server.serve(), name="edgerun-http")
         started = asyncio.create_task(self.server.started.wait())
         await asyncio.wait({serving, started}, return_when=asyncio.FIRST_COMPLETED)
@@ -154,6 +161,22 @@ class Daemon:
             for t in tasks:
                 t.cancel()
             self._ready = False
+            if self.grpc is not None:
+                await (self._grpc_stopped or self.grpc.stop(self.config.server.drain_timeout))
+
+    async def _start_grpc(self) -> None:
+        """The gRPC front end beside HTTP, sharing its inference service, unless ``server.grpc_port`` is 0."""
+        if not self.config.server.grpc_port:
+            return
+        try:
+            from edgerun.grpc.server import GrpcServer
+        except ImportError as exc:
+            log.warning("gRPC is off: %s (pip install 'edgerun[grpc]', or set server.grpc_port = 0)", exc)
+            return
+        from edgerun.serving.service import EXTENSIONS
+
+        self.grpc = GrpcServer(self.app.state.service, self.config.server, EXTENSIONS)
+        await self.grpc.start()
 
     async def _watchdog(self, serving: asyncio.Task) -> None:
         """``WATCHDOG=1`` at half of ``WATCHDOG_USEC``, from the event loop, only while healthy."""
@@ -182,7 +205,9 @@ class Daemon:
     def status_line(self) -> str:
         models = self.runtime.models()
         names = ", ".join(f"{m.name} v{m.version}" for m in models) or "no models"
-        where = ", ".join(self.server.addresses) if self.server is not None else "not listening"
+        addresses = [*(self.server.addresses if self.server is not None else ()),
+                     *([self.grpc.address] if self.grpc is not None and self.grpc.address else ())]
+        where = ", ".join(addresses) or "not listening"
         mqtt = ""
         if self.agent is not None:
             mqtt = "; MQTT connected" if getattr(self.agent, "connected", False) else "; MQTT connecting"

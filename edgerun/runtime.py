@@ -58,6 +58,7 @@ class LoadedModel:
         self._specs = [(s.name, s.dtype, s.shape, len(s.shape), tuple((i, d) for i, d in enumerate(s.shape) if d >= 0))
                        for s in self.inputs]
         self._input_names = frozenset(s.name for s in self.inputs)
+        self._text_inputs = [s.name for s in self.inputs if s.datatype == "BYTES"] if getattr(session, "text_only", False) else []
         self._output_names = frozenset(s.name for s in self.outputs)
         # In-flight accounting without a lock on the hot path: a run appends to _active and then reads
         # _retiring; retire() sets _retiring and then reads _active. deque.append/pop are atomic, so either
@@ -111,7 +112,22 @@ class LoadedModel:
             if bad:
                 raise InvalidInput(f"input {name!r}: shape {list(got)}, model expects {list(shape)} (-1 = any)")
             out[name] = arr
+        for name in self._text_inputs:
+            out[name] = self._as_text(name, out[name])
         return out
+
+    def _as_text(self, name: str, arr: np.ndarray) -> np.ndarray:
+        """A BYTES input with every element as str, for a backend whose string tensors hold UTF-8 text only."""
+        if all(type(x) is str for x in arr.flat):
+            return arr
+        text = np.empty(arr.shape, dtype=object)
+        for i, x in enumerate(arr.flat):
+            try:
+                text.flat[i] = x.decode("utf-8") if isinstance(x, bytes) else str(x)
+            except UnicodeDecodeError:
+                raise InvalidInput(f"input {name!r}: element {i} is not UTF-8 text; {self.backend}'s string tensors "
+                                   "hold text only") from None
+        return text
 
     def select_outputs(self, outputs: Iterable[str] | None) -> list[str] | None:
         """The outputs asked for, checked before anything runs (None or empty: all of them)."""

@@ -12,6 +12,7 @@ import pytest
 MEASURED = pytest.StashKey[dict]()
 
 os.environ.setdefault("EDGERUN_LOG_LEVEL", "WARNING")
+os.environ.setdefault("EDGERUN_SERVER_GRPC_PORT", "0")  # servers that tests start serve gRPC only where asked
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""KServe v2 gRPC messages to and from numpy: infer requests and responses, model metadata and config."""
+"""KServe v2 gRPC messages to and from numpy: infer requests and responses, model metadata."""
 
 from __future__ import annotations
 
@@ -9,14 +9,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from edgerun.errors import InvalidInput
-from edgerun.grpc.inference_pb2 import (
-    DataType,
-    ModelConfig,
-    ModelInferRequest,
-    ModelInferResponse,
-    ModelInstanceGroup,
-    ModelMetadataResponse,
-)
+from edgerun.grpc.inference_pb2 import ModelInferRequest, ModelInferResponse, ModelMetadataResponse
 from edgerun.tensors import DATATYPE_TO_DTYPE, TensorSpec, datatype_of
 
 _LE_DTYPES = {k: v.newbyteorder("<") for k, v in DATATYPE_TO_DTYPE.items() if k not in ("BYTES", "BOOL")}
@@ -39,9 +32,6 @@ _CONTENTS = {
 }
 _NARROW = ("INT8", "INT16", "UINT8", "UINT16")
 
-CONFIG_DATATYPE: dict[str, int] = {name: DataType.Value(f"TYPE_{name}") for name in DATATYPE_TO_DTYPE
-                                   if name != "BYTES"}
-CONFIG_DATATYPE["BYTES"] = DataType.TYPE_STRING
 
 _SHARED_MEMORY = "shared_memory_region"
 _LENGTH = struct.Struct("<I")
@@ -213,22 +203,3 @@ def model_metadata(name: str, versions: Iterable[int | str], platform: str, inpu
     for spec in outputs:
         resp.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
     return resp
-
-
-def model_config(name: str, platform: str, backend: str, inputs: Iterable[TensorSpec],
-                 outputs: Iterable[TensorSpec], *, max_batch_size: int = 0,
-                 preferred_batch_sizes: Iterable[int] = (), max_queue_delay_us: int | None = None,
-                 instance_count: int = 1) -> ModelConfig:
-    """The ModelConfig of a model; with ``max_batch_size`` > 0 the first dimension of every tensor is the batch
-    and is left out of ``dims``, and ``max_queue_delay_us`` (not None) turns on dynamic_batching."""
-    cut = 1 if max_batch_size > 0 else 0
-    config = ModelConfig(name=name, platform=platform, backend=backend, max_batch_size=max_batch_size)
-    for spec in inputs:
-        config.input.add(name=spec.name, data_type=CONFIG_DATATYPE[spec.datatype], dims=spec.shape[cut:])
-    for spec in outputs:
-        config.output.add(name=spec.name, data_type=CONFIG_DATATYPE[spec.datatype], dims=spec.shape[cut:])
-    config.instance_group.add(kind=ModelInstanceGroup.KIND_CPU, count=instance_count)
-    if max_queue_delay_us is not None:
-        config.dynamic_batching.preferred_batch_size.extend(preferred_batch_sizes)
-        config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
-    return config

@@ -122,6 +122,7 @@ class HttpServer:
         self.addresses: list[str] = []
         self._server: _Uvicorn | None = None
         self._stop_requested = False
+        self._checked = False
 
     @property
     def in_flight(self) -> int:
@@ -136,6 +137,9 @@ class HttpServer:
 
     def check_security(self) -> None:
         """Refuse a non-loopback TCP address without a token unless ``allow_insecure`` is set."""
+        if self._checked:
+            return
+        self._checked = True
         c = self.config
         if c.host and not is_loopback(c.host) and not c.token():
             if not getattr(c, "allow_insecure", False):

@@ -16,8 +16,7 @@ from edgerun.errors import EdgerunError, InvalidInput
 from edgerun.server.asgi import read_body
 from edgerun.server.errors import HttpError
 from edgerun.server.state import ServerState
-
-EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics", "metrics"]
+from edgerun.serving.service import EXTENSIONS
 
 
 def _json(doc: Any, status: int = 200) -> Response:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 3  # look-ups per request when swaps keep retiring the version found
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics", "metrics"]
 T = TypeVar("T")
 
 

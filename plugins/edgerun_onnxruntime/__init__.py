@@ -34,6 +34,8 @@ def _spec(arg: Any) -> TensorSpec:
 
 
 class OnnxRuntimeSession(Session):
+    text_only = True  # a string tensor element must be UTF-8 text: onnxruntime would pass str(b"...") on
+
     def __init__(self, sess: Any, device: str):
         self._sess = sess
         self._device = device

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from server_helpers import ServerProcess, make_echo_package, make_fixed_package
+
+from edgerun.testing.serving import ServerProcess, make_echo_package, make_fixed_package
 
 
 @pytest.fixture(scope="session")

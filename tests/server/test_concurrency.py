@@ -11,7 +11,8 @@ import time
 import httpx
 import numpy as np
 import pytest
-from server_helpers import ServerProcess, make_slow_package
+
+from edgerun.testing.serving import ServerProcess, make_slow_package
 
 ENV_TOKEN = "token-from-the-environment"
 AUTH = {"authorization": f"Bearer {ENV_TOKEN}"}
@@ -198,11 +199,10 @@ def test_batcher_runs_alone_a_request_whose_inputs_disagree_on_rows(tmp_path):
     """In process: two echo requests queued together; the second's inputs have 1 and 2 rows, so it is not stacked."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from server_helpers import ALL_DATATYPES, make_echo_package
-
     from edgerun.runtime import Runtime
     from edgerun.serving.batching import ModelScheduler, Policy
     from edgerun.tensors import dtype_of
+    from edgerun.testing.serving import ALL_DATATYPES, make_echo_package
 
     def request(rows_after_first: int, value: int) -> dict[str, np.ndarray]:
         return {f"in_{dt}": np.full((1 if i == 0 else rows_after_first, 2), str(value) if dt == "BYTES" else value,

@@ -11,7 +11,7 @@ import orjson
 
 from edgerun.server.codec import encode_request
 from edgerun.tensors import DATATYPE_TO_DTYPE
-from server_helpers import ALL_DATATYPES
+from edgerun.testing.serving import ALL_DATATYPES
 
 INFER_JSON = orjson.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]})
 

@@ -11,7 +11,7 @@ import pytest
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from server_helpers import ALL_DATATYPES, echo_request, reference
+from edgerun.testing.serving import ALL_DATATYPES, echo_request, reference
 
 
 def test_health_and_server_metadata(triton):

@@ -11,10 +11,10 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as th
-from server_helpers import CLI, TOKEN, ServerProcess, free_port, reference
 
 import edgerun
 from edgerun.errors import InvalidInput, ModelNotFound
+from edgerun.testing.serving import CLI, TOKEN, ServerProcess, free_port, reference
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_helpers import echo_request, reference
+
+from edgerun.testing.serving import echo_request, reference
 
 GOOD = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.25] * 64}]}
 X = np.full((1, 64), 0.25, np.float32)

@@ -8,10 +8,10 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as th
-from server_helpers import TOKEN, ServerProcess
 from tritonclient.utils import InferenceServerException
 
 from edgerun.testing.models import make_digits_package
+from edgerun.testing.serving import TOKEN, ServerProcess
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

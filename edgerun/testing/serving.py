@@ -1,4 +1,4 @@
-"""Helpers for the server tests: test model packages and ``edgerun serve`` subprocesses."""
+"""Model packages and `edgerun serve` subprocesses for tests of the HTTP and gRPC front ends."""
 
 from __future__ import annotations
 
@@ -143,7 +143,8 @@ class ServerProcess:
         raise RuntimeError(f"edgerun serve not ready after {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
-        self._log_file.flush()
+        if not self._log_file.closed:
+            self._log_file.flush()
         return self.log.read_text(errors="replace")
 
     def stop(self) -> int:

@@ -1,0 +1,235 @@
+"""``edgerun serve``'s gRPC front end as tritonclient.grpc sees it: health, metadata, config, statistics, infer
+(raw and typed), streams, repository control, the token, and a clear status for every refusal."""
+
+from __future__ import annotations
+
+import queue
+import socket
+
+import numpy as np
+import pytest
+
+grpc = pytest.importorskip("grpc")
+tritongrpc = pytest.importorskip("tritonclient.grpc")
+
+from grpc_helpers import SAMPLES, assert_same  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from edgerun.grpc import inference_pb2 as pb  # noqa: E402
+from edgerun.grpc import inference_pb2_grpc  # noqa: E402
+from edgerun.testing.models import make_digits_package  # noqa: E402
+from edgerun.testing.serving import TOKEN, ServerProcess, free_port, make_echo_package, reference  # noqa: E402
+
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def headers() -> dict[str, str]:
+    return {"authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, digits_package):
+    """digits and echo (every datatype) over HTTP and gRPC, with a token and a model repository."""
+    d = tmp_path_factory.mktemp("grpc")
+    echo = make_echo_package(d / "echo")
+    repo = d / "models"
+    make_digits_package(repo / "mnist", name="mnist", int8=False)
+    (d / "token").write_text(TOKEN)
+    cfg = d / "edgerun.toml"
+    cfg.write_text(f'[server]\ntoken_file = "{d / "token"}"\nrepository_dir = "{repo}"\n'
+                   f'\n[[models]]\npath = "{digits_package.root}"\nvariant = "onnx-fp32"\n'
+                   f'\n[[models]]\npath = "{echo.root}"\nbackend = "onnxruntime"\n')
+    port = free_port()
+    proc = ServerProcess(["--config", str(cfg)], env={"EDGERUN_SERVER_GRPC_PORT": str(port)}).wait_ready()
+    proc.grpc_port = port
+    yield proc
+    assert proc.stop() == 0, proc.output()
+    assert "serving KServe v2 gRPC on grpc://127.0.0.1:" in proc.output()
+
+
+@pytest.fixture
+def client(served):
+    c = tritongrpc.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def stub(served):
+    with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
+        yield inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def digits(rows: int = 1, seed: int = 0) -> tuple[np.ndarray, list]:
+    x = np.random.default_rng(seed).random((rows, 64), dtype=np.float32)
+    i = tritongrpc.InferInput("input", [rows, 64], "FP32")
+    i.set_data_from_numpy(x)
+    return x, [i]
+
+
+TEXT = {**SAMPLES, "BYTES": np.array([[b"abc", "h\u00e9llo".encode(), b""], [b"x" * 300, "\u2603".encode(), b"z"]],
+                                     dtype=object)}  # the echo model runs on onnxruntime: its strings are UTF-8 text
+
+
+def echo_inputs(samples: dict[str, np.ndarray] = TEXT) -> list:
+    inputs = []
+    for dt, sample in samples.items():
+        i = tritongrpc.InferInput(f"in_{dt}", list(sample.shape), dt)
+        i.set_data_from_numpy(sample)
+        inputs.append(i)
+    return inputs
+
+
+def test_health_needs_no_token_and_everything_else_does(client):
+    assert client.is_server_live() and client.is_server_ready()
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_metadata("digits")
+    assert info.value.status() == "StatusCode.UNAUTHENTICATED" and "bearer token" in info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("digits", digits()[1], headers={"authorization": "Bearer wrong"})
+    assert info.value.status() == "StatusCode.UNAUTHENTICATED"
+
+
+def test_metadata_readiness_and_config(client):
+    h = headers()
+    assert client.is_model_ready("digits", headers=h) and not client.is_model_ready("nope", headers=h)
+    assert not client.is_model_ready("digits", "9", headers=h)
+    server = client.get_server_metadata(headers=h, as_json=True)
+    assert server["name"] == "edgerun" and "model_configuration" in server["extensions"]
+    meta = client.get_model_metadata("digits", headers=h, as_json=True)
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "64"]}]
+    assert meta["versions"] == ["1"] and meta["platform"].endswith("_onnx")
+    cfg = client.get_model_config("digits", headers=h, as_json=True)["config"]
+    assert cfg["max_batch_size"] == 32 and cfg["input"][0]["dims"] == ["64"]
+    assert cfg["input"][0]["data_type"] == "TYPE_FP32" and "dynamic_batching" in cfg
+
+
+def test_infer_raw_matches_the_model(client, digits_package):
+    x, inputs = digits(3)
+    result = client.infer("digits", inputs, headers=headers(), request_id="req-7")
+    assert result.get_response().id == "req-7" and result.get_response().model_version == "1"
+    np.testing.assert_allclose(result.as_numpy("probabilities"), reference(digits_package, x), rtol=1e-5, atol=1e-6)
+
+
+def test_infer_with_typed_contents(stub, digits_package):
+    x = np.random.default_rng(1).random((2, 64), dtype=np.float32)
+    req = pb.ModelInferRequest(model_name="digits")
+    t = req.inputs.add(name="input", datatype="FP32", shape=[2, 64])
+    t.contents.fp32_contents.extend(x.ravel().tolist())
+    resp = stub.ModelInfer(req, metadata=AUTH)
+    (out,) = resp.outputs
+    got = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(list(out.shape))
+    np.testing.assert_allclose(got, reference(digits_package, x), rtol=1e-5, atol=1e-6)
+
+
+def test_every_datatype_round_trips(client):
+    wanted = ["out_BYTES", "out_FP16", "out_UINT64"]
+    result = client.infer("echo", echo_inputs(), headers=headers(),
+                          outputs=[tritongrpc.InferRequestedOutput(o) for o in wanted])
+    assert [o.name for o in result.get_response().outputs] == wanted
+    every = client.infer("echo", echo_inputs(), headers=headers())
+    for dt, sample in TEXT.items():
+        assert_same(every.as_numpy(f"out_{dt}"), sample)
+
+
+def test_bytes_that_are_not_text_are_refused_by_a_text_only_backend(client):
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("echo", echo_inputs(SAMPLES), headers=headers())  # b"\xff\xfe\x00" is not UTF-8
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "input 'in_BYTES': element 2 is not UTF-8 text; onnxruntime's string tensors" in info.value.message()
+
+
+@pytest.mark.parametrize("model,inputs,outputs,code,message", [
+    ("nope", None, None, "NOT_FOUND", "unknown model 'nope'"),
+    ("digits", [("input", [1, 63], "FP32")], None, "INVALID_ARGUMENT", "shape [1, 63], model expects [-1, 64]"),
+    ("digits", [("input", [1, 64], "FP64")], None, "INVALID_ARGUMENT", "datatype FP64, model expects FP32"),
+    ("digits", [("other", [1, 64], "FP32")], None, "INVALID_ARGUMENT", "has no input 'other'"),
+    ("digits", None, ["logits"], "INVALID_ARGUMENT", "has no output 'logits'"),
+])
+def test_refusals_have_clear_statuses_and_the_server_keeps_serving(client, model, inputs, outputs, code, message):
+    if inputs is None:
+        args = digits()[1]
+    else:
+        args = []
+        for name, shape, dt in inputs:
+            i = tritongrpc.InferInput(name, shape, dt)
+            i.set_data_from_numpy(np.zeros(shape, np.float64 if dt == "FP64" else np.float32))
+            args.append(i)
+    wanted = [tritongrpc.InferRequestedOutput(o) for o in outputs] if outputs else None
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(model, args, outputs=wanted, headers=headers())
+    assert info.value.status() == f"StatusCode.{code}" and message in info.value.message(), info.value.message()
+    assert client.infer("digits", digits()[1], headers=headers()).as_numpy("probabilities").shape == (1, 10)
+
+
+def test_a_message_above_the_body_limit_is_refused(stub):
+    req = pb.ModelInferRequest(model_name="digits")
+    req.inputs.add(name="input", datatype="FP32", shape=[300_000, 64])
+    req.raw_input_contents.append(bytes(300_000 * 64 * 4))  # 73 MiB, above the 64 MiB default
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(req, metadata=AUTH)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stub.ServerLive(pb.ServerLiveRequest()).live
+
+
+def test_a_stream_answers_every_request_and_reports_each_error(client):
+    got: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: got.put((result, error)), headers=headers())
+    try:
+        client.async_stream_infer("echo", echo_inputs(), request_id="a")
+        bad = tritongrpc.InferInput("nope", [1], "FP32")
+        bad.set_data_from_numpy(np.zeros(1, np.float32))
+        client.async_stream_infer("echo", [bad], request_id="b")
+        for i in range(20):
+            client.async_stream_infer("digits", digits(1, i)[1], request_id=f"d{i}")
+        answers = [got.get(timeout=30) for _ in range(22)]
+    finally:
+        client.stop_stream()
+    ok = {r.get_response().id: r for r, e in answers if e is None}
+    errors = [e.message() for r, e in answers if e is not None]
+    assert set(ok) == {"a", *(f"d{i}" for i in range(20))}
+    assert len(errors) == 1 and "no input 'nope'" in errors[0]
+    assert_same(ok["a"].as_numpy("out_BYTES"), TEXT["BYTES"])
+
+
+def test_statistics_count_grpc_requests(client):
+    h = headers()
+    before = client.get_inference_statistics("digits", headers=h, as_json=True)["model_stats"][0]
+    client.infer("digits", digits(4)[1], headers=h)
+    after = client.get_inference_statistics("digits", headers=h, as_json=True)["model_stats"][0]
+    assert int(after["inference_count"]) - int(before.get("inference_count", 0)) == 4
+    assert int(after["inference_stats"]["success"]["count"]) > int(before["inference_stats"].get("success", {})
+                                                                   .get("count", 0))
+    everything = client.get_inference_statistics(headers=h, as_json=True)["model_stats"]
+    assert {s["name"] for s in everything} >= {"digits", "echo"}
+
+
+def test_repository_control(client):
+    h = headers()
+    index = {m["name"]: m["state"] for m in client.get_model_repository_index(headers=h, as_json=True)["models"]}
+    assert index["mnist"] == "UNAVAILABLE" and index["digits"] == "READY"
+    client.load_model("mnist", headers=h)
+    assert client.is_model_ready("mnist", headers=h)
+    assert client.infer("mnist", digits()[1], headers=h).as_numpy("probabilities").shape == (1, 10)
+    client.unload_model("mnist", headers=h)
+    assert not client.is_model_ready("mnist", headers=h)
+    with pytest.raises(InferenceServerException) as info:
+        client.unload_model("digits", headers=h)
+    assert info.value.status() == "StatusCode.PERMISSION_DENIED"
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model("nope", headers=h)
+    assert info.value.status() == "StatusCode.NOT_FOUND" and "no model 'nope'" in info.value.message()
+
+
+def test_grpc_can_be_turned_off_and_a_taken_port_stops_start_up(digits_package):
+    p = ServerProcess(["--model", str(digits_package.root)], env={"EDGERUN_SERVER_GRPC_PORT": "0"}).wait_ready()
+    assert p.stop() == 0 and "gRPC" not in p.output()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = ServerProcess(["--model", str(digits_package.root)], env={"EDGERUN_SERVER_GRPC_PORT": str(port)})
+        code = p.proc.wait(60)
+        p.stop()
+    assert code == 78, p.output()
+    assert "server.grpc_port" in p.output() and f"127.0.0.1:{port}" in p.output()
