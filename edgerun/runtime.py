@@ -58,7 +58,8 @@ class LoadedModel:
         self._specs = [(s.name, s.dtype, s.shape, len(s.shape), tuple((i, d) for i, d in enumerate(s.shape) if d >= 0))
                        for s in self.inputs]
         self._input_names = frozenset(s.name for s in self.inputs)
-        self._text_inputs = [s.name for s in self.inputs if s.datatype == "BYTES"] if getattr(session, "text_only", False) else []
+        text_only = getattr(session, "text_only", False)
+        self._text_inputs = [s.name for s in self.inputs if s.datatype == "BYTES"] if text_only else []
         self._output_names = frozenset(s.name for s in self.outputs)
         # In-flight accounting without a lock on the hot path: a run appends to _active and then reads
         # _retiring; retire() sets _retiring and then reads _active. deque.append/pop are atomic, so either
