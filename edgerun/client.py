@@ -1,4 +1,4 @@
-"""``edgerun.Client``: a small KServe v2 client for a running ``edgerun serve`` (httpx, binary tensors)."""
+"""``edgerun.Client``: a small KServe v2 client for a running ``edgerun serve``, over HTTP or gRPC."""
 
 from __future__ import annotations
 
@@ -22,20 +22,26 @@ class ServerError(EdgerunError):
 
 
 class Client:
-    """Talk to an edgerun (or any KServe v2) server.
+    """Talk to an edgerun (or any KServe v2) server: ``http://host:port`` (binary tensors) or ``grpc://host:port``.
 
     >>> c = Client("http://127.0.0.1:8000", token=None)              # doctest: +SKIP
     >>> c.infer("digits", {"input": x})["probabilities"]               # doctest: +SKIP
+    >>> Client("grpc://127.0.0.1:8001").infer("digits", {"input": x})  # doctest: +SKIP
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8000", *, token: str | None = None, timeout: float = 30.0,
                  uds: str | None = None):
-        headers = {"authorization": f"Bearer {token}"} if token else {}
-        transport = httpx.HTTPTransport(uds=uds) if uds else None
-        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        if url.startswith("grpc://"):
+            if uds:
+                raise ValueError("uds is for HTTP; a gRPC client takes grpc://host:port")
+            from edgerun.grpc.client import GrpcTransport  # needs grpcio: pip install 'edgerun[grpc]'
+
+            self._t: Any = GrpcTransport(url.removeprefix("grpc://").rstrip("/"), token=token, timeout=timeout)
+        else:
+            self._t = _HttpTransport(url, token=token, timeout=timeout, uds=uds)
 
     def close(self) -> None:
-        self._http.close()
+        self._t.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -45,13 +51,54 @@ class Client:
 
     def live(self) -> bool:
         """Whether the server process answers at all."""
+        return self._t.live()
+
+    def ready(self) -> bool:
+        """Whether the server is up and serving at least one model."""
+        return self._t.ready()
+
+    def server_metadata(self) -> dict[str, Any]:
+        return self._t.server_metadata()
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every served model version: name, version, state (and over HTTP variant and backend)."""
+        return self._t.models()
+
+    def metadata(self, model: str, version: int | None = None) -> dict[str, Any]:
+        return self._t.metadata(model, version)
+
+    def model_ready(self, model: str, version: int | None = None) -> bool:
+        return self._t.model_ready(model, version)
+
+    def infer(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None, binary: bool = True,
+              outputs: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Run ``{input name: array}`` on the server; returns ``{output name: array}``.
+
+        ``binary`` chooses binary tensors over JSON on HTTP; gRPC always sends raw tensors.
+        """
+        arrays = {k: np.asarray(v) for k, v in inputs.items()}
+        wanted = list(outputs) if outputs is not None else None
+        if isinstance(self._t, _HttpTransport):
+            return self._t.infer(model, arrays, version, wanted, binary=binary)
+        return self._t.infer(model, arrays, version, wanted)
+
+
+class _HttpTransport:
+    def __init__(self, url: str, *, token: str | None, timeout: float, uds: str | None):
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        transport = httpx.HTTPTransport(uds=uds) if uds else None
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def live(self) -> bool:
         try:
             return self._http.get("/v2/health/live").status_code == 200
         except httpx.TransportError:
             return False
 
     def ready(self) -> bool:
-        """Whether the server is up and serving at least one model."""
         try:
             return self._http.get("/v2/health/ready").status_code == 200
         except httpx.TransportError:
@@ -61,23 +108,19 @@ class Client:
         return self._get("/v2")
 
     def models(self) -> list[dict[str, Any]]:
-        """Every served model version: name, version, state, variant, backend."""
-        return self._check(self._http.post("/v2/repository/index", content=b"{}")).json()
+        return self._check(self._http.post("/v2/repository/index", content=b'{"ready": true}')).json()
 
-    def metadata(self, model: str, version: int | None = None) -> dict[str, Any]:
+    def metadata(self, model: str, version: int | None) -> dict[str, Any]:
         return self._get(_model_path(model, version))
 
-    def model_ready(self, model: str, version: int | None = None) -> bool:
-        r = self._http.get(_model_path(model, version) + "/ready")
-        return r.status_code == 200
+    def model_ready(self, model: str, version: int | None) -> bool:
+        return self._http.get(_model_path(model, version) + "/ready").status_code == 200
 
-    def infer(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None, binary: bool = True,
-              outputs: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """Run ``{input name: array}`` on the server; returns ``{output name: array}``."""
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray], version: int | None, outputs: list[str] | None,
+              *, binary: bool) -> dict[str, np.ndarray]:
         from edgerun.server.codec import HEADER_LENGTH, decode_response, encode_request
 
-        body, header_len = encode_request({k: np.asarray(v) for k, v in inputs.items()}, binary=binary,
-                                          outputs=list(outputs) if outputs is not None else None)
+        body, header_len = encode_request(inputs, binary=binary, outputs=outputs)
         headers = {"content-type": "application/octet-stream" if header_len is not None else "application/json"}
         if header_len is not None:
             headers[HEADER_LENGTH] = str(header_len)

@@ -203,3 +203,28 @@ def model_metadata(name: str, versions: Iterable[int | str], platform: str, inpu
     for spec in outputs:
         resp.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
     return resp
+
+
+def encode_request(model: str, version: int | None, inputs: Mapping[str, np.ndarray],
+                   outputs: Iterable[str] | None = None) -> ModelInferRequest:
+    """A request carrying ``inputs`` in raw_input_contents (what ``edgerun.Client`` sends over gRPC)."""
+    req = ModelInferRequest(model_name=model, model_version=str(version) if version is not None else "")
+    for name, arr in inputs.items():
+        datatype = datatype_of(arr.dtype)
+        req.inputs.add(name=name, datatype=datatype, shape=arr.shape)
+        req.raw_input_contents.append(to_raw(arr, datatype))
+    for name in outputs or ():
+        req.outputs.add(name=name)
+    return req
+
+
+def decode_response(resp: ModelInferResponse) -> dict[str, np.ndarray]:
+    """The output arrays of a response, raw or typed."""
+    out = {}
+    raw = resp.raw_output_contents
+    for i, t in enumerate(resp.outputs):
+        shape = list(t.shape)
+        count = prod(shape)
+        arr = _from_raw(raw[i], t.datatype, count, t.name) if raw else _from_contents(t, t.datatype, count, t.name)
+        out[t.name] = arr.reshape(shape)
+    return out

@@ -233,3 +233,28 @@ def test_grpc_can_be_turned_off_and_a_taken_port_stops_start_up(digits_package):
         p.stop()
     assert code == 78, p.output()
     assert "server.grpc_port" in p.output() and f"127.0.0.1:{port}" in p.output()
+
+
+def test_edgerun_client_over_grpc(served, digits_package):
+    import edgerun
+    from edgerun.errors import InvalidInput, ModelNotFound, Unauthenticated
+
+    x = np.random.default_rng(5).random((2, 64), dtype=np.float32)
+    with edgerun.Client(f"grpc://127.0.0.1:{served.grpc_port}", token=TOKEN) as c:
+        assert c.live() and c.ready() and c.model_ready("digits") and not c.model_ready("digits", 3)
+        assert c.metadata("digits")["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+        assert {m["name"] for m in c.models()} == {"digits", "echo"}
+        out = c.infer("digits", {"input": x}, outputs=["probabilities"])
+        np.testing.assert_allclose(out["probabilities"], reference(digits_package, x), rtol=1e-5, atol=1e-6)
+        words = np.array([["h\u00e9llo", "x"]], dtype=object)
+        echoed = c.infer("echo", {f"in_{dt}": (words if dt == "BYTES" else sample[:1, :2])
+                                  for dt, sample in TEXT.items()})
+        assert echoed["out_BYTES"].tolist() == [["h\u00e9llo", "x"]]
+        with pytest.raises(ModelNotFound, match="unknown model 'nope'"):
+            c.infer("nope", {"input": x})
+        with pytest.raises(InvalidInput, match="model expects FP32"):
+            c.infer("digits", {"input": x.astype(np.float64)})
+    with edgerun.Client(f"grpc://127.0.0.1:{served.grpc_port}") as c:
+        assert c.live()
+        with pytest.raises(Unauthenticated, match="bearer token"):
+            c.metadata("digits")
