@@ -17,6 +17,7 @@ def serve(
     config: Path = typer.Option(None, "--config", "-c", help="Config file (default /etc/edgerun/edgerun.toml if present)."),
     host: str = typer.Option(None, help="Address to listen on (default 127.0.0.1)."),
     port: int = typer.Option(None, help="Port to listen on (default 8000)."),
+    grpc_port: int = typer.Option(None, "--grpc-port", help="gRPC port on the same address (default 8001; 0: off)."),
     uds: Path = typer.Option(None, help="Also/instead listen on this Unix socket."),
     profile: str = typer.Option(None, "--profile", "-p", help="Device profile name or file."),
     memory_budget: str = typer.Option(None, "--memory-budget", "-m", help="Memory budget, e.g. 512MiB or 60%."),
@@ -27,7 +28,7 @@ def serve(
                                         help="Allow a non-loopback --host without an API token."),
     max_body: str = typer.Option(None, "--max-body", help="Largest request body accepted, e.g. 64MiB."),
 ) -> None:
-    """Serve models over HTTP (KServe v2) and, when configured, take updates over MQTT.
+    """Serve models over HTTP and gRPC (KServe v2) and, when configured, take updates over MQTT.
 
     Settings: the config file, then EDGERUN_* environment variables, then these flags (docs/configuration.md).
     Under systemd: Type=notify, watchdog, SIGTERM drains, SIGHUP reloads the config (docs/service.md).
@@ -38,7 +39,8 @@ def serve(
     from edgerun.systemd import Notifier
 
     flags = dict(profile=profile, memory_budget=memory_budget, state_dir=state_dir,
-                 **{"server.host": host, "server.port": port, "server.uds": uds, "server.token_file": token_file,
+                 **{"server.host": host, "server.port": port, "server.grpc_port": grpc_port, "server.uds": uds,
+                    "server.token_file": token_file,
                     "server.allow_insecure": allow_insecure, "server.max_body": _size(max_body)})
 
     def effective_config():
