@@ -10,6 +10,8 @@ from edgerun.runtime import _Retired
 from edgerun.server import codec
 from edgerun.server.asgi import ClientGone, Receive, Send, header, read_body, send_bytes
 from edgerun.server.errors import HttpError, bad_request, from_edgerun
+from edgerun.server.offload import INLINE_MAX
+from edgerun.server.offload import decode_request as decode_off_loop
 from edgerun.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,9 @@ async def handle_infer(state: ServerState, name: str, version: str | None, scope
             model = state.model(name, version)
             label = model.name
             specs, out_types = state.specs(model)
-            req = codec.decode_request(body, header(scope, _HEADER_LENGTH), model.name, specs)
+            req = (codec.decode_request(body, header(scope, _HEADER_LENGTH), model.name, specs)
+                   if len(body) <= INLINE_MAX else
+                   await decode_off_loop(body, header(scope, _HEADER_LENGTH), model.name, specs))
             checked = model.check_inputs(req.inputs)
             try:
                 result = await state.watch.wait(state.scheduler(model).submit(checked), receive)
