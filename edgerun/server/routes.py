@@ -14,18 +14,20 @@ from starlette.routing import Route
 import edgerun
 from edgerun.errors import EdgerunError
 from edgerun.server.asgi import read_body
+from edgerun.server.codec import json_problem
 from edgerun.server.errors import HttpError, from_edgerun
 from edgerun.server.state import ServerState
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "metrics"]
+INDEX_BODY_MAX = 64 << 10  # {"ready": true} is all a repository index request says
 
 
 def _json(doc: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(doc), status, media_type="application/json")
 
 
-def _error(status: int, message: str) -> Response:
-    return _json({"error": message}, status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps({"error": message}), status, headers, media_type="application/json")
 
 
 def build_routes(state: ServerState) -> Starlette:
@@ -65,12 +67,12 @@ def build_routes(state: ServerState) -> Starlette:
         return _json({"name": m.name, "version": str(m.version), "ready": True})
 
     async def repository_index(request: Request) -> Response:
-        body = await read_body(request.scope, request.receive, state.max_body)
+        body = await read_body(request.scope, request.receive, INDEX_BODY_MAX, "for a repository index request")
         if body.strip():
             try:
                 doc = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
-                return _error(400, f"malformed JSON in request body: {exc}")
+                return _error(400, json_problem(exc))
             if type(doc) is not dict:
                 return _error(400, "request body must be a JSON object")
         # {"ready": true} filters nothing: every listed model is loaded, hence READY
@@ -82,13 +84,15 @@ def build_routes(state: ServerState) -> Starlette:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, HttpError):
-            return _error(exc.status, exc.message)
+            return _error(exc.status, exc.message, exc.headers)
         if isinstance(exc, HTTPException):
             if exc.status_code == 404:
                 return _error(404, f"no such endpoint: {request.method} {request.url.path}")
             if exc.status_code == 405:
-                return _error(405, f"method {request.method} not allowed on {request.url.path}")
-            return _error(exc.status_code, str(exc.detail))
+                allow = ", ".join(sorted((exc.headers or {}).get("Allow", "").split(", ")))
+                return _error(405, f"method {request.method} not allowed on {request.url.path}; use {allow}",
+                              {"allow": allow})
+            return _error(exc.status_code, str(exc.detail), exc.headers)
         if isinstance(exc, EdgerunError):
             err = from_edgerun(exc)
             return _error(err.status, err.message)
@@ -105,5 +109,7 @@ def build_routes(state: ServerState) -> Starlette:
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/metrics", metrics),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, HttpError: http_error,
-                                                        EdgerunError: http_error, Exception: http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, HttpError: http_error,
+                                                       EdgerunError: http_error, Exception: http_error})
+    app.router.redirect_slashes = False  # the app serves a path with a trailing slash as the path without it
+    return app
