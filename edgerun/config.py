@@ -52,6 +52,12 @@ class ServerConfig:
     uds: Path | None = None
     token_file: Path | None = None  # bearer token; env EDGERUN_API_TOKEN also works
     max_body: int = 64 << 20
+    max_body_total: int = 128 << 20  # request-body bytes held at once, across connections
+    max_connections: int = 256
+    header_timeout: float = 10.0  # seconds for a request's line and headers
+    body_timeout: float = 10.0  # seconds over which a body must keep up body_min_rate
+    body_min_rate: int = 16 << 10  # bytes per second
+    idle_timeout: float = 30.0  # seconds a connection may wait for its next request
     drain_timeout: float = 30.0
     allow_insecure: bool = False  # allow a non-loopback host without a token (logged loudly)
     grpc_port: int = 8001  # KServe v2 gRPC on the same host; 0 turns it off
@@ -199,7 +205,8 @@ def parse_config(data: dict[str, Any], source: str | None = None, base: Path | N
                                 ("mqtt", "password", "mqtt.password_file or EDGERUN_MQTT_PASSWORD")):
         if isinstance(data.get(section), dict) and key in data[section]:
             raise t.fail(f"{section}.{key}", f"secrets are not read from the config file itself; use {where}")
-    server = _dataclass_from_table(ServerConfig, t.table("server"), {"max_body": _size})
+    server = _dataclass_from_table(ServerConfig, t.table("server"),
+                                   {"max_body": _size, "max_body_total": _size, "body_min_rate": _size})
     mqtt = _dataclass_from_table(MqttConfig, t.table("mqtt"), {"tags": _tags})
     if mqtt.protocol not in ("auto", "5", "3.1.1"):
         raise t.fail("mqtt.protocol", f"expected \"auto\", \"5\" or \"3.1.1\", got {mqtt.protocol!r}")
@@ -208,6 +215,11 @@ def parse_config(data: dict[str, Any], source: str | None = None, base: Path | N
             ("server.grpc_port", server.grpc_port, 0, 65535, "a port number 1-65535, or 0 for no gRPC"),
             ("mqtt.port", mqtt.port, 1, 65535, "a port number 1-65535"),
             ("server.max_body", server.max_body, 1, None, "a size above 0, e.g. \"64MiB\""),
+            ("server.max_body_total", server.max_body_total, 1, None, "a size above 0, e.g. \"128MiB\""),
+            ("server.max_connections", server.max_connections, 1, None, "a positive number of connections"),
+            ("server.header_timeout", server.header_timeout, 0.001, None, "seconds > 0"),
+            ("server.body_timeout", server.body_timeout, 0.001, None, "seconds > 0"),
+            ("server.idle_timeout", server.idle_timeout, 0.001, None, "seconds > 0"),
             ("server.drain_timeout", server.drain_timeout, 0, None, "seconds >= 0"),
             ("mqtt.keepalive", mqtt.keepalive, 1, 65535, "seconds 1-65535"),
             ("mqtt.clock_skew", mqtt.clock_skew, 0, None, "seconds >= 0"),
@@ -227,7 +239,8 @@ def parse_config(data: dict[str, Any], source: str | None = None, base: Path | N
 # EDGERUN_<SECTION>_<KEY> (or EDGERUN_<KEY> for top-level keys) override the file.
 ENV_PREFIX = "EDGERUN_"
 _SECRET_ENV = {"EDGERUN_API_TOKEN", "EDGERUN_MQTT_PASSWORD"}
-_SIZE_KEYS = {"server.max_body"}  # "64MiB" or bytes, as in the file: parse_config converts them
+# "64MiB" or bytes, as in the file: parse_config converts them
+_SIZE_KEYS = {"server.max_body", "server.max_body_total", "server.body_min_rate"}
 
 
 def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:

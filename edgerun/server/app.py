@@ -35,6 +35,10 @@ class EdgerunApp:
     def close(self) -> None:
         self.state.close()
 
+    def watch_front_door(self, door: Any) -> None:
+        """Export the listener's connection counts in /metrics (``HttpServer`` calls this)."""
+        self.state.metrics.watch_front_door(door)
+
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
@@ -45,11 +49,14 @@ class EdgerunApp:
         state = self.state
         state.in_flight += 1
         try:
-            if self._auth is not None and not self._auth.allows(scope):
+            if self._auth is not None and not self._auth.allows(scope) and not self._auth.allows(_no_slash(scope)):
                 await send_error(send, Unauthenticated("missing or wrong bearer token (Authorization: Bearer ...)"))
                 state.metrics.failure("", "unauthorized")
                 return
             target = parse_infer_path(scope["path"])
+            if target is None and scope["path"].endswith("/"):
+                scope = _no_slash(scope)  # served as the path without it (no redirect naming the Host header)
+                target = parse_infer_path(scope["path"])
             if target is not None:
                 try:
                     if scope["method"] != "POST":
@@ -87,6 +94,16 @@ def _content_length(scope: dict) -> int | None:
         if key == b"content-length":
             return int(value) if value.isdigit() else None
     return None
+
+
+def _no_slash(scope: dict) -> dict:
+    """The scope with its path's trailing slashes taken off."""
+    path = scope["path"]
+    if len(path) < 2 or path[-1] != "/":
+        return scope
+    stripped = path.rstrip("/") or "/"
+    raw = scope.get("raw_path")
+    return {**scope, "path": stripped, "raw_path": raw.rstrip(b"/") or b"/" if raw else raw}
 
 
 def create_app(runtime: Runtime, config: Config, service: InferenceService | None = None) -> Any:

@@ -1,14 +1,16 @@
-"""Small raw-ASGI helpers: read a bounded body, send JSON and error responses."""
+"""Small raw-ASGI helpers: read a bounded (and maybe compressed) body, send JSON and error responses."""
 
 from __future__ import annotations
 
 import asyncio
+import zlib
 from functools import partial
 from typing import Any, Awaitable, Callable
 
 import orjson
 
 from edgerun.errors import ClientGone, EdgerunError
+from edgerun.server import offload
 from edgerun.server.errors import HttpError
 
 Send = Callable[[dict], Awaitable[None]]
@@ -23,33 +25,97 @@ def header(scope: dict, name: bytes) -> bytes | None:
     return None
 
 
-async def read_body(scope: dict, receive: Receive, limit: int) -> bytes:
-    """The whole request body; 413 as soon as it exceeds ``limit`` (Content-Length is checked first)."""
-    length = header(scope, b"content-length")
+async def read_body(scope: dict, receive: Receive, limit: int, key: str = "server.max_body"
+                    ) -> bytes | bytearray:
+    """The whole request body, decompressed; 413 as soon as it exceeds ``limit`` (Content-Length is checked first).
+
+    gzip and deflate bodies (``Content-Encoding``) are decompressed in a worker thread, and their decompressed size
+    counts against ``limit``; any other encoding is a 415.
+    """
+    length = encoding = None
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            length = value
+        elif name == b"content-encoding":
+            encoding = value
     if length is not None and length.isdigit() and int(length) > limit:
-        raise HttpError(413, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes "
-                             "(server.max_body)")
+        raise HttpError(413, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes ({key})")
     msg = await receive()
     if msg["type"] != "http.request":
         raise ClientGone()
     body = msg.get("body", b"")
-    if not msg.get("more_body", False):
-        if len(body) > limit:
-            raise HttpError(413, f"request body exceeds the limit of {limit} bytes (server.max_body)")
-        return body
-    parts = [body]
-    size = len(body)
+    if msg.get("more_body", False):
+        buf = bytearray(body)  # grown in place: no second copy of a large body at the end, on the event loop
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                raise ClientGone()
+            chunk = msg.get("body", b"")
+            if len(buf) + len(chunk) > limit:
+                raise HttpError(413, f"request body exceeds the limit of {limit} bytes ({key})")
+            buf += chunk
+            if not msg.get("more_body", False):
+                break
+        body = buf
+    elif len(body) > limit:
+        raise HttpError(413, f"request body exceeds the limit of {limit} bytes ({key})")
+    if encoding is not None:
+        codings = _codings(encoding)
+        if codings:
+            body = await offload.run(_decompress, body, codings, limit, key)
+    return body
+
+
+ENCODINGS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
+
+
+def _codings(header: bytes) -> list[bytes]:
+    """The encodings applied to a body, first to last (``identity`` left out); 415 for one not supported."""
+    codings = []
+    for token in header.split(b","):
+        coding = token.strip().lower()
+        if coding in ENCODINGS:
+            codings.append(coding)
+        elif coding not in (b"identity", b""):
+            raise HttpError(415, f"Content-Encoding {coding.decode(errors='replace')!r} is not supported; send the "
+                                 "body uncompressed, or compressed with gzip or deflate", "unsupported_encoding",
+                            {"accept-encoding": "gzip, deflate"})
+    return codings
+
+
+def _decompress(body: bytes | bytearray, codings: list[bytes], limit: int, key: str) -> bytes:
+    """Undo ``codings`` (last applied first); 413 once the result exceeds ``limit`` (a zip bomb stops there)."""
+    for coding in reversed(codings):
+        body = _inflate(body, coding, limit, key)
+    return body
+
+
+def _inflate(data: bytes | bytearray, coding: bytes, limit: int, key: str) -> bytes:
+    name = coding.decode()
+    out = []
+    size = 0
     while True:
-        msg = await receive()
-        if msg["type"] != "http.request":
-            raise ClientGone()
-        chunk = msg.get("body", b"")
+        d = zlib.decompressobj(ENCODINGS[coding])
+        try:
+            chunk = d.decompress(data, limit + 1 - size)
+        except zlib.error as exc:
+            if coding == b"deflate" and not out:  # some clients send raw deflate, without the zlib wrapper
+                d = zlib.decompressobj(-zlib.MAX_WBITS)
+                try:
+                    chunk = d.decompress(data, limit + 1 - size)
+                except zlib.error:
+                    raise HttpError(400, f"request body is not valid {name} data ({exc})") from None
+            else:
+                raise HttpError(400, f"request body is not valid {name} data ({exc})") from None
         size += len(chunk)
         if size > limit:
-            raise HttpError(413, f"request body exceeds the limit of {limit} bytes (server.max_body)")
-        parts.append(chunk)
-        if not msg.get("more_body", False):
-            return b"".join(parts)
+            raise HttpError(413, f"request body decompresses to more than the limit of {limit} bytes ({key})")
+        out.append(chunk)
+        if not d.eof:
+            raise HttpError(400, f"request body is truncated {name} data")
+        data = d.unused_data  # gzip allows several members one after the other
+        if not data:
+            return out[0] if len(out) == 1 else b"".join(out)
 
 
 class DisconnectWatch:

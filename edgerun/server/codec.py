@@ -19,6 +19,8 @@ _LE_DTYPES = {k: v.newbyteorder("<") for k, v in DATATYPE_TO_DTYPE.items() if k 
 _LE_DTYPES["BOOL"] = np.dtype(np.bool_)
 _INT_KINDS = "iu"
 _DUMPS_OPTS = orjson.OPT_SERIALIZE_NUMPY
+MAX_JSON_DEPTH = 1024  # orjson's limit
+MAX_DATA_DEPTH = 64  # numpy's limit on dimensions
 
 
 @dataclass
@@ -39,18 +41,34 @@ class InferRequest:
         return self.outputs if self.outputs is not None else [(o, self.binary_default) for o in datatypes]
 
 
-def parse_json(header: bytes | memoryview) -> Any:
-    """The JSON document; NaN/Infinity literals (which Python's json writes) are accepted."""
+def parse_json(text: bytes | bytearray | memoryview) -> Any:
+    """The JSON document; NaN/Infinity literals (which Python's json writes) are accepted.
+
+    A malformed document is parsed once: Python's json (slower) reads it again only when it holds a literal
+    that orjson refuses.
+    """
     try:
-        return orjson.loads(header)
+        return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
+        problem = exc
+    raw = bytes(text)
+    if b"NaN" in raw or b"Infinity" in raw:
         try:
-            return json.loads(bytes(header))
-        except (ValueError, UnicodeDecodeError):
-            raise bad_request(f"malformed JSON in request body: {exc}") from None
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            pass
+    raise bad_request(json_problem(problem))
 
 
-def split_body(body: bytes, header_length: bytes | None) -> tuple[bytes | memoryview, memoryview]:
+def json_problem(exc: orjson.JSONDecodeError, where: str = "") -> str:
+    """What is wrong with a document orjson refused, for a 400."""
+    if "depth" in exc.msg or "recursion" in exc.msg:
+        return f"request body JSON is nested more than {MAX_JSON_DEPTH} levels deep"
+    return f"malformed JSON in request body: {where or exc}"
+
+
+def split_body(body: bytes | bytearray, header_length: bytes | None
+               ) -> tuple[bytes | bytearray | memoryview, memoryview]:
     """Split a body into its JSON header and binary tail per ``Inference-Header-Content-Length``."""
     if header_length is None:
         return body, memoryview(b"")
@@ -65,11 +83,15 @@ def split_body(body: bytes, header_length: bytes | None) -> tuple[bytes | memory
     return view[:n], view[n:]
 
 
-def decode_request(body: bytes, header_length: bytes | None, model_name: str,
-                   specs: Mapping[str, TensorSpec]) -> InferRequest:
-    """Decode and check an infer request against a model's inputs (names, datatypes, element counts)."""
+def decode_request(body: bytes | bytearray, header_length: bytes | None, model_name: str,
+                   specs: Mapping[str, TensorSpec], doc: Any = None) -> InferRequest:
+    """Decode and check an infer request against a model's inputs (names, datatypes, element counts).
+
+    ``doc``: the JSON part when already parsed (see ``largejson``).
+    """
     header, binary = split_body(body, header_length)
-    doc = parse_json(header)
+    if doc is None:
+        doc = parse_json(header)
     if type(doc) is not dict:
         raise bad_request("request body must be a JSON object with an 'inputs' list")
     req_id = doc.get("id")
@@ -162,9 +184,16 @@ def _wanted_outputs(outputs: Any, binary_default: bool) -> list[tuple[str, bool]
 
 
 def tensor_from_json(data: Any, datatype: str, count: int, name: str) -> np.ndarray:
-    """A flat or nested JSON list as an array of ``datatype`` with ``count`` elements."""
+    """A flat or nested JSON list as an array of ``datatype`` with ``count`` elements.
+
+    ``data`` may also be the flat array ``largejson`` made of it, piece by piece, with this function.
+    """
     if type(data) is not list:
-        raise bad_request(f"input {name!r}: 'data' must be a list")
+        if type(data) is not np.ndarray:
+            raise bad_request(f"input {name!r}: 'data' must be a list")
+        if data.size != count:
+            raise bad_request(f"input {name!r}: shape needs {count} elements but 'data' has {data.size}")
+        return data
     dtype = DATATYPE_TO_DTYPE[datatype]
     try:
         if datatype == "BYTES":
@@ -220,14 +249,16 @@ def _integers(raw: np.ndarray, dtype: np.dtype, datatype: str, name: str) -> np.
     raise bad_request(f"input {name!r}: {datatype} data must be integers")
 
 
-def _flatten(data: list) -> list:
+def _flatten(data: list, depth: int = 1) -> list:
     if not data or type(data[0]) is not list:
         return data
+    if depth >= MAX_DATA_DEPTH:
+        raise ValueError(f"nested more than {MAX_DATA_DEPTH} levels deep")
     out: list = []
     for x in data:
         if type(x) is not list:
             raise ValueError("ragged nested list")
-        out.extend(_flatten(x))
+        out.extend(_flatten(x, depth + 1))
     return out
 
 

@@ -11,10 +11,11 @@ import signal
 import socket
 import stat
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
+import orjson
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from edgerun.config import ServerConfig
 from edgerun.errors import ConfigError
@@ -88,11 +89,222 @@ class _CorkedTransport:
         return getattr(self._transport, name)
 
 
+CUT_REASONS = ("idle", "header_timeout", "body_timeout", "connection_limit", "body_budget")
+SMALL_BODY = 64 << 10  # a body this small is always let in: many of them still hold little
+
+
+class FrontDoor:
+    """What a server's connections share: their limits, the request-body bytes they hold, and what was cut."""
+
+    def __init__(self, config: ServerConfig):
+        self.header_timeout = config.header_timeout
+        self.body_timeout = config.body_timeout
+        self.body_min_rate = config.body_min_rate
+        self.body_window = max(1, int(config.body_min_rate * config.body_timeout))  # bytes due per body_timeout
+        self.idle_timeout = config.idle_timeout
+        self.max_connections = config.max_connections
+        self.max_held = config.max_body_total
+        self.headroom = config.max_body_total - config.max_body  # while held is below, any allowed body fits
+        self.open = 0
+        self.held = 0  # request-body bytes received for requests not answered yet
+        self.cut = dict.fromkeys(CUT_REASONS, 0)
+
+    def refusal(self, headers: list[tuple[bytes, bytes]]) -> tuple[int, str] | None:
+        """(status, message) for a request whose declared body does not fit beside those held, else None."""
+        for name, value in headers:
+            if name == b"content-length":
+                if not value.isdigit():
+                    return None  # the app answers that
+                size = int(value)
+                break
+        else:
+            return None  # chunked: counted as it arrives
+        if size <= SMALL_BODY:
+            return None
+        if size > self.max_held:
+            return 413, (f"request body of {size} bytes exceeds the {self.max_held} bytes of request bodies the "
+                         "server holds at once (server.max_body_total)")
+        if self.held + size > self.max_held:
+            return 503, (f"the server holds {self.held} bytes of request bodies and takes at most {self.max_held} "
+                         f"(server.max_body_total): no room for {size} more now; retry later")
+        return None
+
+
+_DONE, _HEAD, _BODY = range(3)  # the request being read: none (or all of it), its head, its body
+
+
 class _HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol on a corked transport."""
+    """uvicorn's httptools protocol on a corked transport, holding the front door's limits.
+
+    Timers are armed only when a request is not read whole at once: a small request read in one piece costs
+    a few attribute reads. A connection is cut (and counted by reason) when it waits for a request longer than
+    ``idle_timeout``, takes longer than ``header_timeout`` to send a request's head, or sends a body slower than
+    ``body_min_rate`` over a ``body_timeout`` window; beyond ``max_connections`` a new one gets a 503.
+    """
+
+    door: FrontDoor  # set on a subclass per server
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._phase = _DONE
+        self._done_scope: dict | None = None  # the scope of the last request read whole
+        self._timer: asyncio.TimerHandle | None = None
+        self._window = 0  # body bytes since the body timer was last armed
+        self._held = 0  # body bytes of this connection's requests not answered yet
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_CorkedTransport(transport, self.loop))  # type: ignore[arg-type]
+        door = self.door
+        door.open += 1
+        if door.open > door.max_connections:
+            self._cut("connection_limit", 503, f"the server has its maximum of {door.max_connections} connections "
+                                               "open (server.max_connections); retry later")
+            return
+        self.timeout_keep_alive_task = self.loop.call_later(door.idle_timeout, self.timeout_keep_alive_handler)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.door.open -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._release()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        cycle = self.cycle
+        if self._done_scope is self.scope:
+            phase = _DONE
+        elif cycle is not None and cycle.scope is self.scope:
+            phase = _BODY
+        else:
+            phase = _HEAD
+        before = self._phase
+        if phase != before:
+            self._phase = phase
+            self._arm(phase)
+        elif phase == _DONE and self.timeout_keep_alive_task is None and (cycle is None or cycle.response_complete):
+            self._arm(phase)  # bytes between requests (or the rest of a body answered early): idle again
+        if phase == _BODY or before == _BODY:
+            self._count(len(data), phase)
+
+    def on_headers_complete(self) -> None:
+        door = self.door
+        if door.held > door.headroom:
+            refusal = door.refusal(self.headers)
+            if refusal is not None:
+                door.cut["body_budget"] += 1
+                app, self.app = self.app, _refusal_app(*refusal)
+                try:
+                    super().on_headers_complete()
+                finally:
+                    self.app = app
+                return
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._done_scope = self.scope
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        if self._held:
+            self._release()
+        super().on_response_complete()
+
+    def timeout_keep_alive_handler(self) -> None:
+        if not self.transport.is_closing():
+            self._cut("idle")
+
+    def _arm(self, phase: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        door = self.door
+        if phase == _HEAD:
+            self._timer = self.loop.call_later(door.header_timeout, self._head_late)
+        elif phase == _BODY:
+            self._window = 0
+            self._timer = self.loop.call_later(door.body_timeout, self._body_slow)
+        elif self.timeout_keep_alive_task is None and (self.cycle is None or self.cycle.response_complete):
+            self.timeout_keep_alive_task = self.loop.call_later(door.idle_timeout, self.timeout_keep_alive_handler)
+
+    def _head_late(self) -> None:
+        self._timer = None
+        door = self.door
+        if self.flow.read_paused:  # the server stopped reading (a pipelined request waits): not the client's doing
+            self._timer = self.loop.call_later(door.header_timeout, self._head_late)
+            return
+        self._cut("header_timeout", 408, f"the request head did not arrive within {door.header_timeout:g} s "
+                                         "(server.header_timeout)")
+
+    def _body_slow(self) -> None:
+        self._timer = None
+        door = self.door
+        if self._window < door.body_window and not self.flow.read_paused:
+            self._cut("body_timeout", 408, f"the request body arrived slower than {door.body_min_rate} bytes/s over "
+                                           f"{door.body_timeout:g} s (server.body_min_rate, server.body_timeout)")
+            return
+        self._window = 0
+        self._timer = self.loop.call_later(door.body_timeout, self._body_slow)
+
+    def _count(self, n: int, phase: int) -> None:
+        self._window += n
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            return  # the rest of a body answered early is read and dropped
+        door = self.door
+        self._held += n
+        door.held += n
+        if phase == _BODY and door.held > door.max_held and self._held > SMALL_BODY:
+            if self._held > door.max_held:
+                self._cut("body_budget", 413, f"request body exceeds the {door.max_held} bytes of request bodies the "
+                                              "server holds at once (server.max_body_total)")
+            else:
+                self._cut("body_budget", 503, f"the server holds the most request-body bytes it takes at once "
+                                              f"({door.max_held}, server.max_body_total); retry later")
+
+    def _release(self) -> None:
+        self.door.held -= self._held
+        self._held = 0
+
+    def _cut(self, reason: str, status: int | None = None, message: str = "") -> None:
+        """Close the connection, first answering ``status`` if no answer is under way; count it by ``reason``."""
+        transport = self.transport
+        if transport.is_closing():
+            return
+        self.door.cut[reason] += 1
+        log.debug("cut a connection from %s: %s", self.client, reason)
+        self._release()  # at once: the connection's other bytes in this loop iteration are not read
+        cycle = self.cycle
+        if status is not None and (cycle is None or cycle.response_complete or not cycle.response_started):
+            transport.write(_response(status, message))
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app sees the client gone; nothing it sends goes out
+            cycle.message_event.set()
+        transport.close()
+
+
+def _response(status: int, message: str) -> bytes:
+    body = orjson.dumps({"error": message})
+    retry = b"retry-after: 1\r\n" if status == 503 else b""
+    return b"".join([STATUS_LINE[status], b"content-type: application/json\r\ncontent-length: ",
+                     str(len(body)).encode(), b"\r\nconnection: close\r\n", retry, b"\r\n", body])
+
+
+def _refusal_app(status: int, message: str) -> Callable[..., Awaitable[None]]:
+    """An ASGI app answering ``status`` and closing the connection, for a request not let in."""
+    body = orjson.dumps({"error": message})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+
+    async def refuse(scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]
+                     ) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return refuse
 
 
 class _Uvicorn(uvicorn.Server):
@@ -123,6 +335,10 @@ class HttpServer:
         self._server: _Uvicorn | None = None
         self._stop_requested = False
         self._checked = False
+        self.front_door = FrontDoor(config)
+        watch = getattr(app, "watch_front_door", None)
+        if watch is not None:
+            watch(self.front_door)  # its counts in the app's /metrics
 
     @property
     def in_flight(self) -> int:
@@ -180,10 +396,11 @@ class HttpServer:
         self.check_security()
         socks = self._sockets()
         # edgerun never reads the client address, so X-Forwarded-* headers are not trusted nor parsed
-        cfg = uvicorn.Config(self.app, loop="none", http=_HttpProtocol, ws="none", lifespan="on", log_config=None,
+        protocol = type("HttpProtocol", (_HttpProtocol,), {"door": self.front_door})
+        cfg = uvicorn.Config(self.app, loop="none", http=protocol, ws="none", lifespan="on", log_config=None,
                              access_log=False, server_header=False, date_header=False, proxy_headers=False,
-                             timeout_graceful_shutdown=self.config.drain_timeout, timeout_keep_alive=30,
-                             backlog=1024)
+                             timeout_graceful_shutdown=self.config.drain_timeout,
+                             timeout_keep_alive=self.config.idle_timeout, backlog=1024)
         self._server = _Uvicorn(cfg, self)
         if self._stop_requested:
             self._server.should_exit = True

@@ -5,6 +5,8 @@ from __future__ import annotations
 from edgerun.runtime import LoadedModel
 from edgerun.server import codec
 from edgerun.server.asgi import Receive, Send, header, read_body, send_bytes
+from edgerun.server.offload import INLINE_MAX
+from edgerun.server.offload import decode_request as decode_off_loop
 from edgerun.server.state import ServerState
 
 _HEADER_LENGTH = codec.HEADER_LENGTH.encode()
@@ -25,7 +27,10 @@ def parse_infer_path(path: str) -> tuple[str, str | None] | None:
 
 async def handle_infer(state: ServerState, name: str, version: str | None, scope: dict, receive: Receive,
                        send: Send) -> None:
-    """Read the body, then let the service decode, queue (batched), run and encode; errors propagate."""
+    """Read the body, then let the service decode, queue (batched), run and encode; errors propagate.
+
+    A body above ``INLINE_MAX`` is decoded in a worker thread, so the event loop keeps answering meanwhile.
+    """
     service = state.service
     body = await read_body(scope, receive, state.max_body)
     header_length = header(scope, _HEADER_LENGTH)
@@ -36,13 +41,18 @@ async def handle_infer(state: ServerState, name: str, version: str | None, scope
         request = codec.decode_request(body, header_length, model.name, service.specs(model)[0])
         return request
 
+    async def decode_large(model: LoadedModel) -> codec.InferRequest:
+        nonlocal request
+        request = await decode_off_loop(body, header_length, model.name, service.specs(model)[0])
+        return request
+
     def encode(model: LoadedModel, outputs: dict) -> tuple[bytes, int | None]:
         out_types = service.specs(model)[1]
         return codec.encode_response(model.name, model.version, request.id, outputs,  # type: ignore[union-attr]
                                      request.wanted(out_types), out_types)  # type: ignore[union-attr]
 
-    out, header_len = await service.infer(name, version, decode, encode,
-                                          wait=lambda fut: state.watch.wait(fut, receive))
+    out, header_len = await service.infer(name, version, decode if len(body) <= INLINE_MAX else decode_large,
+                                          encode, wait=lambda fut: state.watch.wait(fut, receive))
     if header_len is None:
         await send_bytes(send, 200, out)
     else:

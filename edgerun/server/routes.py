@@ -14,9 +14,12 @@ from starlette.routing import Route
 import edgerun
 from edgerun.errors import EdgerunError, InvalidInput
 from edgerun.server.asgi import read_body
+from edgerun.server.codec import json_problem
 from edgerun.server.errors import HttpError
 from edgerun.server.state import ServerState
 from edgerun.serving.service import EXTENSIONS
+
+SMALL_BODY_MAX = 64 << 10  # a repository call's body says {"ready": true} or names parameters: no more
 
 
 def _json(doc: Any, status: int = 200) -> Response:
@@ -28,15 +31,15 @@ def _error(exc: EdgerunError) -> Response:
                     media_type="application/json")
 
 
-async def _json_body(request: Request, limit: int) -> dict[str, Any]:
-    """An optional JSON object body ({} when empty)."""
-    body = await read_body(request.scope, request.receive, limit)
+async def _json_body(request: Request, what: str) -> dict[str, Any]:
+    """An optional JSON object body ({} when empty), of at most SMALL_BODY_MAX bytes."""
+    body = await read_body(request.scope, request.receive, SMALL_BODY_MAX, f"for {what}")
     if not body.strip():
         return {}
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"malformed JSON in request body: {exc}") from None
+        raise InvalidInput(json_problem(exc)) from None
     if type(doc) is not dict:
         raise InvalidInput("request body must be a JSON object")
     return doc
@@ -85,14 +88,14 @@ def build_routes(state: ServerState) -> Starlette:
         return _json({"model_stats": service.statistics(p.get("model"), p.get("version"))})
 
     async def repository_index(request: Request) -> Response:
-        doc = await _json_body(request, state.max_body)
+        doc = await _json_body(request, "a repository index request")
         ready_only = doc.get("ready", False)
         if type(ready_only) is not bool:
             raise InvalidInput("'ready' must be true or false")
         return _json(repository.index(ready_only))
 
     async def repository_load(request: Request) -> Response:
-        doc = await _json_body(request, state.max_body)
+        doc = await _json_body(request, "a repository load request")
         params = doc.get("parameters") or {}
         if type(params) is not dict:
             raise InvalidInput("'parameters' must be an object")
@@ -103,7 +106,7 @@ def build_routes(state: ServerState) -> Starlette:
         return Response(status_code=200)
 
     async def repository_unload(request: Request) -> Response:
-        await _json_body(request, state.max_body)
+        await _json_body(request, "a repository unload request")
         await repository.unload(request.path_params["model"])
         return Response(status_code=200)
 
@@ -117,8 +120,10 @@ def build_routes(state: ServerState) -> Starlette:
             if exc.status_code == 404:
                 return _error(HttpError(404, f"no such endpoint: {request.method} {request.url.path}"))
             if exc.status_code == 405:
-                return _error(HttpError(405, f"method {request.method} not allowed on {request.url.path}"))
-            return _error(HttpError(exc.status_code, str(exc.detail)))
+                allow = ", ".join(sorted((exc.headers or {}).get("Allow", "").split(", ")))
+                return _error(HttpError(405, f"method {request.method} not allowed on {request.url.path}; use {allow}",
+                                        headers={"allow": allow}))
+            return _error(HttpError(exc.status_code, str(exc.detail), headers=exc.headers))
         return _error(HttpError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
     routes = [
@@ -139,5 +144,7 @@ def build_routes(state: ServerState) -> Starlette:
         Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
         Route("/metrics", metrics),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, EdgerunError: http_error,
-                                                        Exception: http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, EdgerunError: http_error,
+                                                       Exception: http_error})
+    app.router.redirect_slashes = False  # the app serves a path with a trailing slash as the path without it
+    return app

@@ -1,11 +1,18 @@
-"""Prometheus metrics for every front end: requests, failures, latencies, batch sizes, loaded models."""
+"""Prometheus metrics for every front end: requests, failures, latencies, batches, models, connections, process."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from edgerun.hookspecs import hookimpl
@@ -52,6 +59,23 @@ class _QueueCollector(Collector):
         yield queued
 
 
+class _FrontDoorCollector(Collector):
+    """The listener's connections and held request bodies (``edgerun.server.http.FrontDoor``), at scrape time."""
+
+    def __init__(self, door: Any):
+        self.door = door
+
+    def collect(self) -> Iterator[Any]:
+        cut = CounterMetricFamily("edgerun_connections_cut", "Connections the server closed on a client, by reason",
+                                  labels=["reason"])
+        for reason, n in self.door.cut.items():
+            cut.add_metric([reason], n)
+        yield cut
+        yield GaugeMetricFamily("edgerun_connections_open", "Open HTTP connections", value=self.door.open)
+        yield GaugeMetricFamily("edgerun_request_body_bytes_held",
+                                "Request-body bytes received for requests not answered yet", value=self.door.held)
+
+
 class _ModelEvents:
     """A plugin counting model activations and update transitions."""
 
@@ -86,6 +110,8 @@ class ServerMetrics:
                                     registry=r)
         self.model_events = Counter("edgerun_model_events", "Model activations and update state transitions",
                                     ["model", "event"], registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open fds, ...
+        PlatformCollector(registry=r)  # python_info
         r.register(_ModelsCollector(runtime))
         r.register(_QueueCollector(queues))
         self._events_plugin = _ModelEvents(self.model_events)
@@ -115,6 +141,10 @@ class ServerMetrics:
         comp.observe(compute)
         for w in waits:
             queue.observe(w)
+
+    def watch_front_door(self, door: Any) -> None:
+        """Export a listener's connection counts and held request bodies."""
+        self.registry.register(_FrontDoorCollector(door))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

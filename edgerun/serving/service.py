@@ -9,6 +9,7 @@ inputs, queues them on the model's scheduler (batching), and records metrics and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -131,13 +132,15 @@ class InferenceService:
 
     # --- inference -------------------------------------------------------------------------
 
-    async def infer(self, name: str, version: str | int | None, decode: Callable[[LoadedModel], Decoded],
+    async def infer(self, name: str, version: str | int | None,
+                    decode: Callable[[LoadedModel], Decoded | Awaitable[Decoded]],
                     encode: Callable[[LoadedModel, dict[str, np.ndarray]], T], *,
                     wait: Callable[[Any], Awaitable[Any]] | None = None) -> T:
         """Decode, check, queue (batched), run, select the outputs asked for and encode them.
 
-        ``wait`` awaits the scheduler's future (a front end that watches for its client leaving passes its
-        own); errors are EdgerunErrors, each carrying its HTTP status and gRPC code.
+        ``decode`` may be a coroutine function (a large body decoded off the event loop). ``wait`` awaits the
+        scheduler's future (a front end that watches for its client leaving passes its own); errors are
+        EdgerunErrors, each carrying its HTTP status and gRPC code.
         """
         metrics = self.metrics
         label = ""
@@ -149,6 +152,8 @@ class InferenceService:
                 label = model.name
                 served = self.served(model)
                 request = decode(model)
+                if asyncio.iscoroutine(request):
+                    request = await request
                 wanted = model.select_outputs(request.output_names)
                 checked = model.check_inputs(request.inputs)
                 t1 = perf_counter()
