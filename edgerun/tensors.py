@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,3 +70,52 @@ class TensorSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "TensorSpec":
         return cls(name=str(d["name"]), datatype=str(d["datatype"]), shape=tuple(int(x) for x in d["shape"]))
+
+
+_LENGTH = struct.Struct("<I")
+
+
+def pack_bytes(arr: np.ndarray) -> bytes:
+    """A BYTES tensor as the protocol sends it raw: each element a 4-byte little-endian length, then its bytes
+    (``str`` elements as UTF-8)."""
+    parts = []
+    for x in arr.reshape(-1):
+        b = x if isinstance(x, bytes) else str(x).encode("utf-8")
+        parts.append(_LENGTH.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def unpack_bytes(buf: bytes | memoryview, name: str, where: str) -> np.ndarray:
+    """The elements of a raw BYTES tensor (``pack_bytes``'s encoding), flat; those that are UTF-8 text as ``str``,
+    others as ``bytes``. InvalidInput naming the input and ``where`` its data came from when the encoding is cut."""
+    from edgerun.errors import InvalidInput
+
+    items = []
+    pos, end = 0, len(buf)
+    while pos < end:
+        if pos + 4 > end:
+            raise InvalidInput(f"input {name!r}: BYTES {where} ends inside an element's 4-byte length")
+        (n,) = _LENGTH.unpack_from(buf, pos)
+        pos += 4
+        if pos + n > end:
+            raise InvalidInput(f"input {name!r}: BYTES element of {n} bytes runs past the end of its {where} "
+                               f"({end - pos} bytes left)")
+        items.append(as_text(bytes(buf[pos:pos + n])))
+        pos += n
+    return object_array(items)
+
+
+def as_text(b: bytes) -> str | bytes:
+    """A BYTES element that is UTF-8 as ``str`` (what ONNX string tensors hold), else the bytes as they are."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return b
+
+
+def object_array(items: list) -> np.ndarray:
+    """A flat object array of ``items`` (numpy would make a 2-D array of equal-length bytes)."""
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr

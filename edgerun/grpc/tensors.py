@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 from math import prod
 from typing import Iterable, Mapping
 
@@ -10,7 +9,8 @@ import numpy as np
 
 from edgerun.errors import InvalidInput
 from edgerun.grpc.inference_pb2 import ModelInferRequest, ModelInferResponse, ModelMetadataResponse
-from edgerun.tensors import DATATYPE_TO_DTYPE, TensorSpec, datatype_of
+from edgerun.tensors import (DATATYPE_TO_DTYPE, TensorSpec, as_text, datatype_of, object_array, pack_bytes,
+                             unpack_bytes)
 
 _LE_DTYPES = {k: v.newbyteorder("<") for k, v in DATATYPE_TO_DTYPE.items() if k not in ("BYTES", "BOOL")}
 _LE_DTYPES["BOOL"] = np.dtype(np.bool_)
@@ -34,7 +34,6 @@ _NARROW = ("INT8", "INT16", "UINT8", "UINT16")
 
 
 _SHARED_MEMORY = "shared_memory_region"
-_LENGTH = struct.Struct("<I")
 
 
 def decode_request(req: ModelInferRequest,
@@ -100,11 +99,11 @@ def _wanted_outputs(req: ModelInferRequest) -> list[str] | None:
 
 def _from_raw(buf: bytes, datatype: str, count: int, name: str) -> np.ndarray:
     if datatype == "BYTES":
-        items = _unpack_bytes(buf, name)
+        items = unpack_bytes(buf, name, "raw_input_contents")
         if len(items) != count:
             raise InvalidInput(f"input {name!r}: shape needs {count} elements but its raw_input_contents "
                                f"holds {len(items)}")
-        return _object_array(items)
+        return items
     dtype = _LE_DTYPES[datatype]
     if len(buf) != count * dtype.itemsize:
         raise InvalidInput(f"input {name!r}: raw_input_contents has {len(buf)} bytes but shape and {datatype} "
@@ -126,43 +125,13 @@ def _from_contents(t: ModelInferRequest.InferInputTensor, datatype: str, count: 
     if len(values) != count:
         raise InvalidInput(f"input {name!r}: shape needs {count} elements but contents.{field} has {len(values)}")
     if datatype == "BYTES":
-        return _object_array([_text(b) for b in values])
+        return object_array([as_text(b) for b in values])
     arr = np.fromiter(values, dtype=wire, count=len(values))
     if datatype in _NARROW and arr.size:
         info = np.iinfo(DATATYPE_TO_DTYPE[datatype])
         if arr.min() < info.min or arr.max() > info.max:
             raise InvalidInput(f"input {name!r}: value out of range for {datatype}")
         return arr.astype(DATATYPE_TO_DTYPE[datatype])
-    return arr
-
-
-def _unpack_bytes(buf: bytes, name: str) -> list:
-    items = []
-    pos, end = 0, len(buf)
-    while pos < end:
-        if pos + 4 > end:
-            raise InvalidInput(f"input {name!r}: BYTES raw_input_contents ends inside an element's 4-byte length")
-        (n,) = _LENGTH.unpack_from(buf, pos)
-        pos += 4
-        if pos + n > end:
-            raise InvalidInput(f"input {name!r}: BYTES element of {n} bytes runs past the end of its "
-                               f"raw_input_contents ({end - pos} bytes left)")
-        items.append(_text(buf[pos:pos + n]))
-        pos += n
-    return items
-
-
-def _text(b: bytes) -> str | bytes:
-    """UTF-8 elements as str (as the HTTP API gives them), others as bytes."""
-    try:
-        return b.decode("utf-8")
-    except UnicodeDecodeError:
-        return b
-
-
-def _object_array(items: list) -> np.ndarray:
-    arr = np.empty(len(items), dtype=object)
-    arr[:] = items
     return arr
 
 
@@ -182,12 +151,7 @@ def encode_response(model_name: str, model_version: int | str, id: str, outputs:
 def to_raw(arr: np.ndarray, datatype: str) -> bytes:
     """The raw contents of an array as ``datatype``: little-endian row-major, BYTES length-prefixed."""
     if datatype == "BYTES":
-        parts = []
-        for x in arr.reshape(-1):
-            b = x if isinstance(x, bytes) else str(x).encode("utf-8")
-            parts.append(_LENGTH.pack(len(b)))
-            parts.append(b)
-        return b"".join(parts)
+        return pack_bytes(arr)
     dtype = _LE_DTYPES[datatype]
     if arr.dtype != dtype:
         arr = arr.astype(dtype)

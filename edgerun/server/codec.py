@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from math import prod
 from typing import Any, Iterable, Mapping
@@ -12,7 +11,7 @@ import numpy as np
 import orjson
 
 from edgerun.server.errors import bad_request
-from edgerun.tensors import DATATYPE_TO_DTYPE, TensorSpec, datatype_of
+from edgerun.tensors import DATATYPE_TO_DTYPE, TensorSpec, datatype_of, pack_bytes, unpack_bytes
 
 HEADER_LENGTH = "inference-header-content-length"
 _LE_DTYPES = {k: v.newbyteorder("<") for k, v in DATATYPE_TO_DTYPE.items() if k not in ("BYTES", "BOOL")}
@@ -265,12 +264,10 @@ def _flatten(data: list, depth: int = 1) -> list:
 def tensor_from_binary(buf: memoryview, datatype: str, count: int, name: str) -> np.ndarray:
     """Raw little-endian bytes (BYTES: 4-byte length + bytes per element) as a flat array."""
     if datatype == "BYTES":
-        items = _unpack_bytes(buf, name)
+        items = unpack_bytes(buf, name, "binary data")
         if len(items) != count:
             raise bad_request(f"input {name!r}: shape needs {count} elements but the binary data holds {len(items)}")
-        arr = np.empty(count, dtype=object)
-        arr[:] = items
-        return arr
+        return items
     dtype = _LE_DTYPES[datatype]
     if len(buf) != count * dtype.itemsize:
         raise bad_request(f"input {name!r}: binary_data_size is {len(buf)} bytes but shape and {datatype} need "
@@ -278,34 +275,10 @@ def tensor_from_binary(buf: memoryview, datatype: str, count: int, name: str) ->
     return np.frombuffer(buf, dtype=dtype)
 
 
-def _unpack_bytes(buf: memoryview, name: str) -> list:
-    items = []
-    pos, end = 0, len(buf)
-    while pos < end:
-        if pos + 4 > end:
-            raise bad_request(f"input {name!r}: BYTES binary data ends inside an element's length prefix")
-        (n,) = struct.unpack_from("<I", buf, pos)
-        pos += 4
-        if pos + n > end:
-            raise bad_request(f"input {name!r}: BYTES element of {n} bytes runs past the end of its data")
-        raw = bytes(buf[pos:pos + n])
-        pos += n
-        try:
-            items.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            items.append(raw)
-    return items
-
-
 def tensor_to_binary(arr: np.ndarray) -> bytes:
     """The binary tensor data encoding of an array."""
     if arr.dtype.kind in "OSU":
-        parts = []
-        for x in arr.reshape(-1):
-            b = x if isinstance(x, bytes) else str(x).encode("utf-8")
-            parts.append(struct.pack("<I", len(b)))
-            parts.append(b)
-        return b"".join(parts)
+        return pack_bytes(arr)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     return np.ascontiguousarray(arr).tobytes()

@@ -153,7 +153,7 @@ def test_header_length_not_an_integer(http):
     assert "Inference-Header-Content-Length must be an integer" in r.json()["error"]
 
 
-@pytest.mark.parametrize("tail,message", [(b"\x05\x00\x00", "ends inside an element's length prefix"),
+@pytest.mark.parametrize("tail,message", [(b"\x05\x00\x00", "BYTES binary data ends inside an element's 4-byte length"),
                                           (b"\x05\x00\x00\x00ab", "element of 5 bytes runs past the end")])
 def test_bad_bytes_length_prefix(http, tail, message):
     doc = echo_request(in_BYTES={"data": None, "parameters": {"binary_data_size": len(tail)}})
