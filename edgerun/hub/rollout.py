@@ -2,7 +2,8 @@
 
 A rollout publishes the release on the per-device release topics of its devices (the contract's canary
 path), a canary first and then steps of the selection, waits for each device's ``active`` event, bakes, and
-promotes. When failures, rejections and time-outs pass the plan's threshold it aborts: every device it
+promotes. When failures, rejections and time-outs among the devices that finished pass the plan's threshold
+(the abort criteria, judged once enough devices finished and at the end of every stage) it aborts: every device it
 touched gets back the per-device release it had before, which makes the device fall back to the release
 it served and switch back to that kept version (the contract's explicit roll-back). A rollout of the whole
 fleet ends by moving the fleet's retained release and clearing the per-device ones. Its state lives in the
@@ -70,23 +71,27 @@ def _amount(value: str | float | int, total: int, what: str) -> float:
 
 @dataclass(frozen=True)
 class Plan:
-    """How a rollout proceeds: canary size, step, bake time, failure threshold, per-device time-out."""
+    """How a rollout proceeds: canary size, step, bake time, abort criteria, per-device time-out."""
 
     canary: int = 1
     step: str = "25%"
     bake: float = 60.0
     max_failures: str = "10%"
     timeout: float = 600.0
+    min_finished: int = 10  # a share in max_failures is judged from this many finished devices (and at a stage's end)
 
     @classmethod
     def parse(cls, *, canary: int = 1, step: str = "25%", bake: str | float = "60s", max_failures: str = "10%",
-              timeout: str | float = "10m") -> "Plan":
+              timeout: str | float = "10m", min_finished: int = 10) -> "Plan":
         try:
-            plan = cls(canary, str(step), parse_duration(bake), str(max_failures), parse_duration(timeout))
+            plan = cls(canary, str(step), parse_duration(bake), str(max_failures), parse_duration(timeout),
+                       min_finished)
         except ValueError as exc:
             raise RolloutError(str(exc)) from None
         if canary < 0:
             raise RolloutError(f"--canary: expected 0 or more devices, got {canary}")
+        if min_finished < 1:
+            raise RolloutError(f"--min-finished: expected 1 or more devices, got {min_finished}")
         if _amount(plan.step, 100, "--step") <= 0:
             raise RolloutError(f"--step: expected more than 0, got {plan.step!r}")
         _amount(plan.max_failures, 100, "--max-failures")
@@ -111,13 +116,28 @@ class Plan:
             left -= sizes[-1]
         return sizes
 
-    def allowed_failures(self, published: int) -> float:
-        """How many failures the devices published so far may have before the rollout aborts."""
-        return _amount(self.max_failures, published, "--max-failures")
+    @property
+    def share(self) -> bool:
+        """Whether ``max_failures`` is a share of the finished devices (else an absolute count)."""
+        return self.max_failures.strip().endswith("%")
+
+    def gate(self, failures: int, finished: int, stage_over: bool) -> str | None:
+        """Why the rollout aborts now, or None: the abort criteria over the devices whose update is over.
+
+        A count is judged at once; a share once ``min_finished`` devices finished, and always when a stage's
+        devices have all finished (before it can be promoted).
+        """
+        if not failures or (self.share and finished < self.min_finished and not stage_over):
+            return None
+        if failures <= _amount(self.max_failures, finished, "--max-failures"):
+            return None
+        return (f"{failures} of {finished} finished device(s) failed, timed out or were rejected: more than "
+                f"{self.max_failures}")
 
     def describe(self) -> str:
+        judged = f" of those finished (from {self.min_finished} on, and at each stage's end)" if self.share else ""
         return (f"canary {self.canary}, steps of {self.step}, bake {self.bake:g}s, abort above "
-                f"{self.max_failures} failures, {self.timeout:g}s per device")
+                f"{self.max_failures} failures{judged}, {self.timeout:g}s per device")
 
 
 # --- selecting devices ------------------------------------------------------------------------------
@@ -308,10 +328,11 @@ class RolloutRunner:
         if r.state in ("running", "paused"):
             self._track_updates()
             failures = sum(1 for d in self.devices.values() if d.state in FAILURES)
-            published = sum(1 for d in self.devices.values() if d.state != "pending")
-            if failures and failures > self.plan.allowed_failures(published):
-                self._begin_abort(f"{failures} of {published} device(s) failed, timed out or were rejected: "
-                                  f"more than {self.plan.max_failures}")
+            finished = sum(1 for d in self.devices.values() if d.state in DONE)
+            stage = [d for d in self.devices.values() if d.stage == r.stage]
+            why = self.plan.gate(failures, finished, bool(stage) and all(d.state in DONE for d in stage))
+            if why:
+                self._begin_abort(why)
             elif r.state == "running":
                 self._advance()
         if self.rollout.state == "aborting":

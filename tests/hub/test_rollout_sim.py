@@ -124,24 +124,39 @@ def test_a_staged_rollout_reaches_every_device_stage_after_stage(setup):
 
 
 def test_injected_failures_abort_at_the_first_gate_and_the_canary_rolls_back(setup):
-    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=100, seed=3) as fleet:
+    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=100, seed=3, fail_mode="spread") as fleet:
         setup.publish(1)
         wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
-        fleet.fail_rate = 0.3  # from now on 30% of the devices fail an update
+        fleet.fail_rate = 0.2  # from now on exactly one update in five fails: two in a canary of 10
         setup.upload(2)
-        final, _ = setup.rollout(2, canary=20, step="25%", bake="0.3s", max_failures="10%", timeout="30s")
-        assert final.state == "aborted" and "more than 10%" in final.reason, final.reason
+        final, _ = setup.rollout(2, canary=10, step="25%", bake="0.3s", max_failures="10%", timeout="30s")
+        assert final.state == "aborted" and "finished device(s) failed" in final.reason, final.reason
         devices = {d.device: d for d in setup.registry.rollout_devices(final.id)}
         assert {d.stage for d in devices.values() if d.state != "pending"} == {0}  # stopped at the first gate
         assert all(d.state in ("reverted", "pending") for d in devices.values()), \
             {d.device: d.state for d in devices.values()}
         wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere again")
         canary = [d for d in devices.values() if d.stage == 0]
-        failed = [d for d in canary if fleet.will_fail(d.device, 2)]
-        assert failed and len(failed) > 2  # 30% of 20: the gate of 10% is passed by the third failure at the latest
+        assert len(canary) == 10 and sum(fleet.will_fail(d.device, 2) for d in canary) == 2
+        log = [m for _, m in setup.registry.rollout_log(final.id)]
+        assert not any("stage 2 starts" in m for m in log), log
     with Connection(Broker(port=setup.broker.port), persistent=False) as c:
         left = c.collect([setup.topics.releases_filter("+")], quiet=0.5)
     assert not any(left.values()), "the per-device releases of the canary were not put back"
+
+
+def test_the_gate_judges_the_devices_that_finished_once_enough_did_and_at_each_stage_end():
+    plan = Plan.parse(canary=10, step="25%", max_failures="10%", min_finished=10)
+    assert plan.gate(1, 10, stage_over=True) is None  # one failure in a canary of 10 is allowed
+    assert plan.gate(2, 10, stage_over=True) == ("2 of 10 finished device(s) failed, timed out or were rejected: "
+                                                 "more than 10%")
+    # stage 2 published (260 devices): the share is of those finished, not of those published
+    assert plan.gate(3, 14, stage_over=False) is not None
+    assert plan.gate(1, 5, stage_over=False) is None  # too few finished to judge a share yet ...
+    assert plan.gate(1, 5, stage_over=True) is not None  # ... but a stage is never promoted past its gate
+    assert Plan.parse(max_failures="2").gate(3, 3, stage_over=False) is not None  # a count is judged at once
+    with pytest.raises(RolloutError, match="--min-finished: expected 1 or more"):
+        Plan.parse(min_finished=0)
 
 
 def test_devices_that_never_answer_time_out_and_count_as_failures(setup):
