@@ -274,14 +274,17 @@ class Status:
     contract: str = CONTRACT_VERSION
     ts: float = field(default_factory=time.time)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "fleet": self.fleet, "contract": self.contract, "ts": self.ts,
+                "session": self.session, "profile": self.profile, "tags": dict(self.tags),
+                "backends": [b.to_dict() for b in self.backends],
+                "models": [m.to_dict() for m in self.models],
+                "update": self.update.to_dict() if self.update else None,
+                "updates": {k: u.to_dict() for k, u in self.updates.items()},
+                "memory": dict(self.memory)}
+
     def to_payload(self) -> bytes:
-        return _dump({"device": self.device, "fleet": self.fleet, "contract": self.contract, "ts": self.ts,
-                      "session": self.session, "profile": self.profile, "tags": dict(self.tags),
-                      "backends": [b.to_dict() for b in self.backends],
-                      "models": [m.to_dict() for m in self.models],
-                      "update": self.update.to_dict() if self.update else None,
-                      "updates": {k: u.to_dict() for k, u in self.updates.items()},
-                      "memory": dict(self.memory)})
+        return _dump(self.to_dict())
 
     @classmethod
     def from_payload(cls, payload: bytes, device: str | None = None) -> "Status | None":

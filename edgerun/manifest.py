@@ -10,14 +10,16 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgerun.errors import EdgerunError, ManifestError
-from edgerun.package import ModelPackage, Variant
+
+if TYPE_CHECKING:  # imported by parse(): a hub that only signs and digests releases does not load numpy
+    from edgerun.package import ModelPackage, Variant
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,8 @@ def check(obj: dict[str, Any], key_id: str, *, topic_model: str | None = None, n
     if pkg_data.get("name") != model or pkg_data.get("version") != version:
         raise ManifestError(f"manifest names {model!r} v{version} but its package is "
                             f"{pkg_data.get('name')!r} v{pkg_data.get('version')!r}")
+    from edgerun.package import ModelPackage
+
     try:
         pkg = ModelPackage.from_dict({**pkg_data, "variants": variants}, source="release manifest")
     except EdgerunError as exc:

@@ -12,7 +12,6 @@ registry, so another hub process can pick it up after a crash (``resume``).
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import logging
 import math
@@ -27,6 +26,7 @@ from edgerun.contract import FAILED, Event, Topics
 from edgerun.errors import EdgerunError
 from edgerun.hub.publish import encode
 from edgerun.hub.registry import DeviceRecord, Registry, RegistryError, RolloutDevice, RolloutRecord
+from edgerun.hub.select import check_selector, matches
 from edgerun.hub.watch import FleetWatch
 from edgerun.units import parse_duration
 
@@ -140,42 +140,7 @@ class Plan:
                 f"{self.max_failures} failures{judged}, {self.timeout:g}s per device")
 
 
-# --- selecting devices ------------------------------------------------------------------------------
-
-def _values(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def check_selector(selector: list[str]) -> None:
-    for s in selector:
-        key, sep, value = s.partition("=")
-        if s == "online":
-            continue
-        if not sep or not value or not (key in ("profile", "devices") or key.startswith("tag:") and key[4:]):
-            raise RolloutError(f"--select {s!r}: expected tag:NAME=VALUE, profile=NAME, devices=ID,ID or online "
-                               f"(values may be patterns such as pi-*)")
-
-
-def matches(device: DeviceRecord, selector: list[str]) -> bool:
-    """True when ``device`` matches every selector term (values separated by commas: any of them)."""
-    for s in selector:
-        if s == "online":
-            if not device.online:
-                return False
-            continue
-        key, _, value = s.partition("=")
-        if key == "profile":
-            have = device.profile
-        elif key == "devices":
-            have = device.device
-        else:
-            have = device.tags.get(key[4:])
-            if have is None:
-                return False
-        if not any(fnmatch.fnmatchcase(have, pat) for pat in _values(value)):
-            return False
-    return True
-
+# --- ordering devices --------------------------------------------------------------------------------
 
 def order(devices: list[DeviceRecord], seed: str) -> list[DeviceRecord]:
     """Online devices first (a canary must answer), then a stable spread over the fleet."""
@@ -532,5 +497,5 @@ def runner_alive(r: RolloutRecord, now: float | None = None) -> bool:
     return r.heartbeat is not None and (now or time.time()) - r.heartbeat < STALE_RUNNER
 
 
-__all__ = ["Plan", "Progress", "RolloutError", "RolloutRunner", "RegistryError", "Start", "check_selector",
-           "matches", "request", "runner_alive", "runner_name", "start_rollout"]
+__all__ = ["Plan", "Progress", "RolloutError", "RolloutRunner", "RegistryError", "Start", "request", "runner_alive",
+           "runner_name", "start_rollout"]

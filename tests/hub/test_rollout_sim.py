@@ -17,6 +17,7 @@ from edgerun.hub.keys import generate
 from edgerun.hub.publish import build_manifest, encode
 from edgerun.hub.registry import Registry
 from edgerun.hub.rollout import Plan, RolloutError, RolloutRunner, request, start_rollout
+from edgerun.hub.select import SelectorError
 from edgerun.hub.watch import FleetWatch
 from edgerun.manifest import load_private_key, sign
 from edgerun.mqtt import Broker, Connection
@@ -210,7 +211,7 @@ def test_bad_rollouts_are_refused_with_a_clear_message(setup):
             setup.upload(2)
             with pytest.raises(RolloutError, match="no device of fleet .* matches tag:site=mars"):
                 start(2, ["tag:site=mars"])
-            with pytest.raises(RolloutError, match="expected tag:NAME=VALUE"):
+            with pytest.raises(SelectorError, match="expected tag:NAME=VALUE"):
                 start(2, ["site=berlin"])
             first = start(2)
             with pytest.raises(RolloutError, match=f"rollout {first.rollout.id} of digits v2 is already running"):
