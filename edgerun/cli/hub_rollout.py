@@ -48,7 +48,10 @@ def progress_table(p: "Progress") -> Table:
     style = STATE_STYLE.get(r.state, "white")
     title = (f"rollout {r.id}: {r.model} v{r.version} [{style}]{r.state}[/] (stage {min(r.stage + 1, p.stages)} of "
              f"{p.stages})")
-    t = Table(title=title, caption=escape(r.reason or ""))
+    caption = r.reason or ""
+    if p.problem:
+        caption += ("; " if caption else "") + f"registry unavailable, retrying: {p.problem}"
+    t = Table(title=title, caption=escape(caption))
     t.add_column("stage")
     for col in COLUMNS:
         t.add_column(col.replace("_", " "), justify="right")

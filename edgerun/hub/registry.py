@@ -38,6 +38,10 @@ class RegistryError(EdgerunError):
     exit_code = 69
 
 
+class RolloutTakenOver(RegistryError):
+    """Another hub runs this rollout now (it took it over while this one's heartbeat had stopped)."""
+
+
 def default_url() -> str:
     """``EDGERUN_HUB_DB``, else a SQLite file under ``$XDG_DATA_HOME/edgerun`` (``~/.local/share``)."""
     env = os.environ.get(DB_ENV)
@@ -564,7 +568,7 @@ class Registry:
             if expect_runner is not None:
                 q = q.where(rollouts.c.runner == expect_runner)
             if db.execute(q.values(updated_at=now, **values)).rowcount == 0:
-                raise RegistryError(f"rollout {rid} is run by another hub now")
+                raise RolloutTakenOver(f"rollout {rid} is run by another hub now")
             if log_message:
                 db.execute(rollout_log.insert().values(rollout_id=rid, ts=now, message=log_message))
         return self.rollout(rid)

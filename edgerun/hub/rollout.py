@@ -25,7 +25,8 @@ from edgerun import manifest as manifest_mod
 from edgerun.contract import FAILED, Event, Topics
 from edgerun.errors import EdgerunError
 from edgerun.hub.publish import encode
-from edgerun.hub.registry import DeviceRecord, Registry, RegistryError, RolloutDevice, RolloutRecord
+from edgerun.hub.registry import (DeviceRecord, Registry, RegistryError, RolloutDevice, RolloutRecord,
+                                  RolloutTakenOver)
 from edgerun.hub.select import check_selector, matches
 from edgerun.hub.watch import FleetWatch
 from edgerun.units import parse_duration
@@ -33,6 +34,7 @@ from edgerun.units import parse_duration
 log = logging.getLogger(__name__)
 
 TICK = 0.25  # seconds between looks at the fleet
+DB_RETRY = 1.0  # seconds between two tries while the registry cannot be used
 STALE_RUNNER = 15.0  # a runner whose heartbeat is older than this is gone: another hub may take over
 CLOCK_SLACK = 120.0  # a device's status time may lag or lead the hub's by this much
 DONE = ("active", "failed", "timed_out")  # a device whose update is over, one way or the other
@@ -167,9 +169,14 @@ def start_rollout(registry: Registry, watch: FleetWatch, key: Any, key_id: str, 
     check_selector(selector)
     release = registry.release(fleet, model, version)
     if release is None:
-        known = sorted({f"{r.model} v{r.version}" for r in registry.releases(fleet)})
-        raise RolloutError(f"no release of {model} v{version} in the registry of fleet {fleet!r} "
-                           f"(known: {', '.join(known) or 'none'}); upload it first: edgerun hub upload PACKAGE")
+        known = registry.releases(fleet)
+        versions = sorted({r.version for r in known if r.model == model})
+        if not versions:
+            models = sorted({r.model for r in known})
+            raise RolloutError(f"no model {model!r} in the registry of fleet {fleet!r} (models released: "
+                               f"{', '.join(models) or 'none'}); upload it first: edgerun hub upload PACKAGE")
+        raise RolloutError(f"no release of {model} v{version} in the registry of fleet {fleet!r} (its versions: "
+                           f"{', '.join(f'v{v}' for v in versions)}); upload it first: edgerun hub upload PACKAGE")
     busy = registry.active_rollout(fleet, model)
     if busy is not None:
         raise RolloutError(f"rollout {busy.id} of {model} v{busy.version} is already {busy.state}; "
@@ -213,6 +220,7 @@ class Progress:
 
     rollout: RolloutRecord
     devices: list[RolloutDevice]
+    problem: str | None = None  # why the registry cannot be written now (the runner goes on and retries)
 
     def counts(self, stage: int | None = None) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -246,6 +254,10 @@ class RolloutRunner:
         self.payload = encode(release.signed())
         self.devices = {d.device: d for d in registry.rollout_devices(rollout_id)}
         self._seen: dict[str, list[tuple[Event, float]]] = {}  # device -> (event, when the hub received it)
+        self._unsaved: dict[str, dict[str, Any]] = {}  # device changes the registry has not taken yet
+        self._offline = False  # following the devices in memory only, while the registry cannot be used
+        self.db_error: str | None = None  # why the registry cannot be used now
+        self._down_since: float | None = None
         self._stop = False
         since = min((d.published_at for d in self.devices.values() if d.published_at), default=None)
         if since is not None:  # what devices reported while no hub ran this rollout
@@ -271,19 +283,68 @@ class RolloutRunner:
         self._stop = True
 
     def run(self) -> RolloutRecord:
+        """Look at the fleet every tick until the rollout ends. While the registry cannot be used (down,
+        locked) the runner says so once, follows the devices in memory, retries, and writes what it saw when
+        the registry is back; decisions (a gate, a promotion, the end) wait for it. Only another hub taking the
+        rollout over ends the run here (``RolloutTakenOver``)."""
         self.watch.add_listener(self._listen)
         try:
             while not self._stop:
-                self.rollout = self.registry.heartbeat(self.rollout.id, self.runner)
-                self._step()
+                self._tick()
                 if self.on_progress is not None:
-                    self.on_progress(Progress(self.rollout, list(self.devices.values())))
+                    self.on_progress(Progress(self.rollout, list(self.devices.values()), self.db_error))
                 if not self.rollout.in_progress:
                     break
-                time.sleep(self.tick)
+                time.sleep(self.tick if self.db_error is None else max(self.tick, DB_RETRY))
         finally:
             self.watch.remove_listener(self._listen)
+            self._last_write()
         return self.rollout
+
+    def _tick(self) -> None:
+        try:
+            self.rollout = self.registry.heartbeat(self.rollout.id, self.runner)
+            self._write_devices()
+            if self.db_error is not None:
+                self._registry_back()
+            self._step()
+        except RolloutTakenOver:
+            raise
+        except RegistryError as exc:
+            self._registry_down(exc)
+            self._follow_in_memory()
+
+    def _follow_in_memory(self) -> None:
+        """Note the devices' outcomes without the registry (written when it is back)."""
+        self._offline = True
+        try:
+            if self.rollout.state in ("running", "paused"):
+                self._track_updates()
+            elif self.rollout.state == "aborting":
+                self._track_reverts()
+        finally:
+            self._offline = False
+
+    def _last_write(self) -> None:
+        try:
+            self._write_devices()
+        except RegistryError as exc:
+            log.warning("rollout %d: %d device change(s) not written (%s); the hub that resumes the rollout reads "
+                        "them again from the devices' events and statuses", self.rollout.id, len(self._unsaved), exc)
+
+    def _registry_down(self, exc: RegistryError) -> None:
+        if self.db_error is None:
+            self._down_since = time.time()
+            log.warning("rollout %d: %s; the runner keeps the rollout's state and goes on, retrying every %gs",
+                        self.rollout.id, exc, max(self.tick, DB_RETRY))
+        self.db_error = str(exc)
+
+    def _registry_back(self) -> None:
+        took = time.time() - (self._down_since or time.time())
+        message = (f"the registry could not be used for {took:.0f}s ({self.db_error}); the runner kept the "
+                   f"rollout's state and went on")
+        self._set(log_message=message)
+        self.db_error, self._down_since = None, None
 
     def _step(self) -> None:
         r = self.rollout
@@ -301,7 +362,9 @@ class RolloutRunner:
             elif r.state == "running":
                 self._advance()
         if self.rollout.state == "aborting":
+            self._revert_touched()
             self._track_reverts()
+            self._end_abort()
 
     def _handle_request(self, request: str) -> None:
         r = self.rollout
@@ -321,11 +384,16 @@ class RolloutRunner:
                                                     log_message=log_message, **values)
 
     def _save(self, changed: dict[str, dict[str, Any]]) -> None:
-        if not changed:
-            return
-        self.registry.set_rollout_devices(self.rollout.id, changed.items())
+        """Devices change here at once; the registry takes the changes now, or when it is back."""
         for name, values in changed.items():
             self.devices[name] = replace(self.devices[name], **values)
+            self._unsaved.setdefault(name, {}).update(values)
+        self._write_devices()
+
+    def _write_devices(self) -> None:
+        if self._unsaved and not self._offline:
+            self.registry.set_rollout_devices(self.rollout.id, self._unsaved.items())
+            self._unsaved.clear()
 
     def _publish(self, names: list[str], payloads: dict[str, bytes]) -> None:
         conn = self.watch.conn
@@ -436,10 +504,16 @@ class RolloutRunner:
 
     def _begin_abort(self, reason: str) -> None:
         self._set(state="aborting", request=None, reason=reason, log_message=f"aborting: {reason}")
+        self._revert_touched()
+
+    def _revert_touched(self) -> None:
+        """Give every device the rollout touched and has not dealt with yet its own release as it was before."""
         now = time.time()
-        touched = [d for d in self.devices.values() if d.state != "pending"]
+        touched = [d for d in self.devices.values() if d.state not in (*SETTLED, "reverting", "pending")]
+        if not touched:
+            return
         payloads = {d.device: (d.before_release or "").encode() for d in touched}
-        self._publish([d.device for d in touched], payloads)  # each device's own release as it was before
+        self._publish([d.device for d in touched], payloads)
         changed = {}
         for d in touched:
             if d.before_version is None and d.state == "active":
@@ -466,9 +540,11 @@ class RolloutRunner:
                                                f"{self.plan.timeout:g}s: its release names it, it switches when "
                                                f"it is back"[:500]}
         self._save(changed)
+
+    def _end_abort(self) -> None:
         if all(d.state in SETTLED or d.state == "pending" for d in self.devices.values()):
             c = Progress(self.rollout, list(self.devices.values())).counts()
-            self._set(state="aborted", finished_at=now, log_message=(
+            self._set(state="aborted", finished_at=time.time(), log_message=(
                 f"aborted: {c.get('reverted', 0)} rolled back, {c.get('kept', 0)} kept the new version, "
                 f"{c.get('revert_timed_out', 0)} not confirmed, {c.get('pending', 0)} never updated"))
 

@@ -1,9 +1,12 @@
-"""Staged rollouts over simulated fleets: promotion, the failure gate, time-outs, pause, bad input, a hub crash."""
+"""Staged rollouts over simulated fleets: promotion, the failure gate, time-outs, pause, bad input, a hub crash.
+
+The staged rollout and the abort at the first gate also run with the registry on PostgreSQL (the watcher and
+the runner write there), when a server runs on 127.0.0.1:5432.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,107 +15,28 @@ import time
 
 import pytest
 
-from edgerun.contract import Topics
-from edgerun.hub.keys import generate
-from edgerun.hub.publish import build_manifest, encode
-from edgerun.hub.registry import Registry
 from edgerun.hub.rollout import Plan, RolloutError, RolloutRunner, request, start_rollout
 from edgerun.hub.select import SelectorError
-from edgerun.hub.watch import FleetWatch
-from edgerun.manifest import load_private_key, sign
 from edgerun.mqtt import Broker, Connection
 from edgerun.testing.fleet import SimFleet
-from edgerun.testing.mosquitto import Mosquitto, find_mosquitto
+from edgerun.testing.mosquitto import find_mosquitto
+from rollout_helpers import CLI, all_on, wait_for
 
 if find_mosquitto() is None:
     pytest.skip("mosquitto is not installed", allow_module_level=True)
 
-CLI = "import sys; from edgerun.cli import main; sys.exit(main())"
+REGISTRIES = pytest.mark.parametrize("setup", ["sqlite", "postgresql"], indirect=True)
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    with Mosquitto(tmp_path_factory.mktemp("broker")) as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    generate(d, "hub-t")
-    return d
-
-
-class Setup:
-    """A fleet name, its registry, a signing key and helpers to release versions of digits."""
-
-    def __init__(self, broker, keys, tmp_path, package, fleet: str):
-        self.broker, self.keydir, self.tmp = broker, keys, tmp_path
-        self.package = package
-        self.fleet = fleet
-        self.topics = Topics(fleet)
-        self.db = f"sqlite:///{tmp_path / 'hub.db'}"
-        self.registry = Registry(self.db)
-        self.key = load_private_key(keys / "hub-t.key")
-
-    def manifest(self, version: int) -> dict:
-        m = build_manifest(self.package)
-        m["version"] = version
-        m["package"]["version"] = version
-        return sign(m, self.key, "hub-t")
-
-    def publish(self, version: int) -> dict:
-        """The whole fleet at once (the state before a rollout)."""
-        signed = self.manifest(version)
-        self.registry.record_release(self.fleet, signed, source="publish")
-        with Connection(Broker(port=self.broker.port), persistent=False) as c:
-            c.wait([c.publish(self.topics.release("digits"), encode(signed), retain=True)])
-        return signed
-
-    def upload(self, version: int) -> None:
-        self.registry.record_release(self.fleet, self.manifest(version), source="upload")
-
-    def watch(self) -> FleetWatch:
-        return FleetWatch(Broker(port=self.broker.port), self.topics, self.registry, name="test")
-
-    def rollout(self, version: int, *, selector=(), **plan) -> tuple[object, list]:
-        progress = []
-        with self.watch() as w:
-            start = start_rollout(self.registry, w, self.key, "hub-t", "digits", version, selector=list(selector),
-                                  plan=Plan.parse(**plan), runner="test:1")
-            runner = RolloutRunner(self.registry, w, start.rollout.id, runner="test:1", tick=0.1,
-                                   on_progress=progress.append)
-            final = runner.run()
-        return final, progress
-
-
-def wait_for(pred, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def setup(broker, keys, tmp_path, digits_package, request):
-    return Setup(broker, keys, tmp_path, digits_package, f"s{abs(hash(request.node.name)) % 10**8}")
-
-
-def _all_on(fleet: SimFleet, version: int) -> bool:
-    return all(d.active.get("digits") == version for d in fleet.devices.values())
-
-
+@REGISTRIES
 def test_a_staged_rollout_reaches_every_device_stage_after_stage(setup):
     with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=200, seed=1) as fleet:
         setup.publish(1)
-        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         setup.upload(2)
         final, progress = setup.rollout(2, canary=5, step="50%", bake="0.3s", max_failures="10%", timeout="30s")
         assert final.state == "succeeded", final.reason
-        wait_for(lambda: _all_on(fleet, 2), what="v2 everywhere")
+        wait_for(lambda: all_on(fleet, 2), what="v2 everywhere")
     devices = setup.registry.rollout_devices(final.id)
     assert [sum(1 for d in devices if d.stage == s) for s in range(3)] == [5, 100, 95]
     for s in (1, 2):  # no device of a stage was published before the stage before it had finished and baked
@@ -124,10 +48,11 @@ def test_a_staged_rollout_reaches_every_device_stage_after_stage(setup):
     assert any("stage 1:" in m and "baking" in m for m in log) and "succeeded" in log[-1]
 
 
+@REGISTRIES
 def test_injected_failures_abort_at_the_first_gate_and_the_canary_rolls_back(setup):
     with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=100, seed=3, fail_mode="spread") as fleet:
         setup.publish(1)
-        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         fleet.fail_rate = 0.2  # from now on exactly one update in five fails: two in a canary of 10
         setup.upload(2)
         final, _ = setup.rollout(2, canary=10, step="25%", bake="0.3s", max_failures="10%", timeout="30s")
@@ -136,7 +61,7 @@ def test_injected_failures_abort_at_the_first_gate_and_the_canary_rolls_back(set
         assert {d.stage for d in devices.values() if d.state != "pending"} == {0}  # stopped at the first gate
         assert all(d.state in ("reverted", "pending") for d in devices.values()), \
             {d.device: d.state for d in devices.values()}
-        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere again")
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere again")
         canary = [d for d in devices.values() if d.stage == 0]
         assert len(canary) == 10 and sum(fleet.will_fail(d.device, 2) for d in canary) == 2
         log = [m for _, m in setup.registry.rollout_log(final.id)]
@@ -164,7 +89,7 @@ def test_devices_that_never_answer_time_out_and_count_as_failures(setup):
     silent = {"sim-0003", "sim-0007"}
     with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=10, seed=5) as fleet:
         setup.publish(1)
-        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         fleet.silent_devices |= silent  # two devices hang from now on
         setup.upload(2)
         final, _ = setup.rollout(2, canary=10, bake="0s", max_failures="1", timeout="2s")
@@ -178,7 +103,7 @@ def test_devices_that_never_answer_time_out_and_count_as_failures(setup):
 def test_a_paused_rollout_starts_no_stage_until_resumed(setup):
     with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=20, seed=7) as fleet:
         setup.publish(1)
-        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         setup.upload(2)
         with setup.watch() as w:
             start = start_rollout(setup.registry, w, setup.key, "hub-t", "digits", 2, selector=[],
@@ -194,20 +119,24 @@ def test_a_paused_rollout_starts_no_stage_until_resumed(setup):
             request(setup.registry, start.rollout.id, "resume")
             thread.join(30)
         assert setup.registry.rollout(start.rollout.id).state == "succeeded"
-        wait_for(lambda: _all_on(fleet, 2), what="v2 everywhere")
+        wait_for(lambda: all_on(fleet, 2), what="v2 everywhere")
 
 
 def test_bad_rollouts_are_refused_with_a_clear_message(setup):
     with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=5, seed=9) as fleet:
         setup.publish(1)
-        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         with setup.watch() as w:
             def start(version, selector=()):
                 return start_rollout(setup.registry, w, setup.key, "hub-t", "digits", version, selector=list(selector),
                                      plan=Plan(), runner="test:1")
 
-            with pytest.raises(RolloutError, match="no release of digits v7 .* upload it first"):
+            with pytest.raises(RolloutError, match=r"no release of digits v7 .* \(its versions: v1\); upload it first"):
                 start(7)
+            with pytest.raises(RolloutError, match=r"no model 'digitz' in the registry .* \(models released: "
+                                                   r"digits\); upload it first"):
+                start_rollout(setup.registry, w, setup.key, "hub-t", "digitz", 1, selector=[], plan=Plan(),
+                              runner="test:1")
             setup.upload(2)
             with pytest.raises(RolloutError, match="no device of fleet .* matches tag:site=mars"):
                 start(2, ["tag:site=mars"])
@@ -216,6 +145,11 @@ def test_bad_rollouts_are_refused_with_a_clear_message(setup):
             first = start(2)
             with pytest.raises(RolloutError, match=f"rollout {first.rollout.id} of digits v2 is already running"):
                 start(2)
+    for args, code, says in ((["digitz", "1"], 65, "no model 'digitz'"), (["digits", "9"], 65, "no release of digits v9"),
+                             (["digits", "2", "--select", "site=x"], 65, "expected tag:NAME=VALUE")):
+        r = setup.cli("rollout", "start", *args)
+        assert r.returncode == code and says in r.stderr, (args, r.returncode, r.stderr)
+    assert [r.state for r in setup.registry.rollouts(setup.fleet)] == ["running"]  # only the first, nothing more
     with pytest.raises(RolloutError, match="--step: expected a count or a percentage"):
         Plan.parse(step="a quarter")
     with pytest.raises(RolloutError, match="expected a duration"):
@@ -225,10 +159,9 @@ def test_bad_rollouts_are_refused_with_a_clear_message(setup):
 def test_a_hub_killed_mid_rollout_loses_nothing_and_resume_finishes_it(setup):
     with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=30, seed=11) as fleet:
         setup.publish(1)
-        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         setup.upload(2)
-        env = {**os.environ, "EDGERUN_HUB_DB": setup.db, "EDGERUN_HUB_KEY": str(setup.keydir / "hub-t.key")}
-        common = ["--fleet", setup.fleet, "--host", "127.0.0.1", "--port", str(setup.broker.port)]
+        env, common = setup.env(), setup.common
         hub = subprocess.Popen([sys.executable, "-c", CLI, "hub", "rollout", "start", "digits", "2", "--canary", "3",
                                 "--step", "50%", "--bake", "2s", *common], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -248,7 +181,7 @@ def test_a_hub_killed_mid_rollout_loses_nothing_and_resume_finishes_it(setup):
                                  env=env, capture_output=True, text=True, timeout=120)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert "succeeded" in resumed.stdout
-        wait_for(lambda: _all_on(fleet, 2), what="v2 everywhere")
+        wait_for(lambda: all_on(fleet, 2), what="v2 everywhere")
     devices = setup.registry.rollout_devices(1)
     assert {d.state for d in devices} == {"active"} and len(devices) == 30
     status = json.loads(subprocess.run([sys.executable, "-c", CLI, "hub", "rollout", "status", "1", "--json", *common],
