@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TOPIC_ROOT = "edgerun/v1"
-CONTRACT_VERSION = "1.1"  # what a device's status says it speaks; additive changes raise the minor
+CONTRACT_VERSION = "1.2"  # what a device's status says it speaks; additive changes raise the minor
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # fleet, device and model names: one safe topic level
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -24,6 +24,12 @@ IN_PROGRESS = ("queued", "downloading", "verifying", "staged", "warming")
 FINAL = ("active", "failed", "rejected", "rolled_back", "retired")
 FAILED = ("failed", "rejected", "rolled_back")  # a final state in which the release is not served
 STATES = IN_PROGRESS + FINAL
+
+
+def contract_key(version: object) -> tuple[int, int]:
+    """``"1.2"`` as ``(1, 2)``, to compare versions; a status that names none (or garbage) speaks 1.0."""
+    major, _, minor = str(version).partition(".")
+    return (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (1, 0)
 
 
 def valid_name(value: object) -> bool:

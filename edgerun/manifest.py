@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # imported by parse(): a hub that only signs and digests rele
 log = logging.getLogger(__name__)
 
 SCHEMA = "edgerun.release/1"
+OLD_FORMATS = ("onnx", "openvino", "tflite")  # the only variant formats a device before contract 1.2 accepts
 SIGNATURE_ALG = "ed25519"
 _TOP_KEYS = {"schema", "model", "version", "created", "expires", "package", "variants", "signature"}
 
@@ -153,6 +154,19 @@ def check(obj: dict[str, Any], key_id: str, *, topic_model: str | None = None, n
 def digest(obj: Mapping[str, Any]) -> str:
     """Identifies one publish of a release: sha256 of the canonical JSON including the signature."""
     return hashlib.sha256(_canonical(obj)).hexdigest()
+
+
+def contract_needed(obj: Mapping[str, Any]) -> str:
+    """The oldest contract version whose devices take this manifest: "1.2" when it carries a member that 1.2
+    added (a device before 1.2 refuses unknown members), else "1.0"."""
+    pkg = obj.get("package") if isinstance(obj.get("package"), dict) else {}
+    variants = [v for v in obj.get("variants") or [] if isinstance(v, dict)]
+    if "validation" in pkg or any("failed" in v or "info" in v or v.get("format") not in OLD_FORMATS
+                                  or any(isinstance(m, dict) and "latency_err_ms" in m
+                                         for m in (v.get("measured") or {}).values())
+                                  for v in variants):
+        return "1.2"
+    return "1.0"
 
 
 def payload_digest(payload: bytes) -> str:

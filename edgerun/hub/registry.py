@@ -216,7 +216,9 @@ class DeviceRecord:
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "online": self.online, "session": self.session, "profile": self.profile,
                 "tags": self.tags, "models": self.models, "update": self.update, "last_error": self.last_error,
-                "memory": (self.status or {}).get("memory") or {}, "first_seen": self.first_seen,
+                "memory": (self.status or {}).get("memory") or {},
+                "contract": (self.status or {}).get("contract") if self.status is not None else None,
+                "first_seen": self.first_seen,
                 "last_seen": self.last_seen, "status_ts": self.status_ts}
 
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 from edgerun import manifest as manifest_mod
-from edgerun.contract import FAILED, Event, Topics
+from edgerun.contract import FAILED, Event, Topics, contract_key
 from edgerun.errors import EdgerunError
 from edgerun.hub.publish import encode
 from edgerun.hub.registry import (DeviceRecord, Registry, RegistryError, RolloutDevice, RolloutRecord,
@@ -188,15 +188,20 @@ def start_rollout(registry: Registry, watch: FleetWatch, key: Any, key_id: str, 
         what = " and ".join(selector) if selector else "the whole fleet"
         raise RolloutError(f"no device of fleet {fleet!r} matches {what} ({len(everyone)} device(s) known; "
                            f"`edgerun hub status` lists them)")
+    needed = manifest_mod.contract_needed(release.signed())
     skipped, targets = [], []
     for d in chosen:
         have = d.version_of(model)
+        speaks = d.status.get("contract", "1.0") if d.status is not None else None  # None: never reported
         if have is not None and have > version:
             skipped.append((d.device, f"serves v{have}, newer than v{version}"))
+        elif speaks is not None and contract_key(speaks) < contract_key(needed):
+            skipped.append((d.device, f"speaks contract {speaks}; this release needs {needed} and it would refuse "
+                                      f"it: update edgerun on it first"))
         else:
             targets.append(d)
     if not targets:
-        raise RolloutError(f"every selected device already serves a newer {model}: "
+        raise RolloutError(f"no selected device can take {model} v{version}: "
                            + ", ".join(f"{d} ({why})" for d, why in skipped[:5]))
     unsigned = {k: v for k, v in release.signed().items() if k != "signature"}
     unsigned["created"] = manifest_mod.utc_now()  # a new digest: devices that failed an earlier try take it

@@ -35,10 +35,12 @@ class Setup:
         self.registry = Registry(self.db)
         self.key = load_private_key(keys / "hub-t.key")
 
-    def manifest(self, version: int) -> dict:
+    def manifest(self, version: int, edit: Callable[[dict], Any] | None = None) -> dict:
         m = build_manifest(self.package)
         m["version"] = version
         m["package"]["version"] = version
+        if edit is not None:
+            edit(m)
         return sign(m, self.key, "hub-t")
 
     def publish(self, version: int) -> dict:
@@ -49,8 +51,8 @@ class Setup:
             c.wait([c.publish(self.topics.release("digits"), encode(signed), retain=True)])
         return signed
 
-    def upload(self, version: int) -> None:
-        self.registry.record_release(self.fleet, self.manifest(version), source="upload")
+    def upload(self, version: int, edit: Callable[[dict], Any] | None = None) -> None:
+        self.registry.record_release(self.fleet, self.manifest(version, edit), source="upload")
 
     def watch(self, registry: Registry | None = None) -> FleetWatch:
         return FleetWatch(Broker(port=self.broker.port), self.topics, registry or self.registry, name="test")

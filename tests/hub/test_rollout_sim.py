@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from edgerun.contract import State, Status
 from edgerun.hub.rollout import Plan, RolloutError, RolloutRunner, request, start_rollout
 from edgerun.hub.select import SelectorError
 from edgerun.mqtt import Broker, Connection
@@ -154,6 +155,40 @@ def test_bad_rollouts_are_refused_with_a_clear_message(setup):
         Plan.parse(step="a quarter")
     with pytest.raises(RolloutError, match="expected a duration"):
         Plan.parse(bake="soon")
+
+
+def test_devices_on_an_older_contract_are_skipped_for_a_release_they_would_refuse(setup):
+    old = {"old-11": "1.1", "old-10": None}  # None: a status without "contract", as 1.0 devices send it
+    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=4, seed=13) as fleet, \
+            Connection(Broker(port=setup.broker.port), persistent=False) as c:
+        for name, contract in old.items():
+            data = Status(name, setup.fleet, 1, "raspberry-pi-4", contract=contract or "1.0").to_dict()
+            if contract is None:
+                del data["contract"]
+            c.wait([c.publish(setup.topics.state(name), State(True, 1).to_payload(), retain=True),
+                    c.publish(setup.topics.status(name), json.dumps(data).encode(), retain=True)])
+        setup.publish(1)
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
+        setup.upload(2, edit=lambda m: m["variants"][0].update(info={"made": "by the test"}))  # a 1.2 member
+        setup.upload(3)  # nothing 1.2 added
+        with setup.watch() as w:
+            start = start_rollout(setup.registry, w, setup.key, "hub-t", "digits", 2, selector=[], plan=Plan(),
+                                  runner="test:1")
+            skipped = dict(start.skipped)
+            assert set(skipped) == set(old)
+            assert skipped["old-11"].startswith("speaks contract 1.1; this release needs 1.2")
+            assert skipped["old-10"].startswith("speaks contract 1.0; this release needs 1.2")
+            assert len(setup.registry.rollout_devices(start.rollout.id)) == 4
+            request(setup.registry, start.rollout.id, "abort")
+            setup.registry.update_rollout(start.rollout.id, state="aborted", request=None)
+            with pytest.raises(RolloutError, match="no selected device can take digits v2: old-1"):
+                start_rollout(setup.registry, w, setup.key, "hub-t", "digits", 2, selector=["devices=old-*"],
+                              plan=Plan(), runner="test:1")
+            start = start_rollout(setup.registry, w, setup.key, "hub-t", "digits", 3, selector=["devices=old-*"],
+                                  plan=Plan(), runner="test:1")
+            assert not start.skipped  # a release they can take goes to them as before
+    rows = {r["device"]: r["contract"] for r in json.loads(setup.cli("status", "--offline", "--json").stdout)}
+    assert rows["old-11"] == "1.1" and rows["old-10"] == "1.0" and rows["sim-0000"] == "1.2"
 
 
 def test_a_hub_killed_mid_rollout_loses_nothing_and_resume_finishes_it(setup):
