@@ -288,7 +288,8 @@ def targets(r: dict) -> dict[str, bool]:
     failing = r["failing_rollouts"]
     d = r.get("dashboard") or {}
     return {
-        "every device updated": r["rollout"]["state"] == "succeeded" and r["rollout"]["devices"] == {"active": r["devices"]},
+        "every device updated": r["rollout"]["state"] == "succeeded"
+        and r["rollout"]["devices"] == {"active": r["devices"]},
         "every failing rollout aborted at the first gate": bool(failing) and all(
             x["state"] == "aborted" and x["aborted_at_stage"] == 1 for x in failing),
         "every device back on v2": all(x["devices_on_v2_after"] == r["devices"] for x in failing),
@@ -314,9 +315,10 @@ def report(r: dict) -> None:
                   f"devices on v2 afterwards: {x['devices_on_v2_after']} of {r['devices']}")
     failing = r["failing_rollouts"]
     first = sum(1 for x in failing if x["aborted_at_stage"] == 1)
+    touched = max(sum(x["devices"].values()) - x["devices"].get("pending", 0) for x in failing)
     print(f"\nfailing rollouts: {sum(1 for x in failing if x['state'] == 'aborted')} of {len(failing)} aborted, "
-          f"{first} at the first gate; at most {max(sum(x['devices'].values()) - x['devices'].get('pending', 0) for x in failing)} "
-          f"devices touched; every device back on v2: {all(x['devices_on_v2_after'] == r['devices'] for x in failing)}")
+          f"{first} at the first gate; at most {touched} devices touched; every device back on v2: "
+          f"{all(x['devices_on_v2_after'] == r['devices'] for x in failing)}")
     print(f"hub peak RSS {r['hub_peak_rss_mb']} MB")
     for label, s in r["hub_status"].items():
         print(f"hub status, {label}: median {s['median_seconds']}s over {len(s['runs'])} runs (target ≤ 2 s)")

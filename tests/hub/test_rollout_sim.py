@@ -146,7 +146,8 @@ def test_bad_rollouts_are_refused_with_a_clear_message(setup):
             first = start(2)
             with pytest.raises(RolloutError, match=f"rollout {first.rollout.id} of digits v2 is already running"):
                 start(2)
-    for args, code, says in ((["digitz", "1"], 65, "no model 'digitz'"), (["digits", "9"], 65, "no release of digits v9"),
+    for args, code, says in ((["digitz", "1"], 65, "no model 'digitz'"),
+                             (["digits", "9"], 65, "no release of digits v9"),
                              (["digits", "2", "--select", "site=x"], 65, "expected tag:NAME=VALUE")):
         r = setup.cli("rollout", "start", *args)
         assert r.returncode == code and says in r.stderr, (args, r.returncode, r.stderr)
