@@ -26,7 +26,7 @@ def check_selector(selector: list[str]) -> None:
             continue
         if not sep or not value or not (key in ("profile", "devices") or key.startswith("tag:") and key[4:]):
             raise SelectorError(f"--select {s!r}: expected tag:NAME=VALUE, profile=NAME, devices=ID,ID or online "
-                               f"(values may be patterns such as pi-*)")
+                                f"(values may be patterns such as pi-*)")
 
 
 def matches(device: DeviceRecord, selector: list[str]) -> bool:
