@@ -237,7 +237,8 @@ def main() -> int:
     results: dict = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "devices": n,
                      "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                      "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                 "platform": platform.platform(), "processor": platform.processor()}}
+                                 "platform": platform.platform(), "processor": platform.processor(),
+                                 "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         with Mosquitto(work / "broker", extra_config="sys_interval 1\nmax_connections -1\n") as broker:
@@ -276,6 +277,7 @@ def main() -> int:
             finally:
                 fleet.terminate()
                 fleet.wait(30)
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]  # the machine is shared
     results["targets"] = targets(results)
     report(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
