@@ -8,14 +8,20 @@ counts), 1,000 contract-speaking devices of `edgerun.testing.fleet` in their own
 MQTT session, status and events), a SQLite registry, and the hub's own rollout code in this process (so
 this process's CPU time and memory are the hub's). The fleet first gets v1 everywhere. Then:
 
-1. a staged rollout of v2 (canary 10, steps of 25%, bake 2 s, abort above 10%) that must reach every device;
-2. rollouts of v3, v4, ... (5 of them) to a fleet where 20% of the devices fail each new version: each must
-   abort, roll every device it touched back to v2, and should do so at the first gate (the canary). With a
-   canary of 10 and a threshold of 10%, one failure in the canary is allowed; how often a canary of 10 holds
-   two or more of a 20% failing population is chance (about 62%), so the runs report at which stage each
-   aborted and how many devices it touched;
-3. `edgerun hub status` (the real command, table output) over the 1,000 devices, median of 5 (target ≤ 2 s);
+1. a staged rollout of v2 (canary 10, steps of 25%, bake 2 s, abort above 10% of the finished devices) that
+   must reach every device;
+2. rollouts of v3, v4, ... (5 of them) to a fleet where 20% of the updates to each new version fail, spread
+   evenly (the simulated fleet's `--fail-mode spread`: the 5th, 10th, 15th... update to end fails, so the
+   canary of 10 holds exactly two failures whichever devices it is made of). Each must abort at the first
+   gate (two of the 10 finished devices is more than 10%), before stage 2 is published, and roll the
+   canary back to v2;
+3. `edgerun hub status` (the real command, in its own process) over the 1,000 devices: the default view
+   (a summary and the devices that need a look) and `--all` (every device), each synced from the broker and
+   from the registry only (`--offline`), median of 5 (target ≤ 2 s);
 4. the dashboard's first paint with the 1,000 devices, when `benchmarks/dashboard.py` can run (target ≤ 1 s).
+
+Per rollout: time per stage, the hub's CPU and its memory (resident set before, peak during, after), and the
+broker's messages. Exit status 1 when a target is missed.
 """
 
 from __future__ import annotations
@@ -89,14 +95,22 @@ class Hub:
         self.package = package
         self.topics = Topics(FLEET)
         self.peak_rss = 0
-        self._sampling = True
+        self.window_peak = 0  # the peak since the last ``window()``
+        self._me = psutil.Process()
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
-        me = psutil.Process()
-        while self._sampling:
-            self.peak_rss = max(self.peak_rss, me.memory_info().rss)
+        while True:
+            rss = self._me.memory_info().rss
+            self.peak_rss = max(self.peak_rss, rss)
+            self.window_peak = max(self.window_peak, rss)
             time.sleep(0.05)
+
+    def window(self) -> int:
+        """The resident set now; the peak starts again from it."""
+        rss = self._me.memory_info().rss
+        self.window_peak = rss
+        return rss
 
     def manifest(self, version: int) -> dict:
         m = build_manifest(self.package)
@@ -111,6 +125,10 @@ class Hub:
 
     def watch(self) -> FleetWatch:
         return FleetWatch(Broker(port=self.broker.port), self.topics, self.registry, name="bench")
+
+
+def mb(n: int) -> float:
+    return round(n / 2**20, 1)
 
 
 def cpu_seconds() -> float:
@@ -133,6 +151,7 @@ def run_rollout(hub: Hub, watch: FleetWatch, version: int, plan: Plan) -> dict:
     hub.registry.record_release(FLEET, hub.manifest(version), source="upload")
     counters = BrokerCounters(hub.broker.port)
     before = counters.read()
+    rss0 = hub.window()
     cpu0, t0 = cpu_seconds(), time.monotonic()
     started = start_rollout(hub.registry, watch, hub.key, "bench", hub.package.name, version, selector=[],
                             plan=plan, runner="bench:1")
@@ -145,6 +164,7 @@ def run_rollout(hub: Hub, watch: FleetWatch, version: int, plan: Plan) -> dict:
     final = RolloutRunner(hub.registry, watch, started.rollout.id, runner="bench:1", on_progress=seen).run()
     took = time.monotonic() - t0
     cpu = cpu_seconds() - cpu0
+    peak = hub.window_peak
     after = counters.read()
     counters.close()
     devices = hub.registry.rollout_devices(final.id)
@@ -163,17 +183,21 @@ def run_rollout(hub: Hub, watch: FleetWatch, version: int, plan: Plan) -> dict:
     return {"version": version, "state": final.state, "reason": final.reason, "seconds": round(took, 2),
             "abort_after_seconds": round(first_abort[0], 2) if first_abort else None, "stages": stages,
             "devices": counts, "hub_cpu_seconds": round(cpu, 2), "hub_cpu_cores": round(cpu / took, 3),
+            "hub_rss_mb": {"before": mb(rss0), "peak": mb(peak), "after": mb(hub.window())},
             "broker_publishes_in": after.get("received", 0) - before.get("received", 0),
             "broker_publishes_out": after.get("sent", 0) - before.get("sent", 0)}
 
 
 def hub_status_seconds(hub: Hub, repeats: int = 5) -> dict:
+    """Wall time of `edgerun hub status` in its own process, as a user runs it: each view, median of ``repeats``."""
     # as installed: Python may cache the compiled modules (this machine's environment forbids it by default)
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}, "EDGERUN_HUB_DB": hub.db,
            "COLUMNS": "200"}
     args = ["hub", "status", "--fleet", FLEET, "--host", "127.0.0.1", "--port", str(hub.broker.port)]
     out = {}
-    for label, extra in (("synced from the broker", []), ("registry only (--offline)", ["--offline"])):
+    for label, extra in (("default, synced from the broker", []), ("--all, synced from the broker", ["--all"]),
+                         ("default, registry only (--offline)", ["--offline"]),
+                         ("--all, registry only (--offline)", ["--offline", "--all"])):
         times = []
         subprocess.run([sys.executable, "-c", CLI, *args, *extra], env=env, capture_output=True, timeout=60)  # warm-up
         for _ in range(repeats):
@@ -202,7 +226,7 @@ def dashboard_paint(hub: Hub) -> dict | None:
     return measure(broker_port=hub.broker.port, fleet=FLEET, db=hub.db, loads=5)
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--failing-runs", type=int, default=5)
@@ -213,7 +237,8 @@ def main() -> None:
     results: dict = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "devices": n,
                      "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                      "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                 "platform": platform.platform(), "processor": platform.processor()}}
+                                 "platform": platform.platform(), "processor": platform.processor(),
+                                 "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         with Mosquitto(work / "broker", extra_config="sys_interval 1\nmax_connections -1\n") as broker:
@@ -221,7 +246,8 @@ def main() -> None:
             t0 = time.monotonic()
             fleet = subprocess.Popen([sys.executable, "-m", "edgerun.testing.fleet", "--port", str(broker.port),
                                       "--fleet", FLEET, "--trusted-keys", str(hub.keydir), "--devices", str(n),
-                                      "--fail-rate", str(FAIL_RATE), "--fail-from", "3", "--seed", "1"],
+                                      "--fail-rate", str(FAIL_RATE), "--fail-mode", "spread", "--fail-from", "3",
+                                      "--seed", "1"],
                                      stdout=subprocess.PIPE, text=True, cwd=ROOT)
             try:
                 ready = json.loads(fleet.stdout.readline())
@@ -247,14 +273,31 @@ def main() -> None:
                               f"{x['aborted_at_stage']}", flush=True)
                 results["hub_status"] = hub_status_seconds(hub)
                 results["dashboard"] = dashboard_paint(hub)
-                results["hub_peak_rss_mb"] = round(hub.peak_rss / 2**20, 1)
+                results["hub_peak_rss_mb"] = mb(hub.peak_rss)
             finally:
                 fleet.terminate()
                 fleet.wait(30)
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]  # the machine is shared
+    results["targets"] = targets(results)
     report(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwrote {args.out}")
+    return 0 if all(results["targets"].values()) else 1
+
+
+def targets(r: dict) -> dict[str, bool]:
+    failing = r["failing_rollouts"]
+    d = r.get("dashboard") or {}
+    return {
+        "every device updated": r["rollout"]["state"] == "succeeded"
+        and r["rollout"]["devices"] == {"active": r["devices"]},
+        "every failing rollout aborted at the first gate": bool(failing) and all(
+            x["state"] == "aborted" and x["aborted_at_stage"] == 1 for x in failing),
+        "every device back on v2": all(x["devices_on_v2_after"] == r["devices"] for x in failing),
+        "hub status <= 2 s (every view)": all(s["median_seconds"] <= 2.0 for s in r["hub_status"].values()),
+        "dashboard table on screen <= 1 s": bool(d) and d.get("table_ready_ms", 1e9) <= 1000,
+    }
 
 
 def report(r: dict) -> None:
@@ -265,16 +308,19 @@ def report(r: dict) -> None:
         print(f"\n{title}: {x['state']} after {x['seconds']}s" + (f" — {x['reason']}" if x["reason"] else ""))
         print("  " + "  ".join(f"stage {s['stage']}: {s['devices']} in {s['seconds']}s" if s["published"]
                                else f"stage {s['stage']}: not published" for s in x["stages"]))
-        print(f"  devices: {x['devices']}; hub CPU {x['hub_cpu_seconds']}s ({x['hub_cpu_cores']} of a core); "
-              f"broker publishes in {x['broker_publishes_in']}, out {x['broker_publishes_out']}")
+        m = x["hub_rss_mb"]
+        print(f"  devices: {x['devices']}; hub CPU {x['hub_cpu_seconds']}s ({x['hub_cpu_cores']} of a core); hub RSS "
+              f"{m['before']} MB before, {m['peak']} MB peak, {m['after']} MB after; broker publishes in "
+              f"{x['broker_publishes_in']}, out {x['broker_publishes_out']}")
         if x.get("abort_after_seconds") is not None:
             print(f"  abort decided {x['abort_after_seconds']}s after the start, at stage {x['aborted_at_stage']}; "
                   f"devices on v2 afterwards: {x['devices_on_v2_after']} of {r['devices']}")
     failing = r["failing_rollouts"]
     first = sum(1 for x in failing if x["aborted_at_stage"] == 1)
+    touched = max(sum(x["devices"].values()) - x["devices"].get("pending", 0) for x in failing)
     print(f"\nfailing rollouts: {sum(1 for x in failing if x['state'] == 'aborted')} of {len(failing)} aborted, "
-          f"{first} at the first gate; at most {max(sum(x['devices'].values()) - x['devices'].get('pending', 0) for x in failing)} "
-          f"devices touched; every device back on v2: {all(x['devices_on_v2_after'] == r['devices'] for x in failing)}")
+          f"{first} at the first gate; at most {touched} devices touched; every device back on v2: "
+          f"{all(x['devices_on_v2_after'] == r['devices'] for x in failing)}")
     print(f"hub peak RSS {r['hub_peak_rss_mb']} MB")
     for label, s in r["hub_status"].items():
         print(f"hub status, {label}: median {s['median_seconds']}s over {len(s['runs'])} runs (target ≤ 2 s)")
@@ -284,7 +330,9 @@ def report(r: dict) -> None:
               f"(target ≤ 1000 ms)")
     else:
         print("dashboard: not measured (benchmarks/dashboard.py unavailable)")
+    for name, ok in r["targets"].items():
+        print(f"{'met   ' if ok else 'MISSED'} {name}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

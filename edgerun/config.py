@@ -97,6 +97,7 @@ class MqttConfig:
     trusted_keys: Path | None = None  # directory of <key_id>.pub (Ed25519, PEM or raw base64)
     clock_skew: int = 300  # seconds of tolerance on a manifest's "expires"
     unload_first: bool = False  # when old and new versions don't both fit: unload first (short outage)
+    stall_timeout: int = 600  # seconds without a new chunk (while connected) before a download fails as stalled
 
     def password(self) -> str | None:
         env = os.environ.get("EDGERUN_MQTT_PASSWORD")
@@ -223,6 +224,7 @@ def parse_config(data: dict[str, Any], source: str | None = None, base: Path | N
             ("server.drain_timeout", server.drain_timeout, 0, None, "seconds >= 0"),
             ("mqtt.keepalive", mqtt.keepalive, 1, 65535, "seconds 1-65535"),
             ("mqtt.clock_skew", mqtt.clock_skew, 0, None, "seconds >= 0"),
+            ("mqtt.stall_timeout", mqtt.stall_timeout, 1, None, "seconds >= 1"),
             ("threads", t.get("threads", int, None), 1, None, "a positive number of threads")):
         if value is not None and (value < low or (high is not None and value > high)):
             raise t.fail(key, f"expected {what}, got {value!r}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TOPIC_ROOT = "edgerun/v1"
-CONTRACT_VERSION = "1.1"  # what a device's status says it speaks; additive changes raise the minor
+CONTRACT_VERSION = "1.2"  # what a device's status says it speaks; additive changes raise the minor
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # fleet, device and model names: one safe topic level
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -24,6 +24,12 @@ IN_PROGRESS = ("queued", "downloading", "verifying", "staged", "warming")
 FINAL = ("active", "failed", "rejected", "rolled_back", "retired")
 FAILED = ("failed", "rejected", "rolled_back")  # a final state in which the release is not served
 STATES = IN_PROGRESS + FINAL
+
+
+def contract_key(version: object) -> tuple[int, int]:
+    """``"1.2"`` as ``(1, 2)``, to compare versions; a status that names none (or garbage) speaks 1.0."""
+    major, _, minor = str(version).partition(".")
+    return (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (1, 0)
 
 
 def valid_name(value: object) -> bool:
@@ -274,14 +280,17 @@ class Status:
     contract: str = CONTRACT_VERSION
     ts: float = field(default_factory=time.time)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "fleet": self.fleet, "contract": self.contract, "ts": self.ts,
+                "session": self.session, "profile": self.profile, "tags": dict(self.tags),
+                "backends": [b.to_dict() for b in self.backends],
+                "models": [m.to_dict() for m in self.models],
+                "update": self.update.to_dict() if self.update else None,
+                "updates": {k: u.to_dict() for k, u in self.updates.items()},
+                "memory": dict(self.memory)}
+
     def to_payload(self) -> bytes:
-        return _dump({"device": self.device, "fleet": self.fleet, "contract": self.contract, "ts": self.ts,
-                      "session": self.session, "profile": self.profile, "tags": dict(self.tags),
-                      "backends": [b.to_dict() for b in self.backends],
-                      "models": [m.to_dict() for m in self.models],
-                      "update": self.update.to_dict() if self.update else None,
-                      "updates": {k: u.to_dict() for k, u in self.updates.items()},
-                      "memory": dict(self.memory)})
+        return _dump(self.to_dict())
 
     @classmethod
     def from_payload(cls, payload: bytes, device: str | None = None) -> "Status | None":

@@ -10,18 +10,21 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgerun.errors import EdgerunError, ManifestError
-from edgerun.package import ModelPackage, Variant
+
+if TYPE_CHECKING:  # imported by parse(): a hub that only signs and digests releases does not load numpy
+    from edgerun.package import ModelPackage, Variant
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "edgerun.release/1"
+OLD_FORMATS = ("onnx", "openvino", "tflite")  # the only variant formats a device before contract 1.2 accepts
 SIGNATURE_ALG = "ed25519"
 _TOP_KEYS = {"schema", "model", "version", "created", "expires", "package", "variants", "signature"}
 
@@ -132,6 +135,8 @@ def check(obj: dict[str, Any], key_id: str, *, topic_model: str | None = None, n
     if pkg_data.get("name") != model or pkg_data.get("version") != version:
         raise ManifestError(f"manifest names {model!r} v{version} but its package is "
                             f"{pkg_data.get('name')!r} v{pkg_data.get('version')!r}")
+    from edgerun.package import ModelPackage
+
     try:
         pkg = ModelPackage.from_dict({**pkg_data, "variants": variants}, source="release manifest")
     except EdgerunError as exc:
@@ -149,6 +154,19 @@ def check(obj: dict[str, Any], key_id: str, *, topic_model: str | None = None, n
 def digest(obj: Mapping[str, Any]) -> str:
     """Identifies one publish of a release: sha256 of the canonical JSON including the signature."""
     return hashlib.sha256(_canonical(obj)).hexdigest()
+
+
+def contract_needed(obj: Mapping[str, Any]) -> str:
+    """The oldest contract version whose devices take this manifest: "1.2" when it carries a member that 1.2
+    added (a device before 1.2 refuses unknown members), else "1.0"."""
+    pkg = obj.get("package") if isinstance(obj.get("package"), dict) else {}
+    variants = [v for v in obj.get("variants") or [] if isinstance(v, dict)]
+    if "validation" in pkg or any("failed" in v or "info" in v or v.get("format") not in OLD_FORMATS
+                                  or any(isinstance(m, dict) and "latency_err_ms" in m
+                                         for m in (v.get("measured") or {}).values())
+                                  for v in variants):
+        return "1.2"
+    return "1.0"
 
 
 def payload_digest(payload: bytes) -> str:

@@ -421,10 +421,9 @@ class Connection:
 
     def _handle_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         retained = bool(msg.retain)
-        with self._lock:
-            collectors = list(self._collectors)
-        for col in collectors:
-            col.offer(msg.topic, msg.payload, retained)
+        with self._lock:  # under the lock: once collect() has returned, its dict no longer changes
+            for col in self._collectors:
+                col.offer(msg.topic, msg.payload, retained)
         if self._on_message is None:
             return
         try:

@@ -32,6 +32,23 @@ def testhooks(tmp_path_factory) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)}
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--screenshots", metavar="DIR", default=os.environ.get("EDGERUN_TEST_SCREENSHOTS"),
+                     help="keep the browser tests' screenshots in DIR (also EDGERUN_TEST_SCREENSHOTS; "
+                          "default: each test's tmp_path, which pytest deletes)")
+
+
+@pytest.fixture
+def screenshots(request, tmp_path) -> Path:
+    """Where a browser test saves its screenshots: ``--screenshots DIR`` if given, else its tmp_path."""
+    given = request.config.getoption("--screenshots")
+    if not given:
+        return tmp_path
+    out = Path(given)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def pytest_terminal_summary(terminalreporter, config) -> None:
     """Print what tests measured (``measured[name] = ...``), whether or not output is captured: timings are
     reported, never asserted (benchmarks/ checks targets)."""

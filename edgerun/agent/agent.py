@@ -51,7 +51,7 @@ class Agent:
                                on_message=self._on_message, on_connected=self._on_connected, background=True)
         self.chunks = Chunks(self.conn)
         policy = UpdatePolicy(trusted=manifest_mod.load_trusted_keys(cfg.trusted_keys), clock_skew=cfg.clock_skew,
-                              unload_first=cfg.unload_first, ca_file=cfg.ca_file)
+                              unload_first=cfg.unload_first, ca_file=cfg.ca_file, stall_timeout=cfg.stall_timeout)
         self.updater = Updater(runtime, self.store, self.chunks, self.topics, policy, self)
         self._lock = threading.Condition()
         self._fleet: dict[str, bytes] = {}

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-STALL_TIMEOUT = float(os.environ.get("EDGERUN_TRANSFER_STALL_TIMEOUT", "600"))
 MAX_VARIANTS_TRIED = 3  # a device tries this many variants of one release before it gives up on it
 RESTORE_BUDGET = 1 << 62  # reloading the installed variant at start-up is not a new choice (see docs/updates.md)
 
@@ -68,6 +67,7 @@ class UpdatePolicy:
     clock_skew: float = 300
     unload_first: bool = False
     ca_file: Path | None = None  # trusted for HTTPS downloads too
+    stall_timeout: float = 600  # seconds without a new chunk, while connected, before a download fails
 
 
 class Updater:
@@ -313,8 +313,8 @@ class Updater:
                         self.host.progress(j, (done_before + t.bytes_on_disk) / total)
                     if not self.chunks.connected:
                         t.last_chunk_at = time.monotonic()
-                    elif time.monotonic() - t.last_chunk_at > STALL_TIMEOUT:
-                        raise TransferError(f"no chunk of {f.path} for {STALL_TIMEOUT:.0f}s "
+                    elif time.monotonic() - t.last_chunk_at > self.policy.stall_timeout:
+                        raise TransferError(f"no chunk of {f.path} for {self.policy.stall_timeout:.0f}s "
                                             f"({t.received} of {t.count} received): are the blobs still retained?")
             if t.error:
                 raise TransferError(t.error)

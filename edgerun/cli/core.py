@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -146,6 +145,8 @@ def run(package: Path = PackageArg,
         save: Path = typer.Option(None, help="Write outputs to this .npz file."),
         memory_budget: str = BudgetOpt, profile: str = ProfileOpt) -> None:
     """Run one inference on a package with inputs from .npy files and print the outputs."""
+    import numpy as np
+
     rt = _runtime(profile, memory_budget)
     inputs = {}
     for item in input:

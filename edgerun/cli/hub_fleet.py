@@ -226,7 +226,7 @@ def status(
     Up to 100 devices are listed in a table; a larger fleet gets a summary and the devices that need a look
     (offline, failed, updating), and `--all` lists every device.
     """
-    from edgerun.hub.rollout import check_selector, matches
+    from edgerun.hub.select import check_selector, matches
 
     registry = hub.registry()
     problem = None if offline else sync(hub, registry)
@@ -234,7 +234,7 @@ def status(
         err_console.print(f"[yellow]warning:[/] {escape(problem)}; showing the registry as last seen")
     if select:
         check_selector(select)
-    rows = [d for d in registry.devices(hub.fleet) if not select or matches(d, select)]
+    rows = [d for d in registry.devices(hub.fleet, with_status=as_json) if not select or matches(d, select)]
     if as_json:
         print(json.dumps([d.to_dict() for d in rows], indent=1))
         return

@@ -48,7 +48,10 @@ def progress_table(p: "Progress") -> Table:
     style = STATE_STYLE.get(r.state, "white")
     title = (f"rollout {r.id}: {r.model} v{r.version} [{style}]{r.state}[/] (stage {min(r.stage + 1, p.stages)} of "
              f"{p.stages})")
-    t = Table(title=title, caption=escape(r.reason or ""))
+    caption = r.reason or ""
+    if p.problem:
+        caption += ("; " if caption else "") + f"registry unavailable, retrying: {p.problem}"
+    t = Table(title=title, caption=escape(caption))
     t.add_column("stage")
     for col in COLUMNS:
         t.add_column(col.replace("_", " "), justify="right")
@@ -142,7 +145,11 @@ def start(
     step: str = typer.Option("25%", "--step", help="Devices per later stage: a count or a share of the selection."),
     bake: str = typer.Option("60s", "--bake", help="Wait this long after a stage before the next one."),
     max_failures: str = typer.Option("10%", "--max-failures",
-                                     help="Abort when more devices fail, are rejected or time out (count or share)."),
+                                     help="Abort when more of the devices that finished failed, were rejected or "
+                                          "timed out (a share, or a count)."),
+    min_finished: int = typer.Option(10, "--min-finished",
+                                     help="A share in --max-failures is judged once this many devices finished "
+                                          "(and always at the end of a stage)."),
     timeout: str = typer.Option("10m", "--timeout", help="A device that is not active within this counts as failed."),
     key: Path = typer.Option(None, "--key", "-k", help="Private key file from `hub keygen` (or EDGERUN_HUB_KEY)."),
     key_id: str = typer.Option(None, "--key-id", help="Key id (default: the key file's name without .key)."),
@@ -152,7 +159,8 @@ def start(
     from edgerun.hub.rollout import Plan, runner_name, start_rollout
     from edgerun.hub.watch import FleetWatch
 
-    plan = Plan.parse(canary=canary, step=step, bake=bake, max_failures=max_failures, timeout=timeout)
+    plan = Plan.parse(canary=canary, step=step, bake=bake, max_failures=max_failures, timeout=timeout,
+                      min_finished=min_finished)
     private, key_id = signing_key(key, key_id)
     registry = hub.registry()
     with FleetWatch(hub.broker, hub.topics, registry, name=f"rollout-{model}") as watch:

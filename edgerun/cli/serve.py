@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import typer
@@ -33,6 +32,8 @@ def serve(
     Settings: the config file, then EDGERUN_* environment variables, then these flags (docs/configuration.md).
     Under systemd: Type=notify, watchdog, SIGTERM drains, SIGHUP reloads the config (docs/service.md).
     """
+    import asyncio
+
     from edgerun.config import ModelConfig, load_config, with_overrides
     from edgerun.daemon import Daemon
     from edgerun.errors import EdgerunError

@@ -38,6 +38,10 @@ class RegistryError(EdgerunError):
     exit_code = 69
 
 
+class RolloutTakenOver(RegistryError):
+    """Another hub runs this rollout now (it took it over while this one's heartbeat had stopped)."""
+
+
 def default_url() -> str:
     """``EDGERUN_HUB_DB``, else a SQLite file under ``$XDG_DATA_HOME/edgerun`` (``~/.local/share``)."""
     env = os.environ.get(DB_ENV)
@@ -131,11 +135,12 @@ rollouts = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("finished_at", sa.Float, nullable=True),
     sa.Column("runner", sa.String(256), nullable=True),
-    sa.Column("heartbeat", sa.Float, nullable=True),
-    # one rollout per model in progress, whatever the hubs sharing the database do at the same moment
-    sa.Index("uq_rollout_in_progress", "fleet", "model", unique=True,
-             sqlite_where=sa.text("state IN ('running', 'paused', 'aborting')"),
-             postgresql_where=sa.text("state IN ('running', 'paused', 'aborting')")))
+    sa.Column("heartbeat", sa.Float, nullable=True))
+
+# One rollout per model in progress, whatever the hubs sharing the database do at the same moment. A partial
+# index in the same words for SQLite and PostgreSQL (made by create(), so SQLAlchemy loads no other dialect).
+IN_PROGRESS_INDEX = sa.text("CREATE UNIQUE INDEX IF NOT EXISTS uq_rollout_in_progress ON rollouts (fleet, model) "
+                            "WHERE state IN ('running', 'paused', 'aborting')")
 
 rollout_devices = sa.Table(
     "rollout_devices", metadata,
@@ -211,7 +216,9 @@ class DeviceRecord:
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "online": self.online, "session": self.session, "profile": self.profile,
                 "tags": self.tags, "models": self.models, "update": self.update, "last_error": self.last_error,
-                "memory": (self.status or {}).get("memory") or {}, "first_seen": self.first_seen,
+                "memory": (self.status or {}).get("memory") or {},
+                "contract": (self.status or {}).get("contract") if self.status is not None else None,
+                "first_seen": self.first_seen,
                 "last_seen": self.last_seen, "status_ts": self.status_ts}
 
 
@@ -291,7 +298,7 @@ class Batch:
     states: dict[str, tuple[State, float]] = field(default_factory=dict)
     statuses: dict[str, tuple[Status, float]] = field(default_factory=dict)
     events: list[tuple[str, Event, float]] = field(default_factory=list)
-    releases: dict[str, bytes] = field(default_factory=dict)  # digest -> signed manifest seen retained
+    releases: dict[str, bytes] = field(default_factory=dict)  # sha256 of the payload -> signed manifest seen retained
 
     def __len__(self) -> int:
         return len(self.states) + len(self.statuses) + len(self.events) + len(self.releases)
@@ -354,6 +361,7 @@ class Registry:
         """Create the tables (once); refuse a database written by a newer edgerun."""
         with self._begin() as db:
             metadata.create_all(db)
+            db.execute(IN_PROGRESS_INDEX)
             row = db.execute(sa.select(meta.c.value).where(meta.c.key == "schema")).first()
             if row is None:
                 db.execute(meta.insert().values(key="schema", value=str(SCHEMA_VERSION)))
@@ -442,7 +450,7 @@ class Registry:
                 status = batch.statuses.get(name)
                 if status is not None:
                     s, received = status
-                    data = json.loads(s.to_payload())
+                    data = s.to_dict()
                     update = data["update"]
                     row.update(profile=s.profile, tags=s.tags, models=data["models"], update_info=update,
                                status=data, status_ts=received,
@@ -468,10 +476,18 @@ class Registry:
             except (ValueError, TypeError, KeyError):
                 continue
 
-    def devices(self, fleet: str) -> list[DeviceRecord]:
+    def devices(self, fleet: str, *, with_status: bool = True) -> list[DeviceRecord]:
+        """Every device of ``fleet``; without ``with_status`` the last status itself (the largest column) is left
+        out, and ``DeviceRecord.status`` is None."""
+        cols = [c for c in devices.c if with_status or c.name != "status"]
         with self._begin() as db:
-            rows = db.execute(sa.select(devices).where(devices.c.fleet == fleet).order_by(devices.c.device)).all()
+            rows = db.execute(sa.select(*cols).where(devices.c.fleet == fleet).order_by(devices.c.device)).all()
         return [_device(r) for r in rows]
+
+    def device_names(self, fleet: str) -> list[str]:
+        with self._begin() as db:
+            return list(db.execute(sa.select(devices.c.device).where(devices.c.fleet == fleet)
+                                   .order_by(devices.c.device)).scalars())
 
     def device(self, fleet: str, name: str) -> DeviceRecord | None:
         with self._begin() as db:
@@ -554,7 +570,7 @@ class Registry:
             if expect_runner is not None:
                 q = q.where(rollouts.c.runner == expect_runner)
             if db.execute(q.values(updated_at=now, **values)).rowcount == 0:
-                raise RegistryError(f"rollout {rid} is run by another hub now")
+                raise RolloutTakenOver(f"rollout {rid} is run by another hub now")
             if log_message:
                 db.execute(rollout_log.insert().values(rollout_id=rid, ts=now, message=log_message))
         return self.rollout(rid)
@@ -652,7 +668,7 @@ def _device(r: Any) -> DeviceRecord:
     m = r._mapping
     return DeviceRecord(fleet=m["fleet"], device=m["device"], online=m["online"], session=m["session"],
                         profile=m["profile"] or "", tags=m["tags"] or {}, models=m["models"] or [],
-                        update=m["update_info"], status=m["status"], last_error=m["last_error"],
+                        update=m["update_info"], status=m.get("status"), last_error=m["last_error"],
                         first_seen=m["first_seen"], last_seen=m["last_seen"], state_ts=m["state_ts"],
                         status_ts=m["status_ts"])
 

@@ -2,7 +2,8 @@
 
 A rollout publishes the release on the per-device release topics of its devices (the contract's canary
 path), a canary first and then steps of the selection, waits for each device's ``active`` event, bakes, and
-promotes. When failures, rejections and time-outs pass the plan's threshold it aborts: every device it
+promotes. When failures, rejections and time-outs among the devices that finished pass the plan's threshold
+(the abort criteria, judged once enough devices finished and at the end of every stage) it aborts: every device it
 touched gets back the per-device release it had before, which makes the device fall back to the release
 it served and switch back to that kept version (the contract's explicit roll-back). A rollout of the whole
 fleet ends by moving the fleet's retained release and clearing the per-device ones. Its state lives in the
@@ -11,7 +12,6 @@ registry, so another hub process can pick it up after a crash (``resume``).
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import logging
 import math
@@ -22,16 +22,19 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 from edgerun import manifest as manifest_mod
-from edgerun.contract import FAILED, Event, Topics
+from edgerun.contract import FAILED, Event, Topics, contract_key
 from edgerun.errors import EdgerunError
 from edgerun.hub.publish import encode
-from edgerun.hub.registry import DeviceRecord, Registry, RegistryError, RolloutDevice, RolloutRecord
+from edgerun.hub.registry import (DeviceRecord, Registry, RegistryError, RolloutDevice, RolloutRecord,
+                                  RolloutTakenOver)
+from edgerun.hub.select import check_selector, matches
 from edgerun.hub.watch import FleetWatch
 from edgerun.units import parse_duration
 
 log = logging.getLogger(__name__)
 
 TICK = 0.25  # seconds between looks at the fleet
+DB_RETRY = 1.0  # seconds between two tries while the registry cannot be used
 STALE_RUNNER = 15.0  # a runner whose heartbeat is older than this is gone: another hub may take over
 CLOCK_SLACK = 120.0  # a device's status time may lag or lead the hub's by this much
 DONE = ("active", "failed", "timed_out")  # a device whose update is over, one way or the other
@@ -70,23 +73,27 @@ def _amount(value: str | float | int, total: int, what: str) -> float:
 
 @dataclass(frozen=True)
 class Plan:
-    """How a rollout proceeds: canary size, step, bake time, failure threshold, per-device time-out."""
+    """How a rollout proceeds: canary size, step, bake time, abort criteria, per-device time-out."""
 
     canary: int = 1
     step: str = "25%"
     bake: float = 60.0
     max_failures: str = "10%"
     timeout: float = 600.0
+    min_finished: int = 10  # a share in max_failures is judged from this many finished devices (and at a stage's end)
 
     @classmethod
     def parse(cls, *, canary: int = 1, step: str = "25%", bake: str | float = "60s", max_failures: str = "10%",
-              timeout: str | float = "10m") -> "Plan":
+              timeout: str | float = "10m", min_finished: int = 10) -> "Plan":
         try:
-            plan = cls(canary, str(step), parse_duration(bake), str(max_failures), parse_duration(timeout))
+            plan = cls(canary, str(step), parse_duration(bake), str(max_failures), parse_duration(timeout),
+                       min_finished)
         except ValueError as exc:
             raise RolloutError(str(exc)) from None
         if canary < 0:
             raise RolloutError(f"--canary: expected 0 or more devices, got {canary}")
+        if min_finished < 1:
+            raise RolloutError(f"--min-finished: expected 1 or more devices, got {min_finished}")
         if _amount(plan.step, 100, "--step") <= 0:
             raise RolloutError(f"--step: expected more than 0, got {plan.step!r}")
         _amount(plan.max_failures, 100, "--max-failures")
@@ -111,51 +118,31 @@ class Plan:
             left -= sizes[-1]
         return sizes
 
-    def allowed_failures(self, published: int) -> float:
-        """How many failures the devices published so far may have before the rollout aborts."""
-        return _amount(self.max_failures, published, "--max-failures")
+    @property
+    def share(self) -> bool:
+        """Whether ``max_failures`` is a share of the finished devices (else an absolute count)."""
+        return self.max_failures.strip().endswith("%")
+
+    def gate(self, failures: int, finished: int, stage_over: bool) -> str | None:
+        """Why the rollout aborts now, or None: the abort criteria over the devices whose update is over.
+
+        A count is judged at once; a share once ``min_finished`` devices finished, and always when a stage's
+        devices have all finished (before it can be promoted).
+        """
+        if not failures or (self.share and finished < self.min_finished and not stage_over):
+            return None
+        if failures <= _amount(self.max_failures, finished, "--max-failures"):
+            return None
+        return (f"{failures} of {finished} finished device(s) failed, timed out or were rejected: more than "
+                f"{self.max_failures}")
 
     def describe(self) -> str:
+        judged = f" of those finished (from {self.min_finished} on, and at each stage's end)" if self.share else ""
         return (f"canary {self.canary}, steps of {self.step}, bake {self.bake:g}s, abort above "
-                f"{self.max_failures} failures, {self.timeout:g}s per device")
+                f"{self.max_failures} failures{judged}, {self.timeout:g}s per device")
 
 
-# --- selecting devices ------------------------------------------------------------------------------
-
-def _values(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def check_selector(selector: list[str]) -> None:
-    for s in selector:
-        key, sep, value = s.partition("=")
-        if s == "online":
-            continue
-        if not sep or not value or not (key in ("profile", "devices") or key.startswith("tag:") and key[4:]):
-            raise RolloutError(f"--select {s!r}: expected tag:NAME=VALUE, profile=NAME, devices=ID,ID or online "
-                               f"(values may be patterns such as pi-*)")
-
-
-def matches(device: DeviceRecord, selector: list[str]) -> bool:
-    """True when ``device`` matches every selector term (values separated by commas: any of them)."""
-    for s in selector:
-        if s == "online":
-            if not device.online:
-                return False
-            continue
-        key, _, value = s.partition("=")
-        if key == "profile":
-            have = device.profile
-        elif key == "devices":
-            have = device.device
-        else:
-            have = device.tags.get(key[4:])
-            if have is None:
-                return False
-        if not any(fnmatch.fnmatchcase(have, pat) for pat in _values(value)):
-            return False
-    return True
-
+# --- ordering devices --------------------------------------------------------------------------------
 
 def order(devices: list[DeviceRecord], seed: str) -> list[DeviceRecord]:
     """Online devices first (a canary must answer), then a stable spread over the fleet."""
@@ -182,9 +169,14 @@ def start_rollout(registry: Registry, watch: FleetWatch, key: Any, key_id: str, 
     check_selector(selector)
     release = registry.release(fleet, model, version)
     if release is None:
-        known = sorted({f"{r.model} v{r.version}" for r in registry.releases(fleet)})
-        raise RolloutError(f"no release of {model} v{version} in the registry of fleet {fleet!r} "
-                           f"(known: {', '.join(known) or 'none'}); upload it first: edgerun hub upload PACKAGE")
+        known = registry.releases(fleet)
+        versions = sorted({r.version for r in known if r.model == model})
+        if not versions:
+            models = sorted({r.model for r in known})
+            raise RolloutError(f"no model {model!r} in the registry of fleet {fleet!r} (models released: "
+                               f"{', '.join(models) or 'none'}); upload it first: edgerun hub upload PACKAGE")
+        raise RolloutError(f"no release of {model} v{version} in the registry of fleet {fleet!r} (its versions: "
+                           f"{', '.join(f'v{v}' for v in versions)}); upload it first: edgerun hub upload PACKAGE")
     busy = registry.active_rollout(fleet, model)
     if busy is not None:
         raise RolloutError(f"rollout {busy.id} of {model} v{busy.version} is already {busy.state}; "
@@ -196,15 +188,20 @@ def start_rollout(registry: Registry, watch: FleetWatch, key: Any, key_id: str, 
         what = " and ".join(selector) if selector else "the whole fleet"
         raise RolloutError(f"no device of fleet {fleet!r} matches {what} ({len(everyone)} device(s) known; "
                            f"`edgerun hub status` lists them)")
+    needed = manifest_mod.contract_needed(release.signed())
     skipped, targets = [], []
     for d in chosen:
         have = d.version_of(model)
+        speaks = d.status.get("contract", "1.0") if d.status is not None else None  # None: never reported
         if have is not None and have > version:
             skipped.append((d.device, f"serves v{have}, newer than v{version}"))
+        elif speaks is not None and contract_key(speaks) < contract_key(needed):
+            skipped.append((d.device, f"speaks contract {speaks}; this release needs {needed} and it would refuse "
+                                      f"it: update edgerun on it first"))
         else:
             targets.append(d)
     if not targets:
-        raise RolloutError(f"every selected device already serves a newer {model}: "
+        raise RolloutError(f"no selected device can take {model} v{version}: "
                            + ", ".join(f"{d} ({why})" for d, why in skipped[:5]))
     unsigned = {k: v for k, v in release.signed().items() if k != "signature"}
     unsigned["created"] = manifest_mod.utc_now()  # a new digest: devices that failed an earlier try take it
@@ -228,6 +225,7 @@ class Progress:
 
     rollout: RolloutRecord
     devices: list[RolloutDevice]
+    problem: str | None = None  # why the registry cannot be written now (the runner goes on and retries)
 
     def counts(self, stage: int | None = None) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -261,6 +259,10 @@ class RolloutRunner:
         self.payload = encode(release.signed())
         self.devices = {d.device: d for d in registry.rollout_devices(rollout_id)}
         self._seen: dict[str, list[tuple[Event, float]]] = {}  # device -> (event, when the hub received it)
+        self._unsaved: dict[str, dict[str, Any]] = {}  # device changes the registry has not taken yet
+        self._offline = False  # following the devices in memory only, while the registry cannot be used
+        self.db_error: str | None = None  # why the registry cannot be used now
+        self._down_since: float | None = None
         self._stop = False
         since = min((d.published_at for d in self.devices.values() if d.published_at), default=None)
         if since is not None:  # what devices reported while no hub ran this rollout
@@ -286,19 +288,68 @@ class RolloutRunner:
         self._stop = True
 
     def run(self) -> RolloutRecord:
+        """Look at the fleet every tick until the rollout ends. While the registry cannot be used (down,
+        locked) the runner says so once, follows the devices in memory, retries, and writes what it saw when
+        the registry is back; decisions (a gate, a promotion, the end) wait for it. Only another hub taking the
+        rollout over ends the run here (``RolloutTakenOver``)."""
         self.watch.add_listener(self._listen)
         try:
             while not self._stop:
-                self.rollout = self.registry.heartbeat(self.rollout.id, self.runner)
-                self._step()
+                self._tick()
                 if self.on_progress is not None:
-                    self.on_progress(Progress(self.rollout, list(self.devices.values())))
+                    self.on_progress(Progress(self.rollout, list(self.devices.values()), self.db_error))
                 if not self.rollout.in_progress:
                     break
-                time.sleep(self.tick)
+                time.sleep(self.tick if self.db_error is None else max(self.tick, DB_RETRY))
         finally:
             self.watch.remove_listener(self._listen)
+            self._last_write()
         return self.rollout
+
+    def _tick(self) -> None:
+        try:
+            self.rollout = self.registry.heartbeat(self.rollout.id, self.runner)
+            self._write_devices()
+            if self.db_error is not None:
+                self._registry_back()
+            self._step()
+        except RolloutTakenOver:
+            raise
+        except RegistryError as exc:
+            self._registry_down(exc)
+            self._follow_in_memory()
+
+    def _follow_in_memory(self) -> None:
+        """Note the devices' outcomes without the registry (written when it is back)."""
+        self._offline = True
+        try:
+            if self.rollout.state in ("running", "paused"):
+                self._track_updates()
+            elif self.rollout.state == "aborting":
+                self._track_reverts()
+        finally:
+            self._offline = False
+
+    def _last_write(self) -> None:
+        try:
+            self._write_devices()
+        except RegistryError as exc:
+            log.warning("rollout %d: %d device change(s) not written (%s); the hub that resumes the rollout reads "
+                        "them again from the devices' events and statuses", self.rollout.id, len(self._unsaved), exc)
+
+    def _registry_down(self, exc: RegistryError) -> None:
+        if self.db_error is None:
+            self._down_since = time.time()
+            log.warning("rollout %d: %s; the runner keeps the rollout's state and goes on, retrying every %gs",
+                        self.rollout.id, exc, max(self.tick, DB_RETRY))
+        self.db_error = str(exc)
+
+    def _registry_back(self) -> None:
+        took = time.time() - (self._down_since or time.time())
+        message = (f"the registry could not be used for {took:.0f}s ({self.db_error}); the runner kept the "
+                   f"rollout's state and went on")
+        self._set(log_message=message)
+        self.db_error, self._down_since = None, None
 
     def _step(self) -> None:
         r = self.rollout
@@ -308,14 +359,17 @@ class RolloutRunner:
         if r.state in ("running", "paused"):
             self._track_updates()
             failures = sum(1 for d in self.devices.values() if d.state in FAILURES)
-            published = sum(1 for d in self.devices.values() if d.state != "pending")
-            if failures and failures > self.plan.allowed_failures(published):
-                self._begin_abort(f"{failures} of {published} device(s) failed, timed out or were rejected: "
-                                  f"more than {self.plan.max_failures}")
+            finished = sum(1 for d in self.devices.values() if d.state in DONE)
+            stage = [d for d in self.devices.values() if d.stage == r.stage]
+            why = self.plan.gate(failures, finished, bool(stage) and all(d.state in DONE for d in stage))
+            if why:
+                self._begin_abort(why)
             elif r.state == "running":
                 self._advance()
         if self.rollout.state == "aborting":
+            self._revert_touched()
             self._track_reverts()
+            self._end_abort()
 
     def _handle_request(self, request: str) -> None:
         r = self.rollout
@@ -335,11 +389,16 @@ class RolloutRunner:
                                                     log_message=log_message, **values)
 
     def _save(self, changed: dict[str, dict[str, Any]]) -> None:
-        if not changed:
-            return
-        self.registry.set_rollout_devices(self.rollout.id, changed.items())
+        """Devices change here at once; the registry takes the changes now, or when it is back."""
         for name, values in changed.items():
             self.devices[name] = replace(self.devices[name], **values)
+            self._unsaved.setdefault(name, {}).update(values)
+        self._write_devices()
+
+    def _write_devices(self) -> None:
+        if self._unsaved and not self._offline:
+            self.registry.set_rollout_devices(self.rollout.id, self._unsaved.items())
+            self._unsaved.clear()
 
     def _publish(self, names: list[str], payloads: dict[str, bytes]) -> None:
         conn = self.watch.conn
@@ -450,10 +509,16 @@ class RolloutRunner:
 
     def _begin_abort(self, reason: str) -> None:
         self._set(state="aborting", request=None, reason=reason, log_message=f"aborting: {reason}")
+        self._revert_touched()
+
+    def _revert_touched(self) -> None:
+        """Give every device the rollout touched and has not dealt with yet its own release as it was before."""
         now = time.time()
-        touched = [d for d in self.devices.values() if d.state != "pending"]
+        touched = [d for d in self.devices.values() if d.state not in (*SETTLED, "reverting", "pending")]
+        if not touched:
+            return
         payloads = {d.device: (d.before_release or "").encode() for d in touched}
-        self._publish([d.device for d in touched], payloads)  # each device's own release as it was before
+        self._publish([d.device for d in touched], payloads)
         changed = {}
         for d in touched:
             if d.before_version is None and d.state == "active":
@@ -480,9 +545,11 @@ class RolloutRunner:
                                                f"{self.plan.timeout:g}s: its release names it, it switches when "
                                                f"it is back"[:500]}
         self._save(changed)
+
+    def _end_abort(self) -> None:
         if all(d.state in SETTLED or d.state == "pending" for d in self.devices.values()):
             c = Progress(self.rollout, list(self.devices.values())).counts()
-            self._set(state="aborted", finished_at=now, log_message=(
+            self._set(state="aborted", finished_at=time.time(), log_message=(
                 f"aborted: {c.get('reverted', 0)} rolled back, {c.get('kept', 0)} kept the new version, "
                 f"{c.get('revert_timed_out', 0)} not confirmed, {c.get('pending', 0)} never updated"))
 
@@ -511,5 +578,5 @@ def runner_alive(r: RolloutRecord, now: float | None = None) -> bool:
     return r.heartbeat is not None and (now or time.time()) - r.heartbeat < STALE_RUNNER
 
 
-__all__ = ["Plan", "Progress", "RolloutError", "RolloutRunner", "RegistryError", "Start", "check_selector",
-           "matches", "request", "runner_alive", "runner_name", "start_rollout"]
+__all__ = ["Plan", "Progress", "RolloutError", "RolloutRunner", "RegistryError", "Start", "request", "runner_alive",
+           "runner_name", "start_rollout"]

@@ -8,6 +8,7 @@ unreachable or locked the batch is kept (device state and status coalesce per de
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -16,7 +17,6 @@ from collections import deque
 from typing import Callable
 
 from edgerun.contract import Event, State, Status, Topics
-from edgerun.manifest import payload_digest
 from edgerun.hub.registry import Batch, Registry, RegistryError
 from edgerun.mqtt import Broker, Connection, backoff_delay
 
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.2
 QUIET = 0.25  # no message for this long after the SUBACKs: the retained messages are in
+QUIET_ALL_KNOWN = 0.05  # ... or this long, once every device the registry knows has sent its state and status
 MAX_PENDING_EVENTS = 200_000  # kept while the database is down; the oldest go first beyond this
 HUB_SESSION_EXPIRY = 3600  # the broker keeps a hub's events this long while it restarts
 Listener = Callable[[str, str, object], None]  # (kind: state | status | event | release, device, payload)
@@ -42,7 +43,7 @@ class FleetWatch:
         self.recent: deque[tuple[str, Event, float]] = deque(maxlen=recent_events)
         self.messages = 0
         self._known = list(known_devices) if known_devices is not None else \
-            [d.device for d in registry.devices(topics.fleet)] if registry is not None else []
+            registry.device_names(topics.fleet) if registry is not None else []
         self._listeners: list[Listener] = []
         self._batch = Batch()
         self._lock = threading.Lock()
@@ -84,13 +85,21 @@ class FleetWatch:
 
     def settle(self, quiet: float = QUIET, timeout: float = 10.0) -> None:
         """Wait for the subscriptions' acknowledgements, then until no message arrived for ``quiet`` seconds
-        (a broker sends the retained messages right after it acknowledges), then flush."""
+        (a broker sends the retained messages right after it acknowledges; once every known device's state
+        and status are in, a shorter pause will do), then flush."""
         end = time.monotonic() + timeout
         self.conn.wait_subscribed(timeout)
         self._last_message = max(self._last_message, time.monotonic())
-        while time.monotonic() < end and time.monotonic() - self._last_message < quiet:
+        while time.monotonic() < end:
+            silent = time.monotonic() - self._last_message
+            if silent >= quiet or (silent >= QUIET_ALL_KNOWN and self._heard_all_known()):
+                break
             time.sleep(0.01)
         self.flush()
+
+    def _heard_all_known(self) -> bool:
+        states, statuses = self.states, self.statuses
+        return bool(self._known) and all(d in states and d in statuses for d in self._known)
 
     def stop(self) -> None:
         self.conn.stop()
@@ -174,7 +183,7 @@ class FleetWatch:
             obj = payload
             if payload:
                 with self._lock:
-                    self._batch.releases[payload_digest(payload)] = payload
+                    self._batch.releases[hashlib.sha256(payload).hexdigest()] = payload
         else:
             return
         kind = {"events": "event", "device_release": "release"}.get(ref.kind, ref.kind)

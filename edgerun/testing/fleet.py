@@ -8,6 +8,12 @@ downloading or loading anything. One thread drives every client through paho's e
 >>> with SimFleet(broker.port, "f1", keydir, n=1000, fail_rate=0.1) as fleet:   # doctest: +SKIP
 ...     fleet.counts()
 
+Injected failures: ``fail_rate`` with ``fail_mode="random"`` fails each device's update to a version with that
+chance, fixed by the seed, the device and the version (``will_fail`` predicts it in any process);
+``fail_mode="spread"`` fails exactly that share of the updates to each version, evenly in the order they
+end (at 20%, the 5th, 10th, 15th... update), so any group of devices that updates first, such as a
+rollout's canary of 10, holds exactly its share of failures whichever devices it is made of.
+
 ``python -m edgerun.testing.fleet --port P --fleet F --trusted-keys DIR`` runs one in its own process. Do that
 when the fleet is large and the same process runs other paho clients with ``loop_start()``: paho's own loop
 uses ``select()``, which cannot watch a socket whose descriptor is 1024 or more.
@@ -33,6 +39,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
@@ -68,6 +75,7 @@ CONNECT_INTERVAL = 0.02  # seconds between two batches
 MISC_INTERVAL = 1.0  # seconds between two keep-alive passes over every client
 FAREWELL_TIMEOUT = 5.0  # seconds a clean stop waits for the broker to acknowledge every offline state
 PARSE_CACHE = 256  # parsed release payloads kept (the fleet's devices all receive the same ones)
+FAIL_MODES = ("random", "spread")
 
 
 def _unit(*parts: object) -> float:
@@ -381,7 +389,7 @@ class SimDevice:
             self._next(job)
             return
         self.job = None
-        if job.chosen is not None and self.fleet.will_fail(self.id, m.version):
+        if job.chosen is not None and self.fleet.fails(self.id, m.model, m.version):
             old = self.active.get(m.model)
             self.report(m.model, m.version, "failed", f"simulated failure: v{m.version} did not load or warm up; "
                                                       f"v{old if old else '-'} keeps serving", 1.0, m.digest)
@@ -418,18 +426,22 @@ class SimFleet:
                  profiles: Sequence[str] = PROFILES, tags: Mapping[str, Sequence[str]] = TAGS,
                  step_delay: tuple[float, float] = (0.05, 0.3), protocol: str = "5", keepalive: int = 30,
                  session_expiry: int = SESSION_EXPIRY, fail_devices: Iterable[str] = (),
-                 silent_devices: Iterable[str] = (), fail_from: int = 0):
+                 silent_devices: Iterable[str] = (), fail_from: int = 0, fail_mode: str = "random"):
         if protocol not in PROTOCOLS:
             raise ValueError(f"MQTT protocol {protocol!r}: expected one of {sorted(PROTOCOLS)}")
+        if fail_mode not in FAIL_MODES:
+            raise ValueError(f"fail_mode {fail_mode!r}: expected one of {', '.join(FAIL_MODES)}")
         self.host, self.port, self.fleet = host, broker_port, fleet
         self.topics = Topics(fleet)
         self.trusted = manifest_mod.load_trusted_keys(Path(trusted_keys_dir) if trusted_keys_dir else None)
-        self.fail_rate, self.seed = fail_rate, seed
+        self.fail_rate, self.seed, self.fail_mode = fail_rate, seed, fail_mode
         self.fail_from = fail_from  # versions below this one never fail (a fleet's baseline)
         self.step_delay = step_delay
         self.keepalive, self.session_expiry = keepalive, session_expiry
         self.fail_devices: set[str] = set(fail_devices)
         self.silent_devices: set[str] = set(silent_devices)
+        self._ended: Counter[tuple[str, int]] = Counter()  # (model, version) -> updates that ended (spread mode)
+        self._failed: set[tuple[str, int]] = set()  # (device, version) whose update failed (spread mode)
         self.rng = random.Random(seed)
         self.messages_sent = 0
         self.ready_seconds: float | None = None
@@ -469,10 +481,27 @@ class SimFleet:
     # --- what tests ask -------------------------------------------------------------------------
 
     def will_fail(self, device: str, version: int) -> bool:
-        """Whether ``device`` fails the update to ``version`` (the same answer in every process)."""
+        """Whether ``device`` fails the update to ``version``: predicted in random mode (the same answer in every
+        process), known once the update ended in spread mode."""
         if version < self.fail_from:
             return False
-        return device in self.fail_devices or _unit(self.seed, device, version) < self.fail_rate
+        if device in self.fail_devices:
+            return True
+        if self.fail_mode == "spread":
+            return (device, version) in self._failed
+        return _unit(self.seed, device, version) < self.fail_rate
+
+    def fails(self, device: str, model: str, version: int) -> bool:
+        """Decide, as ``device``'s update to ``version`` ends, whether it fails (loop thread)."""
+        if self.fail_mode != "spread" or version < self.fail_from or device in self.fail_devices:
+            return self.will_fail(device, version)
+        rate = Fraction(self.fail_rate).limit_denominator(10_000)
+        self._ended[(model, version)] += 1
+        k = self._ended[(model, version)]
+        if k * rate // 1 > (k - 1) * rate // 1:
+            self._failed.add((device, version))
+            return True
+        return False
 
     def set_offline(self, device: str) -> None:
         """Drop the device's socket without DISCONNECT; the broker publishes its last will."""
@@ -750,6 +779,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--trusted-keys", type=Path, required=True)
     p.add_argument("--devices", type=int, default=1000)
     p.add_argument("--fail-rate", type=float, default=0.0)
+    p.add_argument("--fail-mode", choices=FAIL_MODES, default="random",
+                   help="random: each update fails with the rate's chance; spread: exactly that share of the updates "
+                        "to each version fail, evenly in the order they end")
     p.add_argument("--fail-from", type=int, default=0, help="only versions from this one on fail")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefix", default="sim")
@@ -763,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     fleet = SimFleet(args.port, args.fleet, args.trusted_keys, args.devices, host=args.host, prefix=args.prefix,
                      fail_rate=args.fail_rate, seed=args.seed, step_delay=tuple(args.step_delay),
-                     fail_from=args.fail_from)
+                     fail_from=args.fail_from, fail_mode=args.fail_mode)
     t0 = time.monotonic()
     try:
         fleet.start(timeout=args.timeout)

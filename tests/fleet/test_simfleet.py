@@ -446,6 +446,20 @@ def test_silent_and_always_failing_devices(tmp_path, hub, watcher, small):
     assert "v1 keeps serving" in got["sim-0003"].detail
 
 
+def test_spread_failures_fail_exactly_their_share_in_the_order_updates_end(tmp_path, hub, watcher, small):
+    fleet = small(20, fail_rate=0.2, fail_mode="spread", step_delay=(0.05, 0.2))
+    since = len(watcher.events)
+    hub.publish(hub.signed(tiny_package(tmp_path / "v1", 1)))
+    got = watcher.wait_final(1, 20, since)
+    ended = sorted((e.ts, d) for _, d, e in watcher.events[since:] if e.state in ("active", "failed"))
+    failed = [d for _, d in ended if got[d].state == "failed"]
+    assert len(failed) == 4  # 20% of 20, exactly
+    assert [i for i, (_, d) in enumerate(ended, 1) if d in failed] == [5, 10, 15, 20]
+    assert {d for d in fleet.devices if fleet.will_fail(d, 1)} == set(failed)
+    with pytest.raises(ValueError, match="fail_mode 'sometimes'"):
+        SimFleet(1, "f", None, 0, fail_mode="sometimes")
+
+
 def test_set_offline_leaves_the_retained_offline_state_of_the_same_session(broker, fleet_name, tmp_path, hub,
                                                                           watcher, small):
     fleet = small(3)

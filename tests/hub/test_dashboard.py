@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -169,13 +170,15 @@ def test_a_burst_of_status_messages_is_a_few_stream_messages_a_second(world):
     assert b["event_messages"] <= b["seconds"] / FLUSH_SECONDS + 2
 
 
-def test_the_page_shows_the_fleet(world, page, tmp_path, measured):
+def test_the_page_shows_the_fleet(world, page, screenshots, measured):
     expected = world.fleet.truth()
     assert expected["known"] == DEVICES
     marks = open_page(page, world.url)
     measured.setdefault("dashboard", {})["first_load_ms"] = marks
     print(f"first load, ms from navigation start: {marks}")
-    page.screenshot(path=str(tmp_path / "dashboard.png"))
+    shot = screenshots / "dashboard-fleet.png"
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
 
     text = lambda sel: page.text_content(sel).replace(",", "")  # noqa: E731
     assert int(text("#n-known")) == KNOWN
@@ -388,3 +391,65 @@ def test_cli_refuses_an_open_address_without_a_token_and_stops_on_sigterm(world,
     logged = proc.stderr.read()
     assert f"dashboard of fleet '{fleet}' on {url}/" in logged and "cli-token" not in logged
     assert "dashboard stopped" in logged
+
+
+def _titles(card) -> dict[str, str]:
+    """Each stage bar's counts as the page shows them (its title), by stage."""
+    return dict(card.locator(".stage").evaluate_all("ss => ss.map(s => [s.dataset.stage, s.title])"))
+
+
+def test_pause_and_resume_reach_a_running_rollout_whose_stages_move_on_the_open_page(world, page, screenshots):
+    from edgerun.hub.publish import build_manifest
+    from edgerun.hub.rollout import Plan, RolloutRunner, start_rollout
+    from edgerun.manifest import sign
+    from edgerun.testing.models import tiny_package
+
+    f = world.fleet
+    signed = sign(build_manifest(tiny_package(f.workdir / "pkg-5", 5, MODEL)), f.key, "hub-test")
+    f.registry.record_release(f.name, signed, source="upload")
+    plan = Plan.parse(canary=5, step="50%", bake="3s", max_failures="50%", timeout="60s")
+    rid = start_rollout(f.registry, f.watch, f.key, "hub-test", MODEL, 5, selector=["devices=sim-05*"], plan=plan,
+                        runner="dashboard-test:1").rollout.id
+    runner = RolloutRunner(f.registry, f.watch, rid, runner="dashboard-test:1", tick=0.1)
+    thread = threading.Thread(target=runner.run, daemon=True)
+    open_page(page, world.url)
+    page.evaluate("window.sameDocument = true")
+    card = page.locator(f'.rollout[data-id="{rid}"]')
+    expect(card).to_be_visible(timeout=10000)
+    assert _titles(card) == {"0": "canary: 5 pending", "1": "stage 2: 50 pending", "2": "stage 3: 45 pending"}
+    thread.start()
+    try:
+        card.locator("button[data-action=pause]").click()  # no confirmation for a pause
+        wait_for(lambda: f.registry.rollout(rid).state == "paused", 10, "the runner to pause the rollout")
+        expect(card.locator(".badge")).to_have_text("paused", timeout=5000)
+        expect(card.locator("button[data-action=resume]")).to_be_enabled()
+        expect(card.locator("button[data-action=pause]")).to_be_disabled()
+        # the canary, updating when the pause came, finishes; its bar fills on the page as it does
+        expect(card.locator(".stage[data-stage='0']")).to_have_attribute(
+            "title", re.compile(r"^canary: (\d+ active|\d+ active, \d+ failed|\d+ failed)$"), timeout=15000)
+        time.sleep(plan.bake + 1.5)  # longer than the bake: a running rollout would have started stage 2
+        assert f.registry.rollout(rid).stage == 0
+        assert _titles(card)["1"] == "stage 2: 50 pending"
+        page.screenshot(path=str(screenshots / "dashboard-rollout-paused.png"))
+
+        card.locator("button[data-action=resume]").click()
+        wait_for(lambda: f.registry.rollout(rid).state == "running", 10, "the runner to resume the rollout")
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and f.registry.rollout(rid).in_progress:
+            titles = _titles(card) if card.count() else {}
+            if titles.get("1") and (not seen or seen[-1] != titles["1"]):
+                seen.append(titles["1"])
+            time.sleep(0.1)
+        thread.join(30)
+        assert f.registry.rollout(rid).state == "succeeded"
+        assert seen[0] == "stage 2: 50 pending" and len(seen) >= 2, seen  # the counts moved on the open page
+        assert "pending" not in seen[-1], seen
+        expect(card).to_have_count(0, timeout=10000)  # over: from the rollouts in progress to the past ones
+        expect(page.locator("#past-list")).to_contain_text(f"#{rid} {MODEL} v5")
+        assert page.evaluate("window.sameDocument") is True  # all of it live, no reload
+    finally:
+        runner.stop()
+        thread.join(30)
+        if f.registry.rollout(rid).in_progress:
+            f.registry.update_rollout(rid, state="aborted", request=None, finished_at=time.time())

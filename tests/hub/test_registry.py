@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-import uuid
 
 import pytest
 
@@ -13,36 +12,18 @@ from edgerun.hub.keys import generate
 from edgerun.hub.registry import Batch, Registry, RegistryError
 from edgerun.manifest import load_private_key, sign
 from edgerun.testing.mosquitto import free_port
-
-PG = "postgresql://postgres@127.0.0.1:5432"
-
-
-def _postgres_database() -> str | None:
-    """A fresh database on the local PostgreSQL, or None when none is running."""
-    try:
-        import psycopg
-
-        with psycopg.connect(f"{PG}/postgres", autocommit=True, connect_timeout=2) as c:
-            name = f"edgerun_t_{uuid.uuid4().hex[:10]}"
-            c.execute(f'CREATE DATABASE "{name}"')
-            return name
-    except Exception:
-        return None
-
+from edgerun.testing.postgres import drop_database, fresh_database
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'hub.db'}"
         return
-    name = _postgres_database()
-    if name is None:
+    url = fresh_database()
+    if url is None:
         pytest.skip("no PostgreSQL server on 127.0.0.1:5432")
-    yield f"{PG}/{name}"
-    import psycopg
-
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield url
+    drop_database(url)
 
 
 @pytest.fixture

@@ -1,9 +1,12 @@
-"""Staged rollouts over simulated fleets: promotion, the failure gate, time-outs, pause, bad input, a hub crash."""
+"""Staged rollouts over simulated fleets: promotion, the failure gate, time-outs, pause, bad input, a hub crash.
+
+The staged rollout and the abort at the first gate also run with the registry on PostgreSQL (the watcher and
+the runner write there), when a server runs on 127.0.0.1:5432.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,106 +15,29 @@ import time
 
 import pytest
 
-from edgerun.contract import Topics
-from edgerun.hub.keys import generate
-from edgerun.hub.publish import build_manifest, encode
-from edgerun.hub.registry import Registry
+from edgerun.contract import State, Status
 from edgerun.hub.rollout import Plan, RolloutError, RolloutRunner, request, start_rollout
-from edgerun.hub.watch import FleetWatch
-from edgerun.manifest import load_private_key, sign
+from edgerun.hub.select import SelectorError
 from edgerun.mqtt import Broker, Connection
 from edgerun.testing.fleet import SimFleet
-from edgerun.testing.mosquitto import Mosquitto, find_mosquitto
+from edgerun.testing.mosquitto import find_mosquitto
+from rollout_helpers import CLI, all_on, wait_for
 
 if find_mosquitto() is None:
     pytest.skip("mosquitto is not installed", allow_module_level=True)
 
-CLI = "import sys; from edgerun.cli import main; sys.exit(main())"
+REGISTRIES = pytest.mark.parametrize("setup", ["sqlite", "postgresql"], indirect=True)
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    with Mosquitto(tmp_path_factory.mktemp("broker")) as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    generate(d, "hub-t")
-    return d
-
-
-class Setup:
-    """A fleet name, its registry, a signing key and helpers to release versions of digits."""
-
-    def __init__(self, broker, keys, tmp_path, package, fleet: str):
-        self.broker, self.keydir, self.tmp = broker, keys, tmp_path
-        self.package = package
-        self.fleet = fleet
-        self.topics = Topics(fleet)
-        self.db = f"sqlite:///{tmp_path / 'hub.db'}"
-        self.registry = Registry(self.db)
-        self.key = load_private_key(keys / "hub-t.key")
-
-    def manifest(self, version: int) -> dict:
-        m = build_manifest(self.package)
-        m["version"] = version
-        m["package"]["version"] = version
-        return sign(m, self.key, "hub-t")
-
-    def publish(self, version: int) -> dict:
-        """The whole fleet at once (the state before a rollout)."""
-        signed = self.manifest(version)
-        self.registry.record_release(self.fleet, signed, source="publish")
-        with Connection(Broker(port=self.broker.port), persistent=False) as c:
-            c.wait([c.publish(self.topics.release("digits"), encode(signed), retain=True)])
-        return signed
-
-    def upload(self, version: int) -> None:
-        self.registry.record_release(self.fleet, self.manifest(version), source="upload")
-
-    def watch(self) -> FleetWatch:
-        return FleetWatch(Broker(port=self.broker.port), self.topics, self.registry, name="test")
-
-    def rollout(self, version: int, *, selector=(), **plan) -> tuple[object, list]:
-        progress = []
-        with self.watch() as w:
-            start = start_rollout(self.registry, w, self.key, "hub-t", "digits", version, selector=list(selector),
-                                  plan=Plan.parse(**plan), runner="test:1")
-            runner = RolloutRunner(self.registry, w, start.rollout.id, runner="test:1", tick=0.1,
-                                   on_progress=progress.append)
-            final = runner.run()
-        return final, progress
-
-
-def wait_for(pred, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def setup(broker, keys, tmp_path, digits_package, request):
-    return Setup(broker, keys, tmp_path, digits_package, f"s{abs(hash(request.node.name)) % 10**8}")
-
-
-def _all_on(fleet: SimFleet, version: int) -> bool:
-    return all(d.active.get("digits") == version for d in fleet.devices.values())
-
-
+@REGISTRIES
 def test_a_staged_rollout_reaches_every_device_stage_after_stage(setup):
     with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=200, seed=1) as fleet:
         setup.publish(1)
-        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         setup.upload(2)
         final, progress = setup.rollout(2, canary=5, step="50%", bake="0.3s", max_failures="10%", timeout="30s")
         assert final.state == "succeeded", final.reason
-        wait_for(lambda: _all_on(fleet, 2), what="v2 everywhere")
+        wait_for(lambda: all_on(fleet, 2), what="v2 everywhere")
     devices = setup.registry.rollout_devices(final.id)
     assert [sum(1 for d in devices if d.stage == s) for s in range(3)] == [5, 100, 95]
     for s in (1, 2):  # no device of a stage was published before the stage before it had finished and baked
@@ -123,32 +49,48 @@ def test_a_staged_rollout_reaches_every_device_stage_after_stage(setup):
     assert any("stage 1:" in m and "baking" in m for m in log) and "succeeded" in log[-1]
 
 
+@REGISTRIES
 def test_injected_failures_abort_at_the_first_gate_and_the_canary_rolls_back(setup):
-    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=100, seed=3) as fleet:
+    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=100, seed=3, fail_mode="spread") as fleet:
         setup.publish(1)
-        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
-        fleet.fail_rate = 0.3  # from now on 30% of the devices fail an update
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
+        fleet.fail_rate = 0.2  # from now on exactly one update in five fails: two in a canary of 10
         setup.upload(2)
-        final, _ = setup.rollout(2, canary=20, step="25%", bake="0.3s", max_failures="10%", timeout="30s")
-        assert final.state == "aborted" and "more than 10%" in final.reason, final.reason
+        final, _ = setup.rollout(2, canary=10, step="25%", bake="0.3s", max_failures="10%", timeout="30s")
+        assert final.state == "aborted" and "finished device(s) failed" in final.reason, final.reason
         devices = {d.device: d for d in setup.registry.rollout_devices(final.id)}
         assert {d.stage for d in devices.values() if d.state != "pending"} == {0}  # stopped at the first gate
         assert all(d.state in ("reverted", "pending") for d in devices.values()), \
             {d.device: d.state for d in devices.values()}
-        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere again")
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere again")
         canary = [d for d in devices.values() if d.stage == 0]
-        failed = [d for d in canary if fleet.will_fail(d.device, 2)]
-        assert failed and len(failed) > 2  # 30% of 20: the gate of 10% is passed by the third failure at the latest
+        assert len(canary) == 10 and sum(fleet.will_fail(d.device, 2) for d in canary) == 2
+        log = [m for _, m in setup.registry.rollout_log(final.id)]
+        assert not any("stage 2 starts" in m for m in log), log
     with Connection(Broker(port=setup.broker.port), persistent=False) as c:
         left = c.collect([setup.topics.releases_filter("+")], quiet=0.5)
     assert not any(left.values()), "the per-device releases of the canary were not put back"
+
+
+def test_the_gate_judges_the_devices_that_finished_once_enough_did_and_at_each_stage_end():
+    plan = Plan.parse(canary=10, step="25%", max_failures="10%", min_finished=10)
+    assert plan.gate(1, 10, stage_over=True) is None  # one failure in a canary of 10 is allowed
+    assert plan.gate(2, 10, stage_over=True) == ("2 of 10 finished device(s) failed, timed out or were rejected: "
+                                                 "more than 10%")
+    # stage 2 published (260 devices): the share is of those finished, not of those published
+    assert plan.gate(3, 14, stage_over=False) is not None
+    assert plan.gate(1, 5, stage_over=False) is None  # too few finished to judge a share yet ...
+    assert plan.gate(1, 5, stage_over=True) is not None  # ... but a stage is never promoted past its gate
+    assert Plan.parse(max_failures="2").gate(3, 3, stage_over=False) is not None  # a count is judged at once
+    with pytest.raises(RolloutError, match="--min-finished: expected 1 or more"):
+        Plan.parse(min_finished=0)
 
 
 def test_devices_that_never_answer_time_out_and_count_as_failures(setup):
     silent = {"sim-0003", "sim-0007"}
     with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=10, seed=5) as fleet:
         setup.publish(1)
-        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         fleet.silent_devices |= silent  # two devices hang from now on
         setup.upload(2)
         final, _ = setup.rollout(2, canary=10, bake="0s", max_failures="1", timeout="2s")
@@ -162,7 +104,7 @@ def test_devices_that_never_answer_time_out_and_count_as_failures(setup):
 def test_a_paused_rollout_starts_no_stage_until_resumed(setup):
     with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=20, seed=7) as fleet:
         setup.publish(1)
-        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         setup.upload(2)
         with setup.watch() as w:
             start = start_rollout(setup.registry, w, setup.key, "hub-t", "digits", 2, selector=[],
@@ -178,41 +120,84 @@ def test_a_paused_rollout_starts_no_stage_until_resumed(setup):
             request(setup.registry, start.rollout.id, "resume")
             thread.join(30)
         assert setup.registry.rollout(start.rollout.id).state == "succeeded"
-        wait_for(lambda: _all_on(fleet, 2), what="v2 everywhere")
+        wait_for(lambda: all_on(fleet, 2), what="v2 everywhere")
 
 
 def test_bad_rollouts_are_refused_with_a_clear_message(setup):
     with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=5, seed=9) as fleet:
         setup.publish(1)
-        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         with setup.watch() as w:
             def start(version, selector=()):
                 return start_rollout(setup.registry, w, setup.key, "hub-t", "digits", version, selector=list(selector),
                                      plan=Plan(), runner="test:1")
 
-            with pytest.raises(RolloutError, match="no release of digits v7 .* upload it first"):
+            with pytest.raises(RolloutError, match=r"no release of digits v7 .* \(its versions: v1\); upload it first"):
                 start(7)
+            with pytest.raises(RolloutError, match=r"no model 'digitz' in the registry .* \(models released: "
+                                                   r"digits\); upload it first"):
+                start_rollout(setup.registry, w, setup.key, "hub-t", "digitz", 1, selector=[], plan=Plan(),
+                              runner="test:1")
             setup.upload(2)
             with pytest.raises(RolloutError, match="no device of fleet .* matches tag:site=mars"):
                 start(2, ["tag:site=mars"])
-            with pytest.raises(RolloutError, match="expected tag:NAME=VALUE"):
+            with pytest.raises(SelectorError, match="expected tag:NAME=VALUE"):
                 start(2, ["site=berlin"])
             first = start(2)
             with pytest.raises(RolloutError, match=f"rollout {first.rollout.id} of digits v2 is already running"):
                 start(2)
+    for args, code, says in ((["digitz", "1"], 65, "no model 'digitz'"),
+                             (["digits", "9"], 65, "no release of digits v9"),
+                             (["digits", "2", "--select", "site=x"], 65, "expected tag:NAME=VALUE")):
+        r = setup.cli("rollout", "start", *args)
+        assert r.returncode == code and says in r.stderr, (args, r.returncode, r.stderr)
+    assert [r.state for r in setup.registry.rollouts(setup.fleet)] == ["running"]  # only the first, nothing more
     with pytest.raises(RolloutError, match="--step: expected a count or a percentage"):
         Plan.parse(step="a quarter")
     with pytest.raises(RolloutError, match="expected a duration"):
         Plan.parse(bake="soon")
 
 
+def test_devices_on_an_older_contract_are_skipped_for_a_release_they_would_refuse(setup):
+    old = {"old-11": "1.1", "old-10": None}  # None: a status without "contract", as 1.0 devices send it
+    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=4, seed=13) as fleet, \
+            Connection(Broker(port=setup.broker.port), persistent=False) as c:
+        for name, contract in old.items():
+            data = Status(name, setup.fleet, 1, "raspberry-pi-4", contract=contract or "1.0").to_dict()
+            if contract is None:
+                del data["contract"]
+            c.wait([c.publish(setup.topics.state(name), State(True, 1).to_payload(), retain=True),
+                    c.publish(setup.topics.status(name), json.dumps(data).encode(), retain=True)])
+        setup.publish(1)
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
+        setup.upload(2, edit=lambda m: m["variants"][0].update(info={"made": "by the test"}))  # a 1.2 member
+        setup.upload(3)  # nothing 1.2 added
+        with setup.watch() as w:
+            start = start_rollout(setup.registry, w, setup.key, "hub-t", "digits", 2, selector=[], plan=Plan(),
+                                  runner="test:1")
+            skipped = dict(start.skipped)
+            assert set(skipped) == set(old)
+            assert skipped["old-11"].startswith("speaks contract 1.1; this release needs 1.2")
+            assert skipped["old-10"].startswith("speaks contract 1.0; this release needs 1.2")
+            assert len(setup.registry.rollout_devices(start.rollout.id)) == 4
+            request(setup.registry, start.rollout.id, "abort")
+            setup.registry.update_rollout(start.rollout.id, state="aborted", request=None)
+            with pytest.raises(RolloutError, match="no selected device can take digits v2: old-1"):
+                start_rollout(setup.registry, w, setup.key, "hub-t", "digits", 2, selector=["devices=old-*"],
+                              plan=Plan(), runner="test:1")
+            start = start_rollout(setup.registry, w, setup.key, "hub-t", "digits", 3, selector=["devices=old-*"],
+                                  plan=Plan(), runner="test:1")
+            assert not start.skipped  # a release they can take goes to them as before
+    rows = {r["device"]: r["contract"] for r in json.loads(setup.cli("status", "--offline", "--json").stdout)}
+    assert rows["old-11"] == "1.1" and rows["old-10"] == "1.0" and rows["sim-0000"] == "1.2"
+
+
 def test_a_hub_killed_mid_rollout_loses_nothing_and_resume_finishes_it(setup):
     with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=30, seed=11) as fleet:
         setup.publish(1)
-        wait_for(lambda: _all_on(fleet, 1), what="v1 everywhere")
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         setup.upload(2)
-        env = {**os.environ, "EDGERUN_HUB_DB": setup.db, "EDGERUN_HUB_KEY": str(setup.keydir / "hub-t.key")}
-        common = ["--fleet", setup.fleet, "--host", "127.0.0.1", "--port", str(setup.broker.port)]
+        env, common = setup.env(), setup.common
         hub = subprocess.Popen([sys.executable, "-c", CLI, "hub", "rollout", "start", "digits", "2", "--canary", "3",
                                 "--step", "50%", "--bake", "2s", *common], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -232,7 +217,7 @@ def test_a_hub_killed_mid_rollout_loses_nothing_and_resume_finishes_it(setup):
                                  env=env, capture_output=True, text=True, timeout=120)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert "succeeded" in resumed.stdout
-        wait_for(lambda: _all_on(fleet, 2), what="v2 everywhere")
+        wait_for(lambda: all_on(fleet, 2), what="v2 everywhere")
     devices = setup.registry.rollout_devices(1)
     assert {d.state for d in devices} == {"active"} and len(devices) == 30
     status = json.loads(subprocess.run([sys.executable, "-c", CLI, "hub", "rollout", "status", "1", "--json", *common],

@@ -35,7 +35,7 @@ def test_publish_then_device_serves_it_and_hub_status_shows_it(tmp_path, hub, wa
     status = watcher.wait_for(lambda: (watcher.status.get("dev1") or {}).get("update", {}).get("state") == "active"
                               and watcher.status["dev1"], what="status active")
     assert {"profile", "backends", "models", "update"} <= set(status)
-    assert status["contract"] == "1.1" and status["tags"] == {}  # the additions of contract 1.1
+    assert status["contract"] == "1.2" and status["tags"] == {}  # the device speaks 1.2; tags came in 1.1
     assert status["memory"]["rss_bytes"] > 10 << 20 and status["memory"]["available_bytes"] > 0
     assert {"state", "version", "progress", "error"} <= set(status["update"]) and status["update"]["version"] == 1
     assert {"name", "version", "variant", "backend", "sha256", "memory_bytes"} <= set(status["models"][0])
@@ -46,7 +46,7 @@ def test_publish_then_device_serves_it_and_hub_status_shows_it(tmp_path, hub, wa
     rows = json.loads(r.stdout)
     assert [row["device"] for row in rows] == ["dev1"]
     row = rows[0]
-    assert row["online"] is True
+    assert row["online"] is True and row["contract"] == "1.2"
     assert [(m["name"], m["version"], m["variant"]) for m in row["models"]] == [("digits", 1, "onnx-fp32")]
     available = {b["name"] for b in watcher.status["dev1"]["backends"] if b["available"]}
     assert row["models"][0]["backend"] in available

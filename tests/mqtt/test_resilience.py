@@ -78,6 +78,21 @@ def test_device_restart_mid_transfer_keeps_the_chunks_on_disk(tmp_path, hub, wat
     dev.wait_version(2, timeout=60)
 
 
+def test_a_download_with_no_new_chunk_for_stall_timeout_fails_as_stalled_and_v1_serves(tmp_path, hub, watcher,
+                                                                                        device_factory):
+    dev = device_factory().start(env={"EDGERUN_MQTT_STALL_TIMEOUT": "2"})  # [mqtt] stall_timeout, from the environment
+    hub.release(make_package(tmp_path / "v1", 1))
+    dev.wait_version(1)
+    big = make_package(tmp_path / "v2", 2, hidden=4000)
+    total = _publish_partly(hub, big, first=3)  # three chunks, then nothing: the rest was never uploaded
+    started = time.monotonic()
+    failed = watcher.event(2, ("failed",), timeout=30)
+    assert time.monotonic() - started < 20  # not the default of 600 s
+    assert "download: no chunk of model.onnx for 2s" in failed["detail"] and f"(3 of {total} received)" in \
+        failed["detail"], failed["detail"]
+    assert dev.versions() == [1] and dev.infer().status_code == 200
+
+
 def _wait_for_pointer(dev, version: int, timeout: float = 30) -> None:
     path = dev.state_dir / "models" / "digits" / "active"
     deadline = time.monotonic() + timeout

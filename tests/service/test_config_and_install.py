@@ -34,6 +34,7 @@ def test_config_check_names_file_key_and_expectation(tmp_path, digits_package):
     cases = {
         '[server]\nport = 70000\n': ("key 'server.port'", "expected a port number 1-65535"),
         '[mqtt]\nkeepalive = "30s"\n': ("key 'mqtt.keepalive'", "expected an integer"),
+        '[mqtt]\nstall_timeout = 0\n': ("key 'mqtt.stall_timeout'", "expected seconds >= 1, got 0"),
         '[server]\nprot = 1\n': ("key 'server.prot'", "unknown key; expected one of"),
         '[mqtt]\npassword = "hunter2"\n': ("key 'mqtt.password'", "mqtt.password_file or EDGERUN_MQTT_PASSWORD"),
         '[[models]]\npath = "missing-package"\n': ("key 'models[0].path'", "expected a model package directory"),

@@ -527,7 +527,9 @@
     const body = [];
     const p = r.plan || {};
     body.push(el("p", null, `${r.state} · stage ${Math.min(r.stage + 1, r.stages)} of ${r.stages} · canary ${p.canary}, ` +
-      `steps of ${p.step}, bake ${p.bake}s, abort above ${p.max_failures} failures · started ${when(r.created_at)} by ${r.created_by}`));
+      `steps of ${p.step}, bake ${p.bake}s, abort above ${p.max_failures} ` +
+      (String(p.max_failures).endsWith("%") ? "of the finished devices" : "failures") +
+      ` · started ${when(r.created_at)} by ${r.created_by}`));
     if (r.reason) body.push(el("p", "ro-reason", r.reason));
     body.push(el("h3", null, `devices (${d.devices.length})`));
     const t = el("table", "mini");
