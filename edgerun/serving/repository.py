@@ -92,8 +92,11 @@ class ModelRepository:
                                 "or '-'")
         candidates = [self.root / name] + [self.root / f"{name}{s}" for s in self._suffixes()]
         for p in candidates:
-            if (p.is_dir() and (p / "edgerun.toml").is_file()) or p.is_file():
-                return p
+            try:
+                if (p.is_dir() and (p / "edgerun.toml").is_file()) or p.is_file():
+                    return p
+            except OSError:  # a name longer than the file system allows
+                continue
         raise ModelNotFound(f"no model {name!r} in the repository {self.root}; it holds {self.available()}")
 
     def _check_owned(self, name: str, action: str) -> None:

@@ -81,8 +81,10 @@ class InferenceService:
     def model(self, name: str, version: str | int | None = None) -> LoadedModel:
         """The loaded model for a name and version (the highest when None), or ModelNotFound naming what is."""
         if isinstance(version, str):
-            if not version.isdigit():
-                raise ModelNotFound(f"model {name!r} has no version {version!r}; versions are positive integers")
+            # ASCII digits only: str.isdigit() also takes '³', which int() refuses
+            if not (version.isascii() and version.isdigit()) or len(version) > 19:
+                raise ModelNotFound(f"model {name!r} has no version {version[:40]!r}; versions are positive "
+                                    "integers")
             version = int(version)
         return self.runtime.model(name, version)
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import json
 
+import httpx
 import numpy as np
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgerun.testing.serving import echo_request, reference
+from edgerun.testing.serving import TOKEN, ServerProcess, echo_request, reference
 
 GOOD = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.25] * 64}]}
 X = np.full((1, 64), 0.25, np.float32)
@@ -184,6 +185,43 @@ def test_oversized_chunked_body_is_413(http):
 
     r = http.post("/v2/models/digits/infer", content=chunks())
     assert r.status_code == 413
+
+
+# Versions are ASCII digits: '²' passes str.isdigit() but not int() (was a 500), '١' was served as version 1, and
+# int() refuses more than 4,300 digits (was a 500). Found by the schema fuzz (tests/server/test_schema_fuzz.py).
+@pytest.mark.parametrize("version", ["²", "\u0661", "9" * 5000], ids=["superscript", "arabic-indic", "5000 digits"])
+@pytest.mark.parametrize("endpoint", ["", "/ready", "/config", "/stats", "/infer"])
+def test_version_that_is_not_ascii_digits_is_404(http, version, endpoint):
+    path = f"/v2/models/digits/versions/{version}{endpoint}"
+    r = http.post(path, json=GOOD) if endpoint == "/infer" else http.get(path)
+    assert r.status_code == 404, r.text
+    assert "versions are positive integers" in r.json()["error"]
+    assert http.post("/v2/models/digits/versions/1/infer", json=GOOD).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def repository_server(digits_package, tmp_path_factory):
+    """A server that allows model repository control: a token and an (empty) repository directory."""
+    d = tmp_path_factory.mktemp("repository-bad-input")
+    (d / "repository").mkdir()
+    (d / "token").write_text(TOKEN)
+    cfg = d / "edgerun.toml"
+    cfg.write_text(f'[server]\nrepository_dir = "{d / "repository"}"\ntoken_file = "{d / "token"}"\n\n'
+                   f'[[models]]\npath = "{digits_package.root}"\n')
+    proc = ServerProcess(["--config", str(cfg)]).wait_ready()
+    yield proc
+    assert proc.stop() == 0, proc.output()
+
+
+def test_repository_name_longer_than_a_file_name_is_404(repository_server):
+    # the file system refuses names past 255 bytes: an OSError, answered as a 500 before
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=repository_server.url, headers=auth, timeout=30) as c:
+        for name in ("a" * 251, "a" * 300):
+            r = c.post(f"/v2/repository/models/{name}/load")
+            assert r.status_code == 404 and "no model 'aaaa" in r.json()["error"], r.text
+        assert c.post("/v2/models/digits/infer", json=GOOD).status_code == 200
+    assert "Traceback" not in repository_server.output()
 
 
 # --- fuzz ------------------------------------------------------------------------------------------------
