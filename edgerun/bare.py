@@ -21,6 +21,7 @@ from edgerun.backend import Backend, LoadOptions
 from edgerun.errors import BackendUnavailable, ModelLoadError, PackageError
 from edgerun.package import PACKAGE_FILE, ModelPackage, Variant, file_entry
 from edgerun.tensors import DATATYPE_TO_DTYPE, TensorSpec
+from edgerun.units import decimal
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def _ir_precision(path: Path) -> str:
         elif el.get("type") == "Const" and (data := el.find("data")) is not None:
             kind = _IR_TYPES.get(data.get("element_type", ""))
             if kind:
-                shape = [int(d) for d in (data.get("shape") or "").split(",") if d.strip().isdigit()]
+                shape = [d for d in map(decimal, (data.get("shape") or "").split(",")) if d is not None]
                 elements[kind] += math.prod(shape)
         el.clear()
     return _by_weights(elements["int4"] > 0, fake_quantize or elements["int8"] > 0, elements)

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgerun.units import decimal
+
 TOPIC_ROOT = "edgerun/v1"
 CONTRACT_VERSION = "1.2"  # what a device's status says it speaks; additive changes raise the minor
 
@@ -28,8 +30,8 @@ STATES = IN_PROGRESS + FINAL
 
 def contract_key(version: object) -> tuple[int, int]:
     """``"1.2"`` as ``(1, 2)``, to compare versions; a status that names none (or garbage) speaks 1.0."""
-    major, _, minor = str(version).partition(".")
-    return (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (1, 0)
+    major, _, minor = (decimal(part, 6) for part in str(version).partition("."))
+    return (major, minor) if major is not None and minor is not None else (1, 0)
 
 
 def valid_name(value: object) -> bool:
@@ -102,8 +104,8 @@ class Topics:
         parts = topic[len(self.prefix) + 1:].split("/")
         if len(parts) == 2 and parts[0] == "releases" and valid_name(parts[1]):
             return TopicRef("release", model=parts[1])
-        if len(parts) == 3 and parts[0] == "blobs" and parts[2].isdigit():
-            return TopicRef("blob", sha256=parts[1], index=int(parts[2]))
+        if len(parts) == 3 and parts[0] == "blobs" and (index := decimal(parts[2])) is not None:
+            return TopicRef("blob", sha256=parts[1], index=index)
         if len(parts) >= 3 and parts[0] == "devices" and valid_name(parts[1]):
             device = parts[1]
             if len(parts) == 3 and parts[2] in ("state", "status", "events"):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edgerun.contract import FINAL, IN_PROGRESS
+from edgerun.units import decimal
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +187,10 @@ class Store:
         keep = {ptr.version, ptr.previous} if ptr else set()
         gone = []
         for p in (self.models_dir / model).iterdir():
-            if p.is_dir() and p.name.isdigit() and int(p.name) not in keep:
+            version = decimal(p.name)
+            if p.is_dir() and version is not None and version not in keep:
                 shutil.rmtree(p, ignore_errors=True)
-                gone.append(int(p.name))
+                gone.append(version)
         if gone:
             fsync_dir(self.models_dir / model)
         return sorted(gone)

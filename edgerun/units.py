@@ -1,4 +1,4 @@
-"""Parse and format byte sizes ("1.5GiB", "200MB", "60%")."""
+"""Parse and format byte sizes ("1.5GiB", "200MB", "60%"), and decimal numbers from the outside world."""
 
 from __future__ import annotations
 
@@ -76,3 +76,14 @@ def format_duration(seconds: float | None) -> str:
     if seconds < 3600:
         return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def decimal(text: str, max_digits: int = 19) -> int | None:
+    """A non-negative integer written in ASCII digits (at most ``max_digits``), else None.
+
+    ``str.isdigit()`` alone takes '³' and '١', which ``int()`` refuses or reads as another number.
+    """
+    text = text.strip()
+    if not text or not text.isascii() or not text.isdigit() or len(text) > max_digits:
+        return None
+    return int(text)

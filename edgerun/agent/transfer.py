@@ -20,6 +20,7 @@ from edgerun.contract import Topics
 from edgerun.errors import IntegrityError
 from edgerun.package import FileEntry
 from edgerun.store import atomic_write
+from edgerun.units import decimal
 
 if TYPE_CHECKING:
     from edgerun.mqtt import Connection
@@ -267,7 +268,7 @@ def _content_range(r) -> tuple[int | None, int | None]:
     """(first byte, total size) from ``Content-Range: bytes START-END/TOTAL``; None where absent or ``*``."""
     unit_range, _, total = r.headers.get("content-range", "").partition("/")
     first = unit_range.partition(" ")[2].partition("-")[0]
-    return int(first) if first.isdigit() else None, int(total) if total.isdigit() else None
+    return decimal(first), decimal(total)
 
 
 def _total_length(r, have: int) -> int | None:
@@ -275,7 +276,7 @@ def _total_length(r, have: int) -> int | None:
     total = _content_range(r)[1]
     if total is not None:
         return total
-    cl = r.headers.get("content-length")
-    if cl is None or not cl.isdigit():
+    cl = decimal(r.headers.get("content-length") or "")
+    if cl is None:
         return None
-    return int(cl) + (have if r.status_code == 206 else 0)
+    return cl + (have if r.status_code == 206 else 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from math import prod
 from typing import Any, Iterable, Mapping
@@ -18,6 +19,8 @@ _LE_DTYPES = {k: v.newbyteorder("<") for k, v in DATATYPE_TO_DTYPE.items() if k 
 _LE_DTYPES["BOOL"] = np.dtype(np.bool_)
 _INT_KINDS = "iu"
 _DUMPS_OPTS = orjson.OPT_SERIALIZE_NUMPY
+# a float too large for FP32/FP16 is refused below with a 400; numpy's warning about it would only fill the log
+warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning, __name__)
 MAX_JSON_DEPTH = 1024  # orjson's limit
 MAX_DATA_DEPTH = 64  # numpy's limit on dimensions
 
@@ -211,6 +214,11 @@ def tensor_from_json(data: Any, datatype: str, count: int, name: str) -> np.ndar
                 raise bad_request(f"input {name!r}: data is not a list of {datatype} values (found "
                                   f"{'strings' if kind in 'US' else 'true/false' if kind == 'b' else 'non-numbers'})")
             arr = raw.astype(dtype, copy=False)
+            if arr.dtype != raw.dtype and not np.isfinite(arr).all():
+                big = np.isinf(arr) & np.isfinite(raw)  # finite here, infinite as the model's type: out of range
+                if big.any():
+                    raise bad_request(f"input {name!r}: {float(raw[big].flat[0]):g} is out of range for {datatype} "
+                                      f"(largest {float(np.finfo(dtype).max):g})")
         else:
             raw = np.array(data)
             if raw.dtype.kind in "fO" and datatype != "BOOL":

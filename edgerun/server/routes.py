@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
@@ -18,6 +19,8 @@ from edgerun.server.codec import json_problem
 from edgerun.server.errors import HttpError
 from edgerun.server.state import ServerState
 from edgerun.serving.service import EXTENSIONS
+
+log = logging.getLogger(__name__)
 
 SMALL_BODY_MAX = 64 << 10  # a repository call's body says {"ready": true} or names parameters: no more
 
@@ -113,6 +116,19 @@ def build_routes(state: ServerState) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def guarded(endpoint: Any) -> Any:
+        """The endpoint, answering an unexpected exception with a logged 500 itself: raised on, it would make
+        Starlette close the connection after the answer."""
+        async def call(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except (EdgerunError, HTTPException):
+                raise
+            except Exception as exc:
+                log.exception("%s %s failed", request.method, request.url.path)
+                return _error(HttpError(500, f"internal error: {type(exc).__name__}: {exc}"))
+        return call
+
     async def http_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, EdgerunError):
             return _error(exc)
@@ -127,22 +143,22 @@ def build_routes(state: ServerState) -> Starlette:
         return _error(HttpError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
     routes = [
-        Route("/v2/health/live", live),
-        Route("/v2/health/ready", ready),
-        Route("/v2", server_metadata),
-        Route("/v2/models/stats", statistics),
-        Route("/v2/models/{model}", model_metadata),
-        Route("/v2/models/{model}/versions/{version}", model_metadata),
-        Route("/v2/models/{model}/ready", model_ready),
-        Route("/v2/models/{model}/versions/{version}/ready", model_ready),
-        Route("/v2/models/{model}/config", model_config),
-        Route("/v2/models/{model}/versions/{version}/config", model_config),
-        Route("/v2/models/{model}/stats", statistics),
-        Route("/v2/models/{model}/versions/{version}/stats", statistics),
-        Route("/v2/repository/index", repository_index, methods=["POST"]),
-        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
-        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
-        Route("/metrics", metrics),
+        Route("/v2/health/live", guarded(live)),
+        Route("/v2/health/ready", guarded(ready)),
+        Route("/v2", guarded(server_metadata)),
+        Route("/v2/models/stats", guarded(statistics)),
+        Route("/v2/models/{model}", guarded(model_metadata)),
+        Route("/v2/models/{model}/versions/{version}", guarded(model_metadata)),
+        Route("/v2/models/{model}/ready", guarded(model_ready)),
+        Route("/v2/models/{model}/versions/{version}/ready", guarded(model_ready)),
+        Route("/v2/models/{model}/config", guarded(model_config)),
+        Route("/v2/models/{model}/versions/{version}/config", guarded(model_config)),
+        Route("/v2/models/{model}/stats", guarded(statistics)),
+        Route("/v2/models/{model}/versions/{version}/stats", guarded(statistics)),
+        Route("/v2/repository/index", guarded(repository_index), methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", guarded(repository_load), methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", guarded(repository_unload), methods=["POST"]),
+        Route("/metrics", guarded(metrics)),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, EdgerunError: http_error,
                                                        Exception: http_error})

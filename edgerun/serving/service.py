@@ -26,6 +26,7 @@ from edgerun.serving.modelconfig import model_config
 from edgerun.serving.repository import ModelRepository
 from edgerun.serving.stats import ModelStats
 from edgerun.tensors import TensorSpec
+from edgerun.units import decimal
 
 if TYPE_CHECKING:
     from edgerun.runtime import LoadedModel, Runtime
@@ -81,11 +82,11 @@ class InferenceService:
     def model(self, name: str, version: str | int | None = None) -> LoadedModel:
         """The loaded model for a name and version (the highest when None), or ModelNotFound naming what is."""
         if isinstance(version, str):
-            # ASCII digits only: str.isdigit() also takes '³', which int() refuses
-            if not (version.isascii() and version.isdigit()) or len(version) > 19:
+            number = decimal(version)
+            if number is None:
                 raise ModelNotFound(f"model {name!r} has no version {version[:40]!r}; versions are positive "
                                     "integers")
-            version = int(version)
+            version = number
         return self.runtime.model(name, version)
 
     def versions(self, name: str) -> list[int]:

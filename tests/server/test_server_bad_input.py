@@ -314,3 +314,16 @@ def test_fuzzed_requests_get_4xx_or_200_never_5xx(http, packages):
     out = http.post("/v2/models/digits/versions/1/infer", json=GOOD).json()["outputs"][0]
     np.testing.assert_allclose(np.array(out["data"], np.float32).reshape(out["shape"]),
                                reference(packages["digits"], X), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [1e39, -3.5e38, 1e308])
+def test_a_float_too_large_for_fp32_is_refused(http, value, server):
+    data = [0.0] * 63 + [value]
+    r = http.post("/v2/models/digits/infer", json={"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                                               "data": data}]})
+    assert r.status_code == 400 and "out of range for FP32" in r.json()["error"], r.text
+    assert "overflow encountered" not in server.output()
+    written = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                      "data": [0.0] * 63 + [float("inf")]}]})  # Python's json writes Infinity
+    ok = http.post("/v2/models/digits/infer", content=written, headers={"content-type": "application/json"})
+    assert ok.status_code == 200, ok.text  # an infinity the client wrote is a value, not an overflow
