@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -15,9 +16,28 @@ from edgerun.errors import IntegrityError, PackageError
 from edgerun.tensors import DATATYPE_TO_DTYPE, TensorSpec, dtype_of
 from edgerun.tomlfile import Table, read_toml
 
+log = logging.getLogger(__name__)
+
 PACKAGE_FILE = "edgerun.toml"
-FORMAT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # which formats exist is up to the backends installed
-PRECISIONS = ("fp32", "fp16", "int8", "int4")  # most to least precise
+FORMAT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # which formats and precisions exist is up to the backends
+PRECISION_BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
+"""Known precisions by bits (more bits, more precise); backends bring more with ``Backend.precisions``."""
+
+
+def add_precisions(precisions: Mapping[str, int], source: str) -> None:
+    """Make a backend's precisions known (``Backend.precisions``); a name already known keeps its bits."""
+    for name, bits in precisions.items():
+        if not FORMAT_NAME.match(name) or not isinstance(bits, int) or bits <= 0:
+            log.warning("%s declares precision %r with %r bits: expected a lowercase name and a positive integer; "
+                        "ignored", source, name, bits)
+        elif PRECISION_BITS.setdefault(name, bits) != bits:
+            log.warning("%s declares precision %r with %d bits; it is already known with %d", source, name, bits,
+                        PRECISION_BITS[name])
+
+
+def precision_rank(precision: str) -> int:
+    """Lower is more precise (minus the bits); a precision no installed backend declares comes last."""
+    return -PRECISION_BITS.get(precision, 0)
 
 
 @dataclass(frozen=True)
@@ -71,8 +91,8 @@ class Variant:
 
     @property
     def precision_rank(self) -> int:
-        """0 for fp32, larger for less precise."""
-        return PRECISIONS.index(self.precision) if self.precision in PRECISIONS else len(PRECISIONS)
+        """Lower is more precise (see ``precision_rank``)."""
+        return precision_rank(self.precision)
 
 
 @dataclass(frozen=True)
@@ -208,8 +228,8 @@ def _variant(t: Table) -> Variant:
     if not FORMAT_NAME.match(fmt):
         raise t.fail("format", f"expected a format name such as onnx, openvino or tflite, got {fmt!r}")
     precision = t.get("precision", str, required=True)
-    if precision not in PRECISIONS:
-        raise t.fail("precision", f"expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if not FORMAT_NAME.match(precision):
+        raise t.fail("precision", f"expected a precision name such as {', '.join(PRECISION_BITS)}, got {precision!r}")
     files = []
     for f in t.tables("files", required=True):
         f.only("path", "sha256", "size", "chunk_size", "source")
