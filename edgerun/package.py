@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -16,28 +15,28 @@ from edgerun.errors import IntegrityError, PackageError
 from edgerun.tensors import DATATYPE_TO_DTYPE, TensorSpec, dtype_of
 from edgerun.tomlfile import Table, read_toml
 
-log = logging.getLogger(__name__)
-
 PACKAGE_FILE = "edgerun.toml"
 FORMAT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # which formats and precisions exist is up to the backends
-PRECISION_BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
-"""Known precisions by bits (more bits, more precise); backends bring more with ``Backend.precisions``."""
+PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}  # the built-in precisions; backends bring more
 
 
-def add_precisions(precisions: Mapping[str, int], source: str) -> None:
-    """Make a backend's precisions known (``Backend.precisions``); a name already known keeps its bits."""
-    for name, bits in precisions.items():
-        if not FORMAT_NAME.match(name) or not isinstance(bits, int) or bits <= 0:
-            log.warning("%s declares precision %r with %r bits: expected a lowercase name and a positive integer; "
-                        "ignored", source, name, bits)
-        elif PRECISION_BITS.setdefault(name, bits) != bits:
-            log.warning("%s declares precision %r with %d bits; it is already known with %d", source, name, bits,
-                        PRECISION_BITS[name])
+def precision_bits(precision: str) -> int:
+    """A precision's bits: a built-in one's, or what an installed backend declares (``Backend.precisions``);
+    0 for a precision nothing here declares."""
+    if precision in PRECISION_BITS:
+        return PRECISION_BITS[precision]
+    from edgerun.plugins import backend_classes
+
+    for cls in backend_classes():
+        bits = (getattr(cls, "precisions", None) or {}).get(precision)
+        if isinstance(bits, int) and bits > 0:
+            return bits
+    return 0
 
 
 def precision_rank(precision: str) -> int:
     """Lower is more precise (minus the bits); a precision no installed backend declares comes last."""
-    return -PRECISION_BITS.get(precision, 0)
+    return -precision_bits(precision)
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class Measurement:
     latency_ms: float | None = None
     memory_bytes: int | None = None
     accuracy: float | None = None
-    latency_err_ms: float | None = None  # half-width of the 95% interval of the median latency
+    latency_err_ms: float | None = None  # how far the latency moved between the hub's timing processes
 
 
 @dataclass(frozen=True)

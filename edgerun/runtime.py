@@ -19,7 +19,7 @@ from edgerun.backend import Availability, Backend, LoadOptions, Session
 from edgerun.device import DeviceFacts, detect, refresh_memory
 from edgerun.errors import (BackendUnavailable, EdgerunError, InvalidInput, ModelLoadError, ModelNotFound,
                             ModelNotReady, PackageError, VariantRejected)
-from edgerun.package import ModelPackage, Variant, add_precisions
+from edgerun.package import ModelPackage, Variant
 from edgerun.plugins import PluginFailure, call_each, make_plugin_manager
 from edgerun.profiles import Profile, ProfileChoice, choose_profile
 from edgerun.tensors import TensorSpec
@@ -230,7 +230,6 @@ class Runtime:
             self.plugin_failures.extend(failures)
             backends: dict[str, Backend] = {}
             for cls in classes:
-                add_precisions(getattr(cls, "precisions", None) or {}, f"backend {getattr(cls, 'name', cls)}")
                 try:
                     backends[cls.name] = cls()
                 except Exception as exc:  # a broken plugin class must not break the runtime

@@ -6,8 +6,9 @@ warm-up samples and saves the outputs for the parent to score. ``time_side_by_si
 (variant, backend) pair in one child and times them interleaved (round after round, in a shuffled order, so a
 noisy moment of a shared machine hits them all alike), in several such children one after the other. A child's
 figure for a pair is its fastest timing sample: noise on a shared machine only ever adds time. The latency is the
-median of the children's figures and its error half their range, so what differs from one process to the next
-(memory layout, the core it ran on, a busy neighbour) is in the error.
+median of the children's figures and its error their median absolute deviation from it (for three, the distance to
+the nearer of the other two): what differs from one process to the next (memory layout, the core it ran on, a busy
+neighbour) is in the error, and one process that ran a variant several times slower moves neither.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from edgerun.errors import EdgerunError
 
 @dataclass(frozen=True)
 class Timing:
-    """A latency from ``processes`` timing processes and its error (half their range; None from one process)."""
+    """A latency from ``processes`` timing processes and its error (their median absolute deviation; half their range
+    from two; None from one)."""
 
     latency_ms: float
     error_ms: float | None
@@ -94,7 +96,7 @@ def time_side_by_side(package_dir: Path, pairs: list[tuple[str, str]], inputs_np
                       timeout: float = 900.0) -> Timings:
     """Time every (variant, backend) pair interleaved in one child, backends mixed, in ``processes`` children one
     after the other (``budget`` seconds in all); each latency is the median of the children's fastest samples and its
-    error half their range. A pair timed by a single child has no error: it can never count as faster."""
+    error their median absolute deviation. A pair timed by a single child has no error: it never counts as faster."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EDGERUN_LOG_LEVEL": "ERROR"}
     figures: dict[tuple[str, str], list[float]] = {tuple(p): [] for p in pairs}
     failures: list[str] = []
@@ -117,8 +119,10 @@ def time_side_by_side(package_dir: Path, pairs: list[tuple[str, str]], inputs_np
     by_pair = {}
     for pair, xs in figures.items():
         if xs:
-            xs = sorted(xs)
-            by_pair[pair] = Timing(float(np.median(xs)), (xs[-1] - xs[0]) / 2 if len(xs) > 1 else None, len(xs))
+            med = float(np.median(xs))
+            error = float(np.median([abs(x - med) for x in xs])) if len(xs) > 2 else (
+                abs(xs[1] - xs[0]) / 2 if len(xs) == 2 else None)
+            by_pair[pair] = Timing(med, error, len(xs))
     return Timings(by_pair, failures)
 
 

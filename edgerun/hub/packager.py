@@ -70,7 +70,7 @@ class BackendResult:
     memory_bytes: int | None = None
     accuracy: float | None = None
     agreement: float | None = None
-    latency_err_ms: float | None = None  # half-width of the 95% interval of the median
+    latency_err_ms: float | None = None  # spread over the timing processes (edgerun.hub.measure); None: not timed
     max_deviation: float | None = None
     error: str | None = None
 

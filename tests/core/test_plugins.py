@@ -159,7 +159,7 @@ def test_hook_register_variant_makers(fake_plugin, measured_digits, tmp_path: Pa
     assert copy.status in ("kept", "dropped") and copy.reason  # judged: kept as measured, or dropped with why
 
 
-def test_a_plugin_brings_a_format_and_a_precision_end_to_end(fake_plugin, tmp_path: Path,
+def test_a_plugin_brings_a_format_and_a_precision_end_to_end(fake_plugin, tmp_path: Path, cli,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The fake plugin's backend loads a format of its own (suffix .linear, profile alias 'lin', its own memory
     estimate) with a precision of its own (bf16), and its hub maker makes it: the packager plans, measures and
@@ -178,6 +178,13 @@ def test_a_plugin_brings_a_format_and_a_precision_end_to_end(fake_plugin, tmp_pa
     np.savez(tmp_path / "clf.linear.npz", W=w, b=b)
     x = rng.normal(size=(40, 4)).astype(np.float32)
     np.savez(tmp_path / "val.npz", x=x, labels=np.argmax(x @ w + b, axis=1))
+    from edgerun.hub.tools import hub_plugins
+
+    hub_plugins.cache_clear()
+    rc, out, _ = cli("hub", "package", "--help")  # the command lists what the installed makers make
+    hub_plugins.cache_clear()
+    said = " ".join(out.replace("│", " ").split())
+    assert rc == 0 and "Comma list of onnx, openvino, tflite, linear" in said and "fp32, fp16, bf16, int8, int4" in said
     # the measuring processes load the plugin too, as they would once it is pip-installed
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(tmp_path / "site-packages"),
                                                                  os.environ.get("PYTHONPATH")) if p))
@@ -191,7 +198,6 @@ def test_a_plugin_brings_a_format_and_a_precision_end_to_end(fake_plugin, tmp_pa
     assert (variant.format, variant.precision, variant.main_file.path) == ("linear", "bf16", "linear-bf16.linear")
     assert set(variant.measured) == {fake_plugin.LINEAR}
     # the plugin's precision ranks by its bits: below fp32, level with fp16, above int8
-    Runtime()
     assert precision_rank("fp32") < precision_rank("bf16") == precision_rank("fp16") < precision_rank("int8")
     # a profile names the plugin's backend by its alias
     (tmp_path / "profiles").mkdir()
