@@ -97,7 +97,7 @@ def package(
     emulate: bool = typer.Option(True, "--emulate/--no-emulate", help="Check int8 variants on emulated target CPUs "
                                                                       "(qemu-user) where this hub's CPU differs."),
 ) -> None:
-    """Make fp16/int8/int4/OpenVINO variants of a model, measure each here, keep the ones worth shipping.
+    """Make fp16/int8/int4 ONNX, OpenVINO IR and TFLite variants of a model, measure each, keep those worth shipping.
 
     SOURCE is an ONNX file, or a PyTorch or TensorFlow model that is converted to ONNX first by its framework's own
     exporter (torch.onnx.export, tf2onnx); see docs/packaging.md, "What it takes".

@@ -249,8 +249,8 @@ def _timing_child(job: dict[str, Any]) -> list[dict[str, Any]]:
         done = all(e <= float(job["rel_error"]) * med for med, e in map(median_interval, samples.values()))
         if done or time.perf_counter() > deadline:
             break
-    return [{"variant": vid, "backend": backend, "fastest_ms": min(s) * 1000.0, "median_ms": float(np.median(s)) * 1000.0,
-             "samples": len(s)} for (vid, backend), s in samples.items()]
+    return [{"variant": vid, "backend": backend, "fastest_ms": min(s) * 1000.0,
+             "median_ms": float(np.median(s)) * 1000.0, "samples": len(s)} for (vid, backend), s in samples.items()]
 
 
 def main(argv: list[str]) -> int:

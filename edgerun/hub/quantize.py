@@ -230,7 +230,8 @@ def observe_onnx_int8(path: Path) -> dict[str, Any]:
         if node.op_type == "DequantizeLinear" and x in inits:
             q = numpy_helper.to_array(inits[x])
             if q.dtype in (np.int8, np.uint8):
-                zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits else 0
+                zp_name = node.input[2] if len(node.input) > 2 else ""
+                zp = numpy_helper.to_array(inits[zp_name]) if zp_name in inits else 0
                 axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
                 weights.append(q.astype(np.int32) - (np.expand_dims(zp, tuple(i for i in range(q.ndim) if i != axis))
                                                      if np.ndim(zp) else zp))

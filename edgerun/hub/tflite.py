@@ -172,7 +172,7 @@ class _TfliteMaker(VariantMaker):
         os.replace(partial, job.stage / rel)  # never a half-written file under the variant's name
         info = {k: conv.info[k] for k in ("onnx2tf", "tensorflow", "nchw_inputs", "onnxsim", *self.recorded)}
         made = {"tflite": {"quantization": self.quantization, **info}}
-        if self.activations is not None:  # TFLite's int8 scheme; LiteRT's int8 kernels widen to 16 bits on x86
+        if self.activations is not None:  # TFLite's int8 scheme, for every target: the emulated check tells
             made["int8"] = {"tool": f"onnx2tf {conv.info['onnx2tf']} (TensorFlow Lite converter)",
                             "weights": "int8 symmetric", "per_channel": conv.info["weights"] == "per-channel",
                             "activations": self.activations,
