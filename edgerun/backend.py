@@ -78,6 +78,12 @@ class Backend(abc.ABC):
     options: ClassVar[dict[str, type | tuple[type, ...]] | None] = None
     """The options a profile's ``[backends.<name>]`` table may set, with their types; None passes the table through
     unchecked. A misspelt option is a profile error, never silently ignored."""
+    precisions: ClassVar[dict[str, int]] = {}
+    """Precisions beyond fp32, fp16, int8 and int4 that this backend's files may have, with their bits
+    (``{"bf16": 16}``): a device ranks variants by them (more bits, more precise)."""
+    primary_formats: ClassVar[tuple[str, ...]] = ()
+    """The formats this backend is the primary runtime of (onnxruntime for onnx): the packager compares a
+    format's methods of one precision on it. A format only one backend loads needs no such claim."""
     memory_estimate: ClassVar[tuple[int, float]] = (32 << 20, 2.5)
     """Resident memory a loaded session needs when the package measured none: ``base + factor * file size``
     (bytes); calibrate it with benchmarks/calibrate_memory.py."""

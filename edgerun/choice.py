@@ -112,24 +112,36 @@ ACCURACY_TIE = 0.005
 # Latencies this close count as equal, on top of their measured errors: a gap that small flips between
 # packaging runs, and must not decide between a backend that needs 11 MiB and one that needs 50.
 SPEED_TIE = 0.15
+# A candidate needing 20% (and 1 MiB) less memory than another is lighter; closer figures are a tie (peak RSS moves
+# by a few hundred KiB from one measurement to the next).
+MEMORY_GAIN = 0.2
+MEMORY_NOISE = 1 << 20
 
 
-def _latency(c: Candidate) -> tuple[float, float]:
+def _latency(c: Candidate) -> tuple[float, float | None]:
     m = c.variant.measured.get(c.backend)
     if m is None or m.latency_ms is None:
-        return float("inf"), 0.0
-    return m.latency_ms, m.latency_err_ms or 0.0
+        return float("inf"), None
+    return m.latency_ms, m.latency_err_ms
 
 
 def clearly_faster(a: Candidate, b: Candidate) -> bool:
-    """``a`` is faster than ``b`` beyond both measured errors and by more than SPEED_TIE."""
+    """``a`` is faster than ``b`` beyond both measured errors and by more than SPEED_TIE; a latency without an
+    error (an older package, or one the hub could not time side by side) cannot be told from noise: a tie."""
     (la, ea), (lb, eb) = _latency(a), _latency(b)
+    if ea is None or eb is None:
+        return False
     return la + ea < lb - eb and la < lb * (1 - SPEED_TIE)
+
+
+def clearly_lighter(a: Candidate, b: Candidate) -> bool:
+    """``a`` needs clearly less memory than ``b``."""
+    return a.memory_bytes < b.memory_bytes * (1 - MEMORY_GAIN) and b.memory_bytes - a.memory_bytes > MEMORY_NOISE
 
 
 def best_of(kept: list[Candidate], profile: Profile) -> Candidate:
     """Most accurate (within ACCURACY_TIE of the best), then most precise, then fastest; latencies within their
-    errors are a tie, decided by memory, then by the profile's backend order."""
+    errors (or SPEED_TIE) are a tie, decided by memory when one is clearly lighter, then by the profile's order."""
     rank = {name: i for i, name in enumerate(profile.prefer)}
     accuracies = [c.accuracy for c in kept if c.accuracy is not None]
     best = max(accuracies) if accuracies else None
@@ -146,9 +158,11 @@ def best_of(kept: list[Candidate], profile: Profile) -> Candidate:
 
     top = min(tier(c) for c in kept)
     group = [c for c in kept if tier(c) == top]
-    fastest = min(group, key=lambda c: (_latency(c)[0], rank.get(c.backend, 99)))
-    tied = [c for c in group if c is fastest or not clearly_faster(fastest, c)]
-    return min(tied, key=lambda c: (c.memory_bytes, rank.get(c.backend, 99), _latency(c)[0]))
+    # no candidate clearly faster than them: every one no other beats beyond the errors and SPEED_TIE
+    tied = [c for c in group if not any(clearly_faster(o, c) for o in group)]
+    lightest = min(tied, key=lambda c: c.memory_bytes)
+    light = [c for c in tied if not clearly_lighter(lightest, c)]
+    return min(light, key=lambda c: (rank.get(c.backend, 99), c.variant.id, c.backend))
 
 
 @hookimpl(trylast=True)

@@ -16,8 +16,27 @@ from edgerun.tensors import DATATYPE_TO_DTYPE, TensorSpec, dtype_of
 from edgerun.tomlfile import Table, read_toml
 
 PACKAGE_FILE = "edgerun.toml"
-FORMAT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # which formats exist is up to the backends installed
-PRECISIONS = ("fp32", "fp16", "int8", "int4")  # most to least precise
+FORMAT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # which formats and precisions exist is up to the backends
+PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}  # the built-in precisions; backends bring more
+
+
+def precision_bits(precision: str) -> int:
+    """A precision's bits: a built-in one's, or what an installed backend declares (``Backend.precisions``);
+    0 for a precision nothing here declares."""
+    if precision in PRECISION_BITS:
+        return PRECISION_BITS[precision]
+    from edgerun.plugins import backend_classes
+
+    for cls in backend_classes():
+        bits = (getattr(cls, "precisions", None) or {}).get(precision)
+        if isinstance(bits, int) and bits > 0:
+            return bits
+    return 0
+
+
+def precision_rank(precision: str) -> int:
+    """Lower is more precise (minus the bits); a precision no installed backend declares comes last."""
+    return -precision_bits(precision)
 
 
 @dataclass(frozen=True)
@@ -38,7 +57,7 @@ class Measurement:
     latency_ms: float | None = None
     memory_bytes: int | None = None
     accuracy: float | None = None
-    latency_err_ms: float | None = None  # half-width of the 95% interval of the median latency
+    latency_err_ms: float | None = None  # how far the latency moved between the hub's timing processes
 
 
 @dataclass(frozen=True)
@@ -71,8 +90,8 @@ class Variant:
 
     @property
     def precision_rank(self) -> int:
-        """0 for fp32, larger for less precise."""
-        return PRECISIONS.index(self.precision) if self.precision in PRECISIONS else len(PRECISIONS)
+        """Lower is more precise (see ``precision_rank``)."""
+        return precision_rank(self.precision)
 
 
 @dataclass(frozen=True)
@@ -208,8 +227,8 @@ def _variant(t: Table) -> Variant:
     if not FORMAT_NAME.match(fmt):
         raise t.fail("format", f"expected a format name such as onnx, openvino or tflite, got {fmt!r}")
     precision = t.get("precision", str, required=True)
-    if precision not in PRECISIONS:
-        raise t.fail("precision", f"expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if not FORMAT_NAME.match(precision):
+        raise t.fail("precision", f"expected a precision name such as {', '.join(PRECISION_BITS)}, got {precision!r}")
     files = []
     for f in t.tables("files", required=True):
         f.only("path", "sha256", "size", "chunk_size", "source")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
+from typer.core import TyperCommand
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -54,28 +55,49 @@ class _Bar:
         self._p.update(self._task, description=message)
 
 
-@hub_app.command("package")
+class _PackageCommand(TyperCommand):
+    """``hub package``, whose --help lists the formats and precisions the installed makers provide (looked up when
+    the help is shown, not at every start of the command line)."""
+
+    def format_help(self, ctx, formatter):  # type: ignore[no-untyped-def]
+        from edgerun.hub.packager import default_formats, known_precisions
+        from edgerun.hub.tools import variant_makers
+
+        makers = variant_makers()
+        formats = list(dict.fromkeys(m.format for m in makers))
+        for param in self.params:
+            if param.name == "formats":
+                param.help = (f"Comma list of {', '.join(formats)} (what the installed variant makers make). "
+                              f"Default: {', '.join(default_formats(makers)) or 'none'}, the formats whose tools are "
+                              f"installed here; a format named here that cannot be made is an error.")
+            elif param.name == "precisions":
+                param.help = f"Comma list of {', '.join(known_precisions(makers))}."
+        return super().format_help(ctx, formatter)
+
+
+@hub_app.command("package", cls=_PackageCommand)
 def package(
     source: str = typer.Argument(..., metavar="SOURCE", help=SOURCE_HELP, show_default=False),
     name: str = typer.Option(..., "--name", help="Model name in the package."),
     version: int = typer.Option(..., "--version", help="Package version (positive integer)."),
     validation: Path = typer.Option(..., "--validation", help=".npz: arrays named after the model inputs, plus 'labels'."),
     out: Path = typer.Option(..., "--out", help="Package directory to write (must not exist unless --force)."),
-    precisions: str = typer.Option("fp32,fp16,int8", "--precisions", help="Comma list of fp32, fp16, int8, int4."),
+    precisions: str = typer.Option("fp32,fp16,int8", "--precisions", help="Comma list of precisions."),
     calibration: Path = typer.Option(None, "--calibration", help=".npz like --validation, for int8 ranges (default: the validation set)."),
-    formats: str = typer.Option("onnx,openvino", "--formats", help="Comma list of onnx, openvino, tflite."),
+    formats: str = typer.Option(None, "--formats", help="Comma list of formats.", show_default=False),
     max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Drop variants more than this many points below fp32."),
     metric: str = typer.Option("auto", "--metric", help="accuracy (needs labels), agreement (top-1 agreement with fp32) or auto."),
     prune: float = typer.Option(None, "--prune", help="Also make a magnitude-pruned fp32 variant at this sparsity (e.g. 0.5)."),
     backends: str = typer.Option(None, "--backends", help="Measure only on these backends (default: every available one)."),
-    repeats: int = typer.Option(50, "--repeats", help="Timed batch-1 runs per variant and backend (median reported)."),
+    repeats: int = typer.Option(50, "--repeats", help="Batch-1 runs of each variant's first latency estimate, in its "
+                                                      "own process; the latencies recorded are timed side by side."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     targets: str = typer.Option(None, "--targets", help="CPUs the int8 variants are made for: x86-vnni, x86, arm64 or "
                                                         "device profile names (default: all of them)."),
     emulate: bool = typer.Option(True, "--emulate/--no-emulate", help="Check int8 variants on emulated target CPUs "
                                                                       "(qemu-user) where this hub's CPU differs."),
 ) -> None:
-    """Make fp16/int8/int4/OpenVINO variants of a model, measure each here, keep the ones worth shipping.
+    """Make fp16/int8/int4 ONNX, OpenVINO IR and TFLite variants of a model, measure each, keep those worth shipping.
 
     SOURCE is an ONNX file, or a PyTorch or TensorFlow model that is converted to ONNX first by its framework's own
     exporter (torch.onnx.export, tf2onnx); see docs/packaging.md, "What it takes".
@@ -87,7 +109,7 @@ def package(
     from edgerun.hub.packager import PackageRequest, package_model
 
     req = PackageRequest(model=source, name=name, version=version, validation=validation, out=out,
-                         precisions=_split(precisions) or (), formats=_split(formats) or (), calibration=calibration,
+                         precisions=_split(precisions) or (), formats=_split(formats), calibration=calibration,
                          max_accuracy_drop=max_accuracy_drop, metric=metric, prune=prune, backends=_split(backends),
                          force=force, repeats=repeats, targets=_split(targets), emulate=emulate)
     with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -20,9 +20,6 @@ from edgerun.hub.tools import PrecisionUnavailable
 
 log = logging.getLogger(__name__)
 
-WEIGHT_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
-
-
 @dataclass
 class Scorer:
     """Top-1 accuracy on labels, or top-1 agreement with the fp32 model, over the validation set (batch 1)."""
@@ -98,15 +95,19 @@ def quiet_nncf():
 
 
 def advanced_parameters(targets: tuple[str, ...]) -> Any:
-    """NNCF's overflow fix (7-bit weights) when an x86 target lacks VNNI, as onnxruntime's reduce_range."""
+    """NNCF's overflow fix on every layer (7-bit weights) when an x86 target lacks VNNI, as onnxruntime's
+    reduce_range; none otherwise."""
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
-    return AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE if "x86" in targets else OverflowFix.DISABLE)
+    from edgerun.hub.quantize import narrow_weights
+
+    return AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE if narrow_weights(targets)
+                                          else OverflowFix.DISABLE)
 
 
 def onnx_int8_with_accuracy_control(src: Path, dst: Path, calibration: dict[str, np.ndarray], scorer: Scorer,
-                                    targets: tuple[str, ...]) -> tuple[list[str], float]:
-    """Quantize with NNCF, keeping layers in fp32 until the drop is within the bound; the layers kept, the score."""
+                                    targets: tuple[str, ...]) -> float:
+    """Quantize with NNCF, keeping layers in fp32 until the drop is within the bound; the score here."""
     import nncf
     import onnx
 
@@ -128,15 +129,16 @@ def onnx_int8_with_accuracy_control(src: Path, dst: Path, calibration: dict[str,
     except Exception as exc:
         raise PrecisionUnavailable(f"NNCF accuracy-controlled int8 failed: {type(exc).__name__}: {exc}") from None
     onnx.save(quantized, str(dst))
-    kept = fp32_layers(quantized)
-    return kept, scorer.onnx(quantized)
+    return scorer.onnx(quantized)
 
 
-def fp32_layers(model: Any) -> list[str]:
-    """The weight layers of a QDQ model whose weights are not quantized (left in fp32)."""
-    dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [n.name or n.output[0] for n in model.graph.node
-            if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] not in dq]
+def openvino_score(model: Any, scorer: Scorer) -> float:
+    """Score an OpenVINO model (from ``openvino.convert_model`` or NNCF) on the validation set, on one CPU thread."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+    out = compiled.outputs[0]
+    return scorer.score_top1(np.array([int(np.argmax(compiled(row)[out])) for row in scorer.rows()], np.int64))
 
 
 def openvino_int8_with_accuracy_control(model: Any, calibration: dict[str, np.ndarray], scorer: Scorer,
@@ -159,5 +161,5 @@ def openvino_int8_with_accuracy_control(model: Any, calibration: dict[str, np.nd
             advanced_quantization_parameters=advanced_parameters(targets))
 
 
-__all__ = ["Scorer", "fp32_layers", "onnx_int8_with_accuracy_control", "onnx_top1",
+__all__ = ["Scorer", "onnx_int8_with_accuracy_control", "onnx_top1", "openvino_score",
            "openvino_int8_with_accuracy_control", "quiet_nncf"]

@@ -6,7 +6,6 @@ Each is a plugin on ``register_variant_makers``; the work is done by ``edgerun.h
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any, Callable
 
 from edgerun.device import CPU_CLASSES
@@ -76,22 +75,28 @@ class OnnxInt8Static(_OnnxMaker):
             raise PrecisionUnavailable("static int8 needs calibration data")
         rel = f"{self.id}.onnx"
         dst = job.stage / rel
-        settings = q.make_int8_static(job.source, dst, job.calibration, targets=job.options.get("int8_targets"))
+        targets = tuple(job.options.get("int8_targets") or CPU_CLASSES)
+        info = q.make_int8_static(job.source, dst, job.calibration, targets=targets)
         scorer = job.options.get("scorer")
         if scorer is None:
-            return Made([rel], settings.describe(), {"int8": settings.to_dict()})
+            return Made([rel], q.describe_int8(info), {"int8": info})
         here = scorer.onnx(dst)
         if scorer.baseline - here > scorer.max_drop + 1e-9:
             from edgerun.hub.accuracy import onnx_int8_with_accuracy_control
 
             log.info("%s drops %.2f points; NNCF accuracy control keeps sensitive layers in fp32", self.id,
                      100 * (scorer.baseline - here))
-            kept, here = onnx_int8_with_accuracy_control(job.source, dst, job.calibration, scorer, settings.targets)
-            settings = replace(settings, excluded=tuple(kept), tool="NNCF quantize_with_accuracy_control")
+            plain = here
+            here = onnx_int8_with_accuracy_control(job.source, dst, job.calibration, scorer, targets)
+            # what NNCF made, read from the file: its own weights and activations, the layers it kept in fp32
+            info = {"tool": "NNCF quantize_with_accuracy_control", "overflow_fix": q.narrow_weights(targets),
+                    "targets": list(targets), **q.observe_onnx_int8(dst),
+                    "plain_score": round(plain, 4), "score": round(here, 4)}
             if scorer.baseline - here > scorer.max_drop + 1e-9:
                 raise PrecisionUnavailable(f"int8 stays {100 * (scorer.baseline - here):.2f} points below fp32 even "
-                                           f"with {len(kept)} layer(s) kept in fp32 by NNCF's accuracy control")
-        return Made([rel], settings.describe(), {"int8": settings.to_dict()})
+                                           f"with {len(info['excluded'])} layer(s) kept in fp32 by NNCF's accuracy "
+                                           f"control (plain int8: {100 * (scorer.baseline - plain):.2f} points)")
+        return Made([rel], q.describe_int8(info), {"int8": info})
 
 
 class OnnxInt8Dynamic(_OnnxMaker):
@@ -101,9 +106,8 @@ class OnnxInt8Dynamic(_OnnxMaker):
 
     def make(self, job: MakeJob) -> Made:
         rel = f"{self.id}.onnx"
-        dst = job.stage / rel
-        settings = q.make_int8_dynamic(job.source, dst, targets=job.options.get("int8_targets"))
-        return Made([rel], settings.describe(), {"int8": settings.to_dict()})
+        info = q.make_int8_dynamic(job.source, job.stage / rel, targets=job.options.get("int8_targets"))
+        return Made([rel], q.describe_int8(info), {"int8": info})
 
 
 class OnnxInt4(_OnnxMaker):
@@ -121,19 +125,28 @@ class _OpenVinoMaker(VariantMaker):
 
     format = "openvino"
 
+    def missing(self) -> str | None:
+        return q.openvino_missing()
+
     def make(self, job: MakeJob) -> Made:
         rel = f"{self.id}/model.xml"
-        (job.stage / self.id).mkdir(parents=True, exist_ok=True)
         targets = tuple(job.options.get("int8_targets") or CPU_CLASSES)
-        accuracy_controlled = self.method == "nncf" and job.options.get("scorer") is not None
-        q.make_openvino(job.source, job.stage / rel, self.precision, self.method, job.calibration,
-                        q.weight_profile(q.load_onnx(job.source, check=False)),
-                        scorer=job.options.get("scorer") if self.method == "nncf" else None, targets=targets)
-        if not accuracy_controlled:
-            return Made([rel, f"{self.id}/model.bin"])
-        return Made([rel, f"{self.id}/model.bin"], "NNCF quantize_with_accuracy_control",
-                    {"int8": {"tool": "NNCF quantize_with_accuracy_control", "targets": list(targets),
-                              "overflow_fix": "x86" in targets}})
+        quantized = self.method == "nncf"
+        if quantized:  # int8 kernels on x86-64 only: on ARM the FakeQuantize layers run in floating point
+            targets = tuple(t for t in targets if t in q.OPENVINO_INT8_CLASSES)
+            if not targets:
+                raise PrecisionUnavailable("OpenVINO runs int8 on x86-64 CPUs only (on ARM its CPU plugin computes "
+                                           "quantized layers in floating point), and the targets are ARM")
+        (job.stage / self.id).mkdir(parents=True, exist_ok=True)
+        scorer = job.options.get("scorer") if quantized else None
+        tool = q.make_openvino(job.source, job.stage / rel, self.precision, self.method, job.calibration,
+                               q.weight_profile(q.load_onnx(job.source, check=False)), scorer=scorer, targets=targets)
+        files = [rel, f"{self.id}/model.bin"]
+        if not quantized:
+            return Made(files)
+        info = {"tool": tool, "overflow_fix": q.narrow_weights(targets), "targets": list(targets),
+                **q.observe_ir_int8(job.stage / rel)}
+        return Made(files, q.describe_int8(info), {"int8": info})
 
 
 def _openvino(vid: str, precision: str, method: str, order: int) -> type[VariantMaker]:

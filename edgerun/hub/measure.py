@@ -2,10 +2,13 @@
 
 ``measure`` runs one variant on one backend: the child (``python -m edgerun.hub.measure JOB.json``) loads it with
 ``Runtime.prepare`` on one thread, reads its peak RSS, runs the whole validation set (batch 1) and the package's
-warm-up samples and saves the outputs for the parent to score. ``time_side_by_side`` then loads every variant of
-one backend in one child and times them interleaved (round after round, in a shuffled order, so a noisy moment
-of a shared machine hits them all alike) until each median is known within ``rel_error`` (a distribution-free
-95% interval of the median) or the time budget is spent; each reported latency carries that error.
+warm-up samples and saves the outputs for the parent to score. ``time_side_by_side`` then loads every
+(variant, backend) pair in one child and times them interleaved (round after round, in a shuffled order, so a
+noisy moment of a shared machine hits them all alike), in several such children one after the other. A child's
+figure for a pair is its fastest timing sample: noise on a shared machine only ever adds time. The latency is the
+median of the children's figures and its error their median absolute deviation from it (for three, the distance to
+the nearer of the other two): what differs from one process to the next (memory layout, the core it ran on, a busy
+neighbour) is in the error, and one process that ran a variant several times slower moves neither.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from edgerun.errors import EdgerunError
 
 @dataclass(frozen=True)
 class Timing:
-    """A median latency and the half-width of its 95% interval, from ``samples`` timings."""
+    """A latency from ``processes`` timing processes and its error (their median absolute deviation; half their range
+    from two; None from one)."""
 
     latency_ms: float
-    error_ms: float
-    samples: int
+    error_ms: float | None
+    processes: int
 
 
 @dataclass
@@ -76,24 +80,50 @@ def measure(package_dir: Path, variant: str, backend: str, inputs_npz: Path, wor
     return Measured(backend, result["latency_ms"], result["memory_bytes"], outputs, samples)
 
 
+@dataclass
+class Timings:
+    """Latencies timed side by side, by (variant, backend), and why a timing process failed, if one did."""
+
+    by_pair: dict[tuple[str, str], Timing]
+    failures: list[str]
+
+
+TIMING_PROCESSES = 3
+
+
 def time_side_by_side(package_dir: Path, pairs: list[tuple[str, str]], inputs_npz: Path, work: Path, *,
-                      budget: float = 10.0, rel_error: float = 0.02,
-                      timeout: float = 900.0) -> dict[tuple[str, str], Timing]:
-    """Time every (variant, backend) pair interleaved in one child, backends mixed, so that a ratio between two
-    backends is measured as side by side as one between two variants; {} when the child fails."""
-    job = work / "timing.json"
-    job.write_text(json.dumps({"mode": "timing", "package": str(package_dir), "pairs": pairs,
-                               "inputs": str(inputs_npz), "budget": budget, "rel_error": rel_error}))
+                      budget: float = 10.0, rel_error: float = 0.02, processes: int = TIMING_PROCESSES,
+                      timeout: float = 900.0) -> Timings:
+    """Time every (variant, backend) pair interleaved in one child, backends mixed, in ``processes`` children one
+    after the other (``budget`` seconds in all); each latency is the median of the children's fastest samples and its
+    error their median absolute deviation. A pair timed by a single child has no error: it never counts as faster."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EDGERUN_LOG_LEVEL": "ERROR"}
-    try:
-        proc = subprocess.run([sys.executable, "-m", "edgerun.hub.measure", str(job)], capture_output=True,
-                              text=True, timeout=timeout, env=env, cwd=work)
-    except subprocess.TimeoutExpired:
-        return {}
-    if proc.returncode != 0:
-        return {}
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {(t["variant"], t["backend"]): Timing(t["latency_ms"], t["error_ms"], t["samples"]) for t in got}
+    figures: dict[tuple[str, str], list[float]] = {tuple(p): [] for p in pairs}
+    failures: list[str] = []
+    for i in range(processes):
+        job = work / f"timing{i}.json"
+        job.write_text(json.dumps({"mode": "timing", "package": str(package_dir), "pairs": pairs, "seed": i,
+                                   "inputs": str(inputs_npz), "budget": budget / processes, "rel_error": rel_error}))
+        try:
+            proc = subprocess.run([sys.executable, "-m", "edgerun.hub.measure", str(job)], capture_output=True,
+                                  text=True, timeout=timeout, env=env, cwd=work)
+        except subprocess.TimeoutExpired:
+            failures.append(f"timing process {i + 1} timed out after {timeout:.0f}s")
+            continue
+        if proc.returncode != 0:
+            lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+            failures.append(f"timing process {i + 1} failed: {lines[-1] if lines else f'exit code {proc.returncode}'}")
+            continue
+        for t in json.loads(proc.stdout.strip().splitlines()[-1]):
+            figures[(t["variant"], t["backend"])].append(t["fastest_ms"])
+    by_pair = {}
+    for pair, xs in figures.items():
+        if xs:
+            med = float(np.median(xs))
+            error = float(np.median([abs(x - med) for x in xs])) if len(xs) > 2 else (
+                abs(xs[1] - xs[0]) / 2 if len(xs) == 2 else None)
+            by_pair[pair] = Timing(med, error, len(xs))
+    return Timings(by_pair, failures)
 
 
 def median_interval(samples: list[float]) -> tuple[float, float]:
@@ -204,7 +234,7 @@ def _timing_child(job: dict[str, Any]) -> list[dict[str, Any]]:
         models[(vid, backend)], runs[(vid, backend)] = m, max(1, int(SAMPLE_SECONDS / once))
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in models}
     order = list(models)
-    rng = random.Random(0)
+    rng = random.Random(int(job.get("seed", 0)))
     deadline = time.perf_counter() + float(job["budget"])
     while True:
         rng.shuffle(order)
@@ -219,12 +249,8 @@ def _timing_child(job: dict[str, Any]) -> list[dict[str, Any]]:
         done = all(e <= float(job["rel_error"]) * med for med, e in map(median_interval, samples.values()))
         if done or time.perf_counter() > deadline:
             break
-    out = []
-    for (vid, backend), s in samples.items():
-        med, err = median_interval(s)
-        out.append({"variant": vid, "backend": backend, "latency_ms": med * 1000.0, "error_ms": err * 1000.0,
-                    "samples": len(s)})
-    return out
+    return [{"variant": vid, "backend": backend, "fastest_ms": min(s) * 1000.0,
+             "median_ms": float(np.median(s)) * 1000.0, "samples": len(s)} for (vid, backend), s in samples.items()]
 
 
 def main(argv: list[str]) -> int:

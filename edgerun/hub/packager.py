@@ -20,8 +20,9 @@ from edgerun.errors import EdgerunError, PackageError
 from edgerun.hub import quantize as q
 from edgerun.hub.measure import Measured, measure, time_side_by_side
 from edgerun.hub.sources import OnnxFile, conversion_note, example_inputs
-from edgerun.hub.tools import MakeJob, PrecisionUnavailable, VariantMaker, model_sources, source_for, variant_makers
-from edgerun.package import (PRECISIONS, ModelPackage, Measurement, Sample, Validation, Variant, file_entry,
+from edgerun.hub.tools import (ConverterMissing, MakeJob, PrecisionUnavailable, VariantMaker, missing_tools,
+                               model_sources, source_for, variant_makers)
+from edgerun.package import (ModelPackage, Measurement, Sample, Validation, Variant, file_entry, precision_rank,
                              save_package)
 from edgerun.tensors import TensorSpec
 
@@ -30,10 +31,11 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "packaging-report.json"
 METRICS = ("auto", "accuracy", "agreement")
 SPEED_NOISE = 0.15  # a variant must also be >15% faster to count as faster: smaller gaps flip between runs
-TIMING_BUDGET = 1.0  # seconds of side-by-side timing per variant and backend, at most
-TIMING_MAX = 20.0  # and in all
-TIMING_ERROR = 0.02  # time until each median is known within 2% (95% interval)
-FORMAT_BACKENDS_HINT = {"onnx": "onnxruntime", "openvino": "openvino", "tflite": "litert"}  # also each format's primary
+TIMING_BUDGET = 0.2  # seconds of side-by-side timing per variant and backend (over all timing processes), at most
+TIMING_MAX = 6.0  # and in all
+TIMING_ERROR = 0.02  # a timing process stops early once every median is known within 2% (95% interval)
+REFERENCE = "onnx-fp32"  # the model as given, which every other variant is judged by (the maker that is ``always``)
+REFERENCE_BACKEND = "onnxruntime"
 
 
 @dataclass
@@ -46,7 +48,7 @@ class PackageRequest:
     validation: Path
     out: Path
     precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
-    formats: tuple[str, ...] = ("onnx", "openvino")
+    formats: tuple[str, ...] | None = None  # None: every format whose tools are installed (default_formats)
     calibration: Path | None = None
     max_accuracy_drop: float = 1.0  # percentage points
     metric: str = "auto"
@@ -68,7 +70,7 @@ class BackendResult:
     memory_bytes: int | None = None
     accuracy: float | None = None
     agreement: float | None = None
-    latency_err_ms: float | None = None  # half-width of the 95% interval of the median
+    latency_err_ms: float | None = None  # spread over the timing processes (edgerun.hub.measure); None: not timed
     max_deviation: float | None = None
     error: str | None = None
 
@@ -102,7 +104,8 @@ class VariantReport:
 
     @property
     def precision_rank(self) -> int:
-        return PRECISIONS.index(self.precision)
+        """Lower is more precise (``edgerun.package.precision_rank``)."""
+        return precision_rank(self.precision)
 
 
 @dataclass
@@ -188,6 +191,18 @@ def load_dataset(path: Path, inputs: list[TensorSpec], what: str) -> tuple[dict[
     return data, labels
 
 
+def default_formats(makers: list[VariantMaker] | None = None) -> tuple[str, ...]:
+    """The formats made when ``--formats`` is not given: every format one of whose makers has its tools here."""
+    makers = variant_makers() if makers is None else makers
+    return tuple(dict.fromkeys(m.format for m in makers if missing_tools(m) is None))
+
+
+def known_precisions(makers: list[VariantMaker] | None = None) -> tuple[str, ...]:
+    """The precisions some variant maker makes, most precise first."""
+    makers = variant_makers() if makers is None else makers
+    return tuple(sorted(dict.fromkeys(m.precision for m in makers), key=precision_rank))
+
+
 def _check_request(req: PackageRequest) -> None:
     if req.out.exists() and not req.force:
         raise PackageError(f"{req.out} already exists; choose another --out or pass --force to replace it")
@@ -195,14 +210,22 @@ def _check_request(req: PackageRequest) -> None:
         raise PackageError(f"--name: expected a model name without '/', got {req.name!r}")
     if req.version < 1:
         raise PackageError(f"--version: expected a positive integer, got {req.version}")
-    bad = [p for p in req.precisions if p not in PRECISIONS]
+    makers = variant_makers()
+    precisions = known_precisions(makers)
+    bad = [p for p in req.precisions if p not in precisions]
     if bad or not req.precisions:
-        raise PackageError(f"--precisions: unknown {bad or 'empty list'}; choose from {', '.join(PRECISIONS)}")
-    formats = sorted({m.format for m in variant_makers()})
-    bad = [f for f in req.formats if f not in formats]
-    if bad or not req.formats:
-        raise PackageError(f"--formats: unknown {bad or 'empty list'} (no variant maker makes it); choose from "
-                           f"{', '.join(formats)}")
+        raise PackageError(f"--precisions: unknown {bad or 'empty list'} (no variant maker makes it); choose from "
+                           f"{', '.join(precisions)}")
+    if req.formats is not None:
+        formats = sorted({m.format for m in makers})
+        bad = [f for f in req.formats if f not in formats]
+        if bad or not req.formats:
+            raise PackageError(f"--formats: unknown {bad or 'empty list'} (no variant maker makes it); choose from "
+                               f"{', '.join(formats)}")
+        for fmt in req.formats:  # asked for by name: its tools must be here
+            reasons = [missing_tools(m) for m in makers if m.format == fmt and m.precision in req.precisions]
+            if reasons and all(reasons):
+                raise ConverterMissing(f"--formats {fmt}: {reasons[0]}")
     if req.metric not in METRICS:
         raise PackageError(f"--metric: expected one of {', '.join(METRICS)}, got {req.metric!r}")
     if req.prune is not None and not 0 < req.prune < 1:
@@ -215,6 +238,16 @@ def _check_request(req: PackageRequest) -> None:
         accepted = "; ".join(getattr(s, "describe", s.name) for s in model_sources())
         raise PackageError(f"{req.model}: expected an ONNX model (.onnx) or a model the packager converts to ONNX "
                            f"({accepted}); convert other formats to ONNX first") from None
+
+
+def _check_asked_formats(req: PackageRequest, planned: list[VariantReport]) -> None:
+    """A format asked for by name (``--formats``) of which no variant could be made is an error, with the reasons."""
+    for fmt in req.formats or ():
+        mine = [v for v in planned if v.format == fmt]
+        if mine and all(v.status == "skipped" for v in mine):
+            reasons = "; ".join(dict.fromkeys(v.reason for v in mine))
+            raise PackageError(f"--formats {fmt}: no {fmt} variant could be made ({reasons}); leave {fmt} out of "
+                               f"--formats to package the model without it")
 
 
 # --- planning ---------------------------------------------------------------------------------------
@@ -248,7 +281,7 @@ def plan(req: PackageRequest, makers: list[VariantMaker], options: dict[str, Any
             return True
         if m.option is not None:
             return options.get(m.option) is not None
-        return m.format in req.formats and m.precision in req.precisions
+        return m.format in (req.formats or ()) and m.precision in req.precisions
 
     return [(m, VariantReport(m.variant_id(options), m.format, m.precision, m.method)) for m in makers if wanted(m)]
 
@@ -315,10 +348,19 @@ def _package_onnx(req: PackageRequest, progress: Progress, origin: str | None) -
     options: dict[str, Any] = {"prune": req.prune, "int8_targets": targets, "emulate": req.emulate,
                                "scorer": Scorer.for_fp32(req.model, val, labels if metric == "accuracy" else None,
                                                          req.max_accuracy_drop / 100.0)}
-    jobs = plan(req, variant_makers(), options)
+    makers = variant_makers()
+    if req.formats is None:  # the default: every format whose tools are here; say which were left out and why
+        formats = default_formats(makers)
+        for fmt in dict.fromkeys(m.format for m in makers if m.format not in formats):
+            why = next(missing_tools(m) for m in makers if m.format == fmt)
+            notes.append(f"{fmt} variants not made: {why}")
+    else:
+        formats = req.formats
+    jobs = plan(replace(req, formats=formats), makers, options)
     planned = [v for _, v in jobs]
-    if "openvino" in req.formats and not any("openvino" in fmts for fmts in backends.values()):
-        notes.append("no OpenVINO backend is available here: OpenVINO IR variants cannot be measured")
+    for fmt in formats:
+        if not any(fmt in fmts for fmts in backends.values()):
+            notes.append(f"no backend available here loads {fmt}: {unmeasurable_reason(fmt)}")
     per_format = {v.format: [b for b, fmts in backends.items() if v.format in fmts] for v in planned}
     progress.total(len(planned) + sum(max(1, len(per_format[v.format])) for v in planned) + 1)
 
@@ -339,6 +381,7 @@ def _package_onnx(req: PackageRequest, progress: Progress, origin: str | None) -
             paths = [stage / f for f in v.files]
             v.size = sum(p.stat().st_size for p in paths)
             v.compressed_size = _compressed_size(paths)
+        _check_asked_formats(req, planned)
         made = [v for v in planned if v.status == "planned"]
         n_samples = min(req.samples, len(next(iter(val.values()))))
         sample_inputs = [{k: a[i:i + 1] for k, a in val.items()} for i in range(n_samples)]
@@ -349,15 +392,14 @@ def _package_onnx(req: PackageRequest, progress: Progress, origin: str | None) -
         save_package(staging, stage)
         # skipped variants are not measured: the bar's total drops their measuring steps
         progress.total(len(planned) + sum(max(1, len(per_format[v.format])) for v in made) + 1)
-        ref = measure_variants(stage, made, backends, val, labels, work, req.repeats, progress)
+        ref = measure_variants(stage, made, backends, val, labels, work, req.repeats, progress, notes)
         if ref is None:
-            errors = "; ".join(f"{b}: {r.error}" for v in made if v.id == "onnx-fp32" for b, r in v.results.items())
+            errors = "; ".join(f"{b}: {r.error}" for v in made if v.id == REFERENCE for b, r in v.results.items())
             raise PackageError(f"{req.model}: the fp32 model could not be measured "
                                f"({errors or 'no backend could run it'})")
         progress.step("choosing variants")
-        _decide(planned, req, metric)
-        if req.emulate:
-            _check_on_emulated_cpus(planned, stage, options["scorer"])
+        _decide(planned, replace(req, formats=formats), metric, primary_backends())
+        _check_on_target_cpus(planned, stage, options["scorer"], None if req.emulate else "--no-emulate was given")
         kept = [v for v in planned if v.status == "kept"]
         for v in planned:
             if v.status != "kept":
@@ -393,7 +435,7 @@ def _package_onnx(req: PackageRequest, progress: Progress, origin: str | None) -
 
 def measure_variants(stage: Path, variants: list[VariantReport], backends: dict[str, tuple[str, ...]],
                      val: dict[str, np.ndarray], labels: np.ndarray | None, work: Path, repeats: int,
-                     progress: Progress | None = None) -> Measured | None:
+                     progress: Progress | None = None, notes: list[str] | None = None) -> Measured | None:
     """Measure each variant of the package at ``stage`` on every backend that loads its format and score it.
 
     Fills ``results`` (latency, memory, accuracy, agreement with onnx-fp32) and ``atol``; a variant no backend here
@@ -409,14 +451,14 @@ def measure_variants(stage: Path, variants: list[VariantReport], backends: dict[
             progress.step(f"{v.id}: no backend")
             v.status = "dropped"
             v.reason = (f"no available backend runs format {v.format!r} here, so it could not be measured "
-                        f"(install {FORMAT_BACKENDS_HINT[v.format]})")
+                        f"({unmeasurable_reason(v.format, backends)})")
             continue
         for b in able:
             progress.step(f"measuring {v.id} on {b}")
             m = measure(stage, v.id, b, inputs_npz, work, repeats=repeats)
             raw[(v.id, b)] = m
             v.results[b] = BackendResult(m.latency_ms, m.memory_bytes, error=m.error)
-    # latencies side by side: every variant on every backend in one process, interleaved, each with its error
+    # latencies side by side: every variant on every backend in one process, interleaved, in several processes
     pairs = [(v.id, b) for v in variants for b in v.ok_results()]
     if pairs:
         progress.note(f"timing {len(pairs)} variant/backend pair(s) side by side")
@@ -424,12 +466,16 @@ def measure_variants(stage: Path, variants: list[VariantReport], backends: dict[
                                     rel_error=TIMING_ERROR)
         for v in variants:
             for b, r in v.ok_results().items():
-                t = timings.get((v.id, b))
-                if t is not None:
-                    r.latency_ms, r.latency_err_ms = t.latency_ms, t.error_ms
-    ref = raw.get(("onnx-fp32", "onnxruntime"))
+                t = timings.by_pair.get((v.id, b))
+                # not timed side by side: its own first estimate stays, without an error, and never counts as faster
+                r.latency_ms, r.latency_err_ms = (t.latency_ms, t.error_ms) if t is not None else (r.latency_ms, None)
+        if timings.failures and notes is not None:
+            notes.append("side-by-side timing: " + "; ".join(timings.failures) + (
+                "; latencies are each variant's own first estimate, without an error: no variant counts as faster "
+                "than another" if not timings.by_pair else "; the latencies come from the other timing processes"))
+    ref = raw.get((REFERENCE, REFERENCE_BACKEND))
     if ref is None or ref.error is not None:
-        ref = next((m for (vid, _), m in raw.items() if vid == "onnx-fp32" and m.error is None), None)
+        ref = next((m for (vid, _), m in raw.items() if vid == REFERENCE and m.error is None), None)
     if ref is None or ref.outputs is None:
         return None
     ref_top = np.argmax(ref.outputs, axis=1)
@@ -490,19 +536,29 @@ def validation_sample(val: dict[str, np.ndarray], ref_top: np.ndarray) -> Valida
     return Validation({k: np.ascontiguousarray(a[:n]) for k, a in val.items()}, ref_top[:n].astype(np.int64))
 
 
-def _check_on_emulated_cpus(variants: list[VariantReport], stage: Path, scorer: Any) -> None:
-    """Kept int8 ONNX variants are scored on the target CPUs this hub emulates (x86 without VNNI); one that
+def _check_on_target_cpus(variants: list[VariantReport], stage: Path, scorer: Any, skip: str | None) -> None:
+    """Kept int8 variants are scored on the target CPU classes this hub emulates, on every backend they are kept
+    for; a class this hub cannot emulate (or every class, with ``skip``) is recorded as not checked. A variant that
     loses accuracy on every target is dropped."""
+    from edgerun.device import detect
     from edgerun.hub import emulate
 
+    checks = [(v.id, v.info, [b for b in v.ok_results() if b not in (v.info.get("not_for") or {})])
+              for v in variants if v.status == "kept" and (v.info.get("int8") or {}).get("targets")]
+    if not checks:
+        return
+    host = detect().cpu_class
+    if skip is not None:
+        for vid, info, _ in checks:
+            info.setdefault("validated", []).extend({"cpu": c, "how": f"not checked: {skip}"}
+                                                    for c in info["int8"]["targets"] if c != host)
+        return
+    notes = emulate.check_targets(stage, checks, scorer, host)
     for v in variants:
-        if v.status != "kept" or v.format != "onnx" or not (v.info.get("int8") or {}).get("targets"):
-            continue
-        notes = emulate.check_targets(stage / v.files[0], v.info, scorer, v.id)
-        if notes:
-            v.note = "; ".join([v.note, *notes]) if v.note else "; ".join(notes)
-        if not v.info["int8"]["targets"]:
-            v.status, v.reason = "dropped", "loses accuracy on every target CPU: " + "; ".join(notes)
+        if notes.get(v.id):
+            v.note = "; ".join([v.note, *notes[v.id]]) if v.note else "; ".join(notes[v.id])
+        if v.id in notes and not v.info["int8"]["targets"]:
+            v.status, v.reason = "dropped", "loses accuracy on every target CPU: " + "; ".join(notes[v.id])
 
 
 def _measured_with(kept: list[VariantReport]) -> str:
@@ -525,10 +581,34 @@ def available_backends(only: tuple[str, ...] | None = None) -> dict[str, tuple[s
         if unknown:
             raise PackageError(f"--backends: {unknown} not available here; available: {sorted(found)}")
         found = {b: found[b] for b in only}
-    if "onnxruntime" not in found:
-        raise PackageError("packaging measures against onnxruntime, which is not available: "
+    if REFERENCE_BACKEND not in found:
+        raise PackageError(f"packaging measures against {REFERENCE_BACKEND}, which is not available: "
                            f"{q.HUB_EXTRA_HINT}")
     return found
+
+
+def primary_backends() -> dict[str, str]:
+    """The backend a format's methods are compared on, by format: the one that claims it (``primary_formats``)."""
+    from edgerun.runtime import Runtime
+
+    primary: dict[str, str] = {}
+    for name, backend in Runtime().backends.items():
+        for fmt in getattr(backend, "primary_formats", ()):
+            primary.setdefault(fmt, name)
+    return primary
+
+
+def unmeasurable_reason(fmt: str, selected: dict[str, Any] | None = None) -> str:
+    """Why no backend measures ``fmt``: each installed backend that loads it is unavailable (with what to install)
+    or not among the ``selected`` ones (``--backends``); or no installed backend loads it."""
+    from edgerun.runtime import Runtime
+
+    able = [b for b in Runtime().backends.values() if fmt in b.formats]
+    if not able:
+        return f"no installed backend loads {fmt!r} (a backend plugin brings its formats)"
+    why = [f"backend {b.name} {a}" if not (a := b.check()).available else f"backend {b.name} is not among --backends"
+           for b in able if selected is None or b.name not in selected]
+    return "; ".join(why)
 
 
 def _max_deviation(got: list[dict[str, np.ndarray]], want: list[dict[str, np.ndarray]]) -> float | None:
@@ -543,14 +623,17 @@ def _round_up(x: float) -> float:
     return math.ceil(x / 10**exp) * 10**exp if exp < 0 else float(math.ceil(x))
 
 
-def _decide(variants: list[VariantReport], req: PackageRequest, metric: str) -> None:
-    """Apply the drop rules in order; every variant ends kept, dropped or skipped, with the reason."""
+def _decide(variants: list[VariantReport], req: PackageRequest, metric: str,
+            primary: dict[str, str] | None = None) -> None:
+    """Apply the drop rules in order; every variant ends kept, dropped or skipped, with the reason. ``primary``
+    names the backend each format's methods are compared on (default: the installed backends' claims)."""
+    primary = primary_backends() if primary is None else primary
     made = [v for v in variants if v.status == "planned"]
     for v in made:
         if not v.ok_results():
             errors = "; ".join(f"{b}: {r.error}" for b, r in v.results.items())
             v.status, v.reason = "dropped", f"failed on every backend tried ({errors})"
-    ref = next((v for v in made if v.id == "onnx-fp32"), None)
+    ref = next((v for v in made if v.id == REFERENCE), None)
     ref_score = ref.score(metric) if ref else None
     bound = req.max_accuracy_drop / 100.0
     live = [v for v in made if v.status == "planned"]
@@ -566,7 +649,7 @@ def _decide(variants: list[VariantReport], req: PackageRequest, metric: str) -> 
         alts = [v for v in made if v.status == "planned" and v.format == fmt and v.precision == precision
                 and v is not ref]
         if len(alts) > 1:
-            on = _speed_backends(alts, FORMAT_BACKENDS_HINT.get(fmt, ""))
+            on = _speed_backends(alts, primary.get(fmt, ""))
             best, why = _fastest(alts, on)
             for v in alts:
                 if v is not best:
@@ -574,7 +657,8 @@ def _decide(variants: list[VariantReport], req: PackageRequest, metric: str) -> 
                     v.reason = f"{best.id} {why} on {', '.join(sorted(on)) or 'the backends tried'} " \
                                f"({_latencies(best)} vs {_latencies(v)})"
     # fp32 is measured as the reference even when not asked for
-    if ref is not None and ref.status == "planned" and ("fp32" not in req.precisions or "onnx" not in req.formats):
+    asked = req.formats if req.formats is not None else default_formats()
+    if ref is not None and ref.status == "planned" and (ref.precision not in req.precisions or ref.format not in asked):
         ref.status, ref.reason = "dropped", "ONNX fp32 not requested (measured as the reference)"
     # best first, so a variant is only ever judged against variants that stay
     contenders = sorted((v for v in made if v.status == "planned"),
@@ -625,12 +709,12 @@ def _speed_backends(alts: list[VariantReport], primary: str) -> set[str]:
 
 
 def _clearly_faster(a: BackendResult, b: BackendResult) -> bool:
-    """``a`` is faster than ``b`` beyond their measured errors and by at least SPEED_NOISE: a smaller gap is a tie."""
-    if a.latency_ms is None or b.latency_ms is None:
+    """``a`` is faster than ``b`` beyond both measured errors and by more than SPEED_NOISE; anything closer is a tie,
+    and so is a latency without an error (not timed side by side): it cannot be told from noise."""
+    if a.latency_ms is None or b.latency_ms is None or a.latency_err_ms is None or b.latency_err_ms is None:
         return False
-    beyond_errors = (a.latency_err_ms is None or b.latency_err_ms is None
-                     or a.latency_ms + a.latency_err_ms < b.latency_ms - b.latency_err_ms)
-    return beyond_errors and a.latency_ms < b.latency_ms * (1 - SPEED_NOISE)
+    return (a.latency_ms + a.latency_err_ms < b.latency_ms - b.latency_err_ms
+            and a.latency_ms < b.latency_ms * (1 - SPEED_NOISE))
 
 
 MEMORY_GAIN = 0.2  # a variant needing 20% (and 1 MiB) less memory than another is lighter

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -200,54 +200,82 @@ def iter_rows(data: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         yield {k: v[i:i + 1] for k, v in data.items()}
 
 
-@dataclass(frozen=True)
-class Int8Settings:
-    """How a static int8 variant was quantized, and for which CPUs' int8 kernels."""
-
-    reduce_range: bool
-    per_channel: bool = True
-    activations: str = "uint8"
-    weights: str = "int8"
-    targets: tuple[str, ...] = ()  # CPU classes it is made for: x86-vnni, x86, arm64
-    excluded: tuple[str, ...] = ()  # nodes left in fp32 to meet the accuracy bound
-    tool: str = "onnxruntime quantize_static"
-
-    def describe(self) -> str:
-        parts = [f"{self.tool}: {self.activations} activations, {self.weights} weights "
-                 f"{'per channel' if self.per_channel else 'per tensor'}"]
-        if self.reduce_range:
-            parts.append("7-bit weight range (reduce_range) for x86 CPUs without VNNI")
-        if self.targets:
-            parts.append(f"for {', '.join(self.targets)}")
-        if self.excluded:
-            parts.append(f"{len(self.excluded)} sensitive node(s) kept in fp32: {', '.join(self.excluded[:4])}"
-                         + ("..." if len(self.excluded) > 4 else ""))
-        return "; ".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"tool": self.tool, "reduce_range": self.reduce_range, "per_channel": self.per_channel,
-                "activations": self.activations, "weights": self.weights, "targets": list(self.targets),
-                "excluded": list(self.excluded)}
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+SAFE_WEIGHT = 64  # |int8 weight| <= 64: a pair of u8 x s8 products stays below 32768, VPMADDUBSW cannot saturate
 
 
-def int8_settings(targets: tuple[str, ...] | None, exclude: tuple[str, ...] = ()) -> Int8Settings:
-    """The static int8 settings the targets' kernels need.
+def narrow_weights(targets: tuple[str, ...]) -> bool:
+    """Whether int8 weights must use 7 bits for these targets.
 
-    onnxruntime's u8s8 kernels on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply with VPMADDUBSW,
-    whose 16-bit pair sums can saturate; a 7-bit weight range avoids that. CPUs with VNNI and ARM64 have no
-    such limit, so full-range weights are kept when no target needs it.
+    onnxruntime's u8s8 kernels (and OpenVINO's) on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply
+    with VPMADDUBSW, whose 16-bit pair sums can saturate; 7-bit weights cannot. CPUs with VNNI and ARM64 have no
+    such limit (onnxruntime's quantization guide), so full-range weights are kept when no target needs it.
     """
-    targets = tuple(targets or CPU_CLASSES)
-    return Int8Settings(reduce_range="x86" in targets, targets=targets, excluded=tuple(exclude))
+    return "x86" in targets
+
+
+def observe_onnx_int8(path: Path) -> dict[str, Any]:
+    """What an int8 ONNX model is, read from the file: the weight type and largest magnitude, per channel or not,
+    the activation types, and the weight layers left in fp32."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    weights: list[np.ndarray] = []
+    per_channel = False
+    activations: set[str] = set()
+    for node in model.graph.node:
+        x = node.input[0] if node.input else ""
+        if node.op_type == "DequantizeLinear" and x in inits:
+            q = numpy_helper.to_array(inits[x])
+            if q.dtype in (np.int8, np.uint8):
+                zp_name = node.input[2] if len(node.input) > 2 else ""
+                zp = numpy_helper.to_array(inits[zp_name]) if zp_name in inits else 0
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                weights.append(q.astype(np.int32) - (np.expand_dims(zp, tuple(i for i in range(q.ndim) if i != axis))
+                                                     if np.ndim(zp) else zp))
+                per_channel = per_channel or numpy_helper.to_array(inits[node.input[1]]).size > 1
+        elif node.op_type in ("MatMulInteger", "ConvInteger") and len(node.input) > 1 and node.input[1] in inits:
+            weights.append(numpy_helper.to_array(inits[node.input[1]]).astype(np.int32))
+            activations.add("uint8 at run time")
+        elif node.op_type == "QuantizeLinear" and x not in inits and len(node.input) > 2 and node.input[2] in inits:
+            activations.add({np.dtype(np.uint8): "uint8", np.dtype(np.int8): "int8"}.get(
+                numpy_helper.to_array(inits[node.input[2]]).dtype, "?"))
+    dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    integer = {n.output[0] for n in model.graph.node if n.op_type in ("MatMulInteger", "ConvInteger")}
+    fp32 = [n.name or n.output[0] for n in model.graph.node
+            if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in inits and n.input[1] not in dq
+            and n.output[0] not in integer]
+    top = max((int(np.abs(w).max()) for w in weights if w.size), default=0)
+    return {"weights": "int8" if weights else "none", "weight_max": top, "per_channel": per_channel,
+            "activations": ", ".join(sorted(activations)) or "float", "excluded": fp32}
+
+
+def describe_int8(info: dict[str, Any]) -> str:
+    """One line for the report: how an int8 variant was made, what it is and for which CPUs."""
+    parts = [f"{info['tool']}: {info.get('activations', '?')} activations, {info.get('weights', '?')} weights "
+             f"{'per channel' if info.get('per_channel') else 'per tensor'}"]
+    if "weight_max" in info:
+        parts.append(f"|weights| <= {info['weight_max']}" + (" (7-bit: no saturation without VNNI)"
+                                                             if 0 < info["weight_max"] <= SAFE_WEIGHT else ""))
+    if info.get("targets"):
+        parts.append(f"for {', '.join(info['targets'])}")
+    excluded = info.get("excluded") or []
+    if excluded:
+        parts.append(f"{len(excluded)} sensitive layer(s) kept in fp32: {', '.join(excluded[:4])}"
+                     + ("..." if len(excluded) > 4 else ""))
+    return "; ".join(parts)
 
 
 def make_int8_static(src: Path, dst: Path, calibration: dict[str, np.ndarray],
-                     targets: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> Int8Settings:
+                     targets: tuple[str, ...] | None = None) -> dict[str, Any]:
     """QDQ int8: per-channel int8 weights, uint8 activations with ranges from the calibration set, with the
-    weight range the targets' kernels need; ``exclude`` names nodes left in fp32."""
+    weight range the targets' kernels need; returns the record of what was made (``info.int8``)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    settings = int8_settings(targets, exclude)
+    targets = tuple(targets or CPU_CLASSES)
+    reduce_range = narrow_weights(targets)
     prepped = dst.with_suffix(".pre.onnx")
     source = src
     try:
@@ -261,9 +289,8 @@ def make_int8_static(src: Path, dst: Path, calibration: dict[str, np.ndarray],
     try:
         with _quiet_root_logger():
             quantize_static(str(source), str(dst), _Reader(calibration), quant_format=QuantFormat.QDQ,
-                            per_channel=settings.per_channel, reduce_range=settings.reduce_range,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(settings.excluded),
+                            per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     except Exception as exc:
         raise PrecisionUnavailable(f"static int8 quantization failed: {exc}") from None
@@ -271,23 +298,25 @@ def make_int8_static(src: Path, dst: Path, calibration: dict[str, np.ndarray],
         prepped.unlink(missing_ok=True)
         for extra in dst.parent.glob(dst.stem + "*-inferred.onnx"):
             extra.unlink()
-    return settings
+    return {"tool": "onnxruntime quantize_static", "reduce_range": reduce_range, "targets": list(targets),
+            **observe_onnx_int8(dst)}
 
 
-def make_int8_dynamic(src: Path, dst: Path, targets: tuple[str, ...] | None = None) -> Int8Settings:
+def make_int8_dynamic(src: Path, dst: Path, targets: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Dynamic int8: int8 weights (7-bit for x86 targets without VNNI), activations quantized at run time
-    (MatMulInteger/ConvInteger, the same u8s8 kernels as static int8)."""
+    (MatMulInteger/ConvInteger, the same u8s8 kernels as static int8); returns the record of what was made."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    settings = replace(int8_settings(targets), per_channel=False, activations="uint8 at run time",
-                       tool="onnxruntime quantize_dynamic")
+    targets = tuple(targets or CPU_CLASSES)
+    reduce_range = narrow_weights(targets)
     try:
         with _quiet_root_logger():
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
-                             reduce_range=settings.reduce_range)
+                             reduce_range=reduce_range)
     except Exception as exc:
         raise PrecisionUnavailable(f"dynamic int8 quantization failed: {exc}") from None
-    return settings
+    return {"tool": "onnxruntime quantize_dynamic", "reduce_range": reduce_range, "targets": list(targets),
+            **observe_onnx_int8(dst)}
 
 
 def make_int4(src: Path, dst: Path, profile: WeightProfile, block_size: int = 32) -> int:
@@ -397,12 +426,52 @@ def openvino_missing() -> str | None:
     return None
 
 
+OPENVINO_INT8_CLASSES = ("x86-vnni", "x86")  # OpenVINO's CPU plugin has int8 kernels on x86-64 only
+IR_WEIGHT_OPS = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData")
+
+
+def observe_ir_int8(xml: Path) -> dict[str, Any]:
+    """What an NNCF-quantized OpenVINO IR is, read from it: the largest int8 weight, per channel or not, the
+    activations' quantizers and the weight layers left in fp32."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    top, per_channel, fp32, levels = 0, False, [], set()
+
+    def quantized_weight(node: Any) -> bool:
+        nonlocal top, per_channel
+        for _ in range(4):  # Multiply(scale) <- [Subtract(zero point) <-] Convert <- Constant(i8)
+            kind = node.get_type_name()
+            if kind == "Constant":
+                if node.get_element_type().get_type_name() not in ("i8", "u8"):
+                    return False
+                top = max(top, int(np.abs(node.get_data().astype(np.int32)).max()))
+                return True
+            if kind == "FakeQuantize":
+                return True
+            if kind == "Multiply":
+                per_channel = per_channel or int(np.prod(list(node.input(1).get_partial_shape().to_shape()))) > 1
+            node = node.input(0).get_source_output().get_node()
+        return False
+
+    for op in model.get_ordered_ops():
+        kind = op.get_type_name()
+        if kind == "FakeQuantize":
+            levels.add(int(op.get_attributes()["levels"]))
+        elif kind in IR_WEIGHT_OPS and not quantized_weight(op.input(1).get_source_output().get_node()):
+            fp32.append(op.get_friendly_name())
+    return {"weights": "int8", "weight_max": top, "per_channel": per_channel,
+            "activations": ", ".join(f"{int(np.log2(n))}-bit (FakeQuantize, {n} levels)" for n in sorted(levels))
+            or "float", "excluded": fp32}
+
+
 def make_openvino(src: Path, xml: Path, precision: str, method: str, calibration: dict[str, np.ndarray] | None,
-                  profile: WeightProfile, scorer: Any = None, targets: tuple[str, ...] = CPU_CLASSES) -> None:
-    """An OpenVINO IR (.xml + .bin) from the ONNX model.
+                  profile: WeightProfile, scorer: Any = None, targets: tuple[str, ...] = CPU_CLASSES) -> str:
+    """An OpenVINO IR (.xml + .bin) from the ONNX model; returns the tool that made it.
 
     fp32/fp16: ``convert_model`` + ``save_model`` (fp16 compresses weights). int8 ``nncf``: post-training
-    quantization with the calibration set; int8/int4 ``weights``: NNCF weight-only compression of MatMul layers.
+    quantization with the calibration set, scored on the validation set with ``scorer`` and made again with NNCF's
+    accuracy control when it drops more than the bound; int8/int4 ``weights``: NNCF weight-only compression.
     """
     why = openvino_missing()
     if why:
@@ -410,9 +479,10 @@ def make_openvino(src: Path, xml: Path, precision: str, method: str, calibration
     import openvino as ov
 
     model = ov.convert_model(str(src))
+    tool = "openvino convert_model"
     if precision in ("fp32", "fp16"):
         ov.save_model(model, str(xml), compress_to_fp16=(precision == "fp16"))
-        return
+        return tool
     try:
         import nncf
     except Exception as exc:
@@ -426,17 +496,28 @@ def make_openvino(src: Path, xml: Path, precision: str, method: str, calibration
             if method == "nncf":
                 if not calibration:
                     raise PrecisionUnavailable("NNCF int8 quantization needs a calibration set")
-                if scorer is not None:  # keeps the most sensitive layers in fp32 until the drop fits the bound
-                    from edgerun.hub.accuracy import openvino_int8_with_accuracy_control
+                from edgerun.hub.accuracy import (advanced_parameters, openvino_int8_with_accuracy_control,
+                                                  openvino_score)
 
-                    model = openvino_int8_with_accuracy_control(model, calibration, scorer, targets)
-                else:
-                    rows = list(iter_rows(calibration))
-                    model = nncf.quantize(model, nncf.Dataset(rows), subset_size=min(300, len(rows)))
+                rows = list(iter_rows(calibration))
+                quantized = nncf.quantize(model, nncf.Dataset(rows), subset_size=min(300, len(rows)),
+                                          advanced_parameters=advanced_parameters(targets))
+                tool = "NNCF quantize"
+                if scorer is not None and scorer.baseline - openvino_score(quantized, scorer) > scorer.max_drop + 1e-9:
+                    # keeps the most sensitive layers in fp32 until the drop fits the bound
+                    quantized = openvino_int8_with_accuracy_control(ov.convert_model(str(src)), calibration, scorer,
+                                                                    targets)
+                    tool = "NNCF quantize_with_accuracy_control"
+                    drop = scorer.baseline - openvino_score(quantized, scorer)
+                    if drop > scorer.max_drop + 1e-9:
+                        raise PrecisionUnavailable(f"int8 stays {100 * drop:.2f} points below fp32 even with NNCF's "
+                                                   f"accuracy control")
+                model = quantized
             elif method == "weights":
                 if not profile.matmul_heavy:
                     raise PrecisionUnavailable(f"weight-only compression covers MatMul weights; this model is Conv-heavy "
                                                f"({profile.describe()})")
+                tool = "NNCF compress_weights"
                 if precision == "int8":
                     model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
                 else:
@@ -449,3 +530,4 @@ def make_openvino(src: Path, xml: Path, precision: str, method: str, calibration
     except Exception as exc:
         raise PrecisionUnavailable(f"NNCF {method} {precision} failed: {type(exc).__name__}: {exc}") from None
     ov.save_model(model, str(xml), compress_to_fp16=False)
+    return tool

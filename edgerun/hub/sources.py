@@ -24,7 +24,7 @@ import numpy as np
 
 from edgerun.errors import PackageError
 from edgerun.hookspecs import hookimpl
-from edgerun.hub.tools import ModelSource
+from edgerun.hub.tools import ConverterMissing, ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,6 @@ TF_OPSET = 17
 BATCH = "batch"
 _REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-class ConverterMissing(PackageError):
-    """The framework or exporter a source needs is not installed."""
-
-    exit_code = 69  # EX_UNAVAILABLE, as for a missing onnx
 
 
 def example_inputs(path: str | Path) -> dict[str, np.ndarray]:

@@ -27,6 +27,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from edgerun.device import CPU_CLASSES
 from edgerun.hookspecs import hookimpl
 from edgerun.hub.tools import Made, MakeJob, PrecisionUnavailable, VariantMaker
 from edgerun.tensors import TensorSpec
@@ -152,6 +153,12 @@ class _TfliteMaker(VariantMaker):
     how: ClassVar[str]  # the note, formatted with the run's info
     recorded: ClassVar[tuple[str, ...]] = ()  # the run's info that concerns this variant
 
+    activations: ClassVar[str | None] = None  # an int8 variant's activations (its int8 record)
+
+    def missing(self) -> str | None:
+        lacking = missing_modules()
+        return MISSING_REASON.format(", ".join(lacking)) if lacking else None
+
     def make(self, job: MakeJob) -> Made:
         if self.method == "static" and not job.calibration:
             raise PrecisionUnavailable("static int8 needs calibration data")
@@ -164,8 +171,13 @@ class _TfliteMaker(VariantMaker):
         shutil.copyfile(conv.files[self.id], partial)
         os.replace(partial, job.stage / rel)  # never a half-written file under the variant's name
         info = {k: conv.info[k] for k in ("onnx2tf", "tensorflow", "nchw_inputs", "onnxsim", *self.recorded)}
-        return Made([rel], f"onnx2tf {conv.info['onnx2tf']}: " + self.how.format(**conv.info),
-                     {"tflite": {"quantization": self.quantization, **info}})
+        made = {"tflite": {"quantization": self.quantization, **info}}
+        if self.activations is not None:  # TFLite's int8 scheme, for every target: the emulated check tells
+            made["int8"] = {"tool": f"onnx2tf {conv.info['onnx2tf']} (TensorFlow Lite converter)",
+                            "weights": "int8 symmetric", "per_channel": conv.info["weights"] == "per-channel",
+                            "activations": self.activations,
+                            "targets": list(job.options.get("int8_targets") or CPU_CLASSES)}
+        return Made([rel], f"onnx2tf {conv.info['onnx2tf']}: " + self.how.format(**conv.info), made)
 
 
 class TfliteFp32(_TfliteMaker):
@@ -188,6 +200,7 @@ class TfliteInt8Static(_TfliteMaker):
 
     id, precision, method, order = "tflite-int8", "int8", "static", 52
     quantization, recorded = "full-integer int8, float32 inputs and outputs", ("weights", "calibration_rows")
+    activations = "int8 asymmetric per tensor"
     how = ("full-integer int8: {weights} int8 weights, int8 activations calibrated on {calibration_rows} rows, "
            "float32 inputs and outputs")
 
@@ -197,6 +210,7 @@ class TfliteInt8Dynamic(_TfliteMaker):
 
     id, precision, method, order = "tflite-int8-dynamic", "int8", "dynamic", 53
     quantization, recorded = "dynamic-range int8", ("weights",)
+    activations = "int8 at run time"
     how = "dynamic-range int8: {weights} int8 weights, activations quantized at run time"
 
 
@@ -204,6 +218,10 @@ class TfliteInt4(VariantMaker):
     """int4 TFLite, which onnx2tf does not make."""
 
     id, format, precision, method, order = "tflite-int4", "tflite", "int4", "weights", 54
+
+    def missing(self) -> str | None:
+        lacking = missing_modules()
+        return MISSING_REASON.format(", ".join(lacking)) if lacking else None
 
     def make(self, job: MakeJob) -> Made:
         raise PrecisionUnavailable(INT4_REASON)

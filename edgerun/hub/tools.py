@@ -27,6 +27,12 @@ class PrecisionUnavailable(EdgerunError):
     """The tools cannot make this precision/format for this model; the packager skips it with the reason."""
 
 
+class ConverterMissing(PackageError):
+    """A converter the packager needs for what was asked is not installed; says what to install."""
+
+    exit_code = 69  # EX_UNAVAILABLE, as for a missing onnx
+
+
 class ModelSource(abc.ABC):
     """A kind of model the packager accepts, and how it becomes the ONNX model every variant is made from."""
 
@@ -81,6 +87,11 @@ class VariantMaker(abc.ABC):
         """The id of the variant it makes for these request options (``id`` unless it depends on them)."""
         return self.id
 
+    def missing(self) -> str | None:
+        """Why the tools it needs are not installed here (with what to install), or None when they are: a format
+        none of whose makers is ready is left out of the default ``--formats``."""
+        return None
+
     @abc.abstractmethod
     def make(self, job: MakeJob) -> Made:
         """Write the variant's files; raise PrecisionUnavailable with the reason when it cannot be made here."""
@@ -106,6 +117,12 @@ def _collect(hook: str) -> list[Any]:
     found: list[Any] = []
     call_each(hub_plugins(), hook, register=found.append)
     return found
+
+
+def missing_tools(maker: VariantMaker) -> str | None:
+    """``maker.missing()``; a plugin's maker written without it counts as ready."""
+    missing = getattr(maker, "missing", None)
+    return missing() if callable(missing) else None
 
 
 def model_sources() -> list[ModelSource]:

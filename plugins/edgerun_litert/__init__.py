@@ -163,6 +163,7 @@ class LiteRTBackend(Backend):
     name = "litert"
     formats = ("tflite",)
     suffixes = {".tflite": "tflite"}
+    primary_formats = ("tflite",)
     install_hint = INSTALL_HINT
     aliases = ("tflite",)  # the backend's name before LiteRT
     options = {"device": str, "num_threads": int}

@@ -61,6 +61,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     formats = ("onnx",)
     suffixes = {".onnx": "onnx"}
+    primary_formats = ("onnx",)
     install_hint = INSTALL_HINT
     aliases = ("ort",)
     options = {"device": str, "providers": list, "intra_op_threads": int, "inter_op_threads": int, "arena": bool}

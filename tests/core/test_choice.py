@@ -118,6 +118,29 @@ def test_a_latency_gap_within_the_noise_is_decided_by_memory(runtime: Runtime, m
     assert runtime.explain(replace(pkg, variants=[faster]), memory_budget="1GiB").chosen.backend == "openvino"
 
 
+def test_close_memory_needs_and_unmeasured_errors_fall_to_the_profile_order(measured_digits) -> None:
+    """Memory needs 5% apart, or latencies without an error, flip from one packaging to the next: the device
+    takes the profile's first backend, whichever figure happens to be smaller."""
+    from dataclasses import replace
+
+    from edgerun.package import Measurement
+
+    fp32 = measured_digits.variant("onnx-fp32")
+    for ov_mem, ort_mem in ((12 << 20, int(12.6 * (1 << 20))), (int(12.6 * (1 << 20)), 12 << 20)):
+        timed = replace(fp32, memory_bytes=None, measured={
+            "openvino": Measurement(0.100, ov_mem, 0.978, 0.004), "onnxruntime": Measurement(0.101, ort_mem, 0.978, 0.004)})
+        for first in ("openvino", "onnxruntime"):
+            with Runtime(profile=Profile(name=f"{first}-first", prefer=(first,))) as rt:
+                pkg = replace(measured_digits, variants=[timed])
+                assert rt.explain(pkg, memory_budget="1GiB").chosen.backend == first
+    # no errors recorded (an older package, or a hub whose side-by-side timing failed): 2x is not "faster" either
+    untimed = replace(fp32, memory_bytes=None, measured={
+        "openvino": Measurement(0.05, 12 << 20, 0.978), "onnxruntime": Measurement(0.10, 12 << 20, 0.978)})
+    with Runtime(profile=Profile(name="ort-first", prefer=("onnxruntime",))) as rt:
+        assert rt.explain(replace(measured_digits, variants=[untimed]), memory_budget="1GiB").chosen.backend == \
+            "onnxruntime"
+
+
 def test_a_variant_marked_not_for_a_backend_is_taken_on_another(package_copy) -> None:
     """The hub kept int8 for openvino only: a device runs it there, never on onnxruntime."""
     def mark(data) -> None:

@@ -58,7 +58,7 @@ def test_a_quantized_variant_that_agrees_here_is_served_and_says_so(digits_packa
 
 
 def test_a_quantized_variant_that_disagrees_here_is_set_aside_for_the_next_choice(digits_package, tmp_path,
-                                                                                  ort_first, cli):
+                                                                                  ort_first):
     pkg = _package(digits_package, tmp_path / "bad", bad_int8=True)
     with Runtime(profile=ort_first) as rt:
         m = rt.load(pkg.root)

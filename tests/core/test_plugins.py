@@ -5,7 +5,9 @@ from __future__ import annotations
 import inspect
 import re
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +39,7 @@ def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., No
     monkeypatch.delenv("EDGERUN_STRICT_PLUGINS", raising=False)
     monkeypatch.delenv("EDGERUN_DISABLE_PLUGINS", raising=False)
     modules: list[str] = []
+    from edgerun.plugins import backend_classes
 
     def install_dist(dist: str, entry_points: dict[str, str], files: dict[str, str | Path] | None = None) -> None:
         for rel, content in (files or {}).items():
@@ -50,8 +53,10 @@ def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., No
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1.0\n")
         (info / "entry_points.txt").write_text(
             "[edgerun]\n" + "".join(f"{name} = {target}\n" for name, target in entry_points.items()))
+        backend_classes.cache_clear()  # the backend classes profiles resolve aliases with, now with this plugin's
 
     yield install_dist
+    backend_classes.cache_clear()
     for name in list(sys.modules):
         if name.split(".")[0] in modules:
             del sys.modules[name]
@@ -119,10 +124,10 @@ def _hub_package(tmp_path: Path, model: Path, val: Path, **kw):
     from edgerun.hub.tools import hub_plugins
 
     hub_plugins.cache_clear()  # the hub's plugin manager, with the plugin just installed
+    asked = {"precisions": ("fp32",), "formats": ("onnx",), "backends": ("onnxruntime",), "repeats": 10, **kw}
     try:
         return package_model(PackageRequest(model=model, name="lin", version=1, validation=val, out=tmp_path / "pkg",
-                                            precisions=("fp32",), formats=("onnx",), backends=("onnxruntime",),
-                                            repeats=10, **kw))
+                                            **asked))
     finally:
         hub_plugins.cache_clear()
 
@@ -152,6 +157,89 @@ def test_hook_register_variant_makers(fake_plugin, measured_digits, tmp_path: Pa
     copy = next(v for v in report.variants if v.id == "onnx-fp32-copy")
     assert copy.note == "copied by the fake plugin" and copy.results["onnxruntime"].latency_ms > 0
     assert copy.status in ("kept", "dropped") and copy.reason  # judged: kept as measured, or dropped with why
+
+
+def test_a_plugin_brings_a_format_and_a_precision_end_to_end(fake_plugin, tmp_path: Path, cli,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake plugin's backend loads a format of its own (suffix .linear, profile alias 'lin', its own memory
+    estimate) with a precision of its own (bf16), and its hub maker makes it: the packager plans, measures and
+    keeps it, and a device explains, loads and serves it through the plugin."""
+    import os
+
+    import httpx
+
+    from edgerun.package import ModelPackage, precision_rank
+    from edgerun.profiles import load_profiles
+    from edgerun.testing.mosquitto import free_port
+    from edgerun.testing.processes import terminate
+
+    rng = np.random.default_rng(3)
+    w, b = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    np.savez(tmp_path / "clf.linear.npz", W=w, b=b)
+    x = rng.normal(size=(40, 4)).astype(np.float32)
+    np.savez(tmp_path / "val.npz", x=x, labels=np.argmax(x @ w + b, axis=1))
+    from edgerun.hub.tools import hub_plugins
+
+    hub_plugins.cache_clear()
+    rc, out, _ = cli("hub", "package", "--help")  # the command lists what the installed makers make
+    hub_plugins.cache_clear()
+    said = " ".join(out.replace("│", " ").split())
+    assert rc == 0 and "Comma list of onnx, openvino, tflite, linear" in said and "fp32, fp16, bf16, int8, int4" in said
+    # the measuring processes load the plugin too, as they would once it is pip-installed
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(tmp_path / "site-packages"),
+                                                                 os.environ.get("PYTHONPATH")) if p))
+    report = _hub_package(tmp_path, tmp_path / "clf.linear.npz", tmp_path / "val.npz", precisions=("fp32", "bf16"),
+                          formats=("onnx", "linear"), backends=("onnxruntime", fake_plugin.LINEAR))
+    made = next(v for v in report.variants if v.id == "linear-bf16")
+    assert made.status == "kept", made.reason  # the only variant on its backend: nothing better ran there
+    assert made.results[fake_plugin.LINEAR].error is None and made.results[fake_plugin.LINEAR].accuracy >= 0.95
+    pkg = ModelPackage.load(tmp_path / "pkg")
+    variant = pkg.variant("linear-bf16")
+    assert (variant.format, variant.precision, variant.main_file.path) == ("linear", "bf16", "linear-bf16.linear")
+    assert set(variant.measured) == {fake_plugin.LINEAR}
+    # the plugin's precision ranks by its bits: below fp32, level with fp16, above int8
+    assert precision_rank("fp32") < precision_rank("bf16") == precision_rank("fp16") < precision_rank("int8")
+    # a profile names the plugin's backend by its alias
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "lin-first.toml").write_text('name = "lin-first"\n\n[backends]\nprefer = ["lin", "ort"]\n')
+    profile = load_profiles([tmp_path / "profiles"])["lin-first"]
+    assert profile.prefer == (fake_plugin.LINEAR, "onnxruntime")
+    with Runtime(profile=profile) as rt:
+        explained = {(c.variant.id, c.backend): c for c in rt.explain(tmp_path / "pkg", memory_budget="1GiB").candidates}
+        assert explained[("linear-bf16", fake_plugin.LINEAR)].kept
+        assert explained[("linear-bf16", fake_plugin.LINEAR)].memory_measured
+        model = rt.load(tmp_path / "pkg", variant="linear-bf16", backend=fake_plugin.LINEAR)
+        np.testing.assert_allclose(rt.infer("lin", {"x": x[:5]})["scores"], x[:5] @ w + b, rtol=1e-2, atol=1e-2)
+        assert model.backend == fake_plugin.LINEAR
+    # a bare .linear file: its suffix names the format, and its memory need is the plugin's estimate
+    bare = fake_plugin.write_linear(tmp_path / "clf.linear", w, b, "x", "scores")
+    with Runtime(profile=profile) as rt:
+        c = rt.explain(bare, memory_budget="1GiB").chosen
+        assert (c.variant.format, c.backend, c.memory_measured) == ("linear", fake_plugin.LINEAR, False)
+        assert c.memory_bytes == (2 << 20) + bare.stat().st_size
+    # served over HTTP through the plugin
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from edgerun.cli import main; sys.exit(main())",
+                             "serve", "--model", str(bare), "--port", str(port), "--state-dir", str(tmp_path / "st")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        r = httpx.post(f"{url}/v2/models/clf/infer", json={"inputs": [
+            {"name": "x", "shape": [2, 4], "datatype": "FP32", "data": x[:2].ravel().tolist()}]}, timeout=10)
+        assert r.status_code == 200, r.text
+        out = r.json()["outputs"][0]
+        assert out["name"] == "scores" and out["shape"] == [2, 3]
+        np.testing.assert_allclose(np.reshape(out["data"], (2, 3)), x[:2] @ w + b, rtol=1e-5, atol=1e-5)
+        assert httpx.get(f"{url}/v2/models/clf", timeout=5).json()["platform"].startswith(fake_plugin.LINEAR)
+    finally:
+        terminate(proc)
 
 
 def test_hook_describe_device(fake_plugin, cli) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import gc
 import importlib.metadata
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +94,13 @@ def test_every_tflite_variant_is_made_by_onnx2tf_and_measured_on_litert(digits_t
         assert v.note.startswith(f"onnx2tf {version}: ")
         assert v.info["tflite"]["onnx2tf"] == version and v.info["tflite"]["nchw_inputs"] == []
     assert by["tflite-int8"].info["tflite"]["calibration_rows"] == 200  # every calibration row
+    # the int8 ones record their scheme and the CPUs they are for, like the ONNX and OpenVINO int8 variants
+    for vid, activations in (("tflite-int8", "int8 asymmetric per tensor"), ("tflite-int8-dynamic", "int8 at run time")):
+        record = by[vid].info["int8"]
+        assert record["targets"] == ["x86-vnni", "x86", "arm64"] and record["activations"] == activations
+        assert record["weights"] == "int8 symmetric" and record["per_channel"] is True
+        assert record["tool"] == f"onnx2tf {version} (TensorFlow Lite converter)"
+    assert "int8" not in by["tflite-fp32"].info
     assert "calibrated on 200 rows, float32 inputs and outputs" in by["tflite-int8"].note
     assert by["tflite-int8-dynamic"].info["tflite"]["quantization"] == "dynamic-range int8"
     assert not any("litert" in v.results for v in report.variants if v.format == "onnx")
@@ -182,30 +192,59 @@ def test_the_makers_keep_the_onnx_interface_from_one_onnx2tf_run(tmp_path, monke
     assert not work.exists() and not tflite._conversions  # the work dir goes with the job's data
 
 
-def test_an_op_onnx2tf_cannot_convert_skips_the_tflite_variants_with_its_reason(tmp_path, monkeypatch):
+def _groupnorm_model(tmp_path: Path) -> Path:
     ops = Path(importlib.util.find_spec("onnx2tf").origin).parent / "ops"  # without importing TensorFlow
     if (ops / "GroupNormalization.py").exists():
         pytest.skip("this onnx2tf converts GroupNormalization: the test needs an op it lacks")
     model = _cnn_onnx(tmp_path / "gn.onnx", norm=True)
     np.savez(tmp_path / "val.npz", pixels=np.random.default_rng(2).random((20, 1, 8, 8), dtype=np.float32))
+    return model
+
+
+def test_by_default_an_op_onnx2tf_cannot_convert_skips_the_tflite_variants_with_its_reason(tmp_path, monkeypatch):
+    model = _groupnorm_model(tmp_path)
     monkeypatch.chdir(tmp_path)
-    _, out, by, _ = _package({"model": model, "val": tmp_path / "val.npz"}, tmp_path / "gn", ("fp32", "fp16"))
+    report = package_model(PackageRequest(model=model, name="gn", version=1, validation=tmp_path / "val.npz",
+                                          out=tmp_path / "gn", precisions=("fp32", "fp16"),
+                                          backends=("onnxruntime", "litert"), repeats=10))  # the default formats
+    by = {v.id: v for v in report.variants}
     reason = f"onnx2tf {importlib.metadata.version('onnx2tf')} cannot convert op GroupNormalization (not implemented)"
     assert all(by[vid].status == "skipped" and by[vid].reason == reason for vid in ("tflite-fp32", "tflite-fp16"))
     assert by["onnx-fp32"].status == "kept" and by["onnx-fp16"].status != "skipped"
+    out = tmp_path / "gn"
     assert not any(p.suffix == ".tflite" or p.name.startswith(".") for p in out.iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gn", "gn.onnx", "val.npz"]
 
 
-def test_without_tensorflow_the_tflite_variants_are_skipped_naming_the_extra(digits_files, tmp_path, monkeypatch):
+def test_tflite_asked_for_by_name_that_cannot_be_converted_is_an_error(tmp_path):
+    model = _groupnorm_model(tmp_path)
+    r = subprocess.run([sys.executable, "-c", "import sys; from edgerun.cli import main; sys.exit(main())", "hub",
+                        "package", str(model), "--name", "gn", "--version", "1", "--validation",
+                        str(tmp_path / "val.npz"), "--out", str(tmp_path / "gn"), "--precisions", "fp32,fp16",
+                        "--formats", "onnx,tflite", "--backends", "onnxruntime,litert", "--repeats", "10"],
+                       capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"}, timeout=600,
+                       cwd=tmp_path)
+    assert r.returncode == 65, r.stderr
+    said = " ".join(r.stderr.split())
+    assert (f"--formats tflite: no tflite variant could be made (onnx2tf {importlib.metadata.version('onnx2tf')} "
+            f"cannot convert op GroupNormalization (not implemented)); leave tflite out of --formats") in said, said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gn.onnx", "val.npz"]  # no package, nothing half-written
+
+
+def test_without_tensorflow_tflite_is_left_out_or_refused_naming_the_extra(digits_files, tmp_path, monkeypatch):
+    from edgerun.hub.tools import ConverterMissing
+
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("tensorflow", "onnx2tf") else real(name, *a))
-    report = package_model(PackageRequest(model=digits_files["model"], name="d", version=1,
-                                          validation=digits_files["val"], out=tmp_path / "d", precisions=("fp32",),
-                                          formats=("onnx", "tflite"), backends=("onnxruntime",), repeats=5))
-    by = {v.id: v for v in report.variants}
-    assert by["tflite-fp32"].status == "skipped"
-    assert by["tflite-fp32"].reason.startswith("tensorflow, onnx2tf not installed")
-    assert "pip install 'edgerun[hub-tflite]'" in by["tflite-fp32"].reason
-    assert by["onnx-fp32"].status == "kept"
+    asked = dict(model=digits_files["model"], name="d", version=1, validation=digits_files["val"],
+                 out=tmp_path / "d", precisions=("fp32",), backends=("onnxruntime",), repeats=5)
+    report = package_model(PackageRequest(**asked))  # the default formats: tflite only when its converter is here
+    assert not any(v.format == "tflite" for v in report.variants)
+    assert any(n.startswith("tflite variants not made: tensorflow, onnx2tf not installed") and
+               "pip install 'edgerun[hub-tflite]'" in n for n in report.notes), report.notes
+    assert {v.id for v in report.kept} == {"onnx-fp32"}
+    with pytest.raises(ConverterMissing, match=r"--formats tflite: tensorflow, onnx2tf not installed: .*"
+                                               r"pip install 'edgerun\[hub-tflite\]'") as exc:
+        package_model(PackageRequest(**{**asked, "out": tmp_path / "e"}, formats=("onnx", "tflite")))
+    assert exc.value.exit_code == 69 and not (tmp_path / "e").exists()

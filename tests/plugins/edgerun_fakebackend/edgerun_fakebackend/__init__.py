@@ -66,10 +66,62 @@ class ReferenceBackend(Backend):
             raise ModelLoadError(f"{NAME} cannot load {path}: {exc}") from None
 
 
+LINEAR = "linear-numpy"
+
+
+def write_linear(path: Path, w: np.ndarray, b: np.ndarray, input_name: str, output_name: str,
+                 precision: str = "fp32") -> Path:
+    """A ``.linear`` model file: an .npz of the weights ``W`` [in, out], the bias and the tensor names."""
+    if precision == "bf16":  # bfloat16 weights: float32 with the low 16 bits of the mantissa dropped
+        w = (np.ascontiguousarray(w, np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
+    with open(path, "wb") as f:
+        np.savez(f, W=np.asarray(w, np.float32), b=np.asarray(b, np.float32), input=np.array(input_name),
+                 output=np.array(output_name), precision=np.array(precision))
+    return path
+
+
+class LinearSession(Session):
+    """``x @ W + b`` in numpy."""
+
+    def __init__(self, path: Path):
+        with np.load(path, allow_pickle=False) as z:
+            self._w, self._b = z["W"], z["b"]
+            self.inputs = [TensorSpec(str(z["input"]), "FP32", (-1, self._w.shape[0]))]
+            self.outputs = [TensorSpec(str(z["output"]), "FP32", (-1, self._w.shape[1]))]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {self.outputs[0].name: inputs[self.inputs[0].name] @ self._w + self._b}
+
+    def close(self) -> None:
+        self._w = self._b = None
+
+
+class LinearBackend(Backend):
+    """A format of its own: linear classifiers in ``.linear`` files, run by numpy, with a precision of its own."""
+
+    name = LINEAR
+    formats = ("linear",)
+    suffixes = {".linear": "linear"}
+    aliases = ("lin",)
+    precisions = {"bf16": 16}
+    memory_estimate = (2 << 20, 1.0)
+    install_hint = "pip install edgerun-fakebackend"
+
+    def availability(self) -> Availability:
+        return Availability(True, version=np.__version__)
+
+    def load(self, path: Path, options: LoadOptions) -> Session:
+        try:
+            return LinearSession(Path(path))
+        except Exception as exc:
+            raise ModelLoadError(f"{LINEAR} cannot load {path}: {exc}") from None
+
+
 @hookimpl
 def register_backends(register: Callable[[type[Backend]], None]) -> None:
-    """Offer the reference-evaluator backend."""
+    """Offer the reference-evaluator backend and the linear one."""
     register(ReferenceBackend)
+    register(LinearBackend)
 
 
 @hookimpl
@@ -132,6 +184,36 @@ class CopyMaker:
         return Made([f"{self.id}.onnx"], "copied by the fake plugin")
 
 
+class LinearMaker:
+    """A variant maker of the plugin's format and precision: a single-Gemm ONNX model as a bf16 ``.linear`` file."""
+
+    id, format, precision, method, order, always, option = "linear-bf16", "linear", "bf16", "bf16", 60, False, None
+
+    def variant_id(self, options: dict[str, Any]) -> str:
+        return self.id
+
+    def missing(self) -> str | None:
+        return None
+
+    def make(self, job: Any) -> Any:
+        import onnx
+        from onnx import helper, numpy_helper
+
+        from edgerun.hub.tools import Made, PrecisionUnavailable
+
+        model = onnx.load(str(job.source))
+        ops = [n.op_type for n in model.graph.node]
+        if ops != ["Gemm"]:
+            raise PrecisionUnavailable(f"a .linear file holds one Gemm; this model has {ops}")
+        gemm = model.graph.node[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+        inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        w = inits[gemm.input[1]].T if attrs.get("transB") else inits[gemm.input[1]]
+        rel = f"{self.id}.linear"
+        write_linear(job.stage / rel, w, inits[gemm.input[2]], gemm.input[0], gemm.output[0], "bf16")
+        return Made([rel], "bfloat16 weights, by the fake plugin")
+
+
 @hookimpl
 def register_model_sources(register: Callable[[Any], None]) -> None:
     """Offer the .linear.npz source."""
@@ -140,5 +222,6 @@ def register_model_sources(register: Callable[[Any], None]) -> None:
 
 @hookimpl
 def register_variant_makers(register: Callable[[Any], None]) -> None:
-    """Offer the copying maker."""
+    """Offer the copying maker and the .linear one."""
     register(CopyMaker())
+    register(LinearMaker())
