@@ -8,6 +8,7 @@ from edgerun.backend import Availability, Backend, LoadOptions, Session
 from edgerun.errors import EdgerunError
 from edgerun.hookspecs import hookimpl
 from edgerun.package import ModelPackage, Variant
+from edgerun.protect import MemoryModel
 from edgerun.runtime import LoadedModel, Runtime
 from edgerun.tensors import TensorSpec
 
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     from edgerun.client import Client
 
 __version__ = "0.1.0"
-__all__ = ["Availability", "Backend", "Client", "EdgerunError", "LoadOptions", "LoadedModel", "ModelPackage",
+__all__ = ["Availability", "Backend", "Client", "EdgerunError", "MemoryModel", "LoadOptions", "LoadedModel", "ModelPackage",
            "Runtime", "Session", "TensorSpec", "Variant", "hookimpl", "__version__"]
 
 
