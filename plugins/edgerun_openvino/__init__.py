@@ -52,8 +52,9 @@ def _spec(port: Any, name: str) -> TensorSpec:
 class OpenVinoSession(Session):
     """A compiled OpenVINO model; each thread runs on its own infer request."""
 
-    def __init__(self, compiled: Any, device: str, names: tuple[list[str], list[str]]):
-        """``names``: the (input, output) tensor names of the model as read, port by port.
+    def __init__(self, compiled: Any, device: str, names: tuple[list[str], list[str]], keep: Any = None):
+        """``names``: the (input, output) tensor names of the model as read, port by port; ``keep``: memory the
+        compiled model reads in place (the weights of a model loaded from memory), freed when the session closes.
 
         Compilation folds Identity nodes, leaving a port with several names (``{'logits', 'probabilities'}``)
         and ``get_any_name()`` free to return the internal one, so the names are taken before compiling.
@@ -65,6 +66,7 @@ class OpenVinoSession(Session):
         self.outputs = [_spec(p, n) for p, n in zip(compiled.outputs, out_names)]
         self._output_names = tuple(o.name for o in self.outputs)
         self._local = threading.local()
+        self._keep = keep
 
     def _request(self) -> Any:
         req = getattr(self._local, "request", None)
@@ -96,6 +98,7 @@ class OpenVinoSession(Session):
             except Exception:  # not every device plugin supports it
                 pass
             del compiled
+        self._keep = None  # only once the compiled model that reads it is gone
         gc.collect()
 
 
@@ -112,7 +115,7 @@ class OpenVinoBackend(Backend):
     # String tensors load, but after one inference freeing the request corrupts the heap and aborts the
     # process (openvino 2026.4: "free(): invalid pointer"). Such models go to another backend.
     unsupported_datatypes = frozenset({"BYTES"})
-    # IR from memory: the .xml as text and the .bin as a tensor over the decrypted buffer (no copy until compile).
+    # IR from memory: the .xml as text and the .bin as a tensor over the decrypted buffer, never copied.
     # ONNX is not offered: read from memory, openvino 2026.4 holds about three copies of it and takes 3-5x as long.
     memory_formats = frozenset({"openvino"})
 
@@ -172,14 +175,16 @@ class OpenVinoBackend(Backend):
             raise ModelLoadError(f"openvino cannot load {shown}: the IR weights file {weights_name} is not in the "
                                  f"variant")
         xml = model.read(model.main).decode("utf-8", "replace")
-        weights = model.read(weights_name)
-        try:  # the tensor shares the buffer; the compiled model copies what it needs
-            ir = self._get_core().read_model(xml, ov.Tensor(np.frombuffer(weights, np.uint8), shared_memory=True))
+        # the tensor shares the decrypted buffer, and the compiled model goes on reading constants in it (as it reads
+        # a mapped .bin): the session keeps the buffer
+        weights = ov.Tensor(np.frombuffer(model.read(weights_name), np.uint8), shared_memory=True)
+        try:
+            ir = self._get_core().read_model(xml, weights)
         except Exception as exc:
             raise ModelLoadError(f"openvino cannot load {shown}: {_message(exc)}") from None
         finally:
-            del xml, weights
-        return self._compile(ir, device, config, shown)
+            del xml
+        return self._compile(ir, device, config, shown, keep=weights)
 
     def _settings(self, options: LoadOptions, shown: str) -> tuple[str, dict[str, Any]]:
         """The device to compile for and the compile configuration, checked."""
@@ -203,7 +208,7 @@ class OpenVinoBackend(Backend):
                                  f"(devices: {', '.join(present + ['AUTO'])})")
         return device, config
 
-    def _compile(self, model: Any, device: str, config: dict[str, Any], shown: str) -> Session:
+    def _compile(self, model: Any, device: str, config: dict[str, Any], shown: str, keep: Any = None) -> Session:
         ports = (*model.inputs, *model.outputs)
         strings = [_name(p) for p in ports if p.get_element_type().get_type_name() == "string"]
         if strings:
@@ -218,7 +223,7 @@ class OpenVinoBackend(Backend):
         finally:
             del model  # the compiled model holds what it needs; the source graph's weights go
         log.debug("openvino compiled %s on %s with %s", shown, device, config)
-        return OpenVinoSession(compiled, device, names)
+        return OpenVinoSession(compiled, device, names, keep)
 
 
 @hookimpl
