@@ -217,7 +217,7 @@ class Updater:
         j = self.transition(j, "verifying", f"checking {checks} of {len(paths)} file(s)", progress=1.0)
         try:
             for f, p in zip(variant.files, paths):
-                self._verify(p, f)
+                self._check_file(p, f)
         except (IntegrityError, DeviceKeyError) as exc:
             for f in variant.files:
                 self.store.drop_partial(f.sha256)
@@ -225,7 +225,7 @@ class Updater:
             return None
         return self._stage(m, variant, paths), j
 
-    def _verify(self, path: Path, entry: FileEntry) -> None:
+    def _check_file(self, path: Path, entry: FileEntry) -> None:
         """Size and sha256 as signed; an encrypted file must also open with this device's key and authenticate to
         its last segment, and a clear one must not be age (docs/protection.md)."""
         if entry.encryption is None:
