@@ -399,7 +399,7 @@ class Decryptor:
 
 def decrypt_to_memory(path: Path, identities: Sequence[Identity]) -> bytearray:
     """The clear content of the age file ``path``, decrypted into one buffer of its exact size (never on disk)."""
-    with open(path, "rb", buffering=0) as f:
+    with open(path, "rb") as f:
         dec = Decryptor(f, identities, total=os.fstat(f.fileno()).st_size)
         size = dec.size or 0
         out = bytearray(size)
@@ -417,7 +417,7 @@ def check_file(path: Path, identities: Sequence[Identity]) -> tuple[str, Decrypt
     the same pass: (its sha256, the first decryption error or None)."""
     digest = hashlib.sha256()
     scratch = memoryview(bytearray(SEGMENT))
-    with open(path, "rb", buffering=0) as f:
+    with open(path, "rb") as f:
         src = _Hashing(f, digest)
         try:
             dec = Decryptor(src, identities)

@@ -73,6 +73,9 @@ def create_key_file(path: Path) -> Identity:
             f.write(identity_file(identity, dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")))
             f.flush()
             os.fsync(f.fileno())
+        if os.geteuid() == 0:  # root making it for the service: the state directory's owner must read it
+            owner = path.parent.stat()
+            os.chown(tmp, owner.st_uid, owner.st_gid)
         os.link(tmp, path)  # never replaces a key another process made meanwhile
     except FileExistsError:
         return read_key_file(path)[0]

@@ -87,7 +87,7 @@ class MemoryModel:
     def stream(self, name: str) -> Iterator[str]:
         """A path (``/proc/self/fd/N`` of a pipe) that yields the file's clear bytes once, in order, while open."""
         path, encrypted = self._path(name)
-        src = open(path, "rb", buffering=0)
+        src = open(path, "rb")
         try:
             dec = Decryptor(src, self._identities) if encrypted else None  # a key problem shows here, not mid-stream
         except BaseException:
