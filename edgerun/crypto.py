@@ -44,12 +44,17 @@ class Recipient:
 
     @classmethod
     def parse(cls, text: str) -> "Recipient":
+        """An ``age1...`` key; the error never repeats the text (a secret key pasted by mistake stays unprinted)."""
+        text = text.strip()
+        if text.upper().startswith("AGE-SECRET-KEY-"):
+            raise EdgerunError("that is a secret key (AGE-SECRET-KEY-1...); give the public key, age1... "
+                               "(`edgerun device key` prints it)")
         try:
-            hrp, data = bech32_decode(text.strip())
+            hrp, data = bech32_decode(text)
         except ValueError as exc:
-            raise EdgerunError(f"not an age recipient {text.strip()[:80]!r}: {exc}") from None
-        if hrp != "age" or len(data) != 32 or text.strip() != text.strip().lower():
-            raise EdgerunError(f"not an age X25519 recipient (age1..., 62 characters): {text.strip()[:80]!r}")
+            raise EdgerunError(f"not an age recipient (age1..., 62 characters): {exc}") from None
+        if hrp != "age" or len(data) != 32 or text != text.lower():
+            raise EdgerunError("not an age X25519 recipient (age1..., 62 characters)")
         return cls(data)
 
     def __str__(self) -> str:

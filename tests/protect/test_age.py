@@ -45,8 +45,9 @@ def test_keys_read_and_write_as_age_writes_them(keys):
     assert str(theirs[0].to_public()) == str(ids[0].recipient)
     assert str(ids[0]).startswith("AGE-SECRET-KEY-1") and str(ids[0].recipient).startswith("age1")
     assert str(ids[0]) not in repr(ids[0])  # the secret never shows in a repr
-    with pytest.raises(EdgerunError, match="not an age X25519 recipient"):
-        crypto.Recipient.parse(str(ids[0]).lower())
+    with pytest.raises(EdgerunError, match="that is a secret key") as err:
+        crypto.Recipient.parse(str(ids[0]))
+    assert str(ids[0]) not in str(err.value)
     flipped = str(ids[0].recipient)[:-1] + ("q" if str(ids[0].recipient)[-1] != "q" else "p")
     with pytest.raises(EdgerunError, match="bad checksum"):
         crypto.Recipient.parse(flipped)

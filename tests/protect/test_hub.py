@@ -51,7 +51,9 @@ def test_keys_add_refuses_what_is_not_a_device_or_a_key(db):
     r = hub(db, "keys", "add", "pi/1", str(key.recipient))
     assert r.returncode == 2 and "'pi/1' is not a device id" in r.stderr
     r = hub(db, "keys", "add", "pi-1", str(key))  # the secret half, pasted by mistake
-    assert r.returncode == 1 and "not an age recipient" in r.stderr and str(key) not in r.stderr
+    assert r.returncode == 1 and "that is a secret key" in r.stderr and str(key) not in r.stderr
+    r = hub(db, "keys", "add", "pi-1", str(key.recipient)[:-2])
+    assert r.returncode == 1 and "not an age recipient (age1..., 62 characters): bad checksum" in r.stderr
 
 
 def test_encrypt_for_names_resolve_and_unknown_ones_say_how_to_enrol(tmp_path):
