@@ -37,7 +37,7 @@ TARGET_TIME, TARGET_PUBLISH = 1.15, 1.2
 
 CHILD = """
 import json, sys, time
-from pathlib import Path
+import numpy as np
 from edgerun.package import ModelPackage
 from edgerun.runtime import Runtime
 backend, package, key = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -58,7 +58,10 @@ rss0 = status("VmRSS:")
 t0 = time.perf_counter()
 m = rt.prepare(pkg, backend=backend, verify=False, warmup=False)
 seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds, "peak": status("VmHWM:") - rss0, "after": status("VmRSS:") - rss0}))
+m.run({"input": np.zeros((1, 64), np.float32)})  # a mapped clear model is read here, not at load
+ready = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "ready": ready, "peak": status("VmHWM:") - rss0,
+                  "after": status("VmRSS:") - rss0}))
 """
 
 
@@ -123,17 +126,20 @@ def run_loads(args, work: Path) -> list[dict]:
         for _ in range(args.runs):
             for mode, pkg in (("clear", clear), ("encrypted", encrypted)):
                 runs[mode].append(measure(backend, pkg, key))
-        med = {mode: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak", "after")}
+        med = {mode: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "ready", "peak", "after")}
                for mode, rs in runs.items()}
         row = {"backend": backend, "format": FORMATS[backend], "model_bytes": size,
                "clear_load_s": round(med["clear"]["seconds"], 3), "encrypted_load_s": round(med["encrypted"]["seconds"], 3),
                "time_ratio": round(med["encrypted"]["seconds"] / med["clear"]["seconds"], 3),
+               "clear_ready_s": round(med["clear"]["ready"], 3), "encrypted_ready_s": round(med["encrypted"]["ready"], 3),
+               "ready_ratio": round(med["encrypted"]["ready"] / med["clear"]["ready"], 3),
                "clear_peak_mb": round(med["clear"]["peak"] / 1e6, 1),
                "encrypted_peak_mb": round(med["encrypted"]["peak"] / 1e6, 1),
                "peak_over_clear_mb": round((med["encrypted"]["peak"] - med["clear"]["peak"]) / 1e6, 1),
                "clear_after_mb": round(med["clear"]["after"] / 1e6, 1),
                "encrypted_after_mb": round(med["encrypted"]["after"] / 1e6, 1), "runs": runs}
         row["time_ok"] = row["time_ratio"] <= TARGET_TIME
+        row["ready_ok"] = row["ready_ratio"] <= TARGET_TIME
         row["peak_ok"] = med["encrypted"]["peak"] <= med["clear"]["peak"] + size
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
@@ -251,12 +257,13 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nload of a {args.mb:g} MB model, medians of {args.runs} fresh processes each")
-    print("| backend | format | clear load s | encrypted load s | ratio (≤ 1.15) | clear peak MB | encrypted peak MB "
-          "| over clear MB (≤ model) | RSS after, clear / encrypted MB |")
+    print("| backend | format | load s, clear / encrypted | ratio (≤ 1.15) | load + 1st inference s, clear / "
+          "encrypted | ratio | peak MB, clear / encrypted | over clear MB (≤ model) | RSS after MB, clear / encrypted |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in loads:
-        print(f"| {r['backend']} | {r['format']} | {r['clear_load_s']} | {r['encrypted_load_s']} | {r['time_ratio']}"
-              f"{'' if r['time_ok'] else ' ✗'} | {r['clear_peak_mb']} | {r['encrypted_peak_mb']} | "
+        print(f"| {r['backend']} | {r['format']} | {r['clear_load_s']} / {r['encrypted_load_s']} | {r['time_ratio']}"
+              f"{'' if r['time_ok'] else ' ✗'} | {r['clear_ready_s']} / {r['encrypted_ready_s']} | "
+              f"{r['ready_ratio']}{'' if r['ready_ok'] else ' ✗'} | {r['clear_peak_mb']} / {r['encrypted_peak_mb']} | "
               f"{r['peak_over_clear_mb']} of {r['model_bytes'] / 1e6:.0f}{'' if r['peak_ok'] else ' ✗'} | "
               f"{r['clear_after_mb']} / {r['encrypted_after_mb']} |")
     if summary:

@@ -7,6 +7,7 @@ from a pipe fed segment by segment (docs/protection.md).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import threading
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STREAM_JOIN_SECONDS = 30.0
+PIPE_BYTES = 1 << 20
 
 
 def not_for_here(variant: "Variant", backend: "Backend", keys: frozenset[str] | str) -> str:
@@ -94,6 +96,10 @@ class MemoryModel:
             src.close()
             raise
         rfd, wfd = os.pipe()
+        try:  # fewer round trips between the decrypting thread and the reader
+            fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except (AttributeError, OSError):
+            pass
         feeder = threading.Thread(target=self._feed, args=(src, dec, wfd, name), name="edgerun-decrypt", daemon=True)
         feeder.start()
         try:
