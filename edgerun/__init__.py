@@ -11,16 +11,18 @@ if TYPE_CHECKING:
     from edgerun.errors import EdgerunError
     from edgerun.hookspecs import hookimpl
     from edgerun.package import ModelPackage, Variant
+    from edgerun.protect import MemoryModel
     from edgerun.runtime import LoadedModel, Runtime
     from edgerun.tensors import TensorSpec
 
 __version__ = "0.1.0"
-__all__ = ["Availability", "Backend", "Client", "EdgerunError", "LoadOptions", "LoadedModel", "ModelPackage",
-           "Runtime", "Session", "TensorSpec", "Variant", "hookimpl", "__version__"]
+__all__ = ["Availability", "Backend", "Client", "EdgerunError", "LoadOptions", "LoadedModel", "MemoryModel",
+           "ModelPackage", "Runtime", "Session", "TensorSpec", "Variant", "hookimpl", "__version__"]
 
 # Imported on first use, so that a command that needs none of them (the hub's) does not load numpy.
 _HOME = {"Availability": "backend", "Backend": "backend", "LoadOptions": "backend", "Session": "backend",
-         "Client": "client", "EdgerunError": "errors", "hookimpl": "hookspecs", "ModelPackage": "package",
+         "Client": "client", "EdgerunError": "errors", "hookimpl": "hookspecs", "MemoryModel": "protect",
+         "ModelPackage": "package",
          "Variant": "package", "LoadedModel": "runtime", "Runtime": "runtime", "TensorSpec": "tensors"}
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from edgerun.tensors import TensorSpec
+
+if TYPE_CHECKING:
+    from edgerun.protect import MemoryModel
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,9 @@ class Backend(abc.ABC):
     (bytes); calibrate it with benchmarks/calibrate_memory.py."""
     #: KServe datatypes this backend cannot take or return; variant choice drops models that use them
     unsupported_datatypes: ClassVar[frozenset[str]] = frozenset()
+    memory_formats: ClassVar[frozenset[str]] = frozenset()
+    """The formats ``load_memory`` loads. Encrypted variants are decrypted into memory and loaded from there, so a
+    backend is never given an encrypted variant of another format (variant choice drops it; ``explain`` says why)."""
 
     @abc.abstractmethod
     def availability(self) -> Availability:
@@ -109,3 +115,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, path: Path, options: LoadOptions) -> Session:
         """Load one model file; raise ModelLoadError with the backend's message on failure."""
+
+    def load_memory(self, model: "MemoryModel", options: LoadOptions) -> Session:
+        """Load a model whose clear bytes exist only in memory, writing nothing to disk (no temp file, no cache);
+        only called for the formats in ``memory_formats`` (docs/plugins.md)."""
+        from edgerun.errors import ModelLoadError
+
+        raise ModelLoadError(f"{self.name} cannot load a model from memory, so it cannot run encrypted variants")

@@ -9,6 +9,7 @@ from edgerun.errors import NoVariantFits
 from edgerun.hookspecs import hookimpl
 from edgerun.package import ModelPackage, Variant
 from edgerun.profiles import Profile
+from edgerun.protect import not_for_here
 from edgerun.units import format_size
 
 
@@ -51,9 +52,10 @@ def memory_need(variant: Variant, backend: Backend) -> tuple[int, bool]:
 
 
 def candidates(package: ModelPackage, profile: Profile, backends: dict[str, Backend], budget: int,
-               cpu_class: str | None = None) -> list[Candidate]:
+               cpu_class: str | None = None, keys: frozenset[str] | str = frozenset()) -> list[Candidate]:
     """Every (variant, backend) pair, each marked kept or dropped with the reason; an int8 variant made for other
-    CPUs than this one's ``cpu_class`` (x86-vnni, x86, arm64) is dropped."""
+    CPUs than this one's ``cpu_class`` (x86-vnni, x86, arm64) is dropped, and so is an encrypted variant that none of
+    this device's ``keys`` (fingerprints, or why there are none) opens, or that the backend cannot load from memory."""
     order = list(profile.prefer) + [b for b in backends if b not in profile.prefer]
     rank = {name: i for i, name in enumerate(order)}
     out: list[Candidate] = []
@@ -79,6 +81,8 @@ def candidates(package: ModelPackage, profile: Profile, backends: dict[str, Back
                                      f"the hub could not run it on {backend.name}: {variant.failed[backend.name]}"))
             elif unusable := unsupported_tensors(package, backend):
                 out.append(Candidate(variant, backend.name, need, measured, False, unusable))
+            elif locked := not_for_here(variant, backend, keys):
+                out.append(Candidate(variant, backend.name, need, measured, False, locked))
             elif need > budget:
                 out.append(Candidate(variant, backend.name, need, measured, False,
                                      f"needs {format_size(need)} > budget {format_size(budget)}"))

@@ -120,6 +120,8 @@ class Config:
     memory_budget: str | None = None
     threads: int | None = None
     log_level: str = "INFO"
+    device_key_file: Path | None = None  # the device's age key; default {state_dir}/device.key, made on first start
+    fleet_key_file: Path | None = None  # an age key shared by the fleet, for releases encrypted to @fleet
     models: tuple[ModelConfig, ...] = ()
     server: ServerConfig = field(default_factory=ServerConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -152,6 +154,11 @@ def _dataclass_from_table(cls: type, t: Table, converters: dict[str, Any] | None
         else:
             kwargs[name] = t.get(name, str)
     return cls(**kwargs)
+
+
+def _path(t: Table, name: str) -> Path | None:
+    value = t.get(name, str, None)
+    return None if value is None else Path(value)
 
 
 def _size(t: Table, name: str) -> int:
@@ -199,7 +206,8 @@ def _model(t: Table, base: Path) -> ModelConfig:
 def parse_config(data: dict[str, Any], source: str | None = None, base: Path | None = None) -> Config:
     """Check and build a Config from a parsed TOML document."""
     t = Table(data, source)
-    t.only("state_dir", "profile", "memory_budget", "threads", "log_level", "models", "server", "mqtt")
+    t.only("state_dir", "profile", "memory_budget", "threads", "log_level", "device_key_file", "fleet_key_file",
+           "models", "server", "mqtt")
     base = base or Path.cwd()
     for section, key, where in (("server", "token", "server.token_file or EDGERUN_API_TOKEN"),
                                 ("server", "api_token", "server.token_file or EDGERUN_API_TOKEN"),
@@ -234,6 +242,7 @@ def parse_config(data: dict[str, Any], source: str | None = None, base: Path | N
     return Config(state_dir=Path(t.get("state_dir", str, str(DEFAULT_STATE_DIR))),
                   profile=t.get("profile", str, None), memory_budget=t.get("memory_budget", str, None),
                   threads=t.get("threads", int, None), log_level=level,
+                  device_key_file=_path(t, "device_key_file"), fleet_key_file=_path(t, "fleet_key_file"),
                   models=tuple(_model(m, base) for m in t.tables("models")),
                   server=server, mqtt=mqtt, source=source)
 
@@ -353,6 +362,16 @@ def check_config(config: Config) -> None:
                       ("mqtt.key_file", config.mqtt.key_file)):
         if path is not None and not os.access(path, os.R_OK):
             raise ConfigError(f"expected a readable file, cannot read {path}", file=src, key=key)
+    for key in ("device_key_file", "fleet_key_file"):
+        path = getattr(config, key)
+        if path is not None:
+            from edgerun.devicekey import read_key_file
+            from edgerun.errors import DeviceKeyError
+
+            try:
+                read_key_file(path)
+            except DeviceKeyError as exc:
+                raise ConfigError(str(exc), file=src, key=key) from None
     if config.mqtt.enabled and config.mqtt.trusted_keys is None:
         raise ConfigError("MQTT updates are on but no trusted_keys directory is set: every release would be "
                           "rejected", file=src, key="mqtt.trusted_keys")

@@ -17,7 +17,7 @@ from typing import Any
 from edgerun.units import decimal
 
 TOPIC_ROOT = "edgerun/v1"
-CONTRACT_VERSION = "1.2"  # what a device's status says it speaks; additive changes raise the minor
+CONTRACT_VERSION = "1.3"  # what a device's status says it speaks; additive changes raise the minor
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # fleet, device and model names: one safe topic level
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -279,6 +279,7 @@ class Status:
     update: UpdateInfo | None = None
     updates: dict[str, UpdateInfo] = field(default_factory=dict)
     memory: dict[str, int] = field(default_factory=dict)  # rss_bytes, available_bytes, budget_bytes
+    recipient: str | None = None  # the device's age key (age1...): what a hub encrypts releases to (1.3)
     contract: str = CONTRACT_VERSION
     ts: float = field(default_factory=time.time)
 
@@ -289,7 +290,7 @@ class Status:
                 "models": [m.to_dict() for m in self.models],
                 "update": self.update.to_dict() if self.update else None,
                 "updates": {k: u.to_dict() for k, u in self.updates.items()},
-                "memory": dict(self.memory)}
+                "memory": dict(self.memory), "recipient": self.recipient}
 
     def to_payload(self) -> bytes:
         return _dump(self.to_dict())
@@ -312,6 +313,7 @@ class Status:
             update=UpdateInfo.from_dict(d.get("update")),
             updates={k: u for k, v in updates.items() if (u := UpdateInfo.from_dict(v))},
             memory={k: v for k, v in memory.items() if _int(v) is not None},
+            recipient=d["recipient"] if isinstance(d.get("recipient"), str) else None,
             contract=_str(d.get("contract"), "1.0"), ts=_num(d.get("ts")) or 0.0)
 
     def model(self, name: str) -> ModelInfo | None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 from edgerun.config import Config, ModelConfig
+from edgerun.devicekey import DeviceKey
 from edgerun.errors import EdgerunError, IntegrityError
 from edgerun.runtime import LoadedModel, Runtime
 from edgerun.systemd import Notifier, watchdog_interval
@@ -42,7 +43,7 @@ class Daemon:
 
     def __post_init__(self) -> None:
         self.runtime = Runtime(profile=self.config.profile, memory_budget=self.config.memory_budget,
-                               threads=self.config.threads)
+                               threads=self.config.threads, device_key=DeviceKey.from_config(self.config))
         self._loaded: dict[ModelConfig, LoadedModel] = {}
         self._stop: asyncio.Event | None = None
         self._stopping = False
@@ -358,7 +359,7 @@ def _changed_on_disk(m: ModelConfig, current: LoadedModel) -> bool:
         return False  # keep serving what works; the error shows at the next load
 
 
-RESTART_ONLY = ("state_dir", "profile", "memory_budget", "threads")  # and every key of [server]
+RESTART_ONLY = ("state_dir", "profile", "memory_budget", "threads", "device_key_file", "fleet_key_file")  # and every key of [server]
 
 
 def restart_only_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:

@@ -43,6 +43,19 @@ class IntegrityError(PackageError):
     """A file's size or sha256 does not match what its package or manifest records."""
 
 
+class DecryptError(IntegrityError):
+    """An encrypted model file does not open here: not age, not for this device's key, altered or truncated."""
+
+
+class DeviceKeyError(EdgerunError):
+    """The device's own key cannot be used: missing, unreadable, malformed or readable by others."""
+
+    exit_code = 77  # EX_NOPERM
+    http_status = 500
+    grpc_code = "FAILED_PRECONDITION"
+    reason = "device_key"
+
+
 class BackendUnavailable(EdgerunError):
     """No usable backend for a format, or the requested backend is not installed."""
 

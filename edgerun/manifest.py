@@ -157,10 +157,12 @@ def digest(obj: Mapping[str, Any]) -> str:
 
 
 def contract_needed(obj: Mapping[str, Any]) -> str:
-    """The oldest contract version whose devices take this manifest: "1.2" when it carries a member that 1.2
-    added (a device before 1.2 refuses unknown members), else "1.0"."""
+    """The oldest contract version whose devices take this manifest: "1.3" when a file is encrypted, "1.2" when
+    it carries a member that 1.2 added (a device refuses members it does not know), else "1.0"."""
     pkg = obj.get("package") if isinstance(obj.get("package"), dict) else {}
     variants = [v for v in obj.get("variants") or [] if isinstance(v, dict)]
+    if any(isinstance(f, dict) and "encryption" in f for v in variants for f in v.get("files") or []):
+        return "1.3"
     if "validation" in pkg or any("failed" in v or "info" in v or v.get("format") not in OLD_FORMATS
                                   or any(isinstance(m, dict) and "latency_err_ms" in m
                                          for m in (v.get("measured") or {}).values())

@@ -37,17 +37,36 @@ def precision_bits(precision: str) -> int:
 def precision_rank(precision: str) -> int:
     """Lower is more precise (minus the bits); a precision no installed backend declares comes last."""
     return -precision_bits(precision)
+ENCRYPTED_SUFFIX = ".age"
+FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
+
+
+@dataclass(frozen=True)
+class Encryption:
+    """How a file is encrypted (docs/protection.md): the scheme and the fingerprints of the keys it opens with."""
+
+    scheme: str  # "age"
+    recipients: tuple[str, ...]  # each key's fingerprint: 16 hex digits of the sha256 of its public key
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scheme": self.scheme, "recipients": list(self.recipients)}
 
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a variant, with the size and sha256 it must have."""
+    """One file of a variant, with the size and sha256 it must have (an encrypted file's: of its ciphertext)."""
 
     path: str
     sha256: str
     size: int
     chunk_size: int | None = None
     source: dict[str, Any] | None = None
+    encryption: Encryption | None = None
+
+    @property
+    def clear_path(self) -> str:
+        """The file's name once decrypted: an encrypted ``model.onnx.age`` is ``model.onnx`` to a backend."""
+        return self.path.removesuffix(ENCRYPTED_SUFFIX) if self.encryption else self.path
 
 
 @dataclass(frozen=True)
@@ -84,9 +103,19 @@ class Variant:
     def main_file(self) -> FileEntry:
         """The file a backend loads (an OpenVINO IR's .xml; its .bin sits beside it)."""
         for f in self.files:
-            if f.path.endswith(".xml"):
+            if f.clear_path.endswith(".xml"):
                 return f
         return self.files[0]
+
+    @property
+    def encrypted(self) -> bool:
+        return any(f.encryption is not None for f in self.files)
+
+    @property
+    def recipients(self) -> frozenset[str]:
+        """The key fingerprints every encrypted file of the variant opens with (empty when it is clear)."""
+        sets = [set(f.encryption.recipients) for f in self.files if f.encryption is not None]
+        return frozenset(set.intersection(*sets)) if sets else frozenset()
 
     @property
     def precision_rank(self) -> int:
@@ -231,10 +260,14 @@ def _variant(t: Table) -> Variant:
         raise t.fail("precision", f"expected a precision name such as {', '.join(PRECISION_BITS)}, got {precision!r}")
     files = []
     for f in t.tables("files", required=True):
-        f.only("path", "sha256", "size", "chunk_size", "source")
+        f.only("path", "sha256", "size", "chunk_size", "source", "encryption")
         path = f.get("path", str, required=True)
         if path.startswith("/") or ".." in Path(path).parts:
             raise f.fail("path", f"expected a relative path inside the package, got {path!r}")
+        encryption = _encryption(f.table("encryption")) if "encryption" in f.data else None
+        if (encryption is not None) != path.endswith(ENCRYPTED_SUFFIX):
+            raise f.fail("path", f"{path!r}: an encrypted file's path ends in {ENCRYPTED_SUFFIX} and has an "
+                                 f"'encryption' table; a clear file's has neither")
         sha = f.get("sha256", str, required=True).lower()
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise f.fail("sha256", f"expected 64 hex digits, got {sha!r}")
@@ -242,7 +275,7 @@ def _variant(t: Table) -> Variant:
         chunk = f.get("chunk_size", int, None)
         if size < 0 or (chunk is not None and chunk <= 0):
             raise f.fail("size" if size < 0 else "chunk_size", "expected a positive integer")
-        files.append(FileEntry(path, sha, size, chunk, f.get("source", dict, None)))
+        files.append(FileEntry(path, sha, size, chunk, f.get("source", dict, None), encryption))
     if not files:
         raise t.fail("files", "expected at least one file")
     measured = {}
@@ -260,6 +293,17 @@ def _variant(t: Table) -> Variant:
                    accuracy=t.get("accuracy", float, None), memory_bytes=t.get("memory_bytes", int, None),
                    atol=t.get("atol", float, 1e-3), rtol=t.get("rtol", float, 1e-3), measured=measured,
                    failed=dict(failed), info=t.get("info", dict, {}))
+
+
+def _encryption(t: Table) -> Encryption:
+    t.only("scheme", "recipients")
+    scheme = t.get("scheme", str, required=True)
+    if scheme != "age":
+        raise t.fail("scheme", f"expected \"age\" (the only scheme this device reads), got {scheme!r}")
+    recipients = t.list_of("recipients", str)
+    if not recipients or any(not FINGERPRINT.match(r) for r in recipients):
+        raise t.fail("recipients", "expected the fingerprints (16 hex digits) of the keys the file is encrypted to")
+    return Encryption(scheme, tuple(recipients))
 
 
 def _sample(t: Table, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> Sample:
@@ -337,6 +381,8 @@ def variant_to_dict(v: Variant) -> dict[str, Any]:
             fd["chunk_size"] = f.chunk_size
         if f.source is not None:
             fd["source"] = f.source
+        if f.encryption is not None:
+            fd["encryption"] = f.encryption.to_dict()
         d["files"].append(fd)
     for key in ("accuracy", "memory_bytes"):
         if getattr(v, key) is not None:

@@ -17,11 +17,13 @@ from edgerun import bare
 from edgerun import choice as choice_mod
 from edgerun.backend import Availability, Backend, LoadOptions, Session
 from edgerun.device import DeviceFacts, detect, refresh_memory
+from edgerun.devicekey import DeviceKey
 from edgerun.errors import (BackendUnavailable, EdgerunError, InvalidInput, ModelLoadError, ModelNotFound,
                             ModelNotReady, PackageError, Retired, VariantRejected)
 from edgerun.package import ModelPackage, Variant
 from edgerun.plugins import PluginFailure, call_each, make_plugin_manager
 from edgerun.profiles import Profile, ProfileChoice, choose_profile
+from edgerun.protect import MemoryModel
 from edgerun.tensors import TensorSpec
 from edgerun.units import format_size, parse_budget
 
@@ -206,7 +208,10 @@ class Runtime:
     """
 
     def __init__(self, *, profile: str | Profile | None = None, memory_budget: str | int | None = None,
-                 threads: int | None = None, load_plugins: bool = True, plugin_manager: Any = None):
+                 threads: int | None = None, load_plugins: bool = True, plugin_manager: Any = None,
+                 device_key: DeviceKey | str | Path | None = None):
+        """``device_key``: what opens encrypted variants: a DeviceKey, or an age identity file; by default
+        ``EDGERUN_DEVICE_KEY_FILE``, the systemd credential, or ``device.key`` in the default state directory."""
         if plugin_manager is None:
             self.pm, self.plugin_failures = make_plugin_manager(load_entry_points=load_plugins)
         else:
@@ -221,6 +226,9 @@ class Runtime:
         self._lock = threading.RLock()
         # (model, version, variant, backend) -> why the variant failed the package's validation sample here
         self.rejected: dict[tuple[str, int, str, str], str] = {}
+        if device_key is None:
+            device_key = DeviceKey.default()
+        self.device_key = device_key if isinstance(device_key, DeviceKey) else DeviceKey(Path(device_key))
 
     # --- host, profile, backends -------------------------------------------------------------
 
@@ -293,7 +301,10 @@ class Runtime:
                 raise EdgerunError(f"memory budget: {exc}") from None
         else:
             budget = self.memory_budget()
-        cands = choice_mod.candidates(pkg, self.profile, self.backends, budget, self.facts.cpu_class)
+        keys: frozenset[str] | str = frozenset()
+        if any(v.encrypted for v in pkg.variants):
+            keys = self.device_key.problem() or self.device_key.fingerprints()
+        cands = choice_mod.candidates(pkg, self.profile, self.backends, budget, self.facts.cpu_class, keys)
         for c in cands:
             why = self.rejected.get((pkg.name, pkg.version, c.variant.id, c.backend))
             if why is not None and c.kept:
@@ -342,7 +353,10 @@ class Runtime:
         t0 = time.perf_counter()
         path = pkg.path_of(cand.variant.main_file)
         try:
-            session = b.load(path, load_opts)
+            if cand.variant.encrypted:
+                session = self._load_encrypted(pkg, cand.variant, b, load_opts)
+            else:
+                session = b.load(path, load_opts)
         except EdgerunError:
             raise
         except Exception as exc:
@@ -361,6 +375,25 @@ class Runtime:
         log.info("loaded %s v%d: variant %s on %s in %.2fs, +%s RSS", pkg.name, pkg.version, cand.variant.id,
                  b.name, model.load_seconds, format_size(model.memory_bytes))
         return model
+
+    def _load_encrypted(self, pkg: ModelPackage, variant: Variant, b: Backend, opts: LoadOptions) -> Session:
+        """Decrypt into memory only and load from there (docs/protection.md); a decryption error wins over the
+        backend's own (a model cut short by a bad segment reads as a malformed model)."""
+        if variant.format not in b.memory_formats:
+            raise BackendUnavailable(f"{variant.id} is encrypted and {b.name} cannot load {variant.format} models "
+                                     "from memory")
+        source = MemoryModel(pkg.root or Path("."), variant.files, variant.main_file.clear_path,
+                             self.device_key.identities())
+        try:
+            session = b.load_memory(source, opts)
+        except Exception:
+            if source.errors:
+                raise source.errors[0] from None
+            raise
+        if source.errors:
+            session.close()
+            raise source.errors[0]
+        return session
 
     def _pick(self, choice: Choice, variant: str | None, backend: str | None) -> choice_mod.Candidate:
         if variant is None and backend is None:

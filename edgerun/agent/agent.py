@@ -16,7 +16,8 @@ from edgerun.agent.updater import UpdatePolicy, Updater
 from edgerun.config import Config
 from edgerun.contract import (FAILED, BackendInfo, Event, ModelInfo, Status, Topics, UpdateInfo, current_update,
                               valid_name)
-from edgerun.errors import ConfigError, EdgerunError
+from edgerun.devicekey import DeviceKey
+from edgerun.errors import ConfigError, DeviceKeyError, EdgerunError
 from edgerun.mqtt import Broker, Connection, background_priority
 from edgerun.plugins import call_each
 from edgerun.store import JournalEntry, Store
@@ -53,6 +54,7 @@ class Agent:
         policy = UpdatePolicy(trusted=manifest_mod.load_trusted_keys(cfg.trusted_keys), clock_skew=cfg.clock_skew,
                               unload_first=cfg.unload_first, ca_file=cfg.ca_file, stall_timeout=cfg.stall_timeout)
         self.updater = Updater(runtime, self.store, self.chunks, self.topics, policy, self)
+        self.recipient = self._device_key()
         self._lock = threading.Condition()
         self._fleet: dict[str, bytes] = {}
         self._device: dict[str, bytes] = {}
@@ -70,6 +72,20 @@ class Agent:
         self._threads: list[threading.Thread] = []
         for j in self.store.journals():
             self._remember(j)
+
+    def _device_key(self) -> str | None:
+        """The device's age key, made on first start: encrypted releases are encrypted to it (docs/protection.md)."""
+        if self.runtime.device_key.implicit:
+            self.runtime.device_key = DeviceKey.from_config(self.config)
+        key = self.runtime.device_key
+        try:
+            recipient = str(key.ensure().recipient)
+        except DeviceKeyError as exc:
+            log.error("%s; encrypted releases are rejected until it is fixed", exc)
+            return None
+        log.info("device key %s: %s (enrol it on the hub: edgerun hub keys add %s %s)", key.path, recipient,
+                 self.device, recipient)
+        return recipient
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -267,7 +283,7 @@ class Agent:
         return Status(device=self.device, fleet=self.config.mqtt.fleet, session=self.conn.session, profile=profile,
                       tags=dict(self.config.mqtt.tags), backends=backends, models=tuple(models),
                       update=current_update(updates, self._last_update),
-                      updates=updates, memory=_memory(rt))
+                      updates=updates, memory=_memory(rt), recipient=self.recipient)
 
     def _publish_status(self) -> None:
         self._last_status = time.monotonic()

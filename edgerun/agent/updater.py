@@ -15,12 +15,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Protocol, TypeVar
 
+from edgerun import crypto
 from edgerun import manifest as manifest_mod
 from edgerun.agent.transfer import Chunks, ChunkTransfer, TransferError, download_verify, http_fetch
 from edgerun.choice import no_fit_error
 from edgerun.contract import IN_PROGRESS, Topics
-from edgerun.errors import EdgerunError, IntegrityError, ManifestError, VariantRejected
-from edgerun.package import ModelPackage, save_package, verify_file
+from edgerun.errors import DecryptError, DeviceKeyError, EdgerunError, IntegrityError, ManifestError, VariantRejected
+from edgerun.package import FileEntry, ModelPackage, save_package, verify_file
 from edgerun.store import JournalEntry, Pointer, Store
 
 if TYPE_CHECKING:
@@ -212,16 +213,34 @@ class Updater:
                 self.store.drop_partial(f.sha256)
             self.transition(j, "failed", f"download: {exc}")
             return None
-        j = self.transition(j, "verifying", f"checking size and sha256 of {len(paths)} file(s)", progress=1.0)
+        checks = "size and sha256" + (", and every encrypted segment," if variant.encrypted else "")
+        j = self.transition(j, "verifying", f"checking {checks} of {len(paths)} file(s)", progress=1.0)
         try:
             for f, p in zip(variant.files, paths):
-                verify_file(p, f)
-        except IntegrityError as exc:
+                self._check_file(p, f)
+        except (IntegrityError, DeviceKeyError) as exc:
             for f in variant.files:
                 self.store.drop_partial(f.sha256)
             self.transition(j, "failed", f"verification: {exc}")
             return None
         return self._stage(m, variant, paths), j
+
+    def _check_file(self, path: Path, entry: FileEntry) -> None:
+        """Size and sha256 as signed; an encrypted file must also open with this device's key and authenticate to
+        its last segment, and a clear one must not be age (docs/protection.md)."""
+        if entry.encryption is None:
+            verify_file(path, entry)
+            if crypto.is_age(path):
+                raise IntegrityError(f"{entry.path}: the file is age-encrypted but the manifest says it is clear")
+            return
+        size = path.stat().st_size
+        if size != entry.size:
+            raise IntegrityError(f"{path}: size {size} bytes, expected {entry.size}")
+        digest, error = crypto.check_file(path, self.runtime.device_key.identities())
+        if digest != entry.sha256:
+            raise IntegrityError(f"{path}: sha256 {digest}, expected {entry.sha256}")
+        if error is not None:
+            raise DecryptError(f"{entry.path} (encrypted, per the manifest): {error}")
 
     def warm_and_swap(self, j: JournalEntry, model: str, version: int, vdir: Path, variant: str,
                       backend: str | None, unload_first: int | None = None, note: str = "") -> bool:

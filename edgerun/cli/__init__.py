@@ -11,7 +11,8 @@ from rich.markup import escape
 from edgerun.cli.app import app, err_console
 from edgerun.errors import EdgerunError
 
-COMMAND_MODULES = ("core", "serve", "hub_package", "hub_fleet", "hub_rollout", "hub_dashboard", "config", "service")
+COMMAND_MODULES = ("core", "serve", "hub_package", "hub_fleet", "hub_keys", "hub_rollout", "hub_dashboard", "config",
+                   "service")
 
 for _name in COMMAND_MODULES:
     try:

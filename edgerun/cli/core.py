@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from edgerun.cli.app import app, console, fail
+from edgerun.cli.app import app, console, err_console, fail
 from edgerun.units import format_size
 
 PackageArg = typer.Argument(..., help="Model package directory, or a bare model file (.onnx, .tflite, OpenVINO .xml).")
@@ -59,9 +59,15 @@ def backends() -> None:
     console.print(table)
 
 
-@app.command()
-def device(profile: str = ProfileOpt) -> None:
-    """Show this host's facts, the device profile chosen and why."""
+device_app = typer.Typer()
+app.add_typer(device_app, name="device")
+
+
+@device_app.callback(invoke_without_command=True)
+def device(ctx: typer.Context, profile: str = ProfileOpt) -> None:
+    """Show this host's facts, the device profile chosen and why; `edgerun device key` prints its encryption key."""
+    if ctx.invoked_subcommand is not None:
+        return
     rt = _runtime(profile)
     facts = rt.facts
     table = Table(title="Device facts", show_header=False)
@@ -95,6 +101,26 @@ def device(profile: str = ProfileOpt) -> None:
             t2.add_row(escape(prof.name), "[green]yes[/]" if ok else "no", str(prof.specificity),
                        escape("; ".join(reasons)))
         console.print(t2)
+
+
+@device_app.command("key")
+def key(config: Path = typer.Option(None, "--config", "-c", help="Config file (default /etc/edgerun/edgerun.toml "
+                                                                 "if present)."),
+        state_dir: Path = typer.Option(None, "--state-dir", help="The state directory, where the key is made.")) -> None:
+    """Print this device's age key (age1...) for the hub: `edgerun hub keys add DEVICE KEY`.
+
+    The key is `device_key_file`, the systemd credential edgerun-device-key, or STATE_DIR/device.key, made now (mode
+    0600) when there is none; run this as the service's user. Only the public key is printed.
+    """
+    from edgerun.config import load_config, with_overrides
+    from edgerun.devicekey import DeviceKey
+
+    cfg = with_overrides(load_config(config), state_dir=state_dir)
+    device_key = DeviceKey.from_config(cfg)
+    recipient = device_key.ensure().recipient
+    err_console.print(f"device key {device_key.path} (fingerprint {recipient.fingerprint})", style="dim",
+                      markup=False, highlight=False)
+    print(recipient)
 
 
 @app.command()

@@ -18,6 +18,7 @@ from edgerun.units import format_duration
 
 if TYPE_CHECKING:
     from edgerun.hub.registry import DeviceRecord, Registry
+    from edgerun.package import ModelPackage
 
 
 def when(ts: float | None) -> str:
@@ -55,16 +56,39 @@ def pubkey(key: Path = typer.Argument(..., help="The private key file from `hub 
 
 def _upload(hub: Hub, package: Path, key: Path | None, key_id: str | None, *, device: str | None, release: bool,
             url_base: str | None, blob_dir: Path | None, mqtt_chunks: bool, chunk_size: int,
-            variant: list[str] | None, expires_in: float | None) -> None:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+            variant: list[str] | None, expires_in: float | None, encrypt_for: list[str] | None) -> None:
+    import shutil
 
-    from edgerun.hub import publish as pub
-    from edgerun.mqtt import Connection
     from edgerun.package import ModelPackage
 
     private, key_id = signing_key(key, key_id)
     pkg = ModelPackage.load(package)
     registry = hub.registry()  # before anything is sent: a release is never published without its record
+    if not encrypt_for:
+        _send(hub, registry, pkg, private, key_id, device=device, release=release, url_base=url_base,
+              blob_dir=blob_dir, mqtt_chunks=mqtt_chunks, chunk_size=chunk_size, variant=variant, expires_in=expires_in)
+        return
+    from edgerun.hub.encrypt import encrypted_copy, resolve
+
+    recipients = resolve(encrypt_for, registry, hub.fleet)
+    encrypted, tmp = encrypted_copy(pkg, recipients, variants=variant or None)
+    try:
+        console.print(f"encrypted {len(encrypted.variants)} variant(s) to {len(recipients)} key(s): "
+                      f"{', '.join(sorted(r.fingerprint for r in recipients))}", highlight=False, markup=False)
+        _send(hub, registry, encrypted, private, key_id, device=device, release=release, url_base=url_base,
+              blob_dir=blob_dir, mqtt_chunks=mqtt_chunks, chunk_size=chunk_size, variant=None, expires_in=expires_in)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _send(hub: Hub, registry: "Registry", pkg: "ModelPackage", private: Any, key_id: str, *, device: str | None,
+          release: bool, url_base: str | None, blob_dir: Path | None, mqtt_chunks: bool, chunk_size: int,
+          variant: list[str] | None, expires_in: float | None) -> None:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from edgerun.hub import publish as pub
+    from edgerun.mqtt import Connection
+
     expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=expires_in) if expires_in else None
     t0 = time.perf_counter()
     bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -97,16 +121,21 @@ ChunksOpt = typer.Option(True, "--mqtt-chunks/--no-mqtt-chunks", help="Also publ
 ChunkSizeOpt = typer.Option(256 << 10, "--chunk-size", help="Chunk size in bytes.")
 VariantOpt = typer.Option(None, "--variant", help="Release only these variants (repeatable).")
 ExpiresOpt = typer.Option(None, "--expires-in", help="Hours until devices refuse this manifest.")
+EncryptOpt = typer.Option(None, "--encrypt-for", help="Encrypt the variants to these keys (repeatable): a device id "
+                                                      "(its enrolled key), @fleet, @all (every enrolled device) or "
+                                                      "an age1... key; one ciphertext per file, one stanza per key.")
 
 
 @hub_app.command()
 @hub_command
 def upload(package: Path = PackageArg, key: Path = KeyOpt, key_id: str = KeyIdOpt, url_base: str = UrlBaseOpt,
            blob_dir: Path = BlobDirOpt, mqtt_chunks: bool = ChunksOpt, chunk_size: int = ChunkSizeOpt,
-           variant: list[str] = VariantOpt, expires_in: float = ExpiresOpt, *, hub: Hub) -> None:
+           variant: list[str] = VariantOpt, expires_in: float = ExpiresOpt, encrypt_for: list[str] = EncryptOpt, *,
+           hub: Hub) -> None:
     """Upload a release (retained chunks) and record it, signed, in the registry; `rollout` releases it."""
     _upload(hub, package, key, key_id, device=None, release=False, url_base=url_base, blob_dir=blob_dir,
-            mqtt_chunks=mqtt_chunks, chunk_size=chunk_size, variant=variant, expires_in=expires_in)
+            mqtt_chunks=mqtt_chunks, chunk_size=chunk_size, variant=variant, expires_in=expires_in,
+            encrypt_for=encrypt_for)
 
 
 @hub_app.command()
@@ -115,13 +144,14 @@ def publish(package: Path = PackageArg,
             device: str = typer.Option(None, "--device", "-d", help="Release to this device only (a canary)."),
             key: Path = KeyOpt, key_id: str = KeyIdOpt, url_base: str = UrlBaseOpt, blob_dir: Path = BlobDirOpt,
             mqtt_chunks: bool = ChunksOpt, chunk_size: int = ChunkSizeOpt, variant: list[str] = VariantOpt,
-            expires_in: float = ExpiresOpt, *, hub: Hub) -> None:
+            expires_in: float = ExpiresOpt, encrypt_for: list[str] = EncryptOpt, *, hub: Hub) -> None:
     """Publish a release to the whole fleet at once (or one device): chunks, then the signed manifest.
 
     For a staged release with health gates use `upload`, then `rollout start`.
     """
     _upload(hub, package, key, key_id, device=device, release=True, url_base=url_base, blob_dir=blob_dir,
-            mqtt_chunks=mqtt_chunks, chunk_size=chunk_size, variant=variant, expires_in=expires_in)
+            mqtt_chunks=mqtt_chunks, chunk_size=chunk_size, variant=variant, expires_in=expires_in,
+            encrypt_for=encrypt_for)
 
 
 # --- the fleet's state ------------------------------------------------------------------------------

@@ -96,6 +96,13 @@ def package(
                                                         "device profile names (default: all of them)."),
     emulate: bool = typer.Option(True, "--emulate/--no-emulate", help="Check int8 variants on emulated target CPUs "
                                                                       "(qemu-user) where this hub's CPU differs."),
+    encrypt_for: list[str] = typer.Option(None, "--encrypt-for", help="Encrypt the kept variants to these keys "
+                                          "(repeatable): an age1... key, or a device id, @fleet or @all enrolled "
+                                          "with `edgerun hub keys add`; the package then holds no clear model."),
+    fleet: str = typer.Option(None, "--fleet", "-f", help="The fleet whose enrolled keys --encrypt-for names "
+                                                          "(default: config, else 'default')."),
+    db: str = typer.Option(None, "--db", help="Registry database URL, for --encrypt-for names (default: "
+                                              "EDGERUN_HUB_DB, else ~/.local/share/edgerun/hub.db)."),
 ) -> None:
     """Make fp16/int8/int4 ONNX, OpenVINO IR and TFLite variants of a model, measure each, keep those worth shipping.
 
@@ -107,6 +114,8 @@ def package(
         raise fail(escape(f"edgerun hub package needs {', '.join(missing)}: pip install 'edgerun[hub]'"), 69)
     from edgerun.errors import EdgerunError
     from edgerun.hub.packager import PackageRequest, package_model
+
+    recipients = _recipients(encrypt_for, fleet, db) if encrypt_for else None  # a bad name fails before packaging
 
     req = PackageRequest(model=source, name=name, version=version, validation=validation, out=out,
                          precisions=_split(precisions) or (), formats=_split(formats), calibration=calibration,
@@ -121,8 +130,29 @@ def package(
     console.print(summary_table(report))
     for note in report.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
+    if recipients:
+        from edgerun.hub.encrypt import encrypt_package
+        from edgerun.package import ModelPackage
+
+        done = encrypt_package(ModelPackage.load(report.out), recipients, report.out)
+        console.print(f"encrypted {len(done.variants)} variant(s) to {len(recipients)} key(s) "
+                      f"({', '.join(sorted(r.fingerprint for r in recipients))}); no clear model file is left in "
+                      f"{report.out}", highlight=False, markup=False)
     console.print(f"[bold green]wrote[/] {report.out} ({len(report.kept)} variant(s)); details in "
                   f"{report.out / 'packaging-report.json'}")
+
+
+def _recipients(specs: list[str], fleet: str | None, db: str | None) -> list:
+    """The keys --encrypt-for names; the registry is opened only for names that are not age1... keys."""
+    from edgerun.config import load_config
+    from edgerun.hub.encrypt import resolve
+
+    registry = None
+    if any(not s.strip().startswith("age1") for s in specs):
+        from edgerun.hub.registry import Registry
+
+        registry = Registry(db)
+    return resolve(specs, registry, fleet or load_config(None).mqtt.fleet)
 
 
 def summary_table(report: PackagingReport) -> Table:

@@ -79,6 +79,8 @@ SystemCallArchitectures=native
 SystemCallFilter=@system-service
 SystemCallFilter=~@privileged
 SystemCallErrorNumber=EPERM
+# a core dump would hold decrypted models on disk (docs/protection.md)
+LimitCORE=0
 # Not set: MemoryDenyWriteExecute (backends JIT-compile kernels). An accelerator needs its device:
 # a drop-in with PrivateDevices=no and DeviceAllow=/dev/... (docs/service.md).
 

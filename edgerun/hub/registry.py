@@ -155,6 +155,15 @@ rollout_devices = sa.Table(
     sa.Column("finished_at", sa.Float, nullable=True),
     sa.Column("detail", sa.Text, nullable=False, default=""))
 
+device_keys = sa.Table(
+    "device_keys", metadata,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("device", sa.String(128), primary_key=True),  # a device name, or "@fleet" for the fleet key
+    sa.Column("recipient", sa.String(128), nullable=False),  # age1...
+    sa.Column("fingerprint", sa.String(16), nullable=False),
+    sa.Column("added_by", sa.String(256), nullable=False),
+    sa.Column("added_at", sa.Float, nullable=False))
+
 rollout_log = sa.Table(
     "rollout_log", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -291,6 +300,21 @@ class RolloutDevice:
         return d
 
 
+@dataclass(frozen=True)
+class DeviceKeyRecord:
+    """An enrolled age key: a device's own (or the fleet's, as device "@fleet"), what releases are encrypted to."""
+
+    fleet: str
+    device: str
+    recipient: str
+    fingerprint: str
+    added_by: str
+    added_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
 @dataclass
 class Batch:
     """What a watcher collected from the broker, written in one transaction."""
@@ -423,6 +447,35 @@ class Registry:
             r = db.execute(sa.select(releases).where(releases.c.fleet == fleet,
                                                      releases.c.digest == digest)).first()
         return ReleaseRecord(**r._mapping) if r else None
+
+    # --- enrolled device keys ---------------------------------------------------------------
+
+    def add_device_key(self, fleet: str, device: str, recipient: str, fingerprint: str, *,
+                       by: str | None = None) -> DeviceKeyRecord:
+        """Enrol (or replace) the age key releases are encrypted to for ``device`` ("@fleet": the fleet key)."""
+        row = {"fleet": fleet, "device": device, "recipient": recipient, "fingerprint": fingerprint,
+               "added_by": by or who(), "added_at": time.time()}
+        with self._begin() as db:
+            db.execute(self._upsert(device_keys, ("fleet", "device"), ("recipient", "fingerprint", "added_by",
+                                                                        "added_at")), [row])
+        return DeviceKeyRecord(**row)
+
+    def device_keys(self, fleet: str) -> list[DeviceKeyRecord]:
+        with self._begin() as db:
+            rows = db.execute(sa.select(device_keys).where(device_keys.c.fleet == fleet)
+                              .order_by(device_keys.c.device)).all()
+        return [DeviceKeyRecord(**r._mapping) for r in rows]
+
+    def device_key(self, fleet: str, device: str) -> DeviceKeyRecord | None:
+        with self._begin() as db:
+            r = db.execute(sa.select(device_keys).where(device_keys.c.fleet == fleet,
+                                                        device_keys.c.device == device)).first()
+        return DeviceKeyRecord(**r._mapping) if r else None
+
+    def remove_device_key(self, fleet: str, device: str) -> bool:
+        with self._begin() as db:
+            return db.execute(device_keys.delete().where(device_keys.c.fleet == fleet,
+                                                         device_keys.c.device == device)).rowcount > 0
 
     # --- what the broker says ---------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import numpy as np
 from edgerun.backend import Availability, Backend, LoadOptions, Session
 from edgerun.errors import ModelLoadError
 from edgerun.hookspecs import hookimpl
+from edgerun.protect import MemoryModel
 from edgerun.tensors import TensorSpec, datatype_of
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ class LiteRTBackend(Backend):
     install_hint = INSTALL_HINT
     aliases = ("tflite",)  # the backend's name before LiteRT
     options = {"device": str, "num_threads": int}
+    memory_formats = frozenset({"tflite"})
     memory_estimate = (3 << 20, 2.0)  # calibrated: benchmarks/calibrate_memory.py
 
     def availability(self) -> Availability:
@@ -177,22 +179,31 @@ class LiteRTBackend(Backend):
         return Availability(True, version=f"{library} {version}" if version else library)
 
     def load(self, path: Path, options: LoadOptions) -> Session:
-        try:
-            interpreter, _, _ = _interpreter_class()
-        except _Unavailable as exc:
-            raise ModelLoadError(f"litert cannot load {path}: {exc} ({INSTALL_HINT})") from None
         path = Path(path)
         if not path.is_file():
             raise ModelLoadError(f"litert cannot load {path}: file not found")
+        return self._session({"model_path": str(path)}, options, str(path))
+
+    def load_memory(self, model: MemoryModel, options: LoadOptions) -> Session:
+        # the interpreter keeps these bytes as its model (as it maps a file): no second copy stays behind
+        return self._session({"model_content": model.read_bytes(model.main)}, options,
+                             f"{model.main} (decrypted in memory)")
+
+    def _session(self, source: dict[str, Any], options: LoadOptions, shown: str) -> Session:
+        try:
+            interpreter, _, _ = _interpreter_class()
+        except _Unavailable as exc:
+            raise ModelLoadError(f"litert cannot load {shown}: {exc} ({INSTALL_HINT})") from None
         threads = options.extra.get("num_threads", options.threads)
         try:
-            interp = interpreter(model_path=str(path), num_threads=int(threads) if threads else None)
+            interp = interpreter(**source, num_threads=int(threads) if threads else None)
+            source.clear()
             return LiteRTSession(interp)
         except Exception as exc:
             if _numpy1_failure(exc):
-                raise ModelLoadError(f"litert cannot load {path}: {_numpy1_reason(_dist_version('tflite-runtime'))} "
+                raise ModelLoadError(f"litert cannot load {shown}: {_numpy1_reason(_dist_version('tflite-runtime'))} "
                                      f"({INSTALL_HINT})") from None
-            raise ModelLoadError(f"litert cannot load {path}: {exc}") from None
+            raise ModelLoadError(f"litert cannot load {shown}: {exc}") from None
 
 
 @hookimpl

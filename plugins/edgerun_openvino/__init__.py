@@ -13,6 +13,7 @@ import numpy as np
 from edgerun.backend import Availability, Backend, LoadOptions, Session
 from edgerun.errors import ModelLoadError
 from edgerun.hookspecs import hookimpl
+from edgerun.protect import MemoryModel
 from edgerun.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,9 @@ def _spec(port: Any, name: str) -> TensorSpec:
 class OpenVinoSession(Session):
     """A compiled OpenVINO model; each thread runs on its own infer request."""
 
-    def __init__(self, compiled: Any, device: str, names: tuple[list[str], list[str]]):
-        """``names``: the (input, output) tensor names of the model as read, port by port.
+    def __init__(self, compiled: Any, device: str, names: tuple[list[str], list[str]], keep: Any = None):
+        """``names``: the (input, output) tensor names of the model as read, port by port; ``keep``: memory the
+        compiled model reads in place (the weights of a model loaded from memory), freed when the session closes.
 
         Compilation folds Identity nodes, leaving a port with several names (``{'logits', 'probabilities'}``)
         and ``get_any_name()`` free to return the internal one, so the names are taken before compiling.
@@ -64,6 +66,7 @@ class OpenVinoSession(Session):
         self.outputs = [_spec(p, n) for p, n in zip(compiled.outputs, out_names)]
         self._output_names = tuple(o.name for o in self.outputs)
         self._local = threading.local()
+        self._keep = keep
 
     def _request(self) -> Any:
         req = getattr(self._local, "request", None)
@@ -95,6 +98,7 @@ class OpenVinoSession(Session):
             except Exception:  # not every device plugin supports it
                 pass
             del compiled
+        self._keep = None  # only once the compiled model that reads it is gone
         gc.collect()
 
 
@@ -112,6 +116,9 @@ class OpenVinoBackend(Backend):
     # String tensors load, but after one inference freeing the request corrupts the heap and aborts the
     # process (openvino 2026.4: "free(): invalid pointer"). Such models go to another backend.
     unsupported_datatypes = frozenset({"BYTES"})
+    # IR from memory: the .xml as text and the .bin as a tensor over the decrypted buffer, never copied.
+    # ONNX is not offered: read from memory, openvino 2026.4 holds about three copies of it and takes 3-5x as long.
+    memory_formats = frozenset({"openvino"})
 
     def __init__(self) -> None:
         self._core: Any = None
@@ -149,6 +156,39 @@ class OpenVinoBackend(Backend):
         if path.suffix == ".xml" and not path.with_suffix(".bin").is_file():
             raise ModelLoadError(f"openvino cannot load {path}: the IR weights file {path.with_suffix('.bin').name} "
                                  f"is not beside it")
+        device, config = self._settings(options, str(path))
+        try:
+            model = self._get_core().read_model(str(path))
+        except Exception as exc:
+            raise ModelLoadError(f"openvino cannot load {path}: {_message(exc)}") from None
+        return self._compile(model, device, config, str(path))
+
+    def load_memory(self, model: MemoryModel, options: LoadOptions) -> Session:
+        import numpy as np
+        import openvino as ov
+
+        shown = f"{model.main} (decrypted in memory)"
+        device, config = self._settings(options, shown)
+        if config.pop("CACHE_DIR", None):
+            log.info("openvino: no model cache for %s: a cached blob would hold the clear model on disk", shown)
+        weights_name = model.main.rsplit(".", 1)[0] + ".bin"
+        if weights_name not in model.names:
+            raise ModelLoadError(f"openvino cannot load {shown}: the IR weights file {weights_name} is not in the "
+                                 f"variant")
+        xml = model.read(model.main).decode("utf-8", "replace")
+        # the tensor shares the decrypted buffer, and the compiled model goes on reading constants in it (as it reads
+        # a mapped .bin): the session keeps the buffer
+        weights = ov.Tensor(np.frombuffer(model.read(weights_name), np.uint8), shared_memory=True)
+        try:
+            ir = self._get_core().read_model(xml, weights)
+        except Exception as exc:
+            raise ModelLoadError(f"openvino cannot load {shown}: {_message(exc)}") from None
+        finally:
+            del xml
+        return self._compile(ir, device, config, shown, keep=weights)
+
+    def _settings(self, options: LoadOptions, shown: str) -> tuple[str, dict[str, Any]]:
+        """The device to compile for and the compile configuration, checked."""
         extra = options.extra
         device = str(options.device or extra.get("device") or "CPU").upper()
         hint = str(extra.get("performance_hint", "LATENCY")).upper()
@@ -165,31 +205,29 @@ class OpenVinoBackend(Backend):
             config["INFERENCE_PRECISION_HINT"] = str(extra.get("inference_precision", "f32"))
         for key, value in dict(extra.get("config") or {}).items():
             config[str(key)] = value
-        core = self._get_core()
-        present = list(core.available_devices)
+        present = list(self._get_core().available_devices)
         if device.split(":")[0] not in _VIRTUAL_DEVICES and device not in present \
                 and device not in {d.split(".")[0] for d in present}:
-            raise ModelLoadError(f"openvino cannot load {path} on {device}: no such device here "
+            raise ModelLoadError(f"openvino cannot load {shown} on {device}: no such device here "
                                  f"(devices: {', '.join(present + ['AUTO'])})")
-        try:
-            model = core.read_model(str(path))
-        except Exception as exc:
-            raise ModelLoadError(f"openvino cannot load {path}: {_message(exc)}") from None
+        return device, config
+
+    def _compile(self, model: Any, device: str, config: dict[str, Any], shown: str, keep: Any = None) -> Session:
         ports = (*model.inputs, *model.outputs)
         strings = [_name(p) for p in ports if p.get_element_type().get_type_name() == "string"]
         if strings:
             del model
-            raise ModelLoadError(f"openvino cannot run {path}: the openvino backend does not take string tensors "
+            raise ModelLoadError(f"openvino cannot run {shown}: the openvino backend does not take string tensors "
                                  f"({', '.join(strings)}); use onnxruntime")
         names = ([_name(p) for p in model.inputs], [_name(p) for p in model.outputs])
         try:
-            compiled = core.compile_model(model, device, config)
+            compiled = self._get_core().compile_model(model, device, config)
         except Exception as exc:
-            raise ModelLoadError(f"openvino cannot compile {path} for {device}: {_message(exc)}") from None
+            raise ModelLoadError(f"openvino cannot compile {shown} for {device}: {_message(exc)}") from None
         finally:
             del model  # the compiled model holds what it needs; the source graph's weights go
-        log.debug("openvino compiled %s on %s with %s", path, device, config)
-        return OpenVinoSession(compiled, device, names)
+        log.debug("openvino compiled %s on %s with %s", shown, device, config)
+        return OpenVinoSession(compiled, device, names, keep)
 
 
 @hookimpl

@@ -35,7 +35,8 @@ def test_publish_then_device_serves_it_and_hub_status_shows_it(tmp_path, hub, wa
     status = watcher.wait_for(lambda: (watcher.status.get("dev1") or {}).get("update", {}).get("state") == "active"
                               and watcher.status["dev1"], what="status active")
     assert {"profile", "backends", "models", "update"} <= set(status)
-    assert status["contract"] == "1.2" and status["tags"] == {}  # the device speaks 1.2; tags came in 1.1
+    assert status["contract"] == "1.3" and status["tags"] == {}  # tags came in 1.1
+    assert status["recipient"].startswith("age1")  # 1.3: the device's key, made at its first start
     assert status["memory"]["rss_bytes"] > 10 << 20 and status["memory"]["available_bytes"] > 0
     assert {"state", "version", "progress", "error"} <= set(status["update"]) and status["update"]["version"] == 1
     assert {"name", "version", "variant", "backend", "sha256", "memory_bytes"} <= set(status["models"][0])
