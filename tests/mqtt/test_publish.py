@@ -47,7 +47,7 @@ def test_publish_then_device_serves_it_and_hub_status_shows_it(tmp_path, hub, wa
     rows = json.loads(r.stdout)
     assert [row["device"] for row in rows] == ["dev1"]
     row = rows[0]
-    assert row["online"] is True and row["contract"] == "1.2"
+    assert row["online"] is True and row["contract"] == "1.3"
     assert [(m["name"], m["version"], m["variant"]) for m in row["models"]] == [("digits", 1, "onnx-fp32")]
     available = {b["name"] for b in watcher.status["dev1"]["backends"] if b["available"]}
     assert row["models"][0]["backend"] in available
