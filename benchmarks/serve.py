@@ -12,9 +12,9 @@ cell measures every contender in turn, repeat by repeat, so each figure's ratio 
 compares runs taken side by side on this shared host.
 
 Contenders: edgerun with its default settings (``EDGERUN_THREADS=1``; batching is on for these models) and with
-batching off; Triton 2.51 as ``nvidia-pytriton`` 0.7.0 ships it (its python backend running onnxruntime, dynamic
-batching of at most 16 rows with a 500 us queue delay), installed once into its own venv under
-``~/.cache/edgerun-bench`` (it needs numpy<2 and tritonclient 2.5x); FastAPI + onnxruntime; in-process
+batching off; Triton 2.51 (the ``tritonserver`` inside ``nvidia-pytriton`` 0.7.0's wheel) serving a python-backend
+model that runs onnxruntime, with dynamic batching of at most 16 rows and a 500 us queue delay, installed once into
+its own venv under ``~/.cache/edgerun-bench`` (it needs numpy<2 and tritonclient 2.5x); FastAPI + onnxruntime; in-process
 ``Runtime.infer`` threads. HTTP load: ``wrk`` (one thread, keep-alive, closed loop); gRPC load: a closed-loop
 grpc.aio client on tritonclient.grpc's generated stubs, one channel per unit of concurrency. Every server's
 answer is first checked against in-process onnxruntime with tritonclient.http (and tritonclient.grpc).
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import platform
@@ -105,43 +106,43 @@ if __name__ == "__main__":
                 log_level="warning", access_log=False)
 '''
 
-# PyTriton: Triton's C++ HTTP/gRPC front ends and dynamic batcher; the model is a python-backend proxy to this
-# process, which runs onnxruntime on each batch
-TRITON_SERVER = '''
-import signal
-import sys
+# Triton's python backend: the model Triton users write (model.py), running onnxruntime on each dynamic batch
+TRITON_MODEL = '''
+import json
+
 import numpy as np
 import onnxruntime as ort
-from pytriton.decorators import batch
-from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
-
-onnx_path, model, workspace = sys.argv[1:4]
-http_port, grpc_port, metrics_port, max_batch, delay_us = map(int, sys.argv[4:9])
-signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop through Triton.__exit__, which cleans up
-so = ort.SessionOptions()
-so.intra_op_num_threads = 1
-so.inter_op_num_threads = 1
-sess = ort.InferenceSession(onnx_path, sess_options=so, providers=["CPUExecutionProvider"])
-inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
+import triton_python_backend_utils as pb_utils
 
 
-@batch
-def infer(**inputs):
-    return {out.name: sess.run([out.name], {inp.name: inputs[inp.name]})[0]}
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.inter_op_num_threads = 1
+        self.sess = ort.InferenceSession(config["parameters"]["onnx"]["string_value"], sess_options=so,
+                                         providers=["CPUExecutionProvider"])
+        self.inp, self.out = self.sess.get_inputs()[0].name, self.sess.get_outputs()[0].name
 
+    def execute(self, requests):
+        xs = [pb_utils.get_input_tensor_by_name(r, self.inp).as_numpy() for r in requests]
+        y = self.sess.run([self.out], {self.inp: np.concatenate(xs) if len(xs) > 1 else xs[0]})[0]
+        responses, i = [], 0
+        for x in xs:
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.out, y[i:i + len(x)])]))
+            i += len(x)
+        return responses
+'''
 
-config = TritonConfig(http_address="127.0.0.1", http_port=http_port, grpc_address="127.0.0.1", grpc_port=grpc_port,
-                      metrics_address="127.0.0.1", metrics_port=metrics_port, exit_timeout_secs=5)
-# statistics and model config open, as in a plain Triton: perf_analyzer reads them
-with Triton(config=config, workspace=workspace,
-            security_config=TritonSecurityConfig(restricted_endpoints=[])) as triton:
-    triton.bind(model_name=model, infer_func=infer,
-                inputs=[Tensor(name=inp.name, dtype=np.float32, shape=tuple(inp.shape[1:]))],
-                outputs=[Tensor(name=out.name, dtype=np.float32, shape=tuple(out.shape[1:]))],
-                config=ModelConfig(max_batch_size=max_batch,
-                                   batcher=DynamicBatcher(max_queue_delay_microseconds=delay_us)))
-    triton.serve()
+TRITON_CONFIG = '''
+backend: "python"
+max_batch_size: {max_batch}
+input [ {{ name: "input", data_type: TYPE_FP32, dims: [ {dims} ] }} ]
+output [ {{ name: "probabilities", data_type: TYPE_FP32, dims: [ 10 ] }} ]
+dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}
+instance_group [ {{ kind: KIND_CPU, count: 1 }} ]
+parameters {{ key: "onnx", value: {{ string_value: "{onnx}" }} }}
 '''
 
 
@@ -247,7 +248,7 @@ def make_bodies(x: np.ndarray, model: str, workdir: Path) -> dict:
 # --- Triton's venv ---------------------------------------------------------------------------------------
 
 def triton_requirements() -> list[str]:
-    """PyTriton 0.7.0 (Triton 2.51), perf_analyzer's tritonclient and its CUDA runtime, our onnxruntime."""
+    """nvidia-pytriton 0.7.0 (tritonserver 2.51), perf_analyzer's tritonclient and its CUDA runtime, our onnxruntime."""
     import onnxruntime
 
     return ["nvidia-pytriton==0.7.0", "tritonclient[all]==2.51.0", "nvidia-cuda-runtime-cu12",
@@ -279,6 +280,7 @@ def _venv_env(venv: Path) -> dict:
 
 
 def triton_env(venv: Path) -> dict:
+    # the python backend's stub takes its packages (numpy<2, onnxruntime) from the python first on PATH: the venv's
     env = _venv_env(venv)
     if sysconfig.get_config_var("Py_ENABLE_SHARED"):
         # the python backend's stub links libpython3.x: this interpreter's, not the system's of another patch level
@@ -520,15 +522,30 @@ def fastapi_server(pkg_dir: Path, workdir: Path, label: str) -> Server:
     return Server([sys.executable, str(script), str(pkg_dir / "model.onnx"), str(port)], port, workdir, label)
 
 
-def triton_server(pkg_dir: Path, model: str, workdir: Path, label: str) -> Server:
+def triton_server(pkg_dir: Path, model: str, shape: tuple, workdir: Path, label: str) -> Server:
+    """tritonserver from PyTriton's wheel on a model repository holding one python-backend model."""
     venv = triton_venv()
-    script = workdir / "triton_server.py"
-    script.write_text(TRITON_SERVER)
+    tree = next(venv.glob("lib/python*/site-packages/pytriton/tritonserver"))
+    backends = workdir / f"{label}-backends" / "python"
+    backends.mkdir(parents=True)
+    for f in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        (backends / f).symlink_to(tree / "backends" / "python" / f)
+    # the stub that embeds this Python version (the wheel ships one per version)
+    (backends / "triton_python_backend_stub").symlink_to(
+        tree / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" /
+        "triton_python_backend_stub")
+    repo = workdir / f"{label}-repository"
+    (repo / model / "1").mkdir(parents=True)
+    (repo / model / "1" / "model.py").write_text(TRITON_MODEL)
+    (repo / model / "config.pbtxt").write_text(TRITON_CONFIG.format(
+        max_batch=TRITON_MAX_BATCH, delay_us=TRITON_QUEUE_DELAY_US, dims=", ".join(map(str, shape[1:])),
+        onnx=pkg_dir / "model.onnx"))
     http, grpc_port, metrics = free_port(), free_port(), free_port()
-    return Server([str(venv / "bin" / "python"), str(script), str(pkg_dir / "model.onnx"), model,
-                   str(workdir / f"{label}-workspace"), str(http),
-                   str(grpc_port), str(metrics), str(TRITON_MAX_BATCH), str(TRITON_QUEUE_DELAY_US)], http, workdir,
-                  label, ready_path=f"/v2/models/{model}/ready", env=triton_env(venv),
+    return Server([str(tree / "bin" / "tritonserver"), "--model-repository", str(repo), "--backend-directory",
+                   str(backends.parent), "--http-address", "127.0.0.1", "--http-port", str(http),
+                   "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-address", "127.0.0.1",
+                   "--metrics-port", str(metrics), "--exit-timeout-secs", "5"], http, workdir, label,
+                  ready_path=f"/v2/models/{model}/ready", env=triton_env(venv),
                   grpc_target=f"127.0.0.1:{grpc_port}", start_timeout=180)
 
 
@@ -664,12 +681,13 @@ def resummarize(path: Path) -> None:
     print(data["table"], "", *summary["lines"], sep="\n")
 
 
-def start_servers(model: str, pkg_dir: Path, work: Path, with_triton: bool, with_fastapi: bool) -> dict:
+def start_servers(model: str, pkg_dir: Path, shape: tuple, work: Path, with_triton: bool,
+                  with_fastapi: bool) -> dict:
     servers: dict[str, Server] = {}
     try:
         servers[EDGERUN] = edgerun_default_server(pkg_dir, work, f"edgerun-{model}")
         if with_triton:
-            servers[TRITON] = triton_server(pkg_dir, model, work, f"triton-{model}")
+            servers[TRITON] = triton_server(pkg_dir, model, shape, work, f"triton-{model}")
         servers[UNBATCHED] = edgerun_unbatched_server(pkg_dir, work, f"edgerun-{model}-batching-off")
         if with_fastapi:
             servers[FASTAPI] = fastapi_server(pkg_dir, work, f"fastapi-{model}")
@@ -718,6 +736,7 @@ def main() -> None:
     if load_before[0] > 1.0:
         print(f"the host is busy (load average {load_before[0]:.1f}): figures may be noisy", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="edgerun-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     lua = work / "post.lua"
     lua.write_text(LUA)
     pkgs = make_packages(work)
@@ -744,7 +763,7 @@ def main() -> None:
         bodies = make_bodies(x, model, work)
         path = f"/v2/models/{model}/infer"
         print(f"{model}:", flush=True)
-        servers = start_servers(model, pkg_dir, work, not args.no_triton, have_fastapi)
+        servers = start_servers(model, pkg_dir, shape, work, not args.no_triton, have_fastapi)
         try:
             meta = httpx.get(f"{servers[EDGERUN].url}/v2/models/{model}").json()
             edgerun_models[model] = {"platform": meta["platform"], **meta.get("parameters", {})}
@@ -822,7 +841,7 @@ def main() -> None:
         "method": f"servers on CPU {SERVER_CPU}; wrk -t1 (HTTP) and a grpc.aio client (gRPC) on CPU {CLIENT_CPU}; "
                   f"{args.warmup}s warm-up + {args.duration}s measured, median of {args.repeats}, each cell's "
                   "contenders in turn; onnxruntime 1 thread; batch-1 FP32; edgerun default settings with "
-                  "EDGERUN_THREADS=1; Triton 2.51 (nvidia-pytriton 0.7.0, python backend + onnxruntime, "
+                  "EDGERUN_THREADS=1; Triton 2.51 (tritonserver of nvidia-pytriton 0.7.0, python backend + onnxruntime, "
                   f"dynamic batching <= {TRITON_MAX_BATCH}, {TRITON_QUEUE_DELAY_US} us)",
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
                  "cpu": _cpu_model(), "load_average_before": [round(v, 2) for v in load_before],
@@ -831,7 +850,6 @@ def main() -> None:
         "edgerun_models": edgerun_models, "rows": rows, "skipped": skipped, "targets": summary["targets"],
         "perf_analyzer": perf, "profile": profiles, "table": table}, indent=2))
     print(f"\nsaved {args.out}")
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def _cpu_model() -> str:
