@@ -891,7 +891,7 @@ def summarize(rows: list[dict]) -> dict:
             return
         met = value >= bound if op == ">=" else value <= bound
         targets[key] = {"value": round(value, 3), "target": f"{op} {bound}", "met": met}
-        lines.append(f"{'met ' if met else 'MISS'} {text}: {value:.2f} (target {op} {bound})")
+        lines.append(f"{'met ' if met else 'MISS'} {text}: {value:.3g} (target {op} {bound})")
 
     for conc, bound in ((1, 2.5), (8, 1.5), (32, 1.5)):
         e = _find(rows, model="mlp", server=EDGERUN, encoding="json", concurrency=conc)
