@@ -1,44 +1,68 @@
-"""Benchmark ``edgerun serve`` against the in-process runtime (the floor) and a hand-rolled FastAPI server.
+"""Benchmark ``edgerun serve`` beside Triton, the in-process runtime (the floor) and a hand-rolled FastAPI server.
 
     python benchmarks/serve.py                 # full run: table on stdout, results in benchmarks/results/serve.json
     python benchmarks/serve.py --quick         # 1 repeat of 2 s, for a smoke test
+    python benchmarks/serve.py --profile       # also py-spy the edgerun server at c=8/32 (MLP, JSON)
 
-Method (as in shared/PEERS.md): the server and everything it starts pinned to CPU 0, the load generator
-(``wrk``, one thread, keep-alive, closed loop) to CPU 1; onnxruntime with 1 intra-op and 1 inter-op thread;
-batch-1 FP32 requests to ``POST /v2/models/{m}/infer``; warm-up, then a measured run; median of the repeats.
-All servers of a model run at once (idle but one); each table cell's contenders are measured in turn, repeat
-by repeat, so the ratios compare runs taken side by side on this shared host.
-Every server's answer is first checked against in-process onnxruntime with tritonclient.http.
-Needs ``wrk`` (Debian package) and, for the baseline, ``fastapi``.
+Method (as in shared/PEERS.md): the servers and everything they start pinned to CPU 0, the load generators to
+CPU 1; onnxruntime with 1 intra-op and 1 inter-op thread everywhere; batch-1 FP32 requests to
+``POST /v2/models/{m}/infer`` (JSON, and binary tensors) and to gRPC ``ModelInfer``; warm-up, then a measured
+run; median of the repeats. All servers of a model run at once (all idle but one); each (model, concurrency)
+cell measures every contender in turn, repeat by repeat, so each figure's ratio to Triton and to the floor
+compares runs taken side by side on this shared host.
+
+Contenders: edgerun with its default settings (``EDGERUN_THREADS=1``; batching is on for these models) and with
+batching off; Triton 2.51 (the ``tritonserver`` inside ``nvidia-pytriton`` 0.7.0's wheel) serving a python-backend
+model that runs onnxruntime, with dynamic batching of at most 16 rows and a 500 us queue delay, installed once into
+its own venv under ``~/.cache/edgerun-bench`` (it needs numpy<2 and tritonclient 2.5x); FastAPI + onnxruntime; in-process
+``Runtime.infer`` threads. HTTP load: ``wrk`` (one thread, keep-alive, closed loop); gRPC load: a closed-loop
+grpc.aio client on tritonclient.grpc's generated stubs, one channel per unit of concurrency. Every server's
+answer is first checked against in-process onnxruntime with tritonclient.http (and tritonclient.grpc).
+Triton's own ``perf_analyzer`` (from tritonclient 2.51's wheel, in the same venv) runs against both servers.
+Needs ``wrk`` (Debian package), ``fastapi`` for the baseline, PyPI for Triton's venv, ``py-spy`` for --profile.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import atexit
 import json
 import os
 import platform
 import re
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import textwrap
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
-import httpx
-import numpy as np
-import orjson
+# benchmarks/packaging.py would shadow the packaging library (tritonclient.grpc imports it)
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "serve.json"
 SERVER_CPU, CLIENT_CPU = "0", "1"
 CONCURRENCY = (1, 8, 32)
+TRITON_VENV = Path(os.environ.get("EDGERUN_BENCH_CACHE", Path.home() / ".cache" / "edgerun-bench")) / "triton-venv"
+TRITON_MAX_BATCH, TRITON_QUEUE_DELAY_US = 16, 500
+# where edgerun will answer KServe v2 gRPC by default; until it does, its gRPC rows are skipped with the reason
+EDGERUN_GRPC = "127.0.0.1:8001"
+CLIENT_BOUND = 0.9  # a load generator using this much of its core may be the limit, not the server
 
 LUA = """
 wrk.method = "POST"
@@ -63,6 +87,10 @@ sess = ort.InferenceSession(sys.argv[1], sess_options=so, providers=["CPUExecuti
 inp, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
 app = FastAPI()
 
+@app.get("/v2/health/ready")
+async def ready():
+    return {}
+
 @app.post("/v2/models/{model}/infer")
 async def infer(model: str, request: Request):
     body = await request.json()
@@ -76,6 +104,45 @@ if __name__ == "__main__":
     import uvicorn
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), loop="uvloop", http="httptools",
                 log_level="warning", access_log=False)
+'''
+
+# Triton's python backend: the model Triton users write (model.py), running onnxruntime on each dynamic batch
+TRITON_MODEL = '''
+import json
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.inter_op_num_threads = 1
+        self.sess = ort.InferenceSession(config["parameters"]["onnx"]["string_value"], sess_options=so,
+                                         providers=["CPUExecutionProvider"])
+        self.inp, self.out = self.sess.get_inputs()[0].name, self.sess.get_outputs()[0].name
+
+    def execute(self, requests):
+        xs = [pb_utils.get_input_tensor_by_name(r, self.inp).as_numpy() for r in requests]
+        y = self.sess.run([self.out], {self.inp: np.concatenate(xs) if len(xs) > 1 else xs[0]})[0]
+        responses, i = [], 0
+        for x in xs:
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.out, y[i:i + len(x)])]))
+            i += len(x)
+        return responses
+'''
+
+TRITON_CONFIG = '''
+backend: "python"
+max_batch_size: {max_batch}
+input [ {{ name: "input", data_type: TYPE_FP32, dims: [ {dims} ] }} ]
+output [ {{ name: "probabilities", data_type: TYPE_FP32, dims: [ 10 ] }} ]
+dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}
+instance_group [ {{ kind: KIND_CPU, count: 1 }} ]
+parameters {{ key: "onnx", value: {{ string_value: "{onnx}" }} }}
 '''
 
 
@@ -149,20 +216,92 @@ def cnn_onnx(path: Path, alpha: float = 1.0, seed: int = 0) -> Path:
 
 # --- request bodies ---------------------------------------------------------------------------------------
 
-def make_bodies(x: np.ndarray, workdir: Path, name: str) -> dict:
-    from edgerun.server.codec import encode_request
+def make_bodies(x: np.ndarray, model: str, workdir: Path) -> dict:
+    """The request each client sends, encoded once: JSON, binary tensors (tritonclient's encoding), gRPC."""
+    import tritonclient.http as th
+    from tritonclient.grpc import service_pb2
 
     out = {}
     json_body = orjson.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
                                           "data": np.round(x, 4).ravel().tolist()}]})
-    p = workdir / f"{name}.json"
+    p = workdir / f"{model}.json"
     p.write_bytes(json_body)
     out["json"] = (p, "application/json", "")
-    body, hlen = encode_request({"input": x}, binary=True)
-    p = workdir / f"{name}.bin"
+    i = th.InferInput("input", list(x.shape), "FP32")
+    i.set_data_from_numpy(x, binary_data=True)
+    body, hlen = th.InferenceServerClient.generate_request_body(
+        [i], outputs=[th.InferRequestedOutput("probabilities", binary_data=True)])
+    p = workdir / f"{model}.bin"
     p.write_bytes(body)
-    out["binary"] = (p, "application/octet-stream", str(hlen))
+    out["binary"] = (p, "application/octet-stream", str(hlen) if hlen is not None else "")
+    req = service_pb2.ModelInferRequest(
+        model_name=model, inputs=[service_pb2.ModelInferRequest.InferInputTensor(
+            name="input", datatype="FP32", shape=list(x.shape))],
+        outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")],
+        raw_input_contents=[np.ascontiguousarray(x).tobytes()])
+    p = workdir / f"{model}.grpc"
+    p.write_bytes(req.SerializeToString())
+    out["grpc"] = (p, "", "")
     return out
+
+
+# --- Triton's venv ---------------------------------------------------------------------------------------
+
+def triton_requirements() -> list[str]:
+    """nvidia-pytriton 0.7.0 (tritonserver 2.51), perf_analyzer's tritonclient and its CUDA runtime, our onnxruntime."""
+    import onnxruntime
+
+    return ["nvidia-pytriton==0.7.0", "tritonclient[all]==2.51.0", "nvidia-cuda-runtime-cu12",
+            f"onnxruntime=={onnxruntime.__version__}"]
+
+
+def triton_venv() -> Path:
+    """The venv Triton runs from, made once and kept; made again when its requirements or Python change."""
+    want = {"python": sys.version, "requirements": triton_requirements()}
+    marker = TRITON_VENV / "edgerun-bench.json"
+    if marker.exists() and json.loads(marker.read_text()) == want:
+        return TRITON_VENV
+    shutil.rmtree(TRITON_VENV, ignore_errors=True)
+    print(f"creating Triton's venv in {TRITON_VENV} (once, ~500 MB from PyPI)", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(TRITON_VENV)], check=True)
+    done = subprocess.run([str(TRITON_VENV / "bin" / "python"), "-m", "pip", "install", "-q",
+                           *want["requirements"]], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"cannot install Triton's venv:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    marker.write_text(json.dumps(want))
+    return TRITON_VENV
+
+
+def _venv_env(venv: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def triton_env(venv: Path) -> dict:
+    # the python backend's stub takes its packages (numpy<2, onnxruntime) from the python first on PATH: the venv's
+    env = _venv_env(venv)
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        # the python backend's stub links libpython3.x: this interpreter's, not the system's of another patch level
+        env["LD_LIBRARY_PATH"] = ":".join(filter(None, [sysconfig.get_config_var("LIBDIR"),
+                                                        env.get("LD_LIBRARY_PATH")]))
+    return env
+
+
+def find_perf_analyzer() -> tuple[str, dict]:
+    """Triton's perf_analyzer (tritonclient 2.51's wheel, in Triton's venv) and the environment it runs in."""
+    venv = triton_venv()
+    path = venv / "bin" / "perf_analyzer"
+    libs = sorted(venv.glob("lib/python*/site-packages/nvidia/cuda_runtime/lib"))
+    if not path.exists() or not libs:
+        raise RuntimeError(f"perf_analyzer or libcudart.so.12 missing from {venv}")
+    env = _venv_env(venv)
+    env["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(libs[0]), env.get("LD_LIBRARY_PATH")]))
+    done = subprocess.run([str(path), "--version"], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"perf_analyzer does not run here (it needs Debian's libb64-0d):\n{done.stderr}")
+    return str(path), env
 
 
 # --- load generation -------------------------------------------------------------------------------------
@@ -176,8 +315,8 @@ def _seconds(v: str) -> float:
 def wrk(url: str, body: tuple, conc: int, duration: float, lua: Path) -> dict:
     path, ctype, hlen = body
     env = {**os.environ, "BENCH_BODY": str(path), "BENCH_CTYPE": ctype, "BENCH_HLEN": hlen}
-    cmd = ["taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{conc}", f"-d{max(1, round(duration))}s", "--latency", "--timeout", "10s",
-           "-s", str(lua), url]
+    cmd = ["taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{conc}", f"-d{max(1, round(duration))}s", "--latency",
+           "--timeout", "10s", "-s", str(lua), url]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
@@ -194,6 +333,69 @@ def wrk(url: str, body: tuple, conc: int, duration: float, lua: Path) -> dict:
     if bad or errors:
         raise RuntimeError(f"wrk saw failures against {url}:\n{out}")
     return {"rps": rps, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "client_cpu": cpu}
+
+
+def grpc_load(target: str, request: Path, conc: int, warmup: float, duration: float) -> dict:
+    """Closed-loop gRPC ModelInfer load from a client process pinned to the client CPU."""
+    spec = json.dumps({"target": target, "request": str(request), "conc": conc, "warmup": warmup,
+                       "duration": duration})
+    done = subprocess.run(["taskset", "-c", CLIENT_CPU, sys.executable, __file__, "--grpc-client", spec],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"gRPC load against {target} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+async def _grpc_closed_loop(target: str, request: bytes, conc: int, warmup: float, duration: float) -> dict:
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    req = service_pb2.ModelInferRequest.FromString(request)
+    # one channel (so one HTTP/2 connection) per unit of concurrency, as the HTTP clients have
+    channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1),
+                                                           ("grpc.max_receive_message_length", 64 << 20),
+                                                           ("grpc.max_send_message_length", 64 << 20)])
+                for _ in range(conc)]
+    lat: list[float] = []
+    state = {"measuring": False, "stop": False, "errors": 0, "error": ""}
+
+    async def worker(channel) -> None:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        while not state["stop"]:
+            t0 = time.perf_counter()
+            try:
+                await stub.ModelInfer(req, timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                state["errors"] += 1
+                state["error"] = f"{exc.code().name}: {exc.details()}"
+                await asyncio.sleep(0.01)
+                continue
+            if state["measuring"]:
+                lat.append(time.perf_counter() - t0)
+
+    tasks = [asyncio.create_task(worker(ch)) for ch in channels]
+    await asyncio.sleep(warmup)
+    state["errors"], state["measuring"] = 0, True
+    t0, c0 = time.perf_counter(), time.process_time()
+    await asyncio.sleep(duration)
+    state["measuring"] = False
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    state["stop"] = True
+    await asyncio.gather(*tasks)
+    for ch in channels:
+        await ch.close()
+    if state["errors"] or not lat:
+        raise RuntimeError(f"{state['errors']} failed calls: {state['error']}")
+    lat.sort()
+    return {"rps": len(lat) / wall, "p50_ms": lat[len(lat) // 2] * 1e3, "p99_ms": lat[int(len(lat) * 0.99)] * 1e3,
+            "client_cpu": cpu / wall}
+
+
+def _grpc_client_main(spec: str) -> None:
+    a = json.loads(spec)
+    got = asyncio.run(_grpc_closed_loop(a["target"], Path(a["request"]).read_bytes(), a["conc"], a["warmup"],
+                                        a["duration"]))
+    print(json.dumps(got))
 
 
 def in_process(pkg_dir: Path, x: np.ndarray, conc: int, duration: float, warmup: float) -> dict:
@@ -247,22 +449,29 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, cmd: list[str], port: int, workdir: Path, label: str):
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = open(workdir / f"{label}.log", "wb")
-        env = {**os.environ, "EDGERUN_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
+    """A server process and all it starts, pinned to the server CPU, in a process group of its own."""
+
+    def __init__(self, cmd: list[str], port: int, workdir: Path, label: str, ready_path: str = "/v2/health/ready",
+                 env: dict | None = None, grpc_target: str | None = None, start_timeout: float = 90):
+        self.url, self.label, self.grpc_target = f"http://127.0.0.1:{port}", label, grpc_target
+        self.log_path = workdir / f"{label}.log"
+        self.log = open(self.log_path, "wb")
+        env = env or {**os.environ, "EDGERUN_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *cmd], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=env)
-        deadline = time.monotonic() + 90
+                                     env=env, start_new_session=True)
+        deadline = time.monotonic() + start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{label} exited: {(workdir / f'{label}.log').read_text()}")
+                self.log.close()
+                raise RuntimeError(f"{label} exited: {self.log_path.read_text()[-3000:]}")
             try:
-                httpx.get(self.url + "/v2/health/ready", timeout=1)
-                return
+                if httpx.get(self.url + ready_path, timeout=1).status_code == 200:
+                    return
             except httpx.TransportError:
-                time.sleep(0.2)
-        raise RuntimeError(f"{label} did not start")
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"{label} not ready within {start_timeout:.0f} s: {self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -270,23 +479,40 @@ class Server:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+        try:  # whatever it started and left behind (Triton's server and backend stub)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.log.close()
 
 
-def edgerun_server(pkg_dir: Path, batching: bool, workdir: Path, label: str) -> Server:
+def _edgerun_cmd() -> list[str]:
+    return [sys.executable, "-c", "import sys; from edgerun.cli import main; sys.exit(main())", "serve"]
+
+
+def edgerun_default_server(pkg_dir: Path, workdir: Path, label: str) -> Server:
+    """edgerun with its default settings and one onnxruntime thread (EDGERUN_THREADS=1)."""
+    port = free_port()
+    env = {**os.environ, "EDGERUN_LOG_LEVEL": "WARNING", "EDGERUN_THREADS": "1"}
+    return Server([*_edgerun_cmd(), "--model", str(pkg_dir), "--port", str(port),
+                   "--state-dir", str(workdir / f"{label}-state")], port, workdir, label, env=env,
+                  grpc_target=EDGERUN_GRPC)
+
+
+def edgerun_unbatched_server(pkg_dir: Path, workdir: Path, label: str) -> Server:
     port = free_port()
     cfg = workdir / f"{label}.toml"
     cfg.write_text(textwrap.dedent(f"""
         threads = 1
-        state_dir = "{workdir / 'state'}"
+        state_dir = "{workdir / f'{label}-state'}"
         [[models]]
         path = "{pkg_dir}"
         backend = "onnxruntime"
         [models.batching]
-        enabled = {str(batching).lower()}
+        enabled = false
     """))
-    return Server([sys.executable, "-c", "import sys; from edgerun.cli import main; sys.exit(main())", "serve",
-                   "--config", str(cfg), "--port", str(port)], port, workdir, label)
+    return Server([*_edgerun_cmd(), "--config", str(cfg), "--port", str(port)], port, workdir, label)
 
 
 def fastapi_server(pkg_dir: Path, workdir: Path, label: str) -> Server:
@@ -296,22 +522,147 @@ def fastapi_server(pkg_dir: Path, workdir: Path, label: str) -> Server:
     return Server([sys.executable, str(script), str(pkg_dir / "model.onnx"), str(port)], port, workdir, label)
 
 
+def triton_server(pkg_dir: Path, model: str, shape: tuple, workdir: Path, label: str) -> Server:
+    """tritonserver from PyTriton's wheel on a model repository holding one python-backend model."""
+    venv = triton_venv()
+    tree = next(venv.glob("lib/python*/site-packages/pytriton/tritonserver"))
+    backends = workdir / f"{label}-backends" / "python"
+    backends.mkdir(parents=True)
+    for f in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        (backends / f).symlink_to(tree / "backends" / "python" / f)
+    # the stub that embeds this Python version (the wheel ships one per version)
+    (backends / "triton_python_backend_stub").symlink_to(
+        tree / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" /
+        "triton_python_backend_stub")
+    repo = workdir / f"{label}-repository"
+    (repo / model / "1").mkdir(parents=True)
+    (repo / model / "1" / "model.py").write_text(TRITON_MODEL)
+    (repo / model / "config.pbtxt").write_text(TRITON_CONFIG.format(
+        max_batch=TRITON_MAX_BATCH, delay_us=TRITON_QUEUE_DELAY_US, dims=", ".join(map(str, shape[1:])),
+        onnx=pkg_dir / "model.onnx"))
+    http, grpc_port, metrics = free_port(), free_port(), free_port()
+    return Server([str(tree / "bin" / "tritonserver"), "--model-repository", str(repo), "--backend-directory",
+                   str(backends.parent), "--http-address", "127.0.0.1", "--http-port", str(http),
+                   "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-address", "127.0.0.1",
+                   "--metrics-port", str(metrics), "--exit-timeout-secs", "5"], http, workdir, label,
+                  ready_path=f"/v2/models/{model}/ready", env=triton_env(venv),
+                  grpc_target=f"127.0.0.1:{grpc_port}", start_timeout=180)
+
+
+def expected(pkg_dir: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(pkg_dir / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0]
+
+
 def check_answers(url: str, model: str, x: np.ndarray, pkg_dir: Path, binary: bool) -> None:
     """tritonclient.http's answer equals in-process onnxruntime's."""
-    import onnxruntime as ort
     import tritonclient.http as th
 
-    want = ort.InferenceSession(str(pkg_dir / "model.onnx"), providers=["CPUExecutionProvider"]).run(
-        None, {"input": np.round(x, 4) if not binary else x})[0]
+    sent = x if binary else np.round(x, 4)
     c = th.InferenceServerClient(url.removeprefix("http://"))
     i = th.InferInput("input", list(x.shape), "FP32")
-    i.set_data_from_numpy(np.round(x, 4) if not binary else x, binary_data=binary)
+    i.set_data_from_numpy(sent, binary_data=binary)
     got = c.infer(model, [i], outputs=[th.InferRequestedOutput("probabilities", binary_data=binary)])
-    np.testing.assert_allclose(got.as_numpy("probabilities"), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.as_numpy("probabilities"), expected(pkg_dir, sent), rtol=1e-4, atol=1e-5)
     c.close()
 
 
+# --- gRPC and perf_analyzer slots (each takes the server's address) --------------------------------------------
+
+def grpc_unanswered(target: str, model: str) -> str | None:
+    """Why ``target`` cannot take gRPC ModelInfer for ``model``, or None when it can."""
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    c = tg.InferenceServerClient(target)
+    try:
+        if not c.is_server_live(client_timeout=3):
+            return f"gRPC on {target}: server not live"
+        if not c.is_model_ready(model, client_timeout=3):
+            return f"gRPC on {target}: model {model} not ready"
+    except InferenceServerException as exc:
+        return f"no KServe v2 gRPC on {target} ({exc.message().splitlines()[0]})"
+    finally:
+        c.close()
+    return None
+
+
+def check_grpc_answers(target: str, model: str, x: np.ndarray, pkg_dir: Path) -> None:
+    """tritonclient.grpc's answer equals in-process onnxruntime's."""
+    import tritonclient.grpc as tg
+
+    c = tg.InferenceServerClient(target)
+    i = tg.InferInput("input", list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    got = c.infer(model, [i], outputs=[tg.InferRequestedOutput("probabilities")])
+    np.testing.assert_allclose(got.as_numpy("probabilities"), expected(pkg_dir, x), rtol=1e-4, atol=1e-5)
+    c.close()
+
+
+def run_perf_analyzer(address: str, model: str, protocol: str, concurrency: int = 8) -> dict:
+    """perf_analyzer against ``address`` (host:port of its HTTP or gRPC endpoint), pinned to the client CPU."""
+    path, env = find_perf_analyzer()
+    cmd = [path, "-m", model, "-u", address, "-i", protocol, "--concurrency-range", str(concurrency),
+           "--measurement-interval", "3000"]
+    try:
+        done = subprocess.run(["taskset", "-c", CLIENT_CPU, *cmd], env=env, capture_output=True, text=True,
+                              timeout=300)
+        out, code = (done.stdout + done.stderr).strip(), done.returncode
+    except subprocess.TimeoutExpired as exc:
+        out, code = f"timed out after 300 s\n{exc.stdout or ''}", None
+    m = re.search(r"Concurrency: (\d+), throughput: ([\d.]+) infer/sec, latency (\d+) usec", out)
+    return {"command": " ".join(["perf_analyzer", *cmd[1:]]), "returncode": code, "output": out,
+            "throughput": float(m.group(2)) if m else None, "latency_us": int(m.group(3)) if m else None}
+
+
+# --- profile -------------------------------------------------------------------------------------------------
+
+def profile_server(pid: int, url: str, body: tuple, conc: int, seconds: int, lua: Path, out: Path) -> dict:
+    """py-spy samples the thread holding the GIL while wrk loads the server: its hottest frames and files."""
+    spy = subprocess.Popen(["taskset", "-c", CLIENT_CPU, "py-spy", "record", "--pid", str(pid), "--duration",
+                            str(seconds), "--rate", "200", "--gil", "--format", "raw", "--output", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    load = wrk(url, body, conc, seconds + 2, lua)
+    _, err = spy.communicate(timeout=60)
+    if spy.returncode or not out.exists():
+        raise RuntimeError(f"py-spy failed: {err[-1000:]}")
+    own, incl, files, total = Counter(), Counter(), Counter(), 0
+    for line in out.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack:
+            continue
+        frames = [_frame(f) for f in stack.split(";")]
+        total += int(n)
+        own[frames[-1]] += int(n)
+        files[frames[-1].rpartition(" (")[2].rstrip(")")] += int(n)
+        for f in set(frames):
+            incl[f] += int(n)
+
+    def top(c: Counter) -> list[list]:
+        return [[f, round(v / total, 3)] for f, v in c.most_common(25)]
+
+    return {"concurrency": conc, "rps_while_sampled": round(load["rps"], 1), "samples": total,
+            "self_by_file": top(files), "self": top(own), "inclusive": top(incl)}
+
+
+def _frame(f: str) -> str:
+    m = re.match(r"(.*) \((.*?)(?::\d+)?\)$", f)
+    if not m:
+        return f
+    path = re.sub(r".*/(?:site-packages|lib/python3\.\d+)/", "", m.group(2))
+    path = re.sub(r".*/(edgerun|plugins)/", r"\1/", path)
+    return f"{m.group(1)} ({path})"
+
+
 # --- main ------------------------------------------------------------------------------------------------
+
+FLOOR, EDGERUN, UNBATCHED, FASTAPI, TRITON = ("in-process (floor)", "edgerun", "edgerun batching off",
+                                              "FastAPI + onnxruntime", "Triton")
+BATCHING = {FLOOR: "-", EDGERUN: "on (default)", UNBATCHED: "off", FASTAPI: "-",
+            TRITON: f"dynamic <= {TRITON_MAX_BATCH}, {TRITON_QUEUE_DELAY_US} us"}
+
 
 def median_of(runs: list[dict]) -> dict:
     med = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "p99_ms")}
@@ -322,7 +673,7 @@ def median_of(runs: list[dict]) -> dict:
 
 
 def resummarize(path: Path) -> None:
-    """Recompute the table and targets of a saved results file (after changing the summary)."""
+    """Recompute the ratios, table and targets of a saved results file (after changing the summary)."""
     data = json.loads(path.read_text())
     summary = summarize(data["rows"])
     data["targets"], data["table"] = summary["targets"], render(data["rows"])
@@ -330,16 +681,39 @@ def resummarize(path: Path) -> None:
     print(data["table"], "", *summary["lines"], sep="\n")
 
 
+def start_servers(model: str, pkg_dir: Path, shape: tuple, work: Path, with_triton: bool,
+                  with_fastapi: bool) -> dict:
+    servers: dict[str, Server] = {}
+    try:
+        servers[EDGERUN] = edgerun_default_server(pkg_dir, work, f"edgerun-{model}")
+        if with_triton:
+            servers[TRITON] = triton_server(pkg_dir, model, shape, work, f"triton-{model}")
+        servers[UNBATCHED] = edgerun_unbatched_server(pkg_dir, work, f"edgerun-{model}-batching-off")
+        if with_fastapi:
+            servers[FASTAPI] = fastapi_server(pkg_dir, work, f"fastapi-{model}")
+    except BaseException:
+        for srv in servers.values():
+            srv.stop()
+        raise
+    return servers
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=float, default=4.0, help="measured seconds per run")
-    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each measured run")
+    ap.add_argument("--duration", type=float, default=8.0, help="measured seconds per run")
+    ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each measured run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="1 repeat of 2 s")
     ap.add_argument("--models", default="mlp,cnn")
+    ap.add_argument("--no-triton", action="store_true", help="leave Triton (and perf_analyzer) out")
+    ap.add_argument("--profile", action="store_true", help="py-spy the edgerun server at c=8/32 on the MLP, JSON")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--summarize", type=Path, help="only recompute the summary of a saved results file")
+    ap.add_argument("--grpc-client", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.grpc_client:
+        _grpc_client_main(args.grpc_client)
+        return
     if args.summarize:
         resummarize(args.summarize)
         return
@@ -347,19 +721,27 @@ def main() -> None:
         args.duration, args.repeats, args.warmup = 2.0, 1, 1.0
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
+    if args.profile and shutil.which("py-spy") is None:
+        sys.exit("py-spy not found: pip install py-spy")
     try:
         import fastapi  # noqa: F401
         have_fastapi = True
     except ImportError:
         have_fastapi = False
         print("fastapi not installed: skipping the hand-rolled baseline (pip install fastapi)", file=sys.stderr)
+    if not args.no_triton:
+        triton_venv()
 
+    load_before = os.getloadavg()
+    if load_before[0] > 1.0:
+        print(f"the host is busy (load average {load_before[0]:.1f}): figures may be noisy", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="edgerun-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     lua = work / "post.lua"
     lua.write_text(LUA)
     pkgs = make_packages(work)
     rng = np.random.default_rng(0)
-    rows = []
+    rows, skipped, perf, profiles, edgerun_models = [], [], [], [], {}
 
     def report(label: str, runs: list[dict]) -> dict:
         if not runs:
@@ -367,61 +749,84 @@ def main() -> None:
             return {"rps": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan"), "client_cpu": None,
                     "runs": [], "error": "every run failed"}
         m = median_of(runs)
-        print(f"  {label:<46} {m['rps']:>9.1f} req/s  p50 {m['p50_ms']:7.3f} ms  p99 {m['p99_ms']:7.3f} ms"
+        print(f"  {label:<44} {m['rps']:>9.1f} req/s  p50 {m['p50_ms']:8.3f} ms  p99 {m['p99_ms']:8.3f} ms"
               + (f"  client cpu {m['client_cpu']:.0%}" if m["client_cpu"] is not None else ""), flush=True)
         return m
+
+    def http_run(url: str, body: tuple, conc: int, duration: float, warmup: float) -> dict:
+        wrk(url, body, conc, warmup, lua)
+        return wrk(url, body, conc, duration, lua)
 
     for model in args.models.split(","):
         pkg_dir, shape = pkgs[model]
         x = rng.random(shape, dtype=np.float32)
-        bodies = make_bodies(x, work, model)
-        url = f"/v2/models/{model}/infer"
+        bodies = make_bodies(x, model, work)
+        path = f"/v2/models/{model}/infer"
         print(f"{model}:", flush=True)
-        # every server runs for the whole model; each cell measures its contenders in turn, repeat by repeat,
-        # so a slow spell of this shared host falls on all of them and the ratios stay side by side
-        servers: dict[tuple[str, str], Server] = {}
+        servers = start_servers(model, pkg_dir, shape, work, not args.no_triton, have_fastapi)
         try:
-            for batching in ("off", "on"):
-                servers["edgerun", batching] = edgerun_server(pkg_dir, batching == "on", work,
-                                                              f"edgerun-{model}-batching-{batching}")
-            if have_fastapi:
-                servers["FastAPI + onnxruntime", "off"] = fastapi_server(pkg_dir, work, f"fastapi-{model}")
-            for (name, batching), srv in servers.items():
-                for enc in ("json", "binary") if name == "edgerun" else ("json",):
+            meta = httpx.get(f"{servers[EDGERUN].url}/v2/models/{model}").json()
+            edgerun_models[model] = {"platform": meta["platform"], **meta.get("parameters", {})}
+            if meta["platform"] != "onnxruntime_onnx" or not meta.get("parameters", {}).get("batching"):
+                raise RuntimeError(f"edgerun's defaults no longer give onnxruntime with batching: {meta}")
+            for name, srv in servers.items():
+                for enc in ("json",) if name == FASTAPI else ("json", "binary"):
                     check_answers(srv.url, model, x, pkg_dir, enc == "binary")
-            results: dict[tuple, dict] = {}
-            for enc in ("json", "binary"):
-                for conc in CONCURRENCY:
-                    contenders = {}
-                    if enc == "json":
-                        contenders["in-process (floor)", "-", "-"] = (
-                            lambda d, c=conc: in_process(pkg_dir, x, c, d, 0.0))
-                    for (name, batching), srv in servers.items():
-                        if name == "edgerun" or enc == "json":
-                            contenders[name, enc, batching] = (
-                                lambda d, c=conc, e=enc, u=srv.url + url: wrk(u, bodies[e], c, d, lua))
-                    runs: dict[tuple, list[dict]] = {k: [] for k in contenders}
-                    for _ in range(args.repeats):
-                        for key, run_one in contenders.items():
-                            try:
-                                run_one(args.warmup)
-                                runs[key].append(run_one(args.duration))
-                            except (RuntimeError, subprocess.CalledProcessError) as exc:
-                                print(f"  {key} c={conc}: run failed: {exc}", flush=True)
-                    for (name, e, batching), got in runs.items():
-                        label = name if name != "edgerun" else f"edgerun {e} batching {batching}"
-                        results[name, e, batching, conc] = report(f"{label} c={conc}", got)
+            grpc_targets = {}
+            for name in (EDGERUN, TRITON):
+                if name not in servers:
+                    continue
+                reason = grpc_unanswered(servers[name].grpc_target, model)
+                if reason is not None:
+                    skipped.append({"model": model, "server": name, "encoding": "grpc", "reason": reason})
+                    print(f"  {name} gRPC rows skipped: {reason}", flush=True)
+                    continue
+                check_grpc_answers(servers[name].grpc_target, model, x, pkg_dir)
+                grpc_targets[name] = servers[name].grpc_target
+
+            # each cell measures every contender in turn, repeat by repeat, so a slow spell of this shared host
+            # falls on all of them and the ratios stay side by side
+            for conc in CONCURRENCY:
+                contenders = {(FLOOR, "-"): lambda d, w, c=conc: in_process(pkg_dir, x, c, d, w)}
+                for enc in ("json", "binary"):
+                    for name, srv in servers.items():
+                        if enc == "json" or name != FASTAPI:
+                            contenders[name, enc] = (lambda d, w, c=conc, e=enc, u=srv.url + path:
+                                                     http_run(u, bodies[e], c, d, w))
+                for name, target in grpc_targets.items():
+                    contenders[name, "grpc"] = (lambda d, w, c=conc, t=target:
+                                                grpc_load(t, bodies["grpc"][0], c, w, d))
+                runs: dict[tuple, list[dict]] = {k: [] for k in contenders}
+                for _ in range(args.repeats):
+                    for key, run_one in contenders.items():
+                        try:
+                            runs[key].append(run_one(args.duration, args.warmup))
+                        except (RuntimeError, subprocess.CalledProcessError) as exc:
+                            print(f"  {key} c={conc}: run failed: {exc}", flush=True)
+                for (name, enc), got in runs.items():
+                    m = report(f"{name} {enc} c={conc}", got)
+                    rows.append({"model": model, "server": name, "encoding": enc, "batching": BATCHING[name],
+                                 "concurrency": conc, **m})
+
+            if model == "mlp" and not args.no_triton:
+                for name, srv in servers.items():
+                    if name in (EDGERUN, TRITON):
+                        perf.append({"server": name, **run_perf_analyzer(srv.url.removeprefix("http://"), model,
+                                                                         "http")})
+                        if name in grpc_targets:
+                            perf.append({"server": name, **run_perf_analyzer(grpc_targets[name], model, "grpc")})
+                for p in perf:
+                    print(f"\n  perf_analyzer against {p['server']} (exit {p['returncode']}): {p['command']}")
+                    print(textwrap.indent(p["output"], "    "), flush=True)
+            if model == "mlp" and args.profile:
+                for conc in (8, 32):
+                    prof = profile_server(servers[EDGERUN].proc.pid, servers[EDGERUN].url + path, bodies["json"],
+                                          conc, 10, lua, work / f"py-spy-c{conc}.txt")
+                    profiles.append(prof)
+                    print(render_profile(prof), flush=True)
         finally:
             for srv in servers.values():
                 srv.stop()
-        order = [("in-process (floor)", "-", "-"), ("edgerun", "json", "off"), ("edgerun", "binary", "off"),
-                 ("edgerun", "json", "on"), ("edgerun", "binary", "on"), ("FastAPI + onnxruntime", "json", "off")]
-        for name, enc, batching in order:
-            for conc in CONCURRENCY:
-                m = results.get((name, enc, batching, conc))
-                if m is not None:
-                    rows.append({"model": model, "server": name, "encoding": enc, "batching": batching,
-                                 "concurrency": conc, **m})
 
     summary = summarize(rows)
     table = render(rows)
@@ -433,62 +838,116 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
-        "method": f"server on CPU {SERVER_CPU}, wrk -t1 on CPU {CLIENT_CPU}; {args.warmup}s warm-up + "
-                  f"{args.duration}s measured, median of {args.repeats}; onnxruntime 1 thread; batch-1 FP32",
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "method": f"servers on CPU {SERVER_CPU}; wrk -t1 (HTTP) and a grpc.aio client (gRPC) on CPU {CLIENT_CPU}; "
+                  f"{args.warmup}s warm-up + {args.duration}s measured, median of {args.repeats}, each cell's "
+                  "contenders in turn; onnxruntime 1 thread; batch-1 FP32; edgerun default settings with "
+                  "EDGERUN_THREADS=1; Triton 2.51 (tritonserver of nvidia-pytriton 0.7.0, python backend + onnxruntime, "
+                  f"dynamic batching <= {TRITON_MAX_BATCH}, {TRITON_QUEUE_DELAY_US} us)",
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                 "cpu": _cpu_model(), "load_average_before": [round(v, 2) for v in load_before],
+                 "load_average_after": [round(v, 2) for v in os.getloadavg()]},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "rows": rows, "targets": summary["targets"], "table": table}, indent=2))
+        "edgerun_models": edgerun_models, "rows": rows, "skipped": skipped, "targets": summary["targets"],
+        "perf_analyzer": perf, "profile": profiles, "table": table}, indent=2))
     print(f"\nsaved {args.out}")
-    shutil.rmtree(work, ignore_errors=True)
 
+
+def _cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    name = re.search(r"model name\s*:\s*(.*)", text)
+    flags = re.search(r"flags\s*:\s*(.*)", text)
+    simd = [f for f in ("avx2", "avx512f") if flags and f in flags.group(1).split()]
+    return f"{name.group(1) if name else '?'} ({', '.join(simd) or 'no AVX2'})"
+
+
+# --- summary -------------------------------------------------------------------------------------------------
 
 def _find(rows, **kw):
     for r in rows:
-        if all(r[k] == v for k, v in kw.items()):
+        if all(r.get(k) == v for k, v in kw.items()):
             return r
     return None
 
 
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's req/s over Triton's (same model, concurrency, encoding; JSON for the floor) and the floor's."""
+    for r in rows:
+        enc = "json" if r["encoding"] == "-" else r["encoding"]
+        t = _find(rows, model=r["model"], server=TRITON, encoding=enc, concurrency=r["concurrency"])
+        f = _find(rows, model=r["model"], server=FLOOR, concurrency=r["concurrency"])
+        r["vs_triton"] = round(r["rps"] / t["rps"], 3) if t and t["rps"] == t["rps"] else None
+        r["vs_floor"] = round(r["rps"] / f["rps"], 3) if f and f["rps"] == f["rps"] else None
+
+
 def summarize(rows: list[dict]) -> dict:
+    add_ratios(rows)
     lines, targets = [], {}
-    floor1 = _find(rows, model="mlp", server="in-process (floor)", concurrency=1)
-    for enc in ("json", "binary"):
-        s = _find(rows, model="mlp", server="edgerun", encoding=enc, batching="on", concurrency=1)
+
+    def target(key: str, value: float | None, op: str, bound: float, text: str) -> None:
+        if value is None or value != value:
+            return
+        met = value >= bound if op == ">=" else value <= bound
+        targets[key] = {"value": round(value, 3), "target": f"{op} {bound}", "met": met}
+        lines.append(f"{'met ' if met else 'MISS'} {text}: {value:.3g} (target {op} {bound})")
+
+    for conc, bound in ((1, 2.5), (8, 1.5), (32, 1.5)):
+        e = _find(rows, model="mlp", server=EDGERUN, encoding="json", concurrency=conc)
+        target(f"mlp_json_c{conc}_vs_triton", e and e["vs_triton"], ">=", bound,
+               f"mlp json c={conc}: edgerun / Triton")
+    for conc in CONCURRENCY:
+        e = _find(rows, model="mlp", server=EDGERUN, encoding="binary", concurrency=conc)
+        if e and e["vs_triton"] is not None:
+            lines.append(f"     mlp binary c={conc}: edgerun / Triton: {e['vs_triton']:.2f} (no target)")
+    for enc in ("binary", "grpc"):
+        for conc in CONCURRENCY:
+            e = _find(rows, model="cnn", server=EDGERUN, encoding=enc, concurrency=conc)
+            target(f"cnn_{enc}_c{conc}_vs_floor", e and e["vs_floor"], ">=", 0.9,
+                   f"cnn {enc} c={conc}: edgerun / in-process floor")
+    g, b = (_find(rows, model="mlp", server=EDGERUN, encoding=enc, concurrency=32) for enc in ("grpc", "binary"))
+    if g and b:
+        target("mlp_c32_grpc_vs_binary", g["rps"] / b["rps"], ">=", 1.0, "mlp c=32: edgerun gRPC / HTTP binary")
+    floor1 = _find(rows, model="mlp", server=FLOOR, concurrency=1)
+    for enc, bound in (("json", 300), ("binary", 300), ("grpc", 200)):
+        s = _find(rows, model="mlp", server=EDGERUN, encoding=enc, concurrency=1)
         if floor1 and s:
-            added = 1e6 / s["rps"] - 1e6 / floor1["rps"]
-            added_p50 = (s["p50_ms"] - floor1["p50_ms"]) * 1e3
-            targets[f"mlp_c1_added_us_{enc}"] = round(added, 1)
-            targets[f"mlp_c1_added_us_p50_{enc}"] = round(added_p50, 1)
-            lines.append(f"mlp c=1 {enc}: server adds {added:.0f} us/request on average, {added_p50:.0f} us at the "
-                         "median, over in-process (target <= 300)")
-    on = _find(rows, model="mlp", server="edgerun", encoding="json", batching="on", concurrency=32)
-    off = _find(rows, model="mlp", server="edgerun", encoding="json", batching="off", concurrency=32)
-    fa = _find(rows, model="mlp", server="FastAPI + onnxruntime", concurrency=32)
+            target(f"mlp_c1_added_us_p50_{enc}", (s["p50_ms"] - floor1["p50_ms"]) * 1e3, "<=", bound,
+                   f"mlp c=1 {enc}: edgerun's added latency over in-process at the median, us")
+    on, off, fa = (_find(rows, model="mlp", server=s, encoding="json", concurrency=32)
+                   for s in (EDGERUN, UNBATCHED, FASTAPI))
     if on and off:
-        targets["mlp_c32_batching_speedup"] = round(on["rps"] / off["rps"], 2)
-        lines.append(f"mlp c=32 json: batching on/off = {on['rps'] / off['rps']:.2f}x (target >= 2)")
+        target("mlp_c32_batching_speedup", on["rps"] / off["rps"], ">=", 2.0, "mlp c=32 json: batching on / off")
     if on and fa:
-        targets["mlp_c32_vs_fastapi"] = round(on["rps"] / fa["rps"], 2)
-        lines.append(f"mlp c=32 json batching on vs hand-rolled FastAPI = {on['rps'] / fa['rps']:.2f}x (target >= 1.5)")
-    if on:
-        lines.append(f"mlp c=32 json batching on: {on['rps']:.0f} req/s (Triton in PEERS.md: 5,277)")
-    cf = _find(rows, model="cnn", server="in-process (floor)", concurrency=32)
-    cb = max((r for r in rows if r["model"] == "cnn" and r["server"] == "edgerun" and r["encoding"] == "binary"
-              and r["concurrency"] == 32), key=lambda r: r["rps"], default=None)
-    if cf and cb:
-        targets["cnn_c32_binary_vs_floor"] = round(cb["rps"] / cf["rps"], 3)
-        lines.append(f"cnn c=32 binary: {cb['rps'] / cf['rps']:.0%} of the in-process floor (target >= 80%)")
+        target("mlp_c32_vs_fastapi", on["rps"] / fa["rps"], ">=", 1.5, "mlp c=32 json: edgerun / FastAPI")
+    for r in rows:
+        if r["client_cpu"] is not None and r["client_cpu"] >= CLIENT_BOUND:
+            lines.append(f"note: the load generator used {r['client_cpu']:.0%} of its core for {r['server']} "
+                         f"{r['encoding']} c={r['concurrency']} ({r['model']}): that figure may be the client's limit")
     return {"lines": lines, "targets": targets}
 
 
 def render(rows: list[dict]) -> str:
-    head = "| model | server | encoding | batching | concurrency | req/s | p50 ms | p99 ms | client CPU |"
-    out = [head, "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    out = ["| model | c | server | encoding | batching | req/s (runs) | p50 ms | p99 ms | x Triton | x floor | "
+           "client CPU |", "|---|--:|---|---|---|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         cpu = f"{r['client_cpu']:.0%}" if r["client_cpu"] is not None else "-"
-        out.append(f"| {r['model']} | {r['server']} | {r['encoding']} | {r['batching']} | {r['concurrency']} | "
-                   f"{r['rps']:,.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {cpu} |")
+        runs = "/".join(f"{v:,.0f}" for v in r.get("runs", []))
+        ratio = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+        out.append(f"| {r['model']} | {r['concurrency']} | {r['server']} | {r['encoding']} | {r['batching']} | "
+                   f"{r['rps']:,.0f} ({runs}) | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {ratio(r.get('vs_triton'))} | "
+                   f"{ratio(r.get('vs_floor'))} | {cpu} |")
     return "\n".join(out)
+
+
+def render_profile(prof: dict) -> str:
+    lines = [f"\n  edgerun under py-spy --gil, MLP json c={prof['concurrency']} ({prof['rps_while_sampled']:,.0f} "
+             f"req/s while sampled, {prof['samples']} samples): share of the samples holding the GIL"]
+    for kind in ("self_by_file", "self", "inclusive"):
+        lines.append(f"    {kind}:")
+        lines += [f"      {share:6.1%}  {frame}" for frame, share in prof[kind][:15]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
