@@ -61,7 +61,6 @@ CONCURRENCY = (1, 8, 32)
 TRITON_VENV = Path(os.environ.get("EDGERUN_BENCH_CACHE", Path.home() / ".cache" / "edgerun-bench")) / "triton-venv"
 TRITON_MAX_BATCH, TRITON_QUEUE_DELAY_US = 16, 500
 # where edgerun will answer KServe v2 gRPC by default; until it does, its gRPC rows are skipped with the reason
-EDGERUN_GRPC = "127.0.0.1:8001"
 CLIENT_BOUND = 0.9  # a load generator using this much of its core may be the limit, not the server
 
 LUA = """
@@ -493,11 +492,11 @@ def _edgerun_cmd() -> list[str]:
 
 def edgerun_default_server(pkg_dir: Path, workdir: Path, label: str) -> Server:
     """edgerun with its default settings and one onnxruntime thread (EDGERUN_THREADS=1)."""
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env = {**os.environ, "EDGERUN_LOG_LEVEL": "WARNING", "EDGERUN_THREADS": "1"}
-    return Server([*_edgerun_cmd(), "--model", str(pkg_dir), "--port", str(port),
+    return Server([*_edgerun_cmd(), "--model", str(pkg_dir), "--port", str(port), "--grpc-port", str(grpc_port),
                    "--state-dir", str(workdir / f"{label}-state")], port, workdir, label, env=env,
-                  grpc_target=EDGERUN_GRPC)
+                  grpc_target=f"127.0.0.1:{grpc_port}")
 
 
 def edgerun_unbatched_server(pkg_dir: Path, workdir: Path, label: str) -> Server:
@@ -512,7 +511,8 @@ def edgerun_unbatched_server(pkg_dir: Path, workdir: Path, label: str) -> Server
         [models.batching]
         enabled = false
     """))
-    return Server([*_edgerun_cmd(), "--config", str(cfg), "--port", str(port)], port, workdir, label)
+    return Server([*_edgerun_cmd(), "--config", str(cfg), "--port", str(port), "--grpc-port", "0"], port, workdir,
+                  label)
 
 
 def fastapi_server(pkg_dir: Path, workdir: Path, label: str) -> Server:
