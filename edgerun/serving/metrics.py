@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any, Callable, Iterable, Iterator
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-    generate_latest,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from edgerun.hookspecs import hookimpl
 from edgerun.runtime import Runtime
@@ -21,6 +16,77 @@ from edgerun.runtime import Runtime
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _Histogram:
+    """A histogram updated from the event loop only: no lock, one bisect per observation (prometheus_client's
+    takes a lock per observation, which the request path would pay on every request)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, total = [], 0
+        for bound, n in zip((*(floatToGoString(b) for b in self.bounds), "+Inf"), self.counts):
+            total += n
+            out.append((bound, total))
+        return out
+
+
+class _PerModel:
+    """What the request path counts for one model name."""
+
+    __slots__ = ("requests", "latency", "queue", "compute", "batch")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.latency = _Histogram(LATENCY_BUCKETS)
+        self.queue = _Histogram(LATENCY_BUCKETS)
+        self.compute = _Histogram(LATENCY_BUCKETS)
+        self.batch = _Histogram(BATCH_BUCKETS)
+
+
+class _RequestsCollector(Collector):
+    """Requests, failures, latencies and batch sizes, read from the counts at scrape time."""
+
+    def __init__(self, metrics: "ServerMetrics"):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        per_model = self.metrics.per_model
+        requests = CounterMetricFamily("edgerun_requests", "Inference requests answered successfully",
+                                       labels=["model"])
+        failures = CounterMetricFamily("edgerun_request_failures", "Failed requests by reason",
+                                       labels=["model", "reason"])
+        histograms = [
+            (HistogramMetricFamily("edgerun_request_duration_seconds",
+                                   "Inference request time from body received to response ready", labels=["model"]),
+             "latency"),
+            (HistogramMetricFamily("edgerun_queue_duration_seconds", "Time requests wait before their run starts",
+                                   labels=["model"]), "queue"),
+            (HistogramMetricFamily("edgerun_compute_duration_seconds", "Backend run time per batch",
+                                   labels=["model"]), "compute"),
+            (HistogramMetricFamily("edgerun_batch_size", "Rows per backend run", labels=["model"]), "batch"),
+        ]
+        for model, m in sorted(per_model.items()):
+            requests.add_metric([model], m.requests)
+            for family, name in histograms:
+                h = getattr(m, name)
+                family.add_metric([model], h.cumulative(), h.sum)
+        for (model, reason), n in sorted(self.metrics.failed.items()):
+            failures.add_metric([model, reason], n)
+        yield requests
+        yield failures
+        for family, _ in histograms:
+            yield family
 
 
 class _ModelsCollector(Collector):
@@ -92,53 +158,47 @@ class _ModelEvents:
 
 
 class ServerMetrics:
-    """One registry per app, so several servers (or tests) in a process don't collide."""
+    """One registry per app, so several servers (or tests) in a process don't collide.
+
+    The request path's counts (``success``, ``failure``, ``batch``) are plain numbers updated from the event
+    loop, turned into Prometheus families when ``/metrics`` is read.
+    """
 
     def __init__(self, runtime: Runtime, queues: Callable[[], Iterable[tuple[str, int, int]]] = tuple):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("edgerun_requests", "Inference requests answered successfully", ["model"], registry=r)
-        self.failures = Counter("edgerun_request_failures", "Failed requests by reason", ["model", "reason"],
-                                registry=r)
-        self.request_latency = Histogram("edgerun_request_duration_seconds",
-                                         "Inference request time from body received to response ready", ["model"],
-                                         buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_latency = Histogram("edgerun_queue_duration_seconds", "Time requests wait before their run starts",
-                                       ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.compute_latency = Histogram("edgerun_compute_duration_seconds", "Backend run time per batch", ["model"],
-                                         buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("edgerun_batch_size", "Rows per backend run", ["model"], buckets=BATCH_BUCKETS,
-                                    registry=r)
+        self.per_model: dict[str, _PerModel] = {}
+        self.failed: dict[tuple[str, str], int] = {}
         self.model_events = Counter("edgerun_model_events", "Model activations and update state transitions",
                                     ["model", "event"], registry=r)
+        r.register(_RequestsCollector(self))
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open fds, ...
         PlatformCollector(registry=r)  # python_info
         r.register(_ModelsCollector(runtime))
         r.register(_QueueCollector(queues))
         self._events_plugin = _ModelEvents(self.model_events)
         runtime.pm.register(self._events_plugin)
-        self._children: dict[str, tuple[Any, Any, Any, Any, Any]] = {}
 
-    def _for(self, model: str) -> tuple[Any, Any, Any, Any, Any]:
-        c = self._children.get(model)
-        if c is None:
-            c = self._children[model] = (self.requests.labels(model), self.request_latency.labels(model),
-                                         self.queue_latency.labels(model), self.compute_latency.labels(model),
-                                         self.batch_size.labels(model))
-        return c
+    def _for(self, model: str) -> _PerModel:
+        m = self.per_model.get(model)
+        if m is None:
+            m = self.per_model[model] = _PerModel()
+        return m
 
     def success(self, model: str, seconds: float) -> None:
-        ok, latency, _, _, _ = self._for(model)
-        ok.inc()
-        latency.observe(seconds)
+        m = self._for(model)
+        m.requests += 1
+        m.latency.observe(seconds)
 
     def failure(self, model: str, reason: str) -> None:
-        self.failures.labels(model, reason).inc()
+        key = (model, reason)
+        self.failed[key] = self.failed.get(key, 0) + 1
 
     def batch(self, model: str, rows: int, compute: float, waits: list[float]) -> None:
         """One backend run of ``rows`` rows, and how long each request in it waited."""
-        _, _, queue, comp, size = self._for(model)
-        size.observe(rows)
-        comp.observe(compute)
+        m = self._for(model)
+        m.batch.observe(rows)
+        m.compute.observe(compute)
+        queue = m.queue
         for w in waits:
             queue.observe(w)
 

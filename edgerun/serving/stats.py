@@ -13,18 +13,18 @@ from typing import Any
 
 
 class Duration:
-    __slots__ = ("count", "ns")
+    __slots__ = ("count", "seconds")
 
     def __init__(self) -> None:
         self.count = 0
-        self.ns = 0
+        self.seconds = 0.0
 
     def add(self, seconds: float) -> None:
         self.count += 1
-        self.ns += int(seconds * 1e9)
+        self.seconds += seconds
 
     def to_dict(self) -> dict[str, int]:
-        return {"count": self.count, "ns": self.ns}
+        return {"count": self.count, "ns": int(self.seconds * 1e9)}
 
 
 class BatchStats:
