@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from edgerun.hookspecs import hookimpl
 from edgerun.runtime import Runtime
+from edgerun.serving.access import REFUSALS
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0)
@@ -108,6 +109,10 @@ class ServerMetrics:
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("edgerun_batch_size", "Rows per backend run", ["model"], buckets=BATCH_BUCKETS,
                                     registry=r)
+        self.auth_refusals = Counter("edgerun_auth_refusals", "Requests refused by access control, by reason",
+                                     ["reason"], registry=r)
+        for reason in REFUSALS:
+            self.auth_refusals.labels(reason)
         self.model_events = Counter("edgerun_model_events", "Model activations and update state transitions",
                                     ["model", "event"], registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open fds, ...
@@ -133,6 +138,11 @@ class ServerMetrics:
 
     def failure(self, model: str, reason: str) -> None:
         self.failures.labels(model, reason).inc()
+
+    def refused(self, reason: str, failure: str) -> None:
+        """A request refused by access control: ``reason`` one of REFUSALS, ``failure`` unauthorized or forbidden."""
+        self.auth_refusals.labels(reason).inc()
+        self.failures.labels("", failure).inc()
 
     def batch(self, model: str, rows: int, compute: float, waits: list[float]) -> None:
         """One backend run of ``rows`` rows, and how long each request in it waited."""
