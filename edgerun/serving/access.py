@@ -148,7 +148,7 @@ def _describe(action: str, model: str | None) -> tuple[str, str]:
     """(what the request does, the scopes that allow it) for a 403's message."""
     m = repr(model[:64] + ("..." if len(model) > 64 else "")) if model is not None else None
     if action == INFER:
-        return f"run model {m}", f"infer:{model[:64]} (or infer:*)" if model else "infer:*"
+        return (f"run model {m}", f"infer:{model[:64]} (or infer:*)") if model else ("run a model", "infer:*")
     if action == METADATA:
         if model is None:
             return "read every model (all statistics, the repository index)", "metadata:* (or infer:*)"

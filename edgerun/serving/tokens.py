@@ -68,7 +68,11 @@ def read_tokens(path: Path) -> list[TokenEntry]:
     if not path.exists():
         raise ConfigError("file not found (create it with: edgerun token create NAME --scope ... --tokens-file "
                           f"{path})", file=file, key="server.tokens_file")
-    t = Table(read_toml(path), file)
+    try:
+        t = Table(read_toml(path), file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read it: {exc.strerror}; the server's user must be able to read it (it holds only "
+                          "hashes, so mode 0644 is safe)", file=file) from None
     if isinstance(t.data.get("token"), str):
         raise ConfigError("a tokens file holds SHA-256 hashes, never a clear token: remove this key and create "
                           "tokens with edgerun token create", file=file, key="token")
