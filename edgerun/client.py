@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import httpx
@@ -22,23 +24,36 @@ class ServerError(EdgerunError):
 
 
 class Client:
-    """Talk to an edgerun (or any KServe v2) server: ``http://host:port`` (binary tensors) or ``grpc://host:port``.
+    """Talk to an edgerun (or any KServe v2) server: ``http(s)://host:port`` (binary tensors) or
+    ``grpc(s)://host:port``.
+
+    Over TLS (``https://``, ``grpcs://``), ``ca`` is the CA file that signed the server's certificate (default:
+    the system's), and ``cert`` and ``key`` the client's certificate and key for a server that requires one.
 
     >>> c = Client("http://127.0.0.1:8000", token=None)              # doctest: +SKIP
     >>> c.infer("digits", {"input": x})["probabilities"]               # doctest: +SKIP
     >>> Client("grpc://127.0.0.1:8001").infer("digits", {"input": x})  # doctest: +SKIP
+    >>> Client("https://dev.lan:8000", ca="ca.pem", cert="me.pem", key="me.key")  # doctest: +SKIP
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8000", *, token: str | None = None, timeout: float = 30.0,
-                 uds: str | None = None):
-        if url.startswith("grpc://"):
+                 uds: str | None = None, ca: str | Path | None = None, cert: str | Path | None = None,
+                 key: str | Path | None = None):
+        scheme = url.partition("://")[0]
+        if (ca or cert or key) and scheme not in ("https", "grpcs"):
+            raise ValueError(f"ca, cert and key are TLS settings: use https:// or grpcs://, not {scheme}://")
+        if (cert is None) != (key is None):
+            raise ValueError("a client certificate needs its key: give both cert and key")
+        if scheme in ("grpc", "grpcs"):
             if uds:
                 raise ValueError("uds is for HTTP; a gRPC client takes grpc://host:port")
             from edgerun.grpc.client import GrpcTransport  # needs grpcio: pip install 'edgerun[grpc]'
 
-            self._t: Any = GrpcTransport(url.removeprefix("grpc://").rstrip("/"), token=token, timeout=timeout)
+            tls = (ca, cert, key) if scheme == "grpcs" else None
+            self._t: Any = GrpcTransport(url.partition("://")[2].rstrip("/"), token=token, timeout=timeout, tls=tls)
         else:
-            self._t = _HttpTransport(url, token=token, timeout=timeout, uds=uds)
+            verify = _ssl_context(ca, cert, key) if scheme == "https" else True
+            self._t = _HttpTransport(url, token=token, timeout=timeout, uds=uds, verify=verify)
 
     def close(self) -> None:
         self._t.close()
@@ -83,11 +98,20 @@ class Client:
         return self._t.infer(model, arrays, version, wanted)
 
 
+def _ssl_context(ca: str | Path | None, cert: str | Path | None, key: str | Path | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
 class _HttpTransport:
-    def __init__(self, url: str, *, token: str | None, timeout: float, uds: str | None):
+    def __init__(self, url: str, *, token: str | None, timeout: float, uds: str | None,
+                 verify: ssl.SSLContext | bool = True):
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        transport = httpx.HTTPTransport(uds=uds) if uds else None
-        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        transport = httpx.HTTPTransport(uds=uds, verify=verify) if uds else None
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport,
+                                  verify=verify)
 
     def close(self) -> None:
         self._http.close()

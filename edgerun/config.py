@@ -50,7 +50,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     uds: Path | None = None
-    token_file: Path | None = None  # bearer token; env EDGERUN_API_TOKEN also works
+    token_file: Path | None = None  # bearer token (the admin scope); env EDGERUN_API_TOKEN also works
+    tokens_file: Path | None = None  # named, scoped tokens as SHA-256 hashes (edgerun token create); re-read on SIGHUP
     max_body: int = 64 << 20
     max_body_total: int = 128 << 20  # request-body bytes held at once, across connections
     max_connections: int = 256
@@ -59,9 +60,12 @@ class ServerConfig:
     body_min_rate: int = 16 << 10  # bytes per second
     idle_timeout: float = 30.0  # seconds a connection may wait for its next request
     drain_timeout: float = 30.0
-    allow_insecure: bool = False  # allow a non-loopback host without a token (logged loudly)
+    allow_insecure: bool = False  # allow a non-loopback host without a token or client certificates (logged loudly)
     grpc_port: int = 8001  # KServe v2 gRPC on the same host; 0 turns it off
     repository_dir: Path | None = None  # packages the repository extension may load and unload (needs a token)
+    tls_cert_file: Path | None = None  # serve HTTPS and gRPC over TLS with this certificate (PEM)
+    tls_key_file: Path | None = None  # its private key (PEM, not encrypted)
+    tls_client_ca_file: Path | None = None  # require client certificates signed by this CA (mutual TLS)
 
     def token(self) -> str | None:
         """The bearer token, from EDGERUN_API_TOKEN or token_file; None when not configured."""
@@ -74,6 +78,14 @@ class ServerConfig:
             except OSError as exc:
                 raise ConfigError(f"cannot read token file: {exc}", key="server.token_file") from None
         return None
+
+    def has_tokens(self) -> bool:
+        """Whether requests need a bearer token: the API token or a tokens file is configured."""
+        return self.tokens_file is not None or bool(self.token())
+
+    def mutual_tls(self) -> bool:
+        """Whether every client must present a certificate from ``tls_client_ca_file``."""
+        return self.tls_cert_file is not None and self.tls_client_ca_file is not None
 
 
 @dataclass(frozen=True)
@@ -357,11 +369,17 @@ def check_config(config: Config) -> None:
             raise
         except Exception as exc:
             raise ConfigError(f"not a valid model package: {exc}", file=src, key=f"models[{i}].path") from None
-    for key, path in (("server.token_file", config.server.token_file), ("mqtt.password_file", config.mqtt.password_file),
+    for key, path in (("server.token_file", config.server.token_file),
+                      ("server.tokens_file", config.server.tokens_file),
+                      ("server.tls_cert_file", config.server.tls_cert_file),
+                      ("server.tls_key_file", config.server.tls_key_file),
+                      ("server.tls_client_ca_file", config.server.tls_client_ca_file),
+                      ("mqtt.password_file", config.mqtt.password_file),
                       ("mqtt.ca_file", config.mqtt.ca_file), ("mqtt.cert_file", config.mqtt.cert_file),
                       ("mqtt.key_file", config.mqtt.key_file)):
         if path is not None and not os.access(path, os.R_OK):
             raise ConfigError(f"expected a readable file, cannot read {path}", file=src, key=key)
+    _check_access(config)
     for key in ("device_key_file", "fleet_key_file"):
         path = getattr(config, key)
         if path is not None:
@@ -401,6 +419,20 @@ def check_config(config: Config) -> None:
         except ValueError as exc:
             raise ConfigError(f"expected a size or a percentage, e.g. \"512MiB\" or \"60%\": {exc}",
                               file=src, key="memory_budget") from None
+
+
+def _check_access(config: Config) -> None:
+    """The tokens file's entries and the TLS files, as ``edgerun serve`` checks them at start."""
+    from edgerun.serving.access import Access
+    from edgerun.serving.tls import server_tls
+
+    for check in (Access.from_config, server_tls):
+        try:
+            check(config.server)
+        except ConfigError as exc:
+            if exc.file is not None or exc.key is None:
+                raise
+            raise ConfigError(str(exc).split(": ", 1)[1], file=config.source, key=exc.key) from None
 
 
 def _check_model_file(path: Path, source: str | None, key: str) -> None:

@@ -40,6 +40,7 @@ class Daemon:
     grpc: Any = None
     agent: Any = None
     app: Any = None
+    access: Any = None  # edgerun.serving.access.Access: the server's tokens, checked before models load
 
     def __post_init__(self) -> None:
         self.runtime = Runtime(profile=self.config.profile, memory_budget=self.config.memory_budget,
@@ -66,6 +67,7 @@ class Daemon:
         self._stop = asyncio.Event()
         installed = self._install_signals(loop)
         try:
+            self._check_access()
             await self._start()
             if not self._stopping:
                 await self._serve()
@@ -123,6 +125,16 @@ class Daemon:
                 pass
         return installed
 
+    def _check_access(self) -> None:
+        """Read the tokens and check the TLS files before the models load: a mistake stops the start at once."""
+        from edgerun.serving.access import Access
+        from edgerun.serving.tls import server_tls
+
+        self.access = Access.from_config(self.config.server)
+        server_tls(self.config.server)
+        if self.config.server.tokens_file is not None:
+            log.info("tokens: %d from %s", len(self.access.names()), self.config.server.tokens_file)
+
     async def _start(self) -> None:
         self.notifier.status("loading models")
         for m in self.config.models:
@@ -135,8 +147,10 @@ class Daemon:
     async def _serve(self) -> None:
         from edgerun.server.app import create_app
         from edgerun.server.http import HttpServer
+        from edgerun.serving.service import InferenceService
 
-        self.app = create_app(self.runtime, self._app_config())
+        config = self._app_config()
+        self.app = create_app(self.runtime, config, InferenceService(self.runtime, config, access=self.access))
         self.server = HttpServer(self.app, self.config.server, handle_signals=False)
         self.server.check_security()
         await self._start_grpc()
@@ -253,7 +267,7 @@ class Daemon:
     # --- SIGHUP -----------------------------------------------------------------------------
 
     async def reload(self) -> None:
-        """Apply a re-read configuration: models, log level and MQTT now; the rest after a restart."""
+        """Apply a re-read configuration: the tokens file, models, log level and MQTT now; the rest after a restart."""
         while True:
             self._reload_again = False
             self._reloading = True
@@ -286,6 +300,8 @@ class Daemon:
         old = self.config
         log.info("reloading the configuration from %s", new.source or "defaults")
         _hide_secrets(new)
+        if self.access is not None:
+            await asyncio.to_thread(self.access.reload)  # the tokens file (a revocation); broken: nothing changes
         if new.log_level != old.log_level and not self.log_level_fixed:
             logging.getLogger().setLevel(new.log_level)
             log.info("log level is now %s", new.log_level)

@@ -12,7 +12,7 @@ from edgerun.cli.app import app, err_console
 from edgerun.errors import EdgerunError
 
 COMMAND_MODULES = ("core", "serve", "hub_package", "hub_fleet", "hub_keys", "hub_rollout", "hub_dashboard", "config",
-                   "service")
+                   "service", "token")
 
 for _name in COMMAND_MODULES:
     try:

@@ -1,7 +1,9 @@
-"""``edgerun.Client`` over gRPC (``grpc://host:port``): the same calls as over HTTP, on the generated stubs."""
+"""``edgerun.Client`` over gRPC (``grpc://host:port``, ``grpcs://`` over TLS): the same calls as over HTTP, on the
+generated stubs."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import grpc
@@ -21,8 +23,15 @@ class GrpcError(EdgerunError):
 
 
 class GrpcTransport:
-    def __init__(self, target: str, *, token: str | None, timeout: float):
-        self._channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", -1)])
+    def __init__(self, target: str, *, token: str | None, timeout: float, tls: tuple[Any, Any, Any] | None = None):
+        """``tls``: (CA file or None for the system's, client certificate file, its key file), for grpcs://."""
+        options = [("grpc.max_receive_message_length", -1)]
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            ca, cert, key = (Path(p).read_bytes() if p else None for p in tls)
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+            self._channel = grpc.secure_channel(target, credentials, options=options)
         self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout

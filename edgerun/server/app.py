@@ -1,4 +1,4 @@
-"""The ASGI application: auth and body limits up front, ``infer`` on a raw fast path, the rest on Starlette."""
+"""The ASGI application: access and body limits up front, ``infer`` on a raw fast path, the rest on Starlette."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import logging
 from typing import Any
 
 from edgerun.config import Config
-from edgerun.errors import ClientGone, EdgerunError, Unauthenticated
+from edgerun.errors import ClientGone, EdgerunError
 from edgerun.runtime import Runtime
-from edgerun.server.asgi import Receive, Send, send_error, send_json
+from edgerun.server.asgi import Receive, Send, header, send_error, send_json
+from edgerun.server.auth import needs
 from edgerun.server.errors import HttpError
 from edgerun.server.infer import handle_infer, parse_infer_path
 from edgerun.server.routes import build_routes
@@ -24,7 +25,7 @@ class EdgerunApp:
     def __init__(self, runtime: Runtime, config: Config, service: InferenceService | None = None):
         self.state = ServerState(runtime, config, service)
         self._routes = build_routes(self.state)
-        self._auth = self.state.auth
+        self._access = self.state.service.access
         self._max_body = self.state.max_body
 
     @property
@@ -49,10 +50,14 @@ class EdgerunApp:
         state = self.state
         state.in_flight += 1
         try:
-            if self._auth is not None and not self._auth.allows(scope) and not self._auth.allows(_no_slash(scope)):
-                await send_error(send, Unauthenticated("missing or wrong bearer token (Authorization: Bearer ...)"))
-                state.metrics.failure("", "unauthorized")
-                return
+            if self._access.enabled:
+                need = needs(_no_slash(scope)["path"])
+                if need is not None:
+                    try:
+                        state.service.authorize(header(scope, b"authorization"), *need)
+                    except EdgerunError as err:
+                        await send_error(send, err)
+                        return
             target = parse_infer_path(scope["path"])
             if target is None and scope["path"].endswith("/"):
                 scope = _no_slash(scope)  # served as the path without it (no redirect naming the Host header)

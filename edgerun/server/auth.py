@@ -1,23 +1,32 @@
-"""Bearer-token check for every endpoint but the health ones."""
+"""What each HTTP path needs from access control: an action and the model it names, or nothing (health)."""
 
 from __future__ import annotations
 
-import hmac
+from edgerun.serving.access import ADMIN, INFER, METADATA, METRICS, SERVER
 
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
 
-class BearerAuth:
-    """Compares ``Authorization: Bearer <token>`` in constant time."""
+def needs(path: str) -> tuple[str, str | None] | None:
+    """(action, model or None for every model) for a path without its trailing slash; None when it is open.
 
-    def __init__(self, token: str):
-        self._expected = token.encode()
-
-    def allows(self, scope: dict) -> bool:
-        if scope["path"] in OPEN_PATHS:
-            return True
-        for key, value in scope["headers"]:
-            if key == b"authorization":
-                scheme, _, given = value.strip().partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._expected)
-        return False
+    A path that names no endpoint needs a valid token (SERVER), then answers 404: an anonymous caller learns
+    nothing of the server's endpoints or models.
+    """
+    if path in OPEN_PATHS:
+        return None
+    if path == "/metrics":
+        return METRICS, None
+    parts = path.split("/")  # ['', 'v2', 'models', m, ...] or ['', 'v2', 'repository', ...]
+    if len(parts) < 4 or parts[1] != "v2":
+        return SERVER, None
+    if parts[2] == "models" and parts[3]:
+        if len(parts) == 4 and parts[3] == "stats":
+            return METADATA, None
+        return (INFER if parts[-1] == "infer" else METADATA), parts[3]
+    if parts[2] == "repository":
+        if len(parts) == 4 and parts[3] == "index":
+            return METADATA, None
+        if len(parts) == 6 and parts[3] == "models":
+            return ADMIN, parts[4]
+    return SERVER, None

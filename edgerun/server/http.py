@@ -19,6 +19,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from edgerun.config import ServerConfig
 from edgerun.errors import ConfigError
+from edgerun.serving.tls import ServerTls, server_tls
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +336,7 @@ class HttpServer:
         self._server: _Uvicorn | None = None
         self._stop_requested = False
         self._checked = False
+        self._tls: ServerTls | None = None
         self.front_door = FrontDoor(config)
         watch = getattr(app, "watch_front_door", None)
         if watch is not None:
@@ -352,18 +354,23 @@ class HttpServer:
             self._server.should_exit = True
 
     def check_security(self) -> None:
-        """Refuse a non-loopback TCP address without a token unless ``allow_insecure`` is set."""
+        """Refuse a non-loopback TCP address without tokens or client certificates unless ``allow_insecure`` is set.
+
+        Also checks the TLS files (ConfigError naming the key).
+        """
         if self._checked:
             return
         self._checked = True
         c = self.config
-        if c.host and not is_loopback(c.host) and not c.token():
-            if not getattr(c, "allow_insecure", False):
-                raise ConfigError(f"refusing to listen on {c.host} without an API token: set EDGERUN_API_TOKEN or "
-                                  "server.token_file (--token-file), or allow it with --allow-insecure",
+        self._tls = server_tls(c)
+        if c.host and not is_loopback(c.host) and not c.has_tokens() and not c.mutual_tls():
+            if not c.allow_insecure:
+                raise ConfigError(f"refusing to listen on {c.host} without an API token: set EDGERUN_API_TOKEN, "
+                                  "server.token_file (--token-file) or server.tokens_file, or require client "
+                                  "certificates (server.tls_client_ca_file), or allow it with --allow-insecure",
                                   key="server.host")
-            log.warning("listening on %s WITHOUT an API token: anyone who can reach this port can run models",
-                        c.host)
+            log.warning("listening on %s WITHOUT an API token or client certificates: anyone who can reach this "
+                        "port can run models", c.host)
 
     def _sockets(self) -> list[socket.socket]:
         c = self.config
@@ -371,8 +378,9 @@ class HttpServer:
         if c.host:
             sock = bind(c.host, c.port, key="server.port")
             host, port = sock.getsockname()[:2]
-            self.addresses.append(f"http://[{host}]:{port}" if sock.family == socket.AF_INET6
-                                  else f"http://{host}:{port}")
+            scheme = "http" if self._tls is None else "https"
+            self.addresses.append(f"{scheme}://[{host}]:{port}" if sock.family == socket.AF_INET6
+                                  else f"{scheme}://{host}:{port}")
             socks.append(sock)
         if c.uds:
             path = Path(c.uds)
@@ -400,7 +408,8 @@ class HttpServer:
         cfg = uvicorn.Config(self.app, loop="none", http=protocol, ws="none", lifespan="on", log_config=None,
                              access_log=False, server_header=False, date_header=False, proxy_headers=False,
                              timeout_graceful_shutdown=self.config.drain_timeout,
-                             timeout_keep_alive=self.config.idle_timeout, backlog=1024)
+                             timeout_keep_alive=self.config.idle_timeout, backlog=1024,
+                             **(self._tls.uvicorn_options() if self._tls is not None else {}))
         self._server = _Uvicorn(cfg, self)
         if self._stop_requested:
             self._server.should_exit = True

@@ -1,11 +1,11 @@
-"""What the HTTP routes share: the inference service, and HTTP's own auth, body limit and disconnect watch."""
+"""What the HTTP routes share: the inference service (with its access control), HTTP's body limit and disconnect
+watch."""
 
 from __future__ import annotations
 
 from edgerun.config import Config
 from edgerun.runtime import Runtime
 from edgerun.server.asgi import DisconnectWatch
-from edgerun.server.auth import BearerAuth
 from edgerun.serving.service import InferenceService
 
 
@@ -15,8 +15,6 @@ class ServerState:
         self.service = service or InferenceService(runtime, config)
         self.metrics = self.service.metrics
         self.max_body = config.server.max_body
-        token = config.server.token()
-        self.auth = BearerAuth(token) if token else None
         self.repository = self.service.repository
         self.watch = DisconnectWatch()
         self.in_flight = 0

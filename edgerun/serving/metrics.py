@@ -12,6 +12,7 @@ from prometheus_client.utils import floatToGoString
 
 from edgerun.hookspecs import hookimpl
 from edgerun.runtime import Runtime
+from edgerun.serving.access import REFUSALS
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0)
@@ -168,6 +169,10 @@ class ServerMetrics:
         r = self.registry = CollectorRegistry()
         self.per_model: dict[str, _PerModel] = {}
         self.failed: dict[tuple[str, str], int] = {}
+        self.auth_refusals = Counter("edgerun_auth_refusals", "Requests refused by access control, by reason",
+                                     ["reason"], registry=r)
+        for reason in REFUSALS:
+            self.auth_refusals.labels(reason)
         self.model_events = Counter("edgerun_model_events", "Model activations and update state transitions",
                                     ["model", "event"], registry=r)
         r.register(_RequestsCollector(self))
@@ -192,6 +197,11 @@ class ServerMetrics:
     def failure(self, model: str, reason: str) -> None:
         key = (model, reason)
         self.failed[key] = self.failed.get(key, 0) + 1
+
+    def refused(self, reason: str, failure: str) -> None:
+        """A request refused by access control: ``reason`` one of REFUSALS, ``failure`` unauthorized or forbidden."""
+        self.auth_refusals.labels(reason).inc()
+        self.failure("", failure)
 
     def batch(self, model: str, rows: int, compute: float, waits: list[float]) -> None:
         """One backend run of ``rows`` rows, and how long each request in it waited."""

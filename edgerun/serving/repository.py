@@ -1,9 +1,10 @@
 """The model repository extension: list, load and unload the packages of ``server.repository_dir``.
 
-Loading and unloading are admin actions: refused unless the server has an API token (every request then
-carries it) and a repository directory. A model is a package directory ``{repository_dir}/{name}`` or a bare
-model file ``{repository_dir}/{name}.onnx`` (``.tflite``, ``.xml``); models served from the configuration or
-by the update agent are theirs to manage, and the repository neither replaces nor unloads them.
+Loading and unloading are admin actions: refused unless the server has API tokens (every request then carries
+one, and only a token with the ``admin`` scope gets this far) and a repository directory. A model is a package
+directory ``{repository_dir}/{name}`` or a bare model file ``{repository_dir}/{name}.onnx`` (``.tflite``,
+``.xml``); models served from the configuration or by the update agent are theirs to manage, and the repository
+neither replaces nor unloads them.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class ModelRepository:
     def _allowed(self, action: str) -> None:
         if not self.admin:
             raise Forbidden(f"{action} is an admin action and this server has no API token: configure one "
-                            "(server.token_file or EDGERUN_API_TOKEN) to allow model repository control")
+                            "(server.token_file, EDGERUN_API_TOKEN, or an admin token in server.tokens_file) to "
+                            "allow model repository control")
         if self.root is None:
             raise Forbidden(f"cannot {action} models: no model repository is configured (server.repository_dir)")
 

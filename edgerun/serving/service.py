@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, TypeVar
 import numpy as np
 
 from edgerun.config import Config, ModelConfig
-from edgerun.errors import EdgerunError, ModelNotFound, ModelNotReady, Retired
+from edgerun.errors import EdgerunError, Forbidden, ModelNotFound, ModelNotReady, Retired, Unauthenticated
+from edgerun.serving.access import Access, Grant, bearer
 from edgerun.serving.batching import ModelScheduler, Policy, has_batch_dim, policy_for
 from edgerun.serving.metrics import ServerMetrics
 from edgerun.serving.modelconfig import model_config
@@ -67,15 +68,38 @@ class _Served:
 class InferenceService:
     """Serve a Runtime's models to any number of front ends; one per server process."""
 
-    def __init__(self, runtime: Runtime, config: Config, *, workers: int = 32):
+    def __init__(self, runtime: Runtime, config: Config, *, workers: int = 32, access: Access | None = None):
         self.runtime = runtime
         self.config = config
+        self.access = access if access is not None else Access.from_config(config.server)
         self.metrics = ServerMetrics(runtime, self._queues)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgerun-infer")
         self._model_configs = _ModelConfigs(runtime, config.models)
         self._served: dict[LoadedModel, _Served] = {}
-        self.repository = ModelRepository(runtime, config.server.repository_dir,
-                                          admin=config.server.token() is not None)
+        self.repository = ModelRepository(runtime, config.server.repository_dir, admin=self.access.enabled)
+
+    # --- access ----------------------------------------------------------------------------
+
+    def identify(self, authorization: str | bytes | None) -> Grant:
+        """The grant of a request's ``authorization`` header (or gRPC metadata); refusals are counted."""
+        try:
+            return self.access.identify(bearer(authorization) if self.access.enabled else None)
+        except Unauthenticated as exc:
+            self.metrics.refused(getattr(exc, "refusal", "unknown_token"), exc.reason)
+            raise
+
+    def check(self, grant: Grant, action: str, model: str | None = None) -> None:
+        """Forbidden unless ``grant`` allows ``action`` on ``model`` (None: every model); refusals are counted."""
+        try:
+            self.access.check(grant, action, model)
+        except Forbidden as exc:
+            self.metrics.refused(getattr(exc, "refusal", "scope"), exc.reason)
+            raise
+
+    def authorize(self, authorization: str | bytes | None, action: str, model: str | None = None) -> Grant:
+        grant = self.identify(authorization)
+        self.check(grant, action, model)
+        return grant
 
     # --- models ----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -117,11 +118,19 @@ def echo_request(**override: dict) -> dict:
 
 
 class ServerProcess:
-    """``edgerun serve`` in a subprocess; ``url`` once ready."""
+    """``edgerun serve`` in a subprocess; ``url`` once ready.
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int | None = None):
+    ``tls``: (CA file, client certificate, client key) for a server on HTTPS; its readiness is asked with them.
+    """
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int | None = None,
+                 tls: tuple[Path, Path, Path] | None = None):
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.verify: ssl.SSLContext | bool = True
+        if tls is not None:
+            self.verify = ssl.create_default_context(cafile=str(tls[0]))
+            self.verify.load_cert_chain(str(tls[1]), str(tls[2]))
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgerun-serve-{self.port}.log"
         full_env = {**os.environ, "EDGERUN_LOG_LEVEL": "INFO", **(env or {})}
         self._log_file = open(self.log, "wb")
@@ -135,7 +144,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"edgerun serve exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if httpx.get(self.url + "/v2/health/ready", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/v2/health/ready", timeout=1, verify=self.verify).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
@@ -151,6 +160,19 @@ class ServerProcess:
         terminate(self.proc)
         self._log_file.close()
         return self.proc.returncode
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``edgerun ARGS...`` in a subprocess: its exit code, stdout and stderr."""
+    return subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def create_token(tokens_file: Path, name: str, *scopes: str) -> str:
+    """``edgerun token create NAME --scope ...``: the token it prints."""
+    r = run_cli("token", "create", name, *(a for s in scopes for a in ("--scope", s)), "--tokens-file", str(tokens_file))
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
 
 
 def reference(package: ModelPackage, x: np.ndarray) -> np.ndarray:

@@ -47,6 +47,7 @@ def test_perf_analyzer_runs_unchanged(served, protocol, extra):
                        out)
     assert server, f"perf_analyzer read no server-side statistics:\n{out}"
     inferences, executions, successes = map(int, server.groups())
-    assert client >= 100 and successes >= client and inferences >= client, out
+    # the server's counts cover the client's windows, give or take the requests in flight at their edges
+    assert client >= 100 and successes >= client - 8 and inferences >= client - 8, out
     assert 0 < executions <= inferences, out  # batching: one run may serve several requests
     assert "compute infer" in out
