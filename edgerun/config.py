@@ -39,6 +39,7 @@ class ModelConfig:
     backend: str | None = None
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     max_inflight: int = 4  # concurrent runs of this model
+    inline_below_us: int = 200  # runs measured shorter than this go on the event loop, not a thread (0: never)
     max_queue: int = 256  # waiting requests before 503
 
 
@@ -200,7 +201,7 @@ def _tags(t: Table, name: str) -> dict[str, str]:
 
 
 def _model(t: Table, base: Path) -> ModelConfig:
-    t.only("path", "name", "variant", "backend", "batching", "max_inflight", "max_queue")
+    t.only("path", "name", "variant", "backend", "batching", "max_inflight", "max_queue", "inline_below_us")
     path = Path(t.get("path", str, required=True))
     if not path.is_absolute():
         path = base / path
@@ -212,7 +213,8 @@ def _model(t: Table, base: Path) -> ModelConfig:
             raise t.fail(key, "expected a positive integer")
     return ModelConfig(path=path, name=t.get("name", str, None), variant=t.get("variant", str, None),
                        backend=t.get("backend", str, None), batching=batching,
-                       max_inflight=t.get("max_inflight", int, 4), max_queue=t.get("max_queue", int, 256))
+                       max_inflight=t.get("max_inflight", int, 4), max_queue=t.get("max_queue", int, 256),
+                       inline_below_us=max(0, t.get("inline_below_us", int, 200)))
 
 
 def parse_config(data: dict[str, Any], source: str | None = None, base: Path | None = None) -> Config:

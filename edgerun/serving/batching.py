@@ -30,6 +30,7 @@ class Policy:
     max_queue_delay: float  # seconds
     max_inflight: int
     max_queue: int
+    inline_below: float = 0.0  # seconds: a run predicted shorter goes on the event loop (0: always a thread)
 
 
 def has_batch_dim(model: LoadedModel) -> bool:
@@ -47,7 +48,7 @@ def policy_for(model: LoadedModel, cfg: ModelConfig | None) -> Policy:
                     "dimension; serving without batching", model.name)
         enabled = False
     return Policy(enabled and b.max_batch_size > 1, max(1, b.max_batch_size), max(0, b.max_queue_delay_us) / 1e6,
-                  max(1, cfg.max_inflight), max(1, cfg.max_queue))
+                  max(1, cfg.max_inflight), max(1, cfg.max_queue), max(0, cfg.inline_below_us) / 1e6)
 
 
 class _Item:
@@ -90,6 +91,11 @@ class ModelScheduler:
 
     A batch starts at once when no run of this model is in flight; while runs are in flight, a free slot
     waits until the batch is full or its oldest request has waited ``max_queue_delay``.
+
+    A run goes to a worker thread, unless the model's runs are measured shorter than ``inline_below``: handing
+    such a run to a thread and back costs more than the run (two thread switches, and on a one-core device the
+    loop and the worker take turns), so it runs on the event loop, one batch per loop iteration. The first runs
+    always go to a thread, and a model whose runs grow longer goes back to threads.
     """
 
     def __init__(self, model: LoadedModel, policy: Policy, executor: Executor,
@@ -104,6 +110,8 @@ class ModelScheduler:
         self._kick_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._run_seconds: float | None = None  # moving average of the runs' compute time ...
+        self._run_rows = 1.0  # ... and of their rows
 
     @property
     def queued(self) -> int:
@@ -152,7 +160,11 @@ class ModelScheduler:
                     if self._timer is None:
                         self._timer = self._loop.call_later(wait, self._on_timer)  # type: ignore[union-attr]
                     return
-            self._start(self._take())
+            if self._start(self._take()) and self._pending:
+                # it ran on the event loop: let the loop read more requests (and answer others) before the next
+                self._kick_scheduled = True
+                self._loop.call_soon(self._kick)  # type: ignore[union-attr]
+                return
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -171,30 +183,52 @@ class ModelScheduler:
         self._pending_rows -= rows
         return batch
 
-    def _start(self, batch: list[_Item]) -> None:
+    def _start(self, batch: list[_Item]) -> bool:
+        """Run a batch: on the event loop when its run is predicted short, else on a worker thread; True when it
+        ran on the loop (and is done)."""
         live = [it for it in batch if not it.future.done()]  # drop requests whose client went away
         if not live:
-            return
+            return False
         self._inflight += 1
         now = perf_counter()
         waits = [now - it.enqueued for it in live]
-        fut = self._executor.submit(_run_batch, self.model, [it.inputs for it in live], [it.rows for it in live])
+        inputs, rows = [it.inputs for it in live], [it.rows for it in live]
+        limit = self.policy.inline_below
+        if limit and self._run_seconds is not None and self._run_seconds * sum(rows) / self._run_rows < limit:
+            try:
+                result = _run_batch(self.model, inputs, rows)
+            except Exception as exc:
+                self._finish(live, waits, None, exc)
+            else:
+                self._finish(live, waits, result, None)
+            return True
+        fut = self._executor.submit(_run_batch, self.model, inputs, rows)
         call_back = self._loop.call_soon_threadsafe  # type: ignore[union-attr]
         fut.add_done_callback(lambda f: call_back(self._done, live, waits, f))
+        return False
 
     def _done(self, batch: list[_Item], waits: list[float], fut: Future) -> None:
-        self._inflight -= 1
         exc = fut.exception()
+        self._finish(batch, waits, None if exc is not None else fut.result(), exc)
+        if self._pending:
+            self._kick()
+
+    def _finish(self, batch: list[_Item], waits: list[float], result: Any, exc: BaseException | None) -> None:
+        self._inflight -= 1
         if exc is not None:
             for it in batch:
                 if not it.future.done():
                     it.future.set_exception(exc)
-        else:
-            results, merge, compute, split = fut.result()
-            for it, r, wait in zip(batch, results, waits):
-                if not it.future.done():
-                    it.future.set_result((r, wait, compute))
-            if self._observe is not None:
-                self._observe(self.model, sum(it.rows for it in batch), merge, compute, split, waits)
-        if self._pending:
-            self._kick()
+            return
+        results, merge, compute, split = result
+        for it, r, wait in zip(batch, results, waits):
+            if not it.future.done():
+                it.future.set_result((r, wait, compute))
+        rows = sum(it.rows for it in batch)
+        if self._run_seconds is None:
+            self._run_seconds, self._run_rows = compute, rows
+        else:  # a moving average of the runs' time and size, to predict the next run's time
+            self._run_seconds += (compute - self._run_seconds) * 0.2
+            self._run_rows += (rows - self._run_rows) * 0.2
+        if self._observe is not None:
+            self._observe(self.model, rows, merge, compute, split, waits)
