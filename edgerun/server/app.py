@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import orjson
+
 from edgerun.config import Config
 from edgerun.errors import ClientGone, EdgerunError
 from edgerun.runtime import Runtime
-from edgerun.server.asgi import Receive, Send, header, send_error, send_json
+from edgerun.server.asgi import JSON, Receive, Send, header, send_error, send_json
 from edgerun.server.auth import needs
 from edgerun.server.errors import HttpError
-from edgerun.server.infer import handle_infer, parse_infer_path
+from edgerun.server.infer import answer_infer, handle_infer, parse_infer_path
 from edgerun.server.routes import build_routes
 from edgerun.server.state import ServerState
 from edgerun.serving.service import InferenceService
@@ -80,6 +82,32 @@ class EdgerunApp:
                                                       f"{self._max_body} bytes (server.max_body)"))
                 return
             await self._routes(scope, receive, send)
+        finally:
+            state.in_flight -= 1
+
+    async def answer(self, scope: dict, body: bytes | bytearray, receive: Receive
+                     ) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes] | None:
+        """The answer (status, content type, headers, body) to an infer request whose whole body has arrived; None
+        when the client left. The listener calls this for a plain ``POST .../infer`` instead of the ASGI app."""
+        state = self.state
+        state.in_flight += 1
+        try:
+            if self._access.enabled:
+                need = needs(scope["path"])
+                if need is not None:
+                    state.service.authorize(header(scope, b"authorization"), *need)
+            target = parse_infer_path(scope["path"])
+            if target is None:
+                raise HttpError(404, f"no such endpoint: POST {scope['path']}")
+            if len(body) > self._max_body:
+                raise HttpError(413, f"request body exceeds the limit of {self._max_body} bytes (server.max_body)")
+            out, content_type, extra = await answer_infer(state, target[0], target[1], scope, body, receive)
+            return 200, content_type, extra, out
+        except ClientGone:
+            return None
+        except EdgerunError as err:
+            return (err.http_status, JSON, [(k.encode(), v.encode()) for k, v in err.headers.items()],
+                    orjson.dumps({"error": str(err)}))
         finally:
             state.in_flight -= 1
 

@@ -132,6 +132,81 @@ class FrontDoor:
 
 
 _DONE, _HEAD, _BODY = range(3)  # the request being read: none (or all of it), its head, its body
+_INFER_PREFIX, _INFER_SUFFIX = b"/v2/models/", b"/infer"
+
+
+class _InferCycle:
+    """One ``POST .../infer`` answered without the ASGI machinery: its whole body is handed to the app's
+    ``answer`` once it has arrived, and the answer is written to the transport in one piece.
+
+    It stands where uvicorn keeps a request's ``RequestResponseCycle`` and has the attributes the protocol
+    reads there (``body``, ``more_body``, ``response_started``, ``response_complete``, ``disconnected``,
+    ``keep_alive``, ``scope``); ``message_event.set()``, which the protocol calls when body arrives, the body
+    ends or the client leaves, is ``self.set()``.
+    """
+
+    __slots__ = ("protocol", "scope", "keep_alive", "body", "more_body", "response_started", "response_complete",
+                 "disconnected", "started", "gone")
+
+    def __init__(self, protocol: "_HttpProtocol", scope: dict, keep_alive: bool):
+        self.protocol = protocol
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.body = bytearray()
+        self.more_body = True
+        self.response_started = self.response_complete = self.disconnected = self.started = False
+        self.gone: asyncio.Future | None = None
+
+    @property
+    def message_event(self) -> "_InferCycle":
+        return self
+
+    def set(self) -> None:
+        if self.disconnected:
+            if self.gone is not None and not self.gone.done():
+                self.gone.set_result(None)
+        elif not self.more_body and not self.started:
+            self.started = True
+            protocol = self.protocol
+            task = protocol.loop.create_task(self.run())
+            task.add_done_callback(protocol.tasks.discard)
+            protocol.tasks.add(task)
+
+    async def receive(self) -> dict:
+        """What an ASGI receive() gives after the body: ``http.disconnect``, once the client has left."""
+        if not self.disconnected:
+            if self.gone is None:
+                self.gone = self.protocol.loop.create_future()
+            await self.gone
+        return {"type": "http.disconnect"}
+
+    async def run(self) -> None:
+        protocol = self.protocol
+        try:
+            answer = await protocol.answer(self.scope, self.body, self.receive)
+        except Exception:
+            log.exception("inference on %s failed", self.scope.get("path"))
+            answer = None
+            self.keep_alive = False
+        if answer is None or self.disconnected:
+            self.response_complete = True
+            if not self.disconnected:
+                protocol.transport.close()
+            return
+        status, content_type, extra, body = answer
+        parts = [STATUS_LINE[status], b"content-type: ", content_type, b"\r\ncontent-length: ",
+                 str(len(body)).encode(), b"\r\n"]
+        for name, value in extra:
+            parts += (name, b": ", value, b"\r\n")
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts += (b"\r\n", body)
+        transport = protocol.transport
+        transport.write(b"".join(parts))
+        self.response_started = self.response_complete = True
+        if not self.keep_alive:
+            transport.close()
+        protocol.on_response_complete()
 
 
 class _HttpProtocol(HttpToolsProtocol):
@@ -152,6 +227,7 @@ class _HttpProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._window = 0  # body bytes since the body timer was last armed
         self._held = 0  # body bytes of this connection's requests not answered yet
+        self.answer = getattr(self.app, "answer", None)  # the app's infer path without ASGI (EdgerunApp.answer)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_CorkedTransport(transport, self.loop))  # type: ignore[arg-type]
@@ -201,7 +277,40 @@ class _HttpProtocol(HttpToolsProtocol):
                 finally:
                     self.app = app
                 return
+        if self.answer is not None and self._plain_infer():
+            self._start_infer()
+            return
         super().on_headers_complete()
+
+    def _plain_infer(self) -> bool:
+        """Whether this request is a plain ``POST /v2/models/.../infer`` that ``_InferCycle`` can answer: nothing
+        in its path to decode, no answer under way on the connection, no 100-continue, and a body of at most
+        SMALL_BODY bytes, declared and not encoded (a larger one is streamed through the app, under flow control)."""
+        url = self.url
+        if not (url.startswith(_INFER_PREFIX) and url.endswith(_INFER_SUFFIX)) or b"%" in url or b"?" in url:
+            return False
+        if self.parser.get_method() != b"POST" or self.expect_100_continue or self.parser.should_upgrade():
+            return False
+        if self.cycle is not None and not self.cycle.response_complete:
+            return False  # a pipelined request waits its turn in uvicorn's queue
+        length = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = value
+            elif name == b"content-encoding" or name == b"transfer-encoding":
+                return False
+        return length is not None and length.isdigit() and int(length) <= SMALL_BODY
+
+    def _start_infer(self) -> None:
+        scope = self.scope
+        version = self.parser.get_http_version()
+        scope["method"] = "POST"
+        scope["path"] = self.url.decode("ascii")
+        scope["raw_path"] = self.url
+        scope["query_string"] = b""
+        if version != "1.1":
+            scope["http_version"] = version
+        self.cycle = _InferCycle(self, scope, version != "1.0" and self.parser.should_keep_alive())  # type: ignore
 
     def on_message_complete(self) -> None:
         self._done_scope = self.scope

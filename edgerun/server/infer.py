@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from edgerun.runtime import LoadedModel
 from edgerun.server import codec
-from edgerun.server.asgi import Receive, Send, header, read_body, send_bytes
+from edgerun.server.asgi import JSON, Receive, Send, header, read_body, send_bytes
 from edgerun.server.offload import INLINE_MAX
 from edgerun.server.offload import decode_request as decode_off_loop
 from edgerun.server.state import ServerState
 
 _HEADER_LENGTH = codec.HEADER_LENGTH.encode()
+_OCTETS = b"application/octet-stream"
+_NO_HEADERS: list[tuple[bytes, bytes]] = []
 
 
 def parse_infer_path(path: str) -> tuple[str, str | None] | None:
@@ -27,12 +29,20 @@ def parse_infer_path(path: str) -> tuple[str, str | None] | None:
 
 async def handle_infer(state: ServerState, name: str, version: str | None, scope: dict, receive: Receive,
                        send: Send) -> None:
-    """Read the body, then let the service decode, queue (batched), run and encode; errors propagate.
+    """Read the body, then answer it (``answer_infer``); errors propagate."""
+    body = await read_body(scope, receive, state.max_body)
+    out, content_type, extra = await answer_infer(state, name, version, scope, body, receive)
+    await send_bytes(send, 200, out, content_type, extra)
+
+
+async def answer_infer(state: ServerState, name: str, version: str | None, scope: dict, body: bytes | bytearray,
+                       receive: Receive) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
+    """The answer to an infer request's body: the service decodes, queues (batched), runs and encodes it.
 
     A body above ``INLINE_MAX`` is decoded in a worker thread, so the event loop keeps answering meanwhile.
+    ``receive`` tells when the client leaves (its queued run is then dropped). Errors propagate.
     """
     service = state.service
-    body = await read_body(scope, receive, state.max_body)
     header_length = header(scope, _HEADER_LENGTH)
     request: codec.InferRequest | None = None
 
@@ -54,7 +64,5 @@ async def handle_infer(state: ServerState, name: str, version: str | None, scope
     out, header_len = await service.infer(name, version, decode if len(body) <= INLINE_MAX else decode_large,
                                           encode, wait=lambda fut: state.watch.wait(fut, receive))
     if header_len is None:
-        await send_bytes(send, 200, out)
-    else:
-        await send_bytes(send, 200, out, b"application/octet-stream",
-                         [(_HEADER_LENGTH, str(header_len).encode())])
+        return out, JSON, _NO_HEADERS
+    return out, _OCTETS, [(_HEADER_LENGTH, str(header_len).encode())]

@@ -83,6 +83,21 @@ def test_connection_close_gets_the_whole_answer_then_eof(server):
         assert r.closed(), "the server kept the connection open after Connection: close"
 
 
+def test_back_to_back_infer_requests_answered_in_order_then_http10_closes(server):
+    """Several small infer requests in one write (the listener answers them without the ASGI layer, one at a time),
+    each with its own id, then an HTTP/1.0 request, whose answer ends the connection."""
+    docs = [orjson.dumps({"id": f"r{i}", "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                                     "data": [i / 10] * 64}]}) for i in range(5)]
+    with _connect(server) as s:
+        s.sendall(b"".join(_request("POST", "/v2/models/digits/infer", d) for d in docs)
+                  + _request("POST", "/v2/models/digits/infer", docs[0]).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+        r = _Reader(s)
+        ids = [orjson.loads(r.response()[2])["id"] for _ in docs]
+        status, headers, body = r.response()
+        assert ids == [f"r{i}" for i in range(5)] and status == 200 and orjson.loads(body)["id"] == "r0"
+        assert headers.get("connection") == "close" and r.closed()
+
+
 def test_a_large_answer_reaches_a_slow_reader_whole(server):
     """A ~1 MB binary answer: the reader waits before reading, so the server's writes back up."""
     big = np.arange(900_000, dtype=np.uint8).reshape(1, -1)
