@@ -17,7 +17,7 @@ from typing import Any
 from edgerun.units import decimal
 
 TOPIC_ROOT = "edgerun/v1"
-CONTRACT_VERSION = "1.3"  # what a device's status says it speaks; additive changes raise the minor
+CONTRACT_VERSION = "1.4"  # what a device's status says it speaks; additive changes raise the minor
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # fleet, device and model names: one safe topic level
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -266,6 +266,72 @@ class BackendInfo:
 
 
 @dataclass(frozen=True)
+class TunedCandidate:
+    """One candidate (variant, backend and its options) as a device measured it while tuning (1.4)."""
+
+    variant: str
+    backend: str
+    options: dict[str, Any] = field(default_factory=dict)  # what was set: threads, hints, optimization level...
+    latency_ms: float | None = None  # the median of warm runs on this device ...
+    latency_err_ms: float | None = None  # ... and its error
+    peak_rss_bytes: int | None = None  # the process's resident memory grew this much while it was loaded and run
+    agreement: float | None = None  # top-1 agreement with fp32 on the package's validation sample; None: no sample
+    kept: bool = True
+    reason: str = ""  # why it was dropped (wrong here, crashed, timed out, over the memory budget)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"variant": self.variant, "backend": self.backend, "options": dict(self.options),
+                "latency_ms": self.latency_ms, "latency_err_ms": self.latency_err_ms,
+                "peak_rss_bytes": self.peak_rss_bytes, "agreement": self.agreement, "kept": self.kept,
+                "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "TunedCandidate | None":
+        if not isinstance(d, dict) or not isinstance(d.get("variant"), str) or not isinstance(d.get("backend"), str):
+            return None
+        options = d.get("options") if isinstance(d.get("options"), dict) else {}
+        return cls(d["variant"], d["backend"], {str(k): v for k, v in options.items()
+                                                 if isinstance(v, (str, int, float, bool))},
+                   _num(d.get("latency_ms")), _num(d.get("latency_err_ms")), _int(d.get("peak_rss_bytes")),
+                   _num(d.get("agreement")), d.get("kept") is not False, _str(d.get("reason")))
+
+
+@dataclass(frozen=True)
+class TuningInfo:
+    """What a device measured when it tuned one model version, and what it picked (1.4)."""
+
+    model: str
+    version: int
+    chosen: TunedCandidate | None = None  # what serves after tuning
+    default: TunedCandidate | None = None  # what the variant choice picked from the hub's figures
+    candidates: tuple[TunedCandidate, ...] = ()
+    cpu_model: str = ""
+    cpu_class: str = ""  # x86-vnni, x86, arm64
+    profile: str = ""
+    seconds: float = 0.0  # how long tuning took
+    complete: bool = True  # False when the time budget ran out before every candidate was measured
+    ts: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "version": self.version,
+                "chosen": self.chosen.to_dict() if self.chosen else None,
+                "default": self.default.to_dict() if self.default else None,
+                "candidates": [c.to_dict() for c in self.candidates], "cpu_model": self.cpu_model,
+                "cpu_class": self.cpu_class, "profile": self.profile, "seconds": self.seconds,
+                "complete": self.complete, "ts": self.ts}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "TuningInfo | None":
+        if not isinstance(d, dict) or not isinstance(d.get("model"), str) or _int(d.get("version")) is None:
+            return None
+        return cls(d["model"], d["version"], TunedCandidate.from_dict(d.get("chosen")),
+                   TunedCandidate.from_dict(d.get("default")),
+                   tuple(c for c in map(TunedCandidate.from_dict, _list(d.get("candidates"))) if c),
+                   _str(d.get("cpu_model")), _str(d.get("cpu_class")), _str(d.get("profile")),
+                   _num(d.get("seconds")) or 0.0, d.get("complete") is not False, _num(d.get("ts")) or 0.0)
+
+
+@dataclass(frozen=True)
 class Status:
     """``devices/{device}/status`` (retained): what a device is, serves and is doing."""
 
@@ -280,6 +346,7 @@ class Status:
     updates: dict[str, UpdateInfo] = field(default_factory=dict)
     memory: dict[str, int] = field(default_factory=dict)  # rss_bytes, available_bytes, budget_bytes
     recipient: str | None = None  # the device's age key (age1...): what a hub encrypts releases to (1.3)
+    tuning: tuple[TuningInfo, ...] = ()  # what the device measured of the models it serves (1.4)
     contract: str = CONTRACT_VERSION
     ts: float = field(default_factory=time.time)
 
@@ -290,7 +357,8 @@ class Status:
                 "models": [m.to_dict() for m in self.models],
                 "update": self.update.to_dict() if self.update else None,
                 "updates": {k: u.to_dict() for k, u in self.updates.items()},
-                "memory": dict(self.memory), "recipient": self.recipient}
+                "memory": dict(self.memory), "recipient": self.recipient,
+                "tuning": [t.to_dict() for t in self.tuning]}
 
     def to_payload(self) -> bytes:
         return _dump(self.to_dict())
@@ -314,6 +382,7 @@ class Status:
             updates={k: u for k, v in updates.items() if (u := UpdateInfo.from_dict(v))},
             memory={k: v for k, v in memory.items() if _int(v) is not None},
             recipient=d["recipient"] if isinstance(d.get("recipient"), str) else None,
+            tuning=tuple(t for t in map(TuningInfo.from_dict, _list(d.get("tuning"))) if t),
             contract=_str(d.get("contract"), "1.0"), ts=_num(d.get("ts")) or 0.0)
 
     def model(self, name: str) -> ModelInfo | None:

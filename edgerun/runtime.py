@@ -16,6 +16,7 @@ import psutil
 from edgerun import bare
 from edgerun import choice as choice_mod
 from edgerun.backend import Availability, Backend, LoadOptions, Session
+from edgerun.contract import TuningInfo
 from edgerun.device import DeviceFacts, detect, refresh_memory
 from edgerun.devicekey import DeviceKey
 from edgerun.errors import (BackendUnavailable, EdgerunError, InvalidInput, ModelLoadError, ModelNotFound,
@@ -226,6 +227,7 @@ class Runtime:
         self._lock = threading.RLock()
         # (model, version, variant, backend) -> why the variant failed the package's validation sample here
         self.rejected: dict[tuple[str, int, str, str], str] = {}
+        self.tuned: dict[str, TuningInfo] = {}  # model -> what this device measured when it tuned the version serving
         if device_key is None:
             device_key = DeviceKey.default()
         self.device_key = device_key if isinstance(device_key, DeviceKey) else DeviceKey(Path(device_key))

@@ -283,7 +283,8 @@ class Agent:
         return Status(device=self.device, fleet=self.config.mqtt.fleet, session=self.conn.session, profile=profile,
                       tags=dict(self.config.mqtt.tags), backends=backends, models=tuple(models),
                       update=current_update(updates, self._last_update),
-                      updates=updates, memory=_memory(rt), recipient=self.recipient)
+                      updates=updates, memory=_memory(rt), recipient=self.recipient,
+                      tuning=tuple(rt.tuned.values()))
 
     def _publish_status(self) -> None:
         self._last_status = time.monotonic()

@@ -189,7 +189,7 @@ def test_devices_on_an_older_contract_are_skipped_for_a_release_they_would_refus
                                   plan=Plan(), runner="test:1")
             assert not start.skipped  # a release they can take goes to them as before
     rows = {r["device"]: r["contract"] for r in json.loads(setup.cli("status", "--offline", "--json").stdout)}
-    assert rows["old-11"] == "1.1" and rows["old-10"] == "1.0" and rows["sim-0000"] == "1.3"
+    assert rows["old-11"] == "1.1" and rows["old-10"] == "1.0" and rows["sim-0000"] == "1.4"
 
 
 def test_a_hub_killed_mid_rollout_loses_nothing_and_resume_finishes_it(setup):

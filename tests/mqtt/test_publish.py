@@ -35,7 +35,7 @@ def test_publish_then_device_serves_it_and_hub_status_shows_it(tmp_path, hub, wa
     status = watcher.wait_for(lambda: (watcher.status.get("dev1") or {}).get("update", {}).get("state") == "active"
                               and watcher.status["dev1"], what="status active")
     assert {"profile", "backends", "models", "update"} <= set(status)
-    assert status["contract"] == "1.3" and status["tags"] == {}  # tags came in 1.1
+    assert status["contract"] == "1.4" and status["tags"] == {}  # tags came in 1.1
     assert status["recipient"].startswith("age1")  # 1.3: the device's key, made at its first start
     assert status["memory"]["rss_bytes"] > 10 << 20 and status["memory"]["available_bytes"] > 0
     assert {"state", "version", "progress", "error"} <= set(status["update"]) and status["update"]["version"] == 1
@@ -47,7 +47,7 @@ def test_publish_then_device_serves_it_and_hub_status_shows_it(tmp_path, hub, wa
     rows = json.loads(r.stdout)
     assert [row["device"] for row in rows] == ["dev1"]
     row = rows[0]
-    assert row["online"] is True and row["contract"] == "1.3"
+    assert row["online"] is True and row["contract"] == "1.4"
     assert [(m["name"], m["version"], m["variant"]) for m in row["models"]] == [("digits", 1, "onnx-fp32")]
     available = {b["name"] for b in watcher.status["dev1"]["backends"] if b["available"]}
     assert row["models"][0]["backend"] in available
