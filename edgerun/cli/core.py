@@ -151,6 +151,8 @@ def explain(package: Path = PackageArg,
             need += "\n(estimate)"
         acc = f"{cand.accuracy:.4f}" if cand.accuracy is not None else "-"
         lat = f"{cand.latency_ms:.3f} ms" if cand.latency_ms is not None else "-"
+        if cand.fleet is not None or cand.by_fleet:
+            lat += f"\n({cand.latency_source})"
         if cand.chosen:
             verdict = Text("→ chosen", style="bold green")
         elif cand.kept:
