@@ -17,8 +17,8 @@ rollout's canary of 10, holds exactly its share of failures whichever devices it
 Tuning (``tune=True``, contract 1.4): once a version is active, each device "tunes" it and its status carries the
 figures: every (variant, backend, threads) its profile's backends run, with a latency drawn from its profile's
 CPU model (``PROFILE_CPUS``; several per profile), its variant's precision and the backend, spread from device to
-device by a few per cent, fixed by the seed and the device; int8 on LiteRT is wrong on about one device in ten
-(dropped). The device then serves the fastest candidate it kept. ``SimFleet.retune`` measures a device again.
+device by a few per cent, fixed by the seed and the device; int8 is wrong (dropped) on about one in five x86
+CPUs without VNNI, whose int8 kernels saturate. The device then serves the fastest candidate it kept. ``SimFleet.retune`` measures a device again.
 
 ``python -m edgerun.testing.fleet --port P --fleet F --trusted-keys DIR`` runs one in its own process. Do that
 when the fleet is large and the same process runs other paho clients with ``loop_start()``: paho's own loop
@@ -473,8 +473,8 @@ class SimDevice:
                                * (1.0 if threads == 1 else 0.65) * device_factor * noise * slower)
                     agreement = 1.0 if v.precision == "fp32" else round(0.995 + 0.005 * _unit(*parts, "agree"), 4)
                     kept, reason = True, ""
-                    if v.precision == "int8" and backend == "litert" and _unit(seed, me, v.id, "wrong") < 0.1:
-                        agreement = round(0.9 + 0.05 * _unit(*parts, "agree"), 4)
+                    if v.precision == "int8" and cpu_class == "x86" and _unit(seed, me, v.id, backend, "wrong") < 0.2:
+                        agreement = round(0.9 + 0.05 * _unit(*parts, "agree"), 4)  # its int8 kernels saturate
                         kept, reason = False, f"wrong on this device: top-1 agreement {agreement} with fp32 < 0.99"
                     cands.append(TunedCandidate(v.id, backend, {"threads": threads}, round(latency, 5),
                                                 round(latency * 0.03, 5), (v.memory_bytes or v.size) + (2 << 20),
