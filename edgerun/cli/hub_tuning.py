@@ -6,6 +6,7 @@ import json
 from typing import TYPE_CHECKING
 
 import typer
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -73,27 +74,35 @@ def _versions(versions: dict[int, int]) -> str:
 
 
 def group_table(g: "GroupFigures", model: str) -> Table:
-    """One profile and CPU model: a row per candidate, fastest first, the devices' pick marked with →."""
+    """One profile and CPU model: a row per candidate, fastest first, the devices' pick marked with →; the reasons
+    for dropping a candidate are numbered below the table."""
+    from edgerun.hub.figures import NUMBER
+
     cpu = g.cpu_model or "all CPU models"
     title = f"{g.profile or '(no profile)'} · {cpu}" + (f" ({g.cpu_class})" if g.cpu_class else "") + \
             f" · {g.devices} device{'s' if g.devices != 1 else ''}"
     if g.incomplete:
         title += f", {g.incomplete} ran out of tuning time"
-    table = Table(title=escape(title), title_justify="left")
-    table.add_column("", no_wrap=True)
-    for col in ("variant", "backend", "options"):
-        table.add_column(col)
-    for col in ("latency", "spread (p25–p75)", "peak memory", "agreement", "measured", "picked"):
-        table.add_column(col, justify="right")
-    table.add_column("dropped")
+    table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD, caption_justify="left",
+                  pad_edge=False, collapse_padding=True)
+    for col, cells in (("  variant", [f"  {c.variant}" for c in g.candidates]),
+                       ("backend", [c.backend for c in g.candidates]), ("options", [_options(c) for c in g.candidates])):
+        table.add_column(col, no_wrap=True, min_width=max(map(len, [col, *cells])))  # what it is stays readable
+    for col in ("latency ms", "p25–p75 ms", "memory", "agreement", "ran", "dropped", "picked"):
+        table.add_column(col, justify="right", no_wrap=True)
+    reasons: dict[str, tuple[int, str]] = {}  # kind of reason -> its number and an example
     pick = g.pick
     for c in g.candidates:
-        mark = c is pick
-        style = "bold" if mark else ""
-        table.add_row("→" if mark else "", escape(c.variant), escape(c.backend), escape(_options(c)), _latency(c),
-                      _spread(c), format_size(c.peak_rss_bytes) if c.peak_rss_bytes is not None else "-",
-                      _agreement(c), str(c.measured), str(c.picked),
-                      f"{c.dropped}: {escape(c.drop_reason[:60])}" if c.dropped else "", style=style)
+        dropped = ""
+        if c.dropped:
+            kind = NUMBER.sub("#", c.drop_reason)
+            number = reasons.setdefault(kind, (len(reasons) + 1, c.drop_reason))[0]
+            dropped = f"{c.dropped} [{number}]"
+        table.add_row(("→ " if c is pick else "  ") + escape(c.variant), escape(c.backend), escape(_options(c)),
+                      _latency(c), _spread(c), format_size(c.peak_rss_bytes) if c.peak_rss_bytes is not None else "-",
+                      _agreement(c), str(c.measured), dropped, str(c.picked), style="bold" if c is pick else "")
+    if reasons:
+        table.caption = "\n".join(f"[{n}] {escape(example)}" for n, example in reasons.values())
     return table
 
 
@@ -106,13 +115,13 @@ def _options(c: "CandidateFigures") -> str:
 def _latency(c: "CandidateFigures") -> str:
     if c.latency_ms is None:
         return "-"
-    return f"{c.latency_ms:.3g} ms" + (f" ± {c.latency_err_ms:.2g}" if c.latency_err_ms else "")
+    return f"{c.latency_ms:.3g}"
 
 
 def _spread(c: "CandidateFigures") -> str:
     if c.latency_p25_ms is None or c.latency_p75_ms is None:
         return "-"
-    return f"{c.latency_p25_ms:.3g}–{c.latency_p75_ms:.3g} ms"
+    return f"{c.latency_p25_ms:.3g}–{c.latency_p75_ms:.3g}"
 
 
 def _agreement(c: "CandidateFigures") -> str:

@@ -9,6 +9,7 @@ and one per profile over all its CPU models; ``fleet_info`` turns them into what
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from edgerun.errors import EdgerunError
 if TYPE_CHECKING:
     from edgerun.hub.registry import TuningRecord
 
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
 ALL_CPUS = ""  # the cpu_model of a group that holds every CPU model of its profile
 
 
@@ -51,7 +53,7 @@ class CandidateFigures:
     agreement_min: float | None
     measured: int  # devices that kept it, with a latency
     dropped: int  # devices that dropped it
-    drop_reason: str  # the commonest reason they gave
+    drop_reason: str  # the commonest reason they gave (reasons that differ only in their numbers count as one)
     picked: int  # devices that serve it after tuning
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,7 +70,7 @@ class GroupFigures:
 
     profile: str
     cpu_model: str
-    cpu_class: str
+    cpu_class: str  # their CPU class (x86-vnni, x86, arm64); several, comma-separated, when they differ
     devices: int
     incomplete: int  # devices whose time budget ran out before every candidate was measured
     candidates: tuple[CandidateFigures, ...]  # fastest first; those no device kept last
@@ -151,14 +153,17 @@ def aggregate(profile: str, cpu_model: str, records: list["TuningRecord"]) -> Gr
         for c in r.candidates:
             key = (c.variant, c.backend, options_key(c.options))
             s = seen.setdefault(key, {"options": dict(c.options), "lat": [], "err": [], "rss": [], "agr": [],
-                                      "dropped": 0, "reasons": Counter(), "picked": 0})
+                                      "dropped": 0, "reasons": Counter(), "example": {}, "picked": 0})
             if c.kept and c.latency_ms is not None:
                 s["lat"].append(c.latency_ms)
                 if c.latency_err_ms is not None:
                     s["err"].append(c.latency_err_ms)
             if not c.kept:
                 s["dropped"] += 1
-                s["reasons"][c.reason or "no reason given"] += 1
+                reason = c.reason or "no reason given"
+                kind = NUMBER.sub("#", reason)
+                s["reasons"][kind] += 1
+                s["example"].setdefault(kind, reason)
             if c.peak_rss_bytes is not None:
                 s["rss"].append(c.peak_rss_bytes)
             if c.agreement is not None:
@@ -168,8 +173,8 @@ def aggregate(profile: str, cpu_model: str, records: list["TuningRecord"]) -> Gr
     cands = [_candidate(key, s) for key, s in seen.items()]
     cands.sort(key=lambda c: (c.latency_ms is None, c.latency_ms or 0.0, -c.picked, c.variant, c.backend,
                               options_key(c.options)))
-    classes = Counter(r.cpu_class for r in records if r.cpu_class)
-    return GroupFigures(profile, cpu_model, classes.most_common(1)[0][0] if classes else "", len(records),
+    classes = sorted({r.cpu_class for r in records if r.cpu_class})
+    return GroupFigures(profile, cpu_model, ", ".join(classes), len(records),
                         sum(1 for r in records if not r.complete), tuple(cands))
 
 
@@ -180,7 +185,7 @@ def _candidate(key: tuple[str, str, str], s: dict[str, Any]) -> CandidateFigures
         med = statistics.median(lat)
         p25, p75 = _quantile(lat, 0.25), _quantile(lat, 0.75)
         err = max((p75 - p25) / 2, statistics.median(s["err"]) if s["err"] else 0.0)
-    reason = s["reasons"].most_common(1)[0][0] if s["reasons"] else ""
+    reason = s["example"][s["reasons"].most_common(1)[0][0]] if s["reasons"] else ""
     return CandidateFigures(key[0], key[1], s["options"], _round(med), _round(p25), _round(p75), _round(err),
                             int(statistics.median(s["rss"])) if s["rss"] else None,
                             round(statistics.median(s["agr"]), 4) if s["agr"] else None,
