@@ -156,6 +156,18 @@ def test_nothing_to_show_is_a_clear_message_and_exit_66(setup):
     assert r.returncode == 0 and "per profile and CPU model" in r.stdout
 
 
+def test_the_dashboard_row_of_a_device_shows_what_it_picked_when_it_tuned():
+    from edgerun.hub.dashboard.rows import device_row
+
+    status = _status("d1", "raspberry-pi-4", "Cortex-A72", 1, {"onnxruntime": 0.4, "litert": 0.25})
+    row = device_row("d1", None, status, None, None, 1)
+    assert row["models"][0]["tuned"] == {"variant": "onnx-fp32", "backend": "litert", "options": "",
+                                         "latency_ms": 0.25, "default_latency_ms": 0.4, "cpu_model": "Cortex-A72",
+                                         "complete": True}
+    older = Status("d2", "f", profile="raspberry-pi-4", models=(ModelInfo("digits", 1, "onnx-fp32", "onnxruntime"),))
+    assert device_row("d2", None, older, None, None, 1)["models"][0]["tuned"] is None
+
+
 def test_a_registry_made_before_tuning_figures_gets_their_table_on_open(tmp_path):
     path = tmp_path / "hub.db"
     Registry(f"sqlite:///{path}").close()
