@@ -23,7 +23,8 @@ this process's CPU time and memory are the hub's). The fleet first gets v1 every
 5. `edgerun hub tuning digits` (the real command, in its own process): the simulated devices tune each version
    they activate and report the figures in their status (contract 1.4; 8 candidates each on x86, 4 on ARM), so
    the command aggregates 1,000 devices' figures per profile and CPU model: the tables and `--json`, synced from
-   the broker and from the registry only (`--offline`), median of 5 (target ≤ 2 s).
+   the broker and from the registry only (`--offline`), median of 5 (target ≤ 2 s). With `--tuning-only`, the
+   fleet gets v1 and only this is measured, with `hub status` over the same fleet beside it.
 
 Per rollout: time per stage, the hub's CPU and its memory (resident set before, peak during, after), and the
 broker's messages. Exit status 1 when a target is missed.
@@ -296,6 +297,7 @@ def main() -> int:
                     if args.tuning_only:
                         watch.flush()
                         results["hub_tuning"] = hub_tuning_seconds(hub, package.name)
+                        results["hub_status"] = hub_status_seconds(hub)  # beside it: the same sync, the same fleet
                         return tuning_report(results, args.out)
                     plan = Plan.parse(canary=10, step="25%", bake="2s", max_failures="10%", timeout="60s")
                     results["plan"] = plan.describe()
@@ -338,6 +340,8 @@ def tuning_report(results: dict, out: str) -> int:
     for label, s in t.items():
         if isinstance(s, dict):
             print(f"hub tuning, {label}: median {s['median_seconds']}s over {len(s['runs'])} runs (target ≤ 2 s)")
+    for label, s in results["hub_status"].items():
+        print(f"hub status, {label}: median {s['median_seconds']}s over {len(s['runs'])} runs (same fleet)")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwrote {out}")

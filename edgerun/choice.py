@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,12 +50,11 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-@functools.cache
 def host_cpu_model() -> str:
     """This machine's CPU model, as /proc/cpuinfo names it (what a device reports in its tuning figures)."""
-    from edgerun.device import _cpuinfo
+    from edgerun.device import cpu_model
 
-    return _cpuinfo()[0]
+    return cpu_model()
 
 
 @dataclass

@@ -589,7 +589,8 @@ class Registry:
                 if old is not None and t.ts <= old:
                     continue
                 rows.append({"fleet": fleet, "device": name, "model": t.model, "version": t.version,
-                             "profile": t.profile or s.profile, "cpu_model": t.cpu_model, "cpu_class": t.cpu_class,
+                             "profile": (t.profile or s.profile)[:128], "cpu_model": t.cpu_model[:256],
+                             "cpu_class": t.cpu_class[:32],
                              "complete": t.complete, "seconds": t.seconds, "ts": t.ts, "received": received,
                              "chosen": t.chosen.to_dict() if t.chosen else None,
                              "default_choice": t.default.to_dict() if t.default else None,
