@@ -75,7 +75,12 @@ def test_devices_tuning_figures_reach_the_registry_and_hub_tuning_shows_them_per
         got = json.loads(r.stdout)
         want = expected_groups(fleet.tuning(), 1)
 
+        assert set(got) == {"fleet", "model", "version", "versions", "groups", "profiles"}
         assert (got["model"], got["version"], got["versions"]) == ("digits", 1, {"1": 40})
+        assert set(got["groups"][0]) == {"profile", "cpu_model", "cpu_class", "devices", "incomplete", "candidates"}
+        assert set(got["groups"][0]["candidates"][0]) == {
+            "variant", "backend", "options", "latency_ms", "latency_p25_ms", "latency_p75_ms", "latency_err_ms",
+            "peak_rss_bytes", "agreement", "agreement_min", "measured", "dropped", "drop_reason", "picked"}
         assert {(g["profile"], g["cpu_model"]) for g in got["groups"]} == set(want)
         assert len({cpu for p, cpu in want if p == "generic-x86_64"}) == 2  # two CPU models of one profile
         for g in got["groups"]:
