@@ -63,22 +63,22 @@ def tuning(
                   f"{len(records)} device(s)" + (f"; other versions: {_versions({v: n for v, n in versions.items() if v != version})}"
                                                  if len(versions) > 1 else ""), highlight=False)
     for g in figs.groups:
-        console.print(group_table(g, model))
+        console.print(group_table(g))
     for g in figs.profiles:
         if sum(1 for c in figs.groups if c.profile == g.profile) > 1:
-            console.print(group_table(g, model))
+            console.print(group_table(g, every_cpu=True))
 
 
 def _versions(versions: dict[int, int]) -> str:
     return ", ".join(f"v{v} ({n} device{'s' if n != 1 else ''})" for v, n in sorted(versions.items()))
 
 
-def group_table(g: "GroupFigures", model: str) -> Table:
-    """One profile and CPU model: a row per candidate, fastest first, the devices' pick marked with →; the reasons
-    for dropping a candidate are numbered below the table."""
+def group_table(g: "GroupFigures", every_cpu: bool = False) -> Table:
+    """One profile and CPU model (``every_cpu``: all of the profile's): a row per candidate, fastest first, the
+    devices' pick marked with →; the reasons for dropping a candidate are numbered below the table."""
     from edgerun.hub.figures import NUMBER
 
-    cpu = g.cpu_model or "all CPU models"
+    cpu = "all CPU models" if every_cpu else g.cpu_model or "CPU model not reported"
     title = f"{g.profile or '(no profile)'} · {cpu}" + (f" ({g.cpu_class})" if g.cpu_class else "") + \
             f" · {g.devices} device{'s' if g.devices != 1 else ''}"
     if g.incomplete:
