@@ -161,6 +161,19 @@ def test_nothing_to_show_is_a_clear_message_and_exit_66(setup):
     assert r.returncode == 0 and "per profile and CPU model" in r.stdout
 
 
+def test_a_tuning_cut_short_and_a_cpu_model_not_reported_are_said(setup):
+    b = Batch()
+    b.statuses["d1"] = (_status("d1", "generic-x86_64", "", 1, {"onnxruntime": 0.1}, complete=False), time.time())
+    b.statuses["d2"] = (_status("d2", "generic-x86_64", "", 1, {"onnxruntime": 0.3}), time.time())
+    setup.registry.apply(setup.fleet, b)
+    r = setup.cli("tuning", "digits", "--offline")
+    assert r.returncode == 0, r.stderr
+    assert "generic-x86_64 · CPU model not reported (x86) · 2 devices, 1 ran out of tuning time" in r.stdout, r.stdout
+    got = json.loads(setup.cli("tuning", "digits", "--offline", "--json").stdout)
+    (c,) = got["groups"][0]["candidates"]
+    assert got["groups"][0]["incomplete"] == 1 and c["latency_ms"] == pytest.approx(0.2) and c["measured"] == 2
+
+
 def test_the_dashboard_row_of_a_device_shows_what_it_picked_when_it_tuned():
     from edgerun.hub.dashboard.rows import device_row
 
@@ -187,11 +200,11 @@ def test_a_registry_made_before_tuning_figures_gets_their_table_on_open(tmp_path
 
 
 def _status(device: str, profile: str, cpu: str, version: int, latencies: dict[str, float],
-            ts: float = 1000.0) -> Status:
+            ts: float = 1000.0, complete: bool = True) -> Status:
     """A 1.4 status whose tuning of digits measured onnx-fp32 on each backend at these latencies (ms)."""
     cands = tuple(TunedCandidate("onnx-fp32", b, {}, ms, ms * 0.05, 8 << 20, None) for b, ms in latencies.items())
     chosen = min(cands, key=lambda c: c.latency_ms)
-    t = TuningInfo("digits", version, chosen, cands[0], cands, cpu, "x86", profile, 2.0, True, ts)
+    t = TuningInfo("digits", version, chosen, cands[0], cands, cpu, "x86", profile, 2.0, complete, ts)
     return Status(device, "f", profile=profile, models=(ModelInfo("digits", version, "onnx-fp32", chosen.backend),),
                   tuning=(t,))
 
