@@ -272,3 +272,10 @@ def test_a_package_made_with_fleet_figures_makes_a_device_of_that_profile_pick_b
     r = subprocess.run([sys.executable, "-c", CLI, "explain", str(out), "--profile", "generic-x86_64"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, **env})
     assert r.returncode == 0 and "(fleet: 3 devices of profile" in r.stdout, r.stdout + r.stderr
+
+    r = subprocess.run([sys.executable, "-c", CLI, "hub", "package", str(model), "--name", "other", "--version", "1",
+                        "--validation", str(tmp_path / "val.npz"), "--out", str(tmp_path / "other"),
+                        "--fleet-figures", str(tmp_path / "figures.json")],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert r.returncode == 65 and "the fleet figures are of model 'digits', not 'other'" in r.stderr, r.stderr
+    assert not (tmp_path / "other").exists()
