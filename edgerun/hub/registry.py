@@ -825,9 +825,18 @@ def _tuning(r: Any) -> TuningRecord:
     return TuningRecord(device=m["device"], model=m["model"], version=m["version"], profile=m["profile"],
                         cpu_model=m["cpu_model"], cpu_class=m["cpu_class"], complete=bool(m["complete"]),
                         seconds=m["seconds"], ts=m["ts"], received=m["received"],
-                        chosen=TunedCandidate.from_dict(m["chosen"]),
-                        default=TunedCandidate.from_dict(m["default_choice"]),
-                        candidates=tuple(c for c in map(TunedCandidate.from_dict, m["candidates"] or []) if c))
+                        chosen=_tuned(m["chosen"]), default=_tuned(m["default_choice"]),
+                        candidates=tuple(c for c in map(_tuned, m["candidates"] or []) if c))
+
+
+def _tuned(d: Any) -> TunedCandidate | None:
+    """A candidate as ``apply`` wrote it (checked then); one another edgerun wrote is read as a status is."""
+    if isinstance(d, dict) and d.keys() == _TUNED_KEYS and isinstance(d["options"], dict):
+        return TunedCandidate(**d)
+    return TunedCandidate.from_dict(d)
+
+
+_TUNED_KEYS = TunedCandidate("", "").to_dict().keys()
 
 
 _DEVICE_DEFAULTS = {"online": None, "session": None, "profile": "", "tags": {}, "models": [], "update_info": None,
