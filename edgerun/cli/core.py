@@ -151,8 +151,11 @@ def explain(package: Path = PackageArg,
             need += "\n(estimate)"
         acc = f"{cand.accuracy:.4f}" if cand.accuracy is not None else "-"
         lat = f"{cand.latency_ms:.3f} ms" if cand.latency_ms is not None else "-"
-        if cand.fleet is not None or cand.by_fleet:
-            lat += f"\n({cand.latency_source})"
+        if cand.fleet is not None:
+            lat += f"\nfleet: {cand.fleet.devices} device{'s' if cand.fleet.devices != 1 else ''}" + \
+                   (", this CPU" if cand.fleet.cpu_model else "")
+        elif cand.by_fleet:
+            lat += "\nno fleet figure"
         if cand.chosen:
             verdict = Text("→ chosen", style="bold green")
         elif cand.kept:
@@ -161,6 +164,12 @@ def explain(package: Path = PackageArg,
             verdict = Text("dropped: ", style="red").append(cand.reason, style="default")
         table.add_row(variant, Text(cand.backend), need, acc, lat, verdict)
     console.print(table)
+    if any(cand.by_fleet for cand in c.candidates):
+        cpus = {cand.fleet.cpu_model for cand in c.candidates if cand.fleet is not None and cand.fleet.cpu_model}
+        console.print(f"Latencies are what devices of profile {escape(c.profile.name)}"
+                      + (f" with this CPU ({escape(', '.join(sorted(cpus)))})" if cpus else "")
+                      + " measured when they tuned the model (the package's fleet figures), not the hub's; "
+                        "a candidate without one ties on speed.", style="dim", highlight=False)
     if c.chosen is None:
         raise no_fit_error(c.package, c.candidates, c.budget)
 

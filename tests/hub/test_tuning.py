@@ -271,7 +271,9 @@ def test_a_package_made_with_fleet_figures_makes_a_device_of_that_profile_pick_b
         assert {x.latency_source for x in c.candidates if x.kept} == {"hub"}
     r = subprocess.run([sys.executable, "-c", CLI, "explain", str(out), "--profile", "generic-x86_64"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, **env})
-    assert r.returncode == 0 and "(fleet: 3 devices of profile" in r.stdout, r.stdout + r.stderr
+    out = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "fleet: 3 devices, this CPU" in out, r.stdout + r.stderr
+    assert f"Latencies are what devices of profile generic-x86_64 with this CPU ({here}) measured" in out
 
     r = subprocess.run([sys.executable, "-c", CLI, "hub", "package", str(model), "--name", "other", "--version", "1",
                         "--validation", str(tmp_path / "val.npz"), "--out", str(tmp_path / "other"),
