@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 @hub_command
 def tuning(
     model: str = typer.Argument(..., help="The model."),
-    version: int = typer.Option(None, "--version", "-v", help="This version (default: the latest one devices tuned)."),
+    version: int = typer.Option(None, "--version", "-v", help="This version (default: the latest one devices, or the "
+                                                              "devices of --profile, tuned)."),
     profile: str = typer.Option(None, "--profile", "-p", help="Only the devices of this profile."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (what `hub package --fleet-figures` reads)."),
     offline: bool = typer.Option(False, "--offline", help="Show the registry only; do not ask the broker."),
@@ -46,7 +47,8 @@ def tuning(
         raise fail(escape(f"no device of fleet {hub.fleet!r} has reported tuning figures for model {model!r} "
                           f"(devices of contract 1.4 report them once they tuned it)"), 66)
     if version is None:
-        version = max(versions)
+        versions_here = registry.tuning_versions(hub.fleet, model, profile=profile) if profile else versions
+        version = max(versions_here or versions)  # a profile's own latest, when it has one
     elif version not in versions:
         raise fail(escape(f"no device of fleet {hub.fleet!r} has reported tuning figures for {model} v{version}; "
                           f"figures exist for {_versions(versions)}"), 66)

@@ -602,9 +602,9 @@ class Registry:
     def tuning(self, fleet: str, model: str, version: int | None = None, *,
                profile: str | None = None) -> list[TuningRecord]:
         """What each device measured of ``model`` v``version`` (default: the latest version any device tuned),
-        optionally only the devices of one profile."""
+        optionally only the devices of one profile (then by default the latest version they tuned)."""
         if version is None:
-            version = max(self.tuning_versions(fleet, model), default=None)
+            version = max(self.tuning_versions(fleet, model, profile=profile), default=None)
             if version is None:
                 return []
         q = sa.select(device_tuning).where(device_tuning.c.fleet == fleet, device_tuning.c.model == model,
@@ -615,12 +615,14 @@ class Registry:
             rows = db.execute(q.order_by(device_tuning.c.device)).all()
         return [_tuning(r) for r in rows]
 
-    def tuning_versions(self, fleet: str, model: str) -> dict[int, int]:
-        """The versions of ``model`` that devices tuned, each with how many devices did."""
+    def tuning_versions(self, fleet: str, model: str, *, profile: str | None = None) -> dict[int, int]:
+        """The versions of ``model`` that devices (of ``profile``) tuned, each with how many devices did."""
+        q = sa.select(device_tuning.c.version, sa.func.count()).where(device_tuning.c.fleet == fleet,
+                                                                       device_tuning.c.model == model)
+        if profile:
+            q = q.where(device_tuning.c.profile == profile)
         with self._begin() as db:
-            rows = db.execute(sa.select(device_tuning.c.version, sa.func.count())
-                              .where(device_tuning.c.fleet == fleet, device_tuning.c.model == model)
-                              .group_by(device_tuning.c.version).order_by(device_tuning.c.version)).all()
+            rows = db.execute(q.group_by(device_tuning.c.version).order_by(device_tuning.c.version)).all()
         return {v: n for v, n in rows}
 
     def devices(self, fleet: str, *, with_status: bool = True) -> list[DeviceRecord]:

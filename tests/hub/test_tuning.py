@@ -156,6 +156,12 @@ def test_nothing_to_show_is_a_clear_message_and_exit_66(setup):
     assert r.returncode == 66 and "for digits v9; figures exist for v1 (1 device)" in r.stderr, r.stderr
     r = setup.cli("tuning", "digits", "--profile", "jetson-orin-nano", "--offline")
     assert r.returncode == 66 and "profiles with figures: generic-x86_64" in r.stderr, r.stderr
+    b = Batch()  # a later version that only another profile's devices tuned so far
+    b.statuses["d2"] = (_status("d2", "raspberry-pi-4", "Cortex-A72", 2, {"onnxruntime": 0.4}), time.time())
+    setup.registry.apply(setup.fleet, b)
+    assert json.loads(setup.cli("tuning", "digits", "--offline", "--json").stdout)["version"] == 2
+    mine = json.loads(setup.cli("tuning", "digits", "--profile", "generic-x86_64", "--offline", "--json").stdout)
+    assert mine["version"] == 1 and [g["profile"] for g in mine["groups"]] == ["generic-x86_64"]
     assert "Traceback" not in r.stderr
     r = setup.cli("tuning", "--help")
     assert r.returncode == 0 and "per profile and CPU model" in r.stdout
