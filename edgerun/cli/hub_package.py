@@ -99,8 +99,9 @@ def package(
     encrypt_for: list[str] = typer.Option(None, "--encrypt-for", help="Encrypt the kept variants to these keys "
                                           "(repeatable): an age1... key, or a device id, @fleet or @all enrolled "
                                           "with `edgerun hub keys add`; the package then holds no clear model."),
-    fleet: str = typer.Option(None, "--fleet", "-f", help="The fleet whose enrolled keys --encrypt-for names "
-                                                          "(default: config, else 'default')."),
+    fleet: str = typer.Option(None, "--fleet", "-f", help="The fleet whose enrolled keys --encrypt-for names, and "
+                                                          "whose figures --fleet-figures registry reads (default: "
+                                                          "config, else 'default')."),
     db: str = typer.Option(None, "--db", help="Registry database URL, for --encrypt-for names and --fleet-figures "
                                               "registry (default: EDGERUN_HUB_DB, else ~/.local/share/edgerun/hub.db)."),
     fleet_figures: str = typer.Option(None, "--fleet-figures", metavar="FILE|registry",
