@@ -237,5 +237,7 @@ def _best_per_backend(g: GroupFigures, variant: str) -> dict[str, dict[str, Any]
         fig: dict[str, Any] = {"latency_ms": c.latency_ms, "latency_err_ms": c.latency_err_ms, "devices": c.measured}
         if c.options:
             fig["options"] = dict(c.options)
+        if c.dropped:
+            fig["dropped"] = c.dropped  # devices that dropped it (wrong there, crashed...): for people reading it
         out[backend] = fig
     return out
