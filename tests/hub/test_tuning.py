@@ -4,6 +4,7 @@ them per profile and CPU model, and a package made with them makes a device of t
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import statistics
 import subprocess
@@ -238,8 +239,6 @@ def test_a_package_made_with_fleet_figures_makes_a_device_of_that_profile_pick_b
                                     time.time())
     registry.apply("f", b)
     env = {"EDGERUN_HUB_DB": db, "COLUMNS": "200"}
-    import os
-
     r = subprocess.run([sys.executable, "-c", CLI, "hub", "tuning", "digits", "--fleet", "f", "--offline", "--json"],
                        capture_output=True, text=True, timeout=60, env={**os.environ, **env})
     assert r.returncode == 0, r.stderr
