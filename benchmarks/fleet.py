@@ -194,16 +194,14 @@ def run_rollout(hub: Hub, watch: FleetWatch, version: int, plan: Plan) -> dict:
             "broker_publishes_out": after.get("sent", 0) - before.get("sent", 0)}
 
 
-def hub_status_seconds(hub: Hub, repeats: int = 5) -> dict:
-    """Wall time of `edgerun hub status` in its own process, as a user runs it: each view, median of ``repeats``."""
+def _cli_seconds(hub: Hub, args: list[str], views: tuple[tuple[str, list[str]], ...], repeats: int):
+    """Wall time of an `edgerun` command in its own process, as a user runs it: per view (extra arguments), the
+    median of ``repeats`` after a warm-up; yields (label, extra, timing, the last run's stdout)."""
     # as installed: Python may cache the compiled modules (this machine's environment forbids it by default)
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}, "EDGERUN_HUB_DB": hub.db,
            "COLUMNS": "200"}
-    args = ["hub", "status", "--fleet", FLEET, "--host", "127.0.0.1", "--port", str(hub.broker.port)]
-    out = {}
-    for label, extra in (("default, synced from the broker", []), ("--all, synced from the broker", ["--all"]),
-                         ("default, registry only (--offline)", ["--offline"]),
-                         ("--all, registry only (--offline)", ["--offline", "--all"])):
+    args = [*args, "--fleet", FLEET, "--host", "127.0.0.1", "--port", str(hub.broker.port)]
+    for label, extra in views:
         times = []
         subprocess.run([sys.executable, "-c", CLI, *args, *extra], env=env, capture_output=True, timeout=60)  # warm-up
         for _ in range(repeats):
@@ -213,37 +211,33 @@ def hub_status_seconds(hub: Hub, repeats: int = 5) -> dict:
             times.append(time.monotonic() - t0)
             if r.returncode != 0:
                 raise RuntimeError(r.stderr)
-            rows = sum(1 for line in r.stdout.splitlines() if "sim-" in line)
-        out[label] = {"median_seconds": round(statistics.median(times), 3), "runs": [round(t, 3) for t in times],
-                      "device_rows": rows}
-    return out
+        yield label, extra, {"median_seconds": round(statistics.median(times), 3),
+                             "runs": [round(t, 3) for t in times]}, r.stdout
+
+
+def hub_status_seconds(hub: Hub, repeats: int = 5) -> dict:
+    """Wall time of `edgerun hub status` in its own process, as a user runs it: each view, median of ``repeats``."""
+    views = (("default, synced from the broker", []), ("--all, synced from the broker", ["--all"]),
+             ("default, registry only (--offline)", ["--offline"]),
+             ("--all, registry only (--offline)", ["--offline", "--all"]))
+    return {label: {**timing, "device_rows": sum(1 for line in stdout.splitlines() if "sim-" in line)}
+            for label, _, timing, stdout in _cli_seconds(hub, ["hub", "status"], views, repeats)}
 
 
 def hub_tuning_seconds(hub: Hub, model: str, repeats: int = 5) -> dict:
     """Wall time of `edgerun hub tuning MODEL` in its own process, as a user runs it: each view, median of ``repeats``."""
-    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}, "EDGERUN_HUB_DB": hub.db,
-           "COLUMNS": "200"}
-    args = ["hub", "tuning", model, "--fleet", FLEET, "--host", "127.0.0.1", "--port", str(hub.broker.port)]
-    out = {}
-    for label, extra in (("tables, synced from the broker", []), ("--json, synced from the broker", ["--json"]),
-                         ("tables, registry only (--offline)", ["--offline"]),
-                         ("--json, registry only (--offline)", ["--offline", "--json"])):
-        times = []
-        subprocess.run([sys.executable, "-c", CLI, *args, *extra], env=env, capture_output=True, timeout=60)  # warm-up
-        for _ in range(repeats):
-            t0 = time.monotonic()
-            r = subprocess.run([sys.executable, "-c", CLI, *args, *extra], env=env, capture_output=True, text=True,
-                               timeout=60)
-            times.append(time.monotonic() - t0)
-            if r.returncode != 0:
-                raise RuntimeError(r.stderr)
-        out[label] = {"median_seconds": round(statistics.median(times), 3), "runs": [round(t, 3) for t in times]}
+    views = (("tables, synced from the broker", []), ("--json, synced from the broker", ["--json"]),
+             ("tables, registry only (--offline)", ["--offline"]),
+             ("--json, registry only (--offline)", ["--offline", "--json"]))
+    out: dict = {}
+    for label, extra, timing, stdout in _cli_seconds(hub, ["hub", "tuning", model], views, repeats):
+        out[label] = timing
         if extra == ["--offline", "--json"]:
-            figs = json.loads(r.stdout)
+            figs = json.loads(stdout)
             out["devices"] = sum(g["devices"] for g in figs["profiles"])
             out["groups"] = [f"{g['profile']} / {g['cpu_model']}: {g['devices']}" for g in figs["groups"]]
         elif extra == ["--offline"]:
-            out["tables"] = r.stdout
+            out["tables"] = stdout
     return out
 
 
