@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from edgerun import choice as choice_mod
 from edgerun.contract import TunedCandidate, TuningInfo
-from edgerun.errors import EdgerunError
+from edgerun.errors import TuningFailed
 from edgerun.package import Measurement, ModelPackage
 from edgerun.trial import Trial, TrialFailed, TrialSpec, class_path
 
@@ -267,7 +267,7 @@ class Tuner:
                           tuple(m.result() for m in everything), rt.facts.cpu_model, rt.facts.cpu_class,
                           rt.profile.name, round(time.monotonic() - t0, 3), complete, time.time())
         if chosen is None:
-            raise EdgerunError(f"tuning {pkg.name!r}: no candidate could be measured here: "
+            raise TuningFailed(f"tuning {pkg.name!r}: no candidate could be measured here: "
                                + "; ".join(f"{m.cand.variant.id} on {m.cand.backend}: {m.reason}"
                                            for m in everything[:4]))
         return info
