@@ -13,6 +13,7 @@ import itertools
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -167,26 +168,30 @@ class Tuner:
         for m in fresh:
             m.trial = Trial(self._spec(pkg, m), memory_limit=budget, timeout=s.candidate_timeout)
             m.trial.start()
-        for m in fresh:
-            if self.cancelled():
-                break
+
+        def ready(m: Measured) -> None:
             try:
                 m.trial.ready()  # type: ignore[union-attr]
                 m.agreement, m.samples = m.trial.agreement, m.trial.validation_samples  # type: ignore[union-attr]
                 m.trial.time_runs(3)  # type: ignore[union-attr]  # warm: not counted
-                m.trial.times_ms.clear()  # type: ignore[union-attr]
             except TrialFailed as exc:
                 m.drop(str(exc))
-                continue
-            self._check(m, val_len)
+
+        if fresh:  # the children load side by side: one that hangs costs its timeout once, not once per candidate
+            with ThreadPoolExecutor(len(fresh), thread_name_prefix="edgerun-tune") as pool:
+                list(pool.map(ready, fresh))
+        for m in fresh:
+            if m.kept:
+                self._check(m, val_len)
         rng = random.Random(0)
-        while not self.cancelled() and time.monotonic() < deadline:
+        first = True  # every candidate gets one turn, even past the deadline
+        while not self.cancelled() and (first or time.monotonic() < deadline):
             live = [m for m in group if m.kept and m.trial is not None and not m.converged()]
             if not live:
                 break
             rng.shuffle(live)
             for m in live:
-                if time.monotonic() >= deadline or self.cancelled():
+                if (not first and time.monotonic() >= deadline) or self.cancelled():
                     break
                 est = m.median()
                 per = est[0] if est else 1.0
@@ -195,6 +200,7 @@ class Tuner:
                     m.times.extend(m.trial.time_runs(n))  # type: ignore[union-attr]
                 except TrialFailed as exc:
                     m.drop(str(exc))
+            first = False
 
     # --- the whole tuning ------------------------------------------------------------------
 
