@@ -400,7 +400,8 @@ def _changed_on_disk(m: ModelConfig, current: LoadedModel) -> bool:
         return False  # keep serving what works; the error shows at the next load
 
 
-RESTART_ONLY = ("state_dir", "profile", "memory_budget", "threads", "device_key_file", "fleet_key_file")  # and every key of [server]
+RESTART_ONLY = ("state_dir", "profile", "memory_budget", "threads", "device_key_file", "fleet_key_file",
+                "tuning")  # and every key of [server]
 
 
 def restart_only_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
