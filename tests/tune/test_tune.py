@@ -41,8 +41,8 @@ def test_a_package_without_validation_sample_is_tuned_on_latency_and_says_so(dig
     assert any("no validation sample" in n for n in tuner.notes)
 
 
-def test_a_candidate_that_crashes_hangs_or_overshoots_memory_is_dropped_while_serving_goes_on(checked_digits,
-                                                                                           tmp_path):
+def test_a_candidate_that_crashes_hangs_overshoots_memory_or_is_wrong_is_dropped_while_serving_goes_on(
+        checked_digits, tmp_path):
     import tunefakes
 
     from edgerun.plugins import make_plugin_manager
@@ -76,6 +76,8 @@ def test_a_candidate_that_crashes_hangs_or_overshoots_memory_is_dropped_while_se
     assert all(not c.kept and c.reason.startswith("crashed (signal SIGSEGV)") for c in by_backend["crashing"])
     assert all(not c.kept and c.reason.startswith("timed out") for c in by_backend["hanging"])
     assert all(not c.kept and c.reason.startswith("over the memory budget") for c in by_backend["hungry"])
+    assert all(not c.kept and c.reason.startswith("wrong on this device") and c.agreement < 0.5
+               for c in by_backend["wrong"])
     assert info.chosen.backend in ("onnxruntime", "openvino")
     assert failures == []
     assert rt.model("digits") is model  # the serving session is untouched
@@ -188,3 +190,15 @@ def test_tuning_settings_are_checked_in_the_configuration(tmp_path):
         parse_config({"tuning": {"mode": "sometimes"}})
     with pytest.raises(ConfigError, match="tune"):
         parse_config({"models": [{"path": str(tmp_path), "tune": "always"}]})
+
+
+def test_tuned_options_reach_the_backend_at_load(checked_digits):
+    from edgerun.errors import ModelLoadError
+
+    rt = Runtime()
+    model = rt.load(checked_digits, backend="onnxruntime", options={"threads": 1, "graph_optimization": "extended"})
+    assert model.options == {"threads": 1, "graph_optimization": "extended"}
+    assert model.describe()["options"] == model.options
+    with pytest.raises(ModelLoadError, match="execution_mode 'sideways'"):
+        rt.prepare(checked_digits, backend="onnxruntime", options={"execution_mode": "sideways"})
+    rt.close()

@@ -1,4 +1,5 @@
-"""Backend plugins that misbehave while tuning measures them: one crashes, one hangs, one eats memory.
+"""Backend plugins that misbehave while tuning measures them: one crashes, one hangs, one eats memory, one answers
+wrongly (right on the warm-up samples, a batch of two, and wrong on single examples).
 
 Each loads ONNX files through onnxruntime when it behaves, so the package's real variants are its candidates.
 """
@@ -56,7 +57,31 @@ class HungryBackend(OnnxRuntimeBackend):
         return session
 
 
+class WrongBackend(OnnxRuntimeBackend):
+    """Right on batches of two (the warm-up sample), the next class on single examples."""
+
+    name = "wrong"
+    aliases = ()
+    primary_formats = ()
+    memory_estimate = (1 << 20, 1.0)
+
+    def load(self, path, options):
+        import numpy as np
+
+        session = super().load(path, options)
+        run = session.run
+
+        def wrong(inputs):
+            out = run(inputs)
+            if len(next(iter(inputs.values()))) == 1:
+                out = {k: np.roll(v, 1, axis=-1) for k, v in out.items()}
+            return out
+
+        session.run = wrong
+        return session
+
+
 @hookimpl
 def register_backends(register):
-    for cls in (CrashingBackend, HangingBackend, HungryBackend):
+    for cls in (CrashingBackend, HangingBackend, HungryBackend, WrongBackend):
         register(cls)
