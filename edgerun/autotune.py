@@ -11,7 +11,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
