@@ -202,3 +202,22 @@ def test_tuned_options_reach_the_backend_at_load(checked_digits):
     with pytest.raises(ModelLoadError, match="execution_mode 'sideways'"):
         rt.prepare(checked_digits, backend="onnxruntime", options={"execution_mode": "sideways"})
     rt.close()
+
+
+def test_a_busy_device_defers_tuning(checked_digits, tmp_path, caplog):
+    import logging
+    import time
+
+    rt = Runtime()
+    rt.load(checked_digits)
+    tuner = AutoTuner(rt, TuningConfig(mode="every", budget=3, defer_load=1e-9, max_defer=600), tmp_path)
+    with caplog.at_level(logging.INFO, logger="edgerun.autotune"):
+        tuner.activated(rt.model("digits"))
+        deadline = time.monotonic() + 60
+        while "deferred: load" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.05)
+    assert tuner.busy == "digits v1" and "digits" not in rt.tuned
+    tuner.stop()
+    assert not TuningCache(tmp_path).path("digits", 1).exists(), "stopped while deferred: nothing measured"
+    rt.close()
