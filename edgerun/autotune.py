@@ -66,9 +66,12 @@ class AutoTuner:
                   update: bool = False) -> None:
         """A model version started serving: tune it (per ``mode``) unless it already runs the tuned pick."""
         mode = mode or self.config.mode
+        info = self.runtime.tuned.get(model.name)
+        if info is not None and info.version != model.version:
+            self.runtime.tuned.pop(model.name, None)  # what serves now was not measured (yet)
+            info = None
         if mode == "off":
             return
-        info = self.runtime.tuned.get(model.name)
         if info is not None and info.version == model.version and same_choice(info, model):
             return
         self.idle.clear()

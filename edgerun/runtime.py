@@ -490,6 +490,7 @@ class Runtime:
             if version is None:
                 gone = list(slot.versions.values())
                 del self._slots[name]
+                self.tuned.pop(name, None)
             else:
                 if version not in slot.versions:
                     raise ModelNotFound(f"model {name!r} has no version {version}")
@@ -498,6 +499,7 @@ class Runtime:
                     slot.latest = slot.versions[max(slot.versions)]
                 else:
                     del self._slots[name]
+                    self.tuned.pop(name, None)
         for m in gone:
             m.retire()
 
