@@ -91,7 +91,8 @@ def best_allowed(rt: Runtime, exhaustive: Any, pkg: Any) -> Any:
 
 
 def serve_while_tuning(rt: Runtime, pkg_path: Path, phase: float, rate: float, state: Path) -> dict[str, Any]:
-    """Latencies of a paced client before and during automatic tuning (and its swap)."""
+    """Latencies of a paced client before and during automatic tuning (and its swap); how long tuning measured
+    while serving (``tuning_measured_seconds``) and until the pick served (``tuning_seconds``)."""
     rt.load(pkg_path)
     pkg = rt.model(rt.open_package(pkg_path).name).package
     x = pkg.validation.rows()[0] if pkg.validation is not None else pkg.samples[0].inputs
@@ -130,7 +131,8 @@ def serve_while_tuning(rt: Runtime, pkg_path: Path, phase: float, rate: float, s
     return {"requests": {k: len(v) for k, v in lat.items()}, "failures": failures,
             "p50_ms": {k: float(np.percentile(v, 50)) if v else None for k, v in lat.items()}, "p99_ms": p99,
             "p99_ratio": (p99["during"] / p99["before"]) if p99["before"] and p99["during"] else None,
-            "tuning_seconds": round(took, 2), "served_after": rt.model(name).describe(),
+            "tuning_seconds": round(took, 2), "tuning_measured_seconds": info.seconds if info else None,
+            "served_after": rt.model(name).describe(),
             "pick": info.chosen.to_dict() if info and info.chosen else None}
 
 
@@ -169,7 +171,7 @@ def run_one(kind: str, path: Path, args: argparse.Namespace, tmp: Path) -> dict[
     }
     row["targets"] = {
         "pick_within_1.05x_of_best": row["ratio_pick_to_best"] is not None and row["ratio_pick_to_best"] <= TARGET_RATIO,
-        "tuning_within_budget": tuned.seconds <= args.budget * BUDGET_SLACK,
+        "tuning_within_budget": max(tuned.seconds, serving["tuning_measured_seconds"] or 0) <= args.budget * BUDGET_SLACK,
         "no_failures_while_tuning": serving["failures"]["during"] == 0,
         "p99_within_2x": serving["p99_ratio"] is not None and serving["p99_ratio"] <= TARGET_P99,
     }
@@ -194,7 +196,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(f"{r['model']:<12} {pick:<52} {fmt(r['pick_latency_in_exhaustive_ms'], '8.4f')} "
               f"{fmt(r['best']['latency_ms'], '8.4f')} {fmt(r['ratio_pick_to_best'], '6.3f')} "
               f"{fmt(r['default']['latency_in_exhaustive_ms'], '10.4f')} {fmt(r['speedup_over_default'], '7.2f')} "
-              f"{r['tuning_seconds']:6.1f} {fmt(s['p99_ratio'], '6.2f')} {s['failures']['during']:4d}")
+              f"{max(r['tuning_seconds'], s['tuning_measured_seconds'] or 0):6.1f} {fmt(s['p99_ratio'], '6.2f')} "
+              f"{s['failures']['during']:4d}")
         b = r["best"]
         print(f"{'':<12} best: {b['variant']}/{b['backend']}/{_opts(b['options'])}; default: "
               f"{r['default']['variant']}/{r['default']['backend']}; {r['candidates_tuned']} candidates tuned, "
