@@ -11,6 +11,8 @@ import base64
 import hashlib
 import hmac
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Sequence
@@ -32,6 +34,8 @@ MAX_HEADER = 4 << 20  # about 40,000 X25519 recipients
 X25519_LABEL = b"age-encryption.org/v1/X25519"
 _RAW = serialization.Encoding.Raw
 _ZERO_NONCE = bytes(12)
+RANGE_SEGMENTS = 16  # segments (1 MiB) one thread decrypts at a time when a file is decrypted on several cores
+MAX_THREADS = 4
 
 
 # --- keys ----------------------------------------------------------------------------------------
@@ -352,7 +356,9 @@ class Decryptor:
         if len(nonce) != NONCE:
             raise DecryptError("truncated: the file ends before the payload's nonce")
         self._aead = ChaCha20Poly1305(_hkdf(self._file_key, nonce, b"payload"))
-        self.size = None if total is None else clear_size(total - self.header.length - NONCE)
+        self._payload_at = self.header.length + NONCE
+        self._payload = None if total is None else total - self._payload_at
+        self.size = None if self._payload is None else clear_size(self._payload)
 
     def segments(self) -> Iterator[tuple[int, memoryview, bool]]:
         """(index, ciphertext segment, is last) in order, reading one byte ahead to know the last one; each view
@@ -401,39 +407,135 @@ class Decryptor:
         for index, segment, last in self.segments():
             yield out[:self.decrypt_segment(index, segment, out, last)]
 
+    def ranges(self) -> list[tuple[int, int]]:
+        """The payload as (first segment, count) ranges of RANGE_SEGMENTS, for a file of known size."""
+        if self._payload is None:
+            raise ValueError("the file's size is not known")
+        segments = max(1, -(-self._payload // CIPHER_SEGMENT))
+        return [(first, min(RANGE_SEGMENTS, segments - first)) for first in range(0, segments, RANGE_SEGMENTS)]
 
-def decrypt_to_memory(path: Path, identities: Sequence[Identity]) -> bytearray:
-    """The clear content of the age file ``path``, decrypted into one buffer of its exact size (never on disk)."""
+    def decrypt_range(self, fd: int, first: int, count: int, out: memoryview) -> int:
+        """Read segments ``first``.. ``first + count - 1`` at their offsets in the file ``fd`` (of the size given
+        at construction) and decrypt them into the start of ``out``; returns the plaintext length. Several threads
+        may decrypt ranges of one file at once (the cipher releases the GIL)."""
+        assert self._payload is not None
+        last_index = max(1, -(-self._payload // CIPHER_SEGMENT)) - 1
+        at = first * CIPHER_SEGMENT
+        length = min(count * CIPHER_SEGMENT, self._payload - at)
+        data = os.pread(fd, length, self._payload_at + at)
+        if len(data) != length:
+            raise DecryptError(f"truncated: the file shrank while it was read (segment {first})")
+        view, done = memoryview(data), 0
+        for k in range(count):
+            index = first + k
+            done += self.decrypt_segment(index, view[k * CIPHER_SEGMENT:(k + 1) * CIPHER_SEGMENT], out[done:],
+                                         index == last_index)
+        return done
+
+    def read_parallel(self, fd: int, threads: int | None = None) -> Iterator[memoryview]:
+        """Every range's plaintext in order, decrypted ahead on ``threads`` cores (by default this machine's, up to
+        MAX_THREADS), at most two ranges per thread held at once; each view stays valid."""
+        threads = threads or decrypt_threads()
+        ranges = self.ranges()
+        if threads < 2 or len(ranges) < 2:
+            for first, count in ranges:
+                out = memoryview(bytearray(count * SEGMENT))
+                yield out[:self.decrypt_range(fd, first, count, out)]
+            return
+
+        def one(first: int, count: int) -> memoryview:
+            out = memoryview(bytearray(count * SEGMENT))
+            return out[:self.decrypt_range(fd, first, count, out)]
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="edgerun-decrypt") as pool:
+            ahead: deque = deque()
+            todo = iter(ranges)
+            try:
+                for first, count in todo:
+                    ahead.append(pool.submit(one, first, count))
+                    if len(ahead) >= 2 * threads:
+                        yield ahead.popleft().result()
+                while ahead:
+                    yield ahead.popleft().result()
+            finally:
+                for fut in ahead:
+                    fut.cancel()
+
+
+def decrypt_threads() -> int:
+    """Threads to decrypt one file with: this process's cores, up to MAX_THREADS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_THREADS))
+
+
+def decrypt_to_memory(path: Path, identities: Sequence[Identity], threads: int | None = None) -> bytearray:
+    """The clear content of the age file ``path``, decrypted into one buffer of its exact size (never on disk), its
+    segments decrypted on several cores; the first segment (in order) that fails raises DecryptError."""
     with open(path, "rb") as f:
-        dec = Decryptor(f, identities, total=os.fstat(f.fileno()).st_size)
-        size = dec.size or 0
-        out = bytearray(size)
+        fd = f.fileno()
+        dec = Decryptor(f, identities, total=os.fstat(fd).st_size)
+        out = bytearray(dec.size or 0)
         view = memoryview(out)
-        for index, segment, last in dec.segments():
-            start = index * SEGMENT
-            if start + len(segment) - TAG > size:
-                raise DecryptError(f"the file grew while it was read (segment {index})")
-            dec.decrypt_segment(index, segment, view[start:], last)
+        ranges = dec.ranges()
+        threads = min(threads or decrypt_threads(), len(ranges))
+        if threads < 2:
+            for first, count in ranges:
+                dec.decrypt_range(fd, first, count, view[first * SEGMENT:])
+            return out
+        with ThreadPoolExecutor(threads, thread_name_prefix="edgerun-decrypt") as pool:
+            futures = [pool.submit(dec.decrypt_range, fd, first, count, view[first * SEGMENT:])
+                       for first, count in ranges]
+            try:
+                for fut in futures:
+                    fut.result()
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
         return out
 
 
 def check_file(path: Path, identities: Sequence[Identity]) -> tuple[str, DecryptError | None]:
-    """Authenticate every segment of the age file ``path`` (the plaintext goes nowhere) and hash the whole file in
-    the same pass: (its sha256, the first decryption error or None)."""
+    """Authenticate every segment of the age file ``path`` (the plaintext goes nowhere; ranges of segments on
+    several cores) while hashing the whole file: (its sha256, the first decryption error or None)."""
     digest = hashlib.sha256()
-    scratch = memoryview(bytearray(SEGMENT))
     with open(path, "rb") as f:
-        src = _Hashing(f, digest)
+        fd = f.fileno()
+        total = os.fstat(fd).st_size
         try:
-            dec = Decryptor(src, identities)
-            for index, segment, last in dec.segments():
-                dec.decrypt_segment(index, segment, scratch, last)
-            error = None
+            dec = Decryptor(f, identities, total=total)
         except DecryptError as exc:
-            error = exc
-            while src.readinto(scratch):  # the rest is hashed too: a wrong sha256 is the clearer reason
-                pass
-    return digest.hexdigest(), error
+            return _sha256_of(fd, digest), exc
+
+        def authenticate(first: int, count: int) -> None:
+            dec.decrypt_range(fd, first, count, memoryview(bytearray(count * SEGMENT)))
+
+        ranges = dec.ranges()
+        with ThreadPoolExecutor(min(decrypt_threads(), len(ranges)), thread_name_prefix="edgerun-check") as pool:
+            futures = [pool.submit(authenticate, first, count) for first, count in ranges]
+            sha256 = _sha256_of(fd, digest)  # hashed on this thread meanwhile
+            error = None
+            for fut in futures:
+                try:
+                    fut.result()
+                except DecryptError as exc:
+                    error = exc
+                    break
+            for fut in futures:
+                fut.cancel()
+    return sha256, error
+
+
+def _sha256_of(fd: int, digest) -> str:
+    buf = bytearray(1 << 20)
+    view, at = memoryview(buf), 0
+    while n := os.preadv(fd, [buf], at):
+        digest.update(view[:n])
+        at += n
+    return digest.hexdigest()
 
 
 class _Hashing:
@@ -513,7 +615,38 @@ def _fill(src: BinaryIO, buf: bytearray) -> int:
     return n
 
 
-def encrypt_file(src: Path, dst: Path, recipients: Sequence[Recipient]) -> None:
-    """Encrypt the file ``src`` to ``dst`` (written in place; callers write to a temp name and rename)."""
+def encrypt_file(src: Path, dst: Path, recipients: Sequence[Recipient], threads: int | None = None) -> None:
+    """Encrypt the file ``src`` to ``dst`` (written in place; callers write to a temp name and rename), ranges of
+    segments encrypted on several cores and written in order; the same age file as ``encrypt_stream`` writes."""
+    file_key = os.urandom(16)
+    nonce = os.urandom(NONCE)
+    aead = ChaCha20Poly1305(_hkdf(file_key, nonce, b"payload"))
     with open(src, "rb") as fin, open(dst, "wb") as fout:
-        encrypt_stream(fin, fout, recipients)
+        fd = fin.fileno()
+        size = os.fstat(fd).st_size
+        last = max(1, -(-size // SEGMENT)) - 1
+
+        def seal(first: int, count: int) -> memoryview:
+            clear = os.pread(fd, min(count * SEGMENT, size - first * SEGMENT), first * SEGMENT)
+            if len(clear) != min(count * SEGMENT, size - first * SEGMENT):
+                raise EdgerunError(f"{src} changed while it was encrypted")
+            view, out = memoryview(clear), bytearray(len(clear) + count * TAG)
+            at = 0
+            for k in range(count):
+                piece = view[k * SEGMENT:(k + 1) * SEGMENT]
+                at += aead.encrypt_into(_stream_nonce(first + k, first + k == last), piece, None,
+                                        memoryview(out)[at:at + len(piece) + TAG])
+            return memoryview(out)[:at]
+
+        fout.write(header_for(recipients, file_key))
+        fout.write(nonce)
+        ranges = [(first, min(RANGE_SEGMENTS, last + 1 - first)) for first in range(0, last + 1, RANGE_SEGMENTS)]
+        with ThreadPoolExecutor(min(threads or decrypt_threads(), len(ranges)),
+                                thread_name_prefix="edgerun-encrypt") as pool:
+            ahead: deque = deque()
+            for first, count in ranges:
+                ahead.append(pool.submit(seal, first, count))
+                if len(ahead) >= 2 * (threads or decrypt_threads()):
+                    fout.write(ahead.popleft().result())
+            while ahead:
+                fout.write(ahead.popleft().result())

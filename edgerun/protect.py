@@ -91,7 +91,8 @@ class MemoryModel:
         path, encrypted = self._path(name)
         src = open(path, "rb")
         try:
-            dec = Decryptor(src, self._identities) if encrypted else None  # a key problem shows here, not mid-stream
+            # a key problem shows here, not mid-stream
+            dec = Decryptor(src, self._identities, total=os.fstat(src.fileno()).st_size) if encrypted else None
         except BaseException:
             src.close()
             raise
@@ -117,7 +118,7 @@ class MemoryModel:
                     while chunk := src.read(SEGMENT):
                         _write_all(out, chunk)
                 else:
-                    for clear in dec.read_all():
+                    for clear in dec.read_parallel(src.fileno()):
                         _write_all(out, clear)
         except DecryptError as exc:
             self.errors.append(DecryptError(f"{name}: {exc}"))

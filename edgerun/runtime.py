@@ -56,6 +56,8 @@ class LoadedModel:
         self.loaded_at = time.time()
         self.validation: dict[str, Any] | None = None  # agreement with fp32 on the package's validation sample
         self.options: dict[str, Any] = {}  # what tuning set over the profile's options (threads, hints...)
+        # a row's run time in a batch of BATCH_PROBE_ROWS over its time alone, measured at warm-up (None: not measured)
+        self.batch_cost: float | None = None
         self.inputs: list[TensorSpec] = list(package.inputs)
         self.outputs: list[TensorSpec] = list(package.outputs)
         # (name, dtype, shape, rank, fixed dims as (axis, size)): what check_inputs compares on the hot path
@@ -81,6 +83,12 @@ class LoadedModel:
     @property
     def version(self) -> int:
         return self.package.version
+
+    @property
+    def batching_pays(self) -> bool | None:
+        """Whether stacking requests saves compute on this host (a row in a batch costs at most BATCH_PAYS of its
+        time alone); None when not measured."""
+        return None if self.batch_cost is None else self.batch_cost <= BATCH_PAYS
 
     @property
     def inflight(self) -> int:
@@ -379,6 +387,7 @@ class Runtime:
             if warmup:
                 _warm_up(model)
                 _validate(model)
+                model.batch_cost = _batch_cost(model)
         except BaseException:
             session.close()
             raise
@@ -561,6 +570,47 @@ def _warm_up(model: LoadedModel) -> None:
                                   f"max abs diff {diff:.3g} > atol {v.atol:g}, rtol {v.rtol:g})")
             elif not np.array_equal(out, want):
                 raise differs(f"warm-up sample {i}: output {name!r} differs from the expected output ({v.id})")
+
+
+BATCH_PROBE_ROWS = 4
+BATCH_PAYS = 0.8  # dynamic batching is on by default where a row in a batch costs at most this share of a lone run
+
+
+def _batch_cost(model: LoadedModel) -> float | None:
+    """A row's run time in a batch of BATCH_PROBE_ROWS over its time alone, the best of three runs each (interleaved):
+    near 1 where stacking requests saves nothing (a large CNN on a CPU). None where it cannot be measured: no batch
+    dimension, text inputs, or dynamic sizes without a warm-up sample to take them from."""
+    specs = (*model.inputs, *model.outputs)
+    if not all(s.shape and s.shape[0] < 0 for s in specs) or any(s.datatype == "BYTES" for s in model.inputs):
+        return None
+    if model.package.samples:
+        one = {k: np.asarray(v)[:1] for k, v in model.package.samples[0].inputs.items()}
+    elif all(d >= 0 for s in model.inputs for d in s.shape[1:]):
+        one = {s.name: np.zeros((1, *s.shape[1:]), dtype=s.dtype) for s in model.inputs}
+    else:
+        return None
+    if any(a.shape[:1] != (1,) for a in one.values()):
+        return None
+    many = {k: np.repeat(a, BATCH_PROBE_ROWS, axis=0) for k, a in one.items()}
+    alone = batched = float("inf")
+    try:
+        for _ in range(3):
+            t0 = time.perf_counter()
+            model.run_unchecked(one)
+            t1 = time.perf_counter()
+            model.run_unchecked(many)
+            t2 = time.perf_counter()
+            alone, batched = min(alone, t1 - t0), min(batched, t2 - t1)
+    except Exception as exc:  # a model that runs one row but not several: batching will not be offered
+        log.info("%s v%d: a batch of %d rows fails here (%s)", model.name, model.version, BATCH_PROBE_ROWS, exc)
+        return None
+    if alone <= 0:
+        return None
+    cost = batched / BATCH_PROBE_ROWS / alone
+    log.info("%s v%d: in a batch of %d a row takes %.0f%% of its time alone (%.0f us)%s", model.name, model.version,
+             BATCH_PROBE_ROWS, cost * 100, alone * 1e6,
+             "" if cost <= BATCH_PAYS else ": no dynamic batching unless the configuration turns it on")
+    return cost
 
 
 VALIDATION_SLACK = 0.02  # agreement may be this much (or two examples) below what the hub measured

@@ -43,6 +43,8 @@ def policy_for(model: LoadedModel, cfg: ModelConfig | None) -> Policy:
     b: BatchingConfig = cfg.batching
     batchable = has_batch_dim(model)
     enabled = batchable if b.enabled is None else b.enabled
+    if b.enabled is None and batchable and model.batching_pays is False:
+        enabled = False  # measured at load: stacking requests saves no compute here, it only adds copies and waits
     if enabled and not batchable:
         log.warning("model %s: batching is configured but not every input and output has a dynamic first "
                     "dimension; serving without batching", model.name)

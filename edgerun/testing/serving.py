@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from edgerun.package import ModelPackage, Variant, file_entry, save_package
+from edgerun.package import ModelPackage, Sample, Variant, file_entry, save_package
 from edgerun.tensors import TensorSpec
 from edgerun.testing.processes import terminate
 
@@ -69,8 +69,10 @@ def make_fixed_package(root: Path, hidden: int = 1024) -> ModelPackage:
     return ModelPackage.load(root)
 
 
-def make_slow_package(root: Path, size: int = 256) -> ModelPackage:
-    """Echoes ``x`` ([-1, 1] FP32) after max(x) rounds of a size x size MatMul: the client sets how long it takes."""
+def make_slow_package(root: Path, size: int = 256, per_row: bool = False, sample_rounds: int = 0) -> ModelPackage:
+    """Echoes ``x`` ([-1, 1] FP32) after max(x) rounds of a size x size MatMul: the client sets how long it takes.
+    ``per_row``: sum(x) rounds instead, so a batch costs what its rows cost alone (batching saves nothing);
+    ``sample_rounds``: a warm-up sample of that many rounds."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -83,7 +85,7 @@ def make_slow_package(root: Path, size: int = 256) -> ModelPackage:
          helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [size, size])],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
          helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [size, size])])
-    nodes = [helper.make_node("ReduceMax", ["x"], ["xmax"], keepdims=0),
+    nodes = [helper.make_node("ReduceSum" if per_row else "ReduceMax", ["x"], ["xmax"], keepdims=0),
              helper.make_node("Cast", ["xmax"], ["trips"], to=TensorProto.INT64),
              helper.make_node("Mul", ["xmax", "zero"], ["x0"]),  # makes the loop depend on x: no constant folding
              helper.make_node("Add", ["W", "x0"], ["v0"]),
@@ -101,7 +103,9 @@ def make_slow_package(root: Path, size: int = 256) -> ModelPackage:
     onnx.save(model, str(root / "slow.onnx"))
     pkg = ModelPackage(name="slow", version=1, inputs=[TensorSpec("x", "FP32", (-1, 1))],
                        outputs=[TensorSpec("y", "FP32", (-1, 1))],
-                       variants=[Variant("onnx", "onnx", "fp32", (file_entry(root, "slow.onnx"),))])
+                       variants=[Variant("onnx", "onnx", "fp32", (file_entry(root, "slow.onnx"),))],
+                       samples=[Sample({"x": x}, {"y": x}) for x in [np.full((1, 1), sample_rounds, np.float32)]
+                                if sample_rounds])
     save_package(pkg, root)
     return ModelPackage.load(root)
 

@@ -72,6 +72,19 @@ def test_our_files_open_with_pyrage(keys, size):
     assert _open(ct, [ids[1]]) == data
 
 
+@pytest.mark.parametrize("size", [*SIZES, 16 * SEG, 16 * SEG + 1, 40 * SEG + 3])
+def test_files_encrypted_on_several_threads_open_with_pyrage(keys, tmp_path, size):
+    """encrypt_file seals ranges of segments on several threads: the file is the age file a single thread writes."""
+    ids, theirs_ids, _ = keys
+    data = os.urandom(size)
+    (tmp_path / "clear").write_bytes(data)
+    crypto.encrypt_file(tmp_path / "clear", tmp_path / "m.age", [i.recipient for i in ids[:2]], threads=3)
+    ct = (tmp_path / "m.age").read_bytes()
+    assert len(ct) == len(_ours(data, [i.recipient for i in ids[:2]]))
+    assert pyrage.decrypt(ct, [theirs_ids[1]]) == data
+    assert crypto.check_file(tmp_path / "m.age", [ids[0]])[1] is None
+
+
 def test_a_file_decrypts_into_one_buffer_of_its_exact_size(keys, tmp_path):
     ids, _, theirs = keys
     for size in (0, SEG, 3 * SEG + 7):
@@ -80,6 +93,34 @@ def test_a_file_decrypts_into_one_buffer_of_its_exact_size(keys, tmp_path):
         path.write_bytes(pyrage.encrypt(data, theirs[:1]))
         out = crypto.decrypt_to_memory(path, [ids[0]])
         assert type(out) is bytearray and out == data
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_a_file_of_many_ranges_decrypts_on_several_threads_and_names_its_first_damage(keys, tmp_path, threads):
+    """Ranges of 16 segments go to several threads; the clear bytes land in place, in one buffer or a stream, and
+    damage in two ranges is reported at the first one, as a single thread reports it."""
+    ids, _, theirs = keys
+    data = os.urandom(5 * crypto.RANGE_SEGMENTS * SEG + 777)  # 6 ranges, the last one short
+    path = tmp_path / "big.age"
+    ct = pyrage.encrypt(data, theirs[:1])
+    path.write_bytes(ct)
+    assert crypto.decrypt_to_memory(path, [ids[0]], threads=threads) == data
+    with open(path, "rb") as f:
+        dec = crypto.Decryptor(f, [ids[0]], total=len(ct))
+        assert b"".join(bytes(p) for p in dec.read_parallel(f.fileno(), threads)) == data
+    bad = bytearray(ct)
+    for index in (70, 40):  # both in later ranges; 40 comes first
+        bad[_segment_start(ct, index) + 5] ^= 0x01
+    path.write_bytes(bad)
+    with pytest.raises(DecryptError, match=r"segment 40 \(plaintext bytes 2621440-2686975\) does not authenticate"):
+        crypto.decrypt_to_memory(path, [ids[0]], threads=threads)
+    with open(path, "rb") as f, pytest.raises(DecryptError, match="segment 40 "):
+        dec = crypto.Decryptor(f, [ids[0]], total=len(bad))
+        for _ in dec.read_parallel(f.fileno(), threads):
+            pass
+    path.write_bytes(ct[:_segment_start(ct, 48)])  # cut at a range's boundary
+    with pytest.raises(DecryptError, match="truncated: the file ends after segment 47 .* not its last segment"):
+        crypto.decrypt_to_memory(path, [ids[0]], threads=threads)
 
 
 def test_decryption_streams_in_bounded_memory(keys):
@@ -163,9 +204,10 @@ def test_check_file_hashes_the_ciphertext_and_authenticates_every_segment(keys, 
 
     ids, _, _ = keys
     path = tmp_path / "m.age"
-    path.write_bytes(_ours(os.urandom(3 * SEG), [ids[0].recipient]))
+    path.write_bytes(_ours(os.urandom(50 * SEG), [ids[0].recipient]))  # four ranges, checked on several threads
     assert crypto.check_file(path, [ids[0]]) == (hashlib.sha256(path.read_bytes()).hexdigest(), None)
     data = bytearray(path.read_bytes())
+    data[_segment_start(bytes(data), 40) + 5] ^= 0x10
     data[_segment_start(bytes(data), 1) + 5] ^= 0x10
     path.write_bytes(bytes(data))
     digest, error = crypto.check_file(path, [ids[0]])

@@ -222,3 +222,31 @@ def test_batcher_runs_alone_a_request_whose_inputs_disagree_on_rows(tmp_path):
         for name, arr in req.items():
             np.testing.assert_array_equal(out[name.replace("in_", "out_")], arr)
     assert sorted(runs) == [1, 1], "the mismatched request was stacked with another"
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["a-batch-costs-its-slowest-row", "a-batch-costs-its-rows"])
+def test_batching_is_on_by_default_only_where_it_saves_compute(tmp_path, per_row):
+    """At load a model runs its warm-up sample alone and as a batch of 4: where the batch costs about what its rows
+    cost alone, dynamic batching is off by default (it would only add copies and waits), unless configured on."""
+    from edgerun.config import BatchingConfig, ModelConfig
+    from edgerun.runtime import Runtime
+    from edgerun.serving.batching import policy_for
+    from edgerun.serving.modelconfig import model_config
+
+    with Runtime(threads=1) as rt:
+        probe = rt.load(make_slow_package(tmp_path / "probe", size=64), backend="onnxruntime")
+        t = time.perf_counter()
+        probe.run({"x": np.full((1, 1), 100, np.float32)})
+        rounds = max(1, round(100 * 0.005 / (time.perf_counter() - t)))  # a ~5 ms run on this host
+        model = rt.load(make_slow_package(tmp_path / "slow", size=64, per_row=per_row, sample_rounds=rounds),
+                        backend="onnxruntime")
+        policy = policy_for(model, None)
+        forced = policy_for(model, ModelConfig(path=tmp_path / "slow", batching=BatchingConfig(enabled=True)))
+        cfg = model_config(model, policy, False)
+    if per_row:
+        assert model.batch_cost > 0.8 and not model.batching_pays
+        assert not policy.batching and "dynamic_batching" not in cfg
+    else:
+        assert model.batch_cost < 0.5 and model.batching_pays
+        assert policy.batching and "dynamic_batching" in cfg
+    assert forced.batching, "batching.enabled = true must turn batching on whatever was measured"
