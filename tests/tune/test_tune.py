@@ -103,6 +103,13 @@ def test_the_model_serves_while_tuned_then_swaps_to_the_pick_and_a_restart_reuse
     assert serving.options == info.chosen.options
     cache_file = TuningCache(tmp_path).path("digits", 1)
     assert json.loads(cache_file.read_text())["info"]["chosen"] == info.chosen.to_dict()
+    from edgerun.agent import Agent
+    from edgerun.config import Config, MqttConfig
+    from edgerun.contract import Status
+
+    status = Agent(rt, Config(state_dir=tmp_path / "agent", mqtt=MqttConfig(enabled=True))).status()
+    sent = Status.from_payload(status.to_payload())
+    assert [t.chosen for t in sent.tuning] == [info.chosen], "the device's status carries what it measured"
     rt.close()
 
     again = Runtime()  # a restart: the cache answers, nothing is measured
