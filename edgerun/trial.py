@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,13 @@ class TrialSpec:
     device: str | None
     threads: int | None
     extra: dict[str, Any]
-    device_key: str | None = None  # opens an encrypted variant
+    device_keys: tuple[str, ...] = ()  # the device key and the fleet key: what opens an encrypted variant
     nice: int = 10
 
     def to_dict(self) -> dict[str, Any]:
         return {"package": self.package, "variant": self.variant, "backend": self.backend,
                 "backend_class": self.backend_class, "device": self.device, "threads": self.threads,
-                "extra": self.extra, "device_key": self.device_key, "nice": self.nice}
+                "extra": self.extra, "device_keys": list(self.device_keys), "nice": self.nice}
 
 
 def class_path(cls: type) -> str:
@@ -240,6 +241,7 @@ def _child() -> int:
 
     from edgerun import hookspecs
     from edgerun.backend import LoadOptions
+    from edgerun.devicekey import DeviceKey
     from edgerun.errors import EdgerunError
     from edgerun.runtime import LoadedModel, Runtime, _check_interface, _warm_up
 
@@ -257,7 +259,8 @@ def _child() -> int:
     pm.add_hookspecs(hookspecs)
     pm.register(importlib.import_module("edgerun.choice"), name="edgerun.choice")
     pm.register(_One(), name=spec["backend"])
-    rt = Runtime(plugin_manager=pm, device_key=spec.get("device_key") or os.devnull)
+    keys = [Path(k) for k in spec.get("device_keys") or ()] or [Path(os.devnull)]
+    rt = Runtime(plugin_manager=pm, device_key=DeviceKey(keys[0], extra=tuple(keys[1:])))
     backend = rt.backends[spec["backend"]]
     pkg = rt.open_package(spec["package"])
     variant = pkg.variant(spec["variant"])

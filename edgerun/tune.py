@@ -142,9 +142,10 @@ class Tuner:
         rt = self.runtime
         b = rt.backends[m.cand.backend]
         lo = rt.load_options(b.name, m.options)
-        key = rt.device_key.path if m.cand.variant.encrypted else None
+        dk = rt.device_key
+        keys = tuple(str(k) for k in (dk.path, *dk.extra)) if m.cand.variant.encrypted else ()
         return TrialSpec(str(pkg.model_file or pkg.root), m.cand.variant.id, b.name, class_path(type(b)), lo.device,
-                         lo.threads, lo.extra, str(key) if key else None, self.settings.nice)
+                         lo.threads, lo.extra, keys, self.settings.nice)
 
     # --- measuring -------------------------------------------------------------------------
 

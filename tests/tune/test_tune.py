@@ -228,3 +228,16 @@ def test_a_busy_device_defers_tuning(checked_digits, tmp_path, caplog):
     tuner.stop()
     assert not TuningCache(tmp_path).path("digits", 1).exists(), "stopped while deferred: nothing measured"
     rt.close()
+
+
+def test_an_encrypted_package_is_tuned_with_the_device_key(checked_digits, tmp_path):
+    from edgerun.devicekey import create_key_file
+    from edgerun.hub.encrypt import encrypt_package
+
+    key_path = tmp_path / "device.key"
+    identity = create_key_file(key_path)
+    encrypted = encrypt_package(checked_digits, [identity.recipient], tmp_path / "encrypted")
+    info = Tuner(Runtime(device_key=key_path), TuneSettings(budget=4)).tune(encrypted)
+    onnx = [c for c in info.candidates if c.backend == "onnxruntime"]
+    assert onnx and all(c.kept and c.latency_ms for c in onnx), [c.reason for c in onnx]
+    assert info.chosen.agreement is not None
