@@ -30,7 +30,7 @@ def tune(package: Path = PackageArg,
                                                                          "holds, and save a new one for `edgerun serve`."),
          as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (the status's `tuning` entry)."),
          config: Path = typer.Option(None, "--config", "-c", help="Config file: its state_dir holds the cache, its "
-                                                                  "[tuning] the budget and timeouts."),
+                                                                  "\\[tuning] the budget and timeouts."),
          state_dir: Path = typer.Option(None, "--state-dir", help="Where the tuning cache is (default: the "
                                                                   "configuration's state_dir)."),
          memory_budget: str = BudgetOpt, profile: str = ProfileOpt) -> None:
