@@ -218,6 +218,9 @@ def main() -> int:
     if args.quick:
         args.budget, args.exhaustive_budget, args.phase = min(args.budget, 10.0), min(args.exhaustive_budget, 60), 3
     packages = make_packages(args.work, args.quick)
+    import os
+
+    load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind, path in packages.items():
@@ -233,7 +236,9 @@ def main() -> int:
             versions[dist] = None
     result = {"command": "python benchmarks/tune.py" + (" --quick" if args.quick else ""),
               "host": {"cpu": Runtime().facts.cpu_model, "cores": Runtime().facts.cpu_count,
-                       "python": platform.python_version(), **versions},
+                       "python": platform.python_version(), **versions,
+                       # other work on the host moves multi-threaded timings most: the 1-minute load, start and end
+                       "loadavg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
               "settings": {"budget": args.budget, "exhaustive_budget": args.exhaustive_budget, "phase": args.phase,
                            "rate": args.rate, "device_speed_tie": DEVICE_SPEED_TIE},
               "results": rows, "all_targets_met": all(all(r["targets"].values()) for r in rows)}
