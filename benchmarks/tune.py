@@ -211,12 +211,12 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgerun-bench-tune",
                     help="where the packages are made and kept")
     ap.add_argument("--budget", type=float, default=30.0, help="the tuner's budget (s)")
-    ap.add_argument("--exhaustive-budget", type=float, default=300.0, help="the exhaustive run's budget (s)")
+    ap.add_argument("--exhaustive-budget", type=float, default=600.0, help="the exhaustive run's budget (s)")
     ap.add_argument("--phase", type=float, default=10.0, help="seconds of serving before tuning starts")
     ap.add_argument("--rate", type=float, default=200.0, help="requests per second of the client")
     args = ap.parse_args()
     if args.quick:
-        args.budget, args.exhaustive_budget, args.phase = min(args.budget, 10.0), min(args.exhaustive_budget, 60), 3
+        args.budget, args.exhaustive_budget, args.phase = min(args.budget, 10.0), min(args.exhaustive_budget, 90), 3
     packages = make_packages(args.work, args.quick)
     import os
 

@@ -34,6 +34,10 @@ MIN_RUNS = 20
 BATCH_MS = 20.0  # each turn of a candidate in a round runs about this long
 MAX_ALIVE = 12  # children loaded at once; more candidates are measured in waves
 TOP = 2  # variant/backend pairs whose options are tried
+# A small model's speed differs from one process to the next by up to 1.7x (where its memory lands): the finalists
+# are timed again in CONFIRM fresh processes each, and an exhaustive run times every candidate in PROCESSES.
+CONFIRM = 2
+PROCESSES = 3
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class TuneSettings:
     nice: int = 10
 
 
-@dataclass
+@dataclass(eq=False)
 class Measured:
     """One candidate as this device measured it."""
 
@@ -59,26 +63,37 @@ class Measured:
     agreement: float | None = None
     samples: int = 0
     peak: int | None = None
-    times: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # this process's runs (ms)
+    processes: list[list[float]] = field(default_factory=list)  # the runs of earlier processes
 
     @property
     def key(self) -> tuple[str, str, tuple]:
         return self.cand.variant.id, self.cand.backend, tuple(sorted(self.options.items()))
 
     def median(self) -> tuple[float, float] | None:
-        """The median latency (ms) and the half-width of its 95% confidence interval (order statistics)."""
-        n = len(self.times)
-        if n < 3:
-            return None
-        xs = sorted(self.times)
-        half = 0.98 * n ** 0.5
-        lo, hi = max(0, int(n / 2 - half)), min(n - 1, int(n / 2 + half + 0.999))
-        med = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-        return med, (xs[hi] - xs[lo]) / 2
+        """The median latency (ms) and its error: the half-width of its 95% confidence interval (order statistics);
+        timed in several processes, the median of their medians, the error at least half their spread (a small
+        model's speed differs from one process to the next, as its memory lands differently)."""
+        per = [m for m in map(_median_ci, [*self.processes, self.times]) if m is not None]
+        if len(per) <= 1:
+            return per[0] if per else None
+        meds = sorted(m for m, _ in per)
+        mid = len(meds) // 2
+        med = meds[mid] if len(meds) % 2 else (meds[mid - 1] + meds[mid]) / 2
+        return med, max(max(e for _, e in per), (meds[-1] - meds[0]) / 2)
 
     def converged(self) -> bool:
-        m = self.median()
-        return m is not None and len(self.times) >= MIN_RUNS and m[1] <= TARGET_ERROR * m[0]
+        """This process's (or the last one's) median is known within TARGET_ERROR."""
+        times = self.times or (self.processes[-1] if self.processes else [])
+        m = _median_ci(times)
+        return m is not None and len(times) >= MIN_RUNS and m[1] <= TARGET_ERROR * m[0]
+
+    def new_process(self) -> None:
+        """Close this candidate's process; the next ``_measure`` times it in a fresh one."""
+        self.close()
+        if self.times:
+            self.processes.append(self.times)
+            self.times = []
 
     def drop(self, reason: str) -> None:
         self.kept, self.reason = False, reason
@@ -100,6 +115,18 @@ class Measured:
 
 
 Progress = Callable[[float, str], None]
+
+
+def _median_ci(times: list[float]) -> tuple[float, float] | None:
+    """The median of ``times`` and the half-width of its 95% confidence interval (order statistics)."""
+    n = len(times)
+    if n < 3:
+        return None
+    xs = sorted(times)
+    half = 0.98 * n ** 0.5
+    lo, hi = max(0, int(n / 2 - half)), min(n - 1, int(n / 2 + half + 0.999))
+    med = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+    return med, (xs[hi] - xs[lo]) / 2
 
 
 class Tuner:
@@ -227,15 +254,15 @@ class Tuner:
         deadline = t0 + s.budget
         everything: list[Measured] = []
         try:
-            if s.exhaustive:
+            if s.exhaustive:  # every candidate in PROCESSES processes, in waves
                 everything = [Measured(c, o) for c in pairs for o in [{}, *self.option_sets(c.backend, every=True)]]
-                for i in range(0, len(everything), MAX_ALIVE):
-                    wave = everything[i:i + MAX_ALIVE]
-                    self.progress(i / max(1, len(everything)), f"measuring {len(wave)} candidates")
-                    share = (deadline - time.monotonic()) * len(wave) / max(1, len(everything) - i)
-                    self._measure(pkg, wave, time.monotonic() + share, budget)
+                waves = [everything[i:i + MAX_ALIVE] for i in range(0, len(everything), MAX_ALIVE)] * PROCESSES
+                for i, wave in enumerate(waves):
+                    self.progress(i / len(waves), f"measuring {len(wave)} candidates")
+                    self._measure(pkg, wave, time.monotonic() + (deadline - time.monotonic()) / (len(waves) - i),
+                                  budget)
                     for m in wave:
-                        m.close()
+                        m.new_process()
             else:
                 everything = [Measured(c, {}) for c in pairs]
                 self.progress(0.0, f"measuring {len(everything)} variant/backend pairs")
@@ -248,12 +275,27 @@ class Tuner:
                     if m not in top:
                         m.close()
                 extra = [Measured(m.cand, o) for m in top for o in self.option_sets(m.cand.backend)]
+                everything += extra
                 if extra and time.monotonic() < deadline:
-                    self.progress(0.5, f"measuring {len(extra)} option settings of {len(top)} pair(s)")
-                    everything += extra
-                    self._measure(pkg, top + extra, t0 + s.budget * 0.95, budget)
-                elif extra:
-                    everything += extra
+                    self.progress(0.4, f"measuring {len(extra)} option settings of {len(top)} pair(s)")
+                    self._measure(pkg, top + extra, t0 + s.budget * 0.7, budget)
+                # the finalists again, each in a fresh process: a gap that was one process's luck closes
+                best = self.pick(everything, choice)
+                default = next((m for m in everything if m.cand is choice.chosen and not m.options), None)
+                rest = sorted((m for m in everything if m.kept and m.median() is not None
+                               and m is not best and m is not default), key=lambda m: m.median()[0])  # type: ignore[index]
+                finalists = list(dict.fromkeys(m for m in (best, default, *rest[:1]) if m is not None and m.kept))
+                for m in everything:
+                    if m not in finalists:
+                        m.close()
+                for r in range(CONFIRM):
+                    if not finalists or time.monotonic() >= deadline:
+                        break
+                    for m in finalists:
+                        m.new_process()
+                    self.progress(0.7 + 0.25 * r / CONFIRM, f"confirming {len(finalists)} finalist(s) in fresh "
+                                                             f"processes ({r + 1} of {CONFIRM})")
+                    self._measure(pkg, finalists, t0 + s.budget * (0.7 + 0.25 * (r + 1) / CONFIRM), budget)
         finally:
             for m in everything:
                 m.close()
