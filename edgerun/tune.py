@@ -32,6 +32,7 @@ DEVICE_SPEED_TIE = 0.03
 TARGET_ERROR = 0.02  # a candidate is timed until its median is known within 2% (or the budget runs out)
 MIN_RUNS = 20
 BATCH_MS = 20.0  # each turn of a candidate in a round runs about this long
+GAP = 0.01  # seconds between two candidates' turns: the worker threads of the one before stop spinning
 MAX_ALIVE = 12  # children loaded at once; more candidates are measured in waves
 TOP = 2  # variant/backend pairs whose options are tried
 # A small model's speed differs from one process to the next by up to 1.7x (where its memory lands): the finalists
@@ -211,7 +212,7 @@ class Tuner:
         for m in fresh:
             if m.kept:
                 self._check(m, val_len)
-        rng = random.Random(0)
+        rng = random.Random()  # a fresh order each time: no candidate is always timed after the same one
         first = True  # every candidate gets one turn, even past the deadline
         while not self.cancelled() and (first or time.monotonic() < deadline):
             live = [m for m in group if m.kept and m.trial is not None and not m.converged()]
@@ -224,6 +225,7 @@ class Tuner:
                 est = m.median()
                 per = est[0] if est else 1.0
                 n = max(3, min(1000, int(BATCH_MS / max(per, 1e-3))))
+                time.sleep(GAP)  # the last candidate's worker threads stop spinning before this one is timed
                 try:
                     m.times.extend(m.trial.time_runs(n))  # type: ignore[union-attr]
                 except TrialFailed as exc:
@@ -320,6 +322,26 @@ class Tuner:
                                + "; ".join(f"{m.cand.variant.id} on {m.cand.backend}: {m.reason}"
                                            for m in everything[:4]))
         return info
+
+    def side_by_side(self, package: str | Path | ModelPackage, wanted: list[tuple[str, str, dict[str, Any]]],
+                     seconds: float, processes: int = PROCESSES) -> list[TunedCandidate]:
+        """Time the given (variant, backend, options) candidates against each other: interleaved rounds, each in
+        ``processes`` fresh processes in turn, ``seconds`` in all (comparisons, e.g. benchmarks/tune.py)."""
+        pkg = self.runtime.open_package(package)
+        choice = self.runtime.explain(pkg)
+        pairs = {(c.variant.id, c.backend): c for c in choice.candidates if c.kept}
+        group = [Measured(pairs[(v, b)], dict(o)) for v, b, o in wanted]
+        end = time.monotonic() + seconds
+        try:
+            for r in range(processes):
+                for m in group:
+                    m.new_process()
+                self._measure(pkg, group, time.monotonic() + (end - time.monotonic()) / (processes - r),
+                              choice.budget)
+        finally:
+            for m in group:
+                m.close()
+        return [m.result() for m in group]
 
     def pick(self, measured: list[Measured], choice: Any) -> Measured | None:
         """The variant choice's rules on this device's figures: accuracy tier, latency beyond the errors, memory."""
