@@ -1,7 +1,8 @@
-"""The hub against a fleet of 1,000 simulated devices: staged rollouts, the failure gate, `hub status`.
+"""The hub against a fleet of 1,000 simulated devices: staged rollouts, the failure gate, `hub status`, `hub tuning`.
 
     python benchmarks/fleet.py                        # 1,000 devices, results in benchmarks/results/fleet.json
     python benchmarks/fleet.py --devices 200 --out /tmp/fleet.json
+    python benchmarks/fleet.py --tuning-only          # only v1 everywhere and `hub tuning` (fleet-tuning.json)
 
 Everything is local and real: a Mosquitto on a free port (its $SYS counters give the broker's message
 counts), 1,000 contract-speaking devices of `edgerun.testing.fleet` in their own process (each with its own
@@ -18,7 +19,12 @@ this process's CPU time and memory are the hub's). The fleet first gets v1 every
 3. `edgerun hub status` (the real command, in its own process) over the 1,000 devices: the default view
    (a summary and the devices that need a look) and `--all` (every device), each synced from the broker and
    from the registry only (`--offline`), median of 5 (target ≤ 2 s);
-4. the dashboard's first paint with the 1,000 devices, when `benchmarks/dashboard.py` can run (target ≤ 1 s).
+4. the dashboard's first paint with the 1,000 devices, when `benchmarks/dashboard.py` can run (target ≤ 1 s);
+5. `edgerun hub tuning digits` (the real command, in its own process): the simulated devices tune each version
+   they activate and report the figures in their status (contract 1.4; 8 candidates each on x86, 4 on ARM), so
+   the command aggregates 1,000 devices' figures per profile and CPU model: the tables and `--json`, synced from
+   the broker and from the registry only (`--offline`), median of 5 (target ≤ 2 s). With `--tuning-only`, the
+   fleet gets v1 and only this is measured, with `hub status` over the same fleet beside it.
 
 Per rollout: time per stage, the hub's CPU and its memory (resident set before, peak during, after), and the
 broker's messages. Exit status 1 when a target is missed.
@@ -213,6 +219,34 @@ def hub_status_seconds(hub: Hub, repeats: int = 5) -> dict:
     return out
 
 
+def hub_tuning_seconds(hub: Hub, model: str, repeats: int = 5) -> dict:
+    """Wall time of `edgerun hub tuning MODEL` in its own process, as a user runs it: each view, median of ``repeats``."""
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}, "EDGERUN_HUB_DB": hub.db,
+           "COLUMNS": "200"}
+    args = ["hub", "tuning", model, "--fleet", FLEET, "--host", "127.0.0.1", "--port", str(hub.broker.port)]
+    out = {}
+    for label, extra in (("tables, synced from the broker", []), ("--json, synced from the broker", ["--json"]),
+                         ("tables, registry only (--offline)", ["--offline"]),
+                         ("--json, registry only (--offline)", ["--offline", "--json"])):
+        times = []
+        subprocess.run([sys.executable, "-c", CLI, *args, *extra], env=env, capture_output=True, timeout=60)  # warm-up
+        for _ in range(repeats):
+            t0 = time.monotonic()
+            r = subprocess.run([sys.executable, "-c", CLI, *args, *extra], env=env, capture_output=True, text=True,
+                               timeout=60)
+            times.append(time.monotonic() - t0)
+            if r.returncode != 0:
+                raise RuntimeError(r.stderr)
+        out[label] = {"median_seconds": round(statistics.median(times), 3), "runs": [round(t, 3) for t in times]}
+        if extra == ["--offline", "--json"]:
+            figs = json.loads(r.stdout)
+            out["devices"] = sum(g["devices"] for g in figs["profiles"])
+            out["groups"] = [f"{g['profile']} / {g['cpu_model']}: {g['devices']}" for g in figs["groups"]]
+        elif extra == ["--offline"]:
+            out["tables"] = r.stdout
+    return out
+
+
 def dashboard_paint(hub: Hub) -> dict | None:
     """First paint of `hub dashboard` over this fleet, from benchmarks/dashboard.py when it can run here."""
     try:
@@ -230,8 +264,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--failing-runs", type=int, default=5)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/fleet.json"))
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/fleet.json (fleet-tuning.json with "
+                                                "--tuning-only)")
+    ap.add_argument("--tuning-only", action="store_true", help="only v1 everywhere and `hub tuning` (no rollouts)")
     args = ap.parse_args()
+    args.out = args.out or str(ROOT / "benchmarks/results" / ("fleet-tuning.json" if args.tuning_only else "fleet.json"))
     n = args.devices
     package = ModelPackage.load(ROOT / "examples" / "digits")
     results: dict = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "devices": n,
@@ -247,7 +284,7 @@ def main() -> int:
             fleet = subprocess.Popen([sys.executable, "-m", "edgerun.testing.fleet", "--port", str(broker.port),
                                       "--fleet", FLEET, "--trusted-keys", str(hub.keydir), "--devices", str(n),
                                       "--fail-rate", str(FAIL_RATE), "--fail-mode", "spread", "--fail-from", "3",
-                                      "--seed", "1"],
+                                      "--seed", "1", "--tune"],
                                      stdout=subprocess.PIPE, text=True, cwd=ROOT)
             try:
                 ready = json.loads(fleet.stdout.readline())
@@ -257,6 +294,11 @@ def main() -> int:
                     hub.publish(1)
                     results["baseline_seconds"] = round(wait_serving(watch, package.name, 1, n), 2)
                     print(f"v1 everywhere in {results['baseline_seconds']:.1f}s", flush=True)
+                    if args.tuning_only:
+                        watch.flush()
+                        results["hub_tuning"] = hub_tuning_seconds(hub, package.name)
+                        results["hub_status"] = hub_status_seconds(hub)  # beside it: the same sync, the same fleet
+                        return tuning_report(results, args.out)
                     plan = Plan.parse(canary=10, step="25%", bake="2s", max_failures="10%", timeout="60s")
                     results["plan"] = plan.describe()
                     results["rollout"] = run_rollout(hub, watch, 2, plan)
@@ -272,6 +314,7 @@ def main() -> int:
                         print(f"rollout of v{version} with {FAIL_RATE:.0%} failing: {x['state']} at stage "
                               f"{x['aborted_at_stage']}", flush=True)
                 results["hub_status"] = hub_status_seconds(hub)
+                results["hub_tuning"] = hub_tuning_seconds(hub, package.name)
                 results["dashboard"] = dashboard_paint(hub)
                 results["hub_peak_rss_mb"] = mb(hub.peak_rss)
             finally:
@@ -286,6 +329,25 @@ def main() -> int:
     return 0 if all(results["targets"].values()) else 1
 
 
+def tuning_report(results: dict, out: str) -> int:
+    """Print and write the results of --tuning-only."""
+    t = results["hub_tuning"]
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["targets"] = {"hub tuning <= 2 s (every view)": all(s["median_seconds"] <= 2.0 for s in t.values()
+                                                                if isinstance(s, dict))}
+    print(t.get("tables", ""))
+    print(f"{t['devices']} devices' figures in {len(t['groups'])} groups: {'; '.join(t['groups'])}")
+    for label, s in t.items():
+        if isinstance(s, dict):
+            print(f"hub tuning, {label}: median {s['median_seconds']}s over {len(s['runs'])} runs (target ≤ 2 s)")
+    for label, s in results["hub_status"].items():
+        print(f"hub status, {label}: median {s['median_seconds']}s over {len(s['runs'])} runs (same fleet)")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nwrote {out}")
+    return 0 if all(results["targets"].values()) else 1
+
+
 def targets(r: dict) -> dict[str, bool]:
     failing = r["failing_rollouts"]
     d = r.get("dashboard") or {}
@@ -296,6 +358,8 @@ def targets(r: dict) -> dict[str, bool]:
             x["state"] == "aborted" and x["aborted_at_stage"] == 1 for x in failing),
         "every device back on v2": all(x["devices_on_v2_after"] == r["devices"] for x in failing),
         "hub status <= 2 s (every view)": all(s["median_seconds"] <= 2.0 for s in r["hub_status"].values()),
+        "hub tuning <= 2 s (every view)": all(s["median_seconds"] <= 2.0 for s in r["hub_tuning"].values()
+                                              if isinstance(s, dict)),
         "dashboard table on screen <= 1 s": bool(d) and d.get("table_ready_ms", 1e9) <= 1000,
     }
 
@@ -324,6 +388,9 @@ def report(r: dict) -> None:
     print(f"hub peak RSS {r['hub_peak_rss_mb']} MB")
     for label, s in r["hub_status"].items():
         print(f"hub status, {label}: median {s['median_seconds']}s over {len(s['runs'])} runs (target ≤ 2 s)")
+    for label, s in r["hub_tuning"].items():
+        if isinstance(s, dict):
+            print(f"hub tuning, {label}: median {s['median_seconds']}s over {len(s['runs'])} runs (target ≤ 2 s)")
     d = r.get("dashboard")
     if d:
         print(f"dashboard first paint: median {d.get('first_paint_ms')} ms, table ready {d.get('table_ready_ms')} ms "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from edgerun.backend import Backend
 from edgerun.errors import NoVariantFits
@@ -12,6 +13,48 @@ from edgerun.profiles import Profile
 from edgerun.protect import not_for_here
 from edgerun.units import format_size
 
+
+@dataclass(frozen=True)
+class FleetFigure:
+    """What devices of one profile (and CPU model) measured of a variant on a backend: ``info.fleet`` of a package."""
+
+    latency_ms: float
+    latency_err_ms: float | None
+    devices: int
+    profile: str
+    cpu_model: str = ""  # "": every CPU model of the profile
+
+    def describe(self) -> str:
+        where = f"profile {self.profile}" + (f", CPU {self.cpu_model}" if self.cpu_model else "")
+        return f"fleet: {self.devices} device{'s' if self.devices != 1 else ''} of {where}"
+
+
+def fleet_figure(variant: Variant, backend: str, profile: str, cpu_model: str = "") -> FleetFigure | None:
+    """The fleet's figure for ``variant`` on ``backend`` on devices of ``profile``: its CPU model's when the package
+    has one, else the profile's; None when the package carries none."""
+    per = _dict(_dict(_dict(variant.info.get("fleet")).get(profile)).get(backend))
+    cpu = _dict(_dict(per.get("cpu_models")).get(cpu_model)) if cpu_model else {}
+    for fig, cpu_name in ((cpu, cpu_model), (per, "")):
+        lat, err, n = fig.get("latency_ms"), fig.get("latency_err_ms"), fig.get("devices")
+        if _number(lat) and lat > 0:
+            return FleetFigure(float(lat), float(err) if _number(err) and err >= 0 else None,
+                               n if isinstance(n, int) and not isinstance(n, bool) else 0, profile, cpu_name)
+    return None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def host_cpu_model() -> str:
+    """This machine's CPU model, as /proc/cpuinfo names it (what a device reports in its tuning figures)."""
+    from edgerun.device import cpu_model
+
+    return cpu_model()
 
 
 @dataclass
@@ -25,11 +68,26 @@ class Candidate:
     kept: bool = True
     reason: str = ""
     chosen: bool = False
+    fleet: FleetFigure | None = None  # what devices of this one's profile measured, when the package says
+    by_fleet: bool = False  # the package has fleet figures for this device: they rank the candidates, not the hub's
 
     @property
     def latency_ms(self) -> float | None:
+        """The latency that ranks it: the fleet's for this device's profile when the package has them, else the
+        hub's."""
+        if self.fleet is not None:
+            return self.fleet.latency_ms
         m = self.variant.measured.get(self.backend)
         return m.latency_ms if m else None
+
+    @property
+    def latency_source(self) -> str:
+        """Whose latency ranks it: ``fleet: N devices of profile P[, CPU M]``, ``hub``, or why none does."""
+        if self.fleet is not None:
+            return self.fleet.describe()
+        if self.by_fleet:
+            return "no fleet figure for it: a tie on speed"
+        return "hub" if self.latency_ms is not None else ""
 
     @property
     def accuracy(self) -> float | None:
@@ -52,10 +110,12 @@ def memory_need(variant: Variant, backend: Backend) -> tuple[int, bool]:
 
 
 def candidates(package: ModelPackage, profile: Profile, backends: dict[str, Backend], budget: int,
-               cpu_class: str | None = None, keys: frozenset[str] | str = frozenset()) -> list[Candidate]:
+               cpu_class: str | None = None, keys: frozenset[str] | str = frozenset(),
+               cpu_model: str | None = None) -> list[Candidate]:
     """Every (variant, backend) pair, each marked kept or dropped with the reason; an int8 variant made for other
     CPUs than this one's ``cpu_class`` (x86-vnni, x86, arm64) is dropped, and so is an encrypted variant that none of
-    this device's ``keys`` (fingerprints, or why there are none) opens, or that the backend cannot load from memory."""
+    this device's ``keys`` (fingerprints, or why there are none) opens, or that the backend cannot load from memory.
+    Each carries the fleet's figure for ``profile`` and ``cpu_model`` (default: this host's) when the package has one."""
     order = list(profile.prefer) + [b for b in backends if b not in profile.prefer]
     rank = {name: i for i, name in enumerate(order)}
     out: list[Candidate] = []
@@ -88,7 +148,18 @@ def candidates(package: ModelPackage, profile: Profile, backends: dict[str, Back
                                      f"needs {format_size(need)} > budget {format_size(budget)}"))
             else:
                 out.append(Candidate(variant, backend.name, need, measured, True, "fits"))
-    return out
+    return with_fleet_figures(out, profile, host_cpu_model() if cpu_model is None else cpu_model)
+
+
+def with_fleet_figures(cands: list[Candidate], profile: Profile, cpu_model: str) -> list[Candidate]:
+    """Give each candidate the fleet's figure for this device's profile and CPU model, when the package has one."""
+    for c in cands:
+        if c.backend != "-":
+            c.fleet = fleet_figure(c.variant, c.backend, profile.name, cpu_model)
+    by_fleet = any(c.fleet is not None for c in cands)
+    for c in cands:
+        c.by_fleet = by_fleet
+    return cands
 
 
 def wrong_cpu(variant: Variant, cpu_class: str | None) -> str:
@@ -123,7 +194,14 @@ MEMORY_NOISE = 1 << 20
 
 
 def _latency(c: Candidate) -> tuple[float, float | None]:
+    """The latency and its error that rank ``c``: the fleet's figure for this device when the package carries
+    one; when it carries some for this device but not for ``c``, the hub's latency without an error (a tie: hub
+    and devices measured on different CPUs); else the hub's."""
+    if c.fleet is not None:
+        return c.fleet.latency_ms, c.fleet.latency_err_ms
     m = c.variant.measured.get(c.backend)
+    if c.by_fleet:
+        return (m.latency_ms if m and m.latency_ms is not None else float("inf")), None
     if m is None or m.latency_ms is None:
         return float("inf"), None
     return m.latency_ms, m.latency_err_ms

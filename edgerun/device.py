@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from dataclasses import dataclass, field
@@ -77,6 +78,12 @@ def _cpuinfo() -> tuple[str, frozenset[str], str]:
         elif key == "model" and not value.strip().isdigit():  # x86 has a numeric "model"
             board = value.strip()
     return model, frozenset(flags), board
+
+
+@functools.cache
+def cpu_model() -> str:
+    """This host's CPU model as /proc/cpuinfo names it (read once)."""
+    return _cpuinfo()[0]
 
 
 def _accelerators() -> frozenset[str]:

@@ -161,7 +161,8 @@ def explain(package: Path = PackageArg,
     table = Table()
     table.add_column("variant", overflow="fold")
     table.add_column("backend", no_wrap=True)
-    for col in ("memory\nneed", "accuracy", "hub\nlatency"):
+    fleet = any(cand.by_fleet for cand in c.candidates)
+    for col in ("memory\nneed", "accuracy", "fleet\nlatency" if fleet else "hub\nlatency"):
         table.add_column(col, justify="right")
     if tuned is not None:
         table.add_column("device\nlatency", justify="right")
@@ -176,6 +177,11 @@ def explain(package: Path = PackageArg,
             need += "\n(estimate)"
         acc = f"{cand.accuracy:.4f}" if cand.accuracy is not None else "-"
         lat = f"{cand.latency_ms:.3f} ms" if cand.latency_ms is not None else "-"
+        if cand.fleet is not None:
+            lat += f"\nfleet: {cand.fleet.devices} device{'s' if cand.fleet.devices != 1 else ''}" + \
+                   (", this CPU" if cand.fleet.cpu_model else "")
+        elif cand.by_fleet:
+            lat += "\nno fleet figure"
         row = [variant, Text(cand.backend), need, acc, lat]
         if tuned is not None:
             d = device.get((cand.variant.id, cand.backend))
@@ -202,13 +208,19 @@ def explain(package: Path = PackageArg,
         row.append(verdict)
         table.add_row(*row)
     console.print(table)
+    if fleet:
+        cpus = {cand.fleet.cpu_model for cand in c.candidates if cand.fleet is not None and cand.fleet.cpu_model}
+        console.print(f"Latencies are what devices of profile {escape(c.profile.name)}"
+                      + (f" with this CPU ({escape(', '.join(sorted(cpus)))})" if cpus else "")
+                      + " measured when they tuned the model (the package's fleet figures), not the hub's; "
+                        "a candidate without one ties on speed.", style="dim", highlight=False)
     if tuned is not None:
         console.print(f"decided by: this device's figures (tuned {tuned.seconds:.1f}s on {escape(tuned.cpu_model)}"
                       f"{'' if tuned.complete else ', budget ran out'}); `edgerun tune --no-cache` measures again",
                       highlight=False)
     else:
-        console.print("decided by: the hub's figures (not tuned on this device; `edgerun tune` measures here)",
-                      highlight=False)
+        console.print(f"decided by: the {'fleet' if fleet else 'hub'}'s figures (not tuned on this device; "
+                      "`edgerun tune` measures here)", highlight=False)
     if c.chosen is None:
         raise no_fit_error(c.package, c.candidates, c.budget)
 

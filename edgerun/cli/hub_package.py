@@ -99,28 +99,40 @@ def package(
     encrypt_for: list[str] = typer.Option(None, "--encrypt-for", help="Encrypt the kept variants to these keys "
                                           "(repeatable): an age1... key, or a device id, @fleet or @all enrolled "
                                           "with `edgerun hub keys add`; the package then holds no clear model."),
-    fleet: str = typer.Option(None, "--fleet", "-f", help="The fleet whose enrolled keys --encrypt-for names "
-                                                          "(default: config, else 'default')."),
-    db: str = typer.Option(None, "--db", help="Registry database URL, for --encrypt-for names (default: "
-                                              "EDGERUN_HUB_DB, else ~/.local/share/edgerun/hub.db)."),
+    fleet: str = typer.Option(None, "--fleet", "-f", help="The fleet whose enrolled keys --encrypt-for names, and "
+                                                          "whose figures --fleet-figures registry reads (default: "
+                                                          "config, else 'default')."),
+    db: str = typer.Option(None, "--db", help="Registry database URL, for --encrypt-for names and --fleet-figures "
+                                              "registry (default: EDGERUN_HUB_DB, else ~/.local/share/edgerun/hub.db)."),
+    fleet_figures: str = typer.Option(None, "--fleet-figures", metavar="FILE|registry",
+                                      help="Record what devices measured when they tuned this model, per profile and "
+                                           "CPU model, in each variant's info.fleet; a device of such a profile ranks "
+                                           "the variants by them. FILE: what `edgerun hub tuning MODEL --json` "
+                                           "wrote; registry: the registry's figures (--fleet, --db) of the latest "
+                                           "version of --name that devices tuned."),
 ) -> None:
     """Make fp16/int8/int4 ONNX, OpenVINO IR and TFLite variants of a model, measure each, keep those worth shipping.
 
     SOURCE is an ONNX file, or a PyTorch or TensorFlow model that is converted to ONNX first by its framework's own
     exporter (torch.onnx.export, tf2onnx); see docs/packaging.md, "What it takes".
     """
+    from edgerun.errors import EdgerunError
+
     missing = [m for m in REQUIRED if not _importable(m)]
     if missing:
         raise fail(escape(f"edgerun hub package needs {', '.join(missing)}: pip install 'edgerun[hub]'"), 69)
-    from edgerun.errors import EdgerunError
     from edgerun.hub.packager import PackageRequest, package_model
 
     recipients = _recipients(encrypt_for, fleet, db) if encrypt_for else None  # a bad name fails before packaging
+    try:
+        figures = _fleet_figures(fleet_figures, name, fleet, db) if fleet_figures else None
+    except EdgerunError as exc:
+        raise fail(escape(str(exc)), exc.exit_code) from None
 
     req = PackageRequest(model=source, name=name, version=version, validation=validation, out=out,
                          precisions=_split(precisions) or (), formats=_split(formats), calibration=calibration,
                          max_accuracy_drop=max_accuracy_drop, metric=metric, prune=prune, backends=_split(backends),
-                         force=force, repeats=repeats, targets=_split(targets), emulate=emulate)
+                         force=force, repeats=repeats, targets=_split(targets), emulate=emulate, fleet=figures)
     with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         try:
@@ -140,6 +152,26 @@ def package(
                       f"{report.out}", highlight=False, markup=False)
     console.print(f"[bold green]wrote[/] {report.out} ({len(report.kept)} variant(s)); details in "
                   f"{report.out / 'packaging-report.json'}")
+
+
+def _fleet_figures(source: str, model: str, fleet: str | None, db: str | None):
+    """The fleet figures --fleet-figures names: a file `hub tuning --json` wrote, or the registry's."""
+    from edgerun.hub.figures import FiguresError, ModelFigures
+
+    if source != "registry":
+        return ModelFigures.load(Path(source))
+    from edgerun.config import load_config
+    from edgerun.hub.figures import figures
+    from edgerun.hub.registry import Registry
+
+    fleet = fleet or load_config(None).mqtt.fleet
+    with Registry(db) as registry:
+        versions = registry.tuning_versions(fleet, model)
+        if not versions:
+            raise FiguresError(f"--fleet-figures registry: no device of fleet {fleet!r} has reported tuning figures "
+                               f"for model {model!r} in registry {registry.shown}")
+        version = max(versions)
+        return figures(fleet, model, version, registry.tuning(fleet, model, version), versions)
 
 
 def _recipients(specs: list[str], fleet: str | None, db: str | None) -> list:

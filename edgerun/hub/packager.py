@@ -18,6 +18,7 @@ import numpy as np
 
 from edgerun.errors import EdgerunError, PackageError
 from edgerun.hub import quantize as q
+from edgerun.hub.figures import ModelFigures, fleet_info
 from edgerun.hub.measure import Measured, measure, time_side_by_side
 from edgerun.hub.sources import OnnxFile, conversion_note, example_inputs
 from edgerun.hub.tools import (ConverterMissing, MakeJob, PrecisionUnavailable, VariantMaker, missing_tools,
@@ -60,6 +61,7 @@ class PackageRequest:
     description: str = ""
     targets: tuple[str, ...] | None = None  # CPU classes (x86-vnni, x86, arm64) or profile names; None: all
     emulate: bool = True  # check int8 on the target CPUs this hub can emulate (qemu-user)
+    fleet: ModelFigures | None = None  # what devices measured when they tuned the model: into each variant's info
 
 
 @dataclass
@@ -204,6 +206,8 @@ def known_precisions(makers: list[VariantMaker] | None = None) -> tuple[str, ...
 
 
 def _check_request(req: PackageRequest) -> None:
+    if req.fleet is not None and req.fleet.model != req.name:
+        raise PackageError(f"the fleet figures are of model {req.fleet.model!r}, not {req.name!r}")
     if req.out.exists() and not req.force:
         raise PackageError(f"{req.out} already exists; choose another --out or pass --force to replace it")
     if not req.name or "/" in req.name or req.name.startswith("."):
@@ -238,6 +242,23 @@ def _check_request(req: PackageRequest) -> None:
         accepted = "; ".join(getattr(s, "describe", s.name) for s in model_sources())
         raise PackageError(f"{req.model}: expected an ONNX model (.onnx) or a model the packager converts to ONNX "
                            f"({accepted}); convert other formats to ONNX first") from None
+
+
+def record_fleet_figures(figs: ModelFigures, kept: list[VariantReport]) -> str:
+    """Put what devices measured into each kept variant's ``info.fleet``; what was recorded, as a note."""
+    got = []
+    for v in kept:
+        info = fleet_info(figs, v.id)
+        if info:
+            v.info["fleet"] = info
+            got.append(v.id)
+    devices = sum(g.devices for g in figs.profiles)
+    if not got:
+        return (f"fleet figures of {figs.model} v{figs.version} ({devices} device(s)) name none of the kept "
+                f"variants: nothing recorded")
+    return (f"fleet figures of {figs.model} v{figs.version} recorded for {', '.join(got)}: "
+            f"{devices} device(s) of {', '.join(g.profile for g in figs.profiles)}; devices of those profiles rank "
+            f"these variants by them")
 
 
 def _check_asked_formats(req: PackageRequest, planned: list[VariantReport]) -> None:
@@ -401,6 +422,8 @@ def _package_onnx(req: PackageRequest, progress: Progress, origin: str | None) -
         _decide(planned, replace(req, formats=formats), metric, primary_backends())
         _check_on_target_cpus(planned, stage, options["scorer"], None if req.emulate else "--no-emulate was given")
         kept = [v for v in planned if v.status == "kept"]
+        if req.fleet is not None:
+            notes.append(record_fleet_figures(req.fleet, kept))
         for v in planned:
             if v.status != "kept":
                 for f in v.files:

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection as DbConnection, Engine
 from sqlalchemy.exc import IntegrityError as DbIntegrityError, OperationalError, SQLAlchemyError
 
-from edgerun.contract import Event, State, Status
+from edgerun.contract import Event, State, Status, TunedCandidate
 from edgerun.errors import EdgerunError
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,26 @@ device_keys = sa.Table(
     sa.Column("fingerprint", sa.String(16), nullable=False),
     sa.Column("added_by", sa.String(256), nullable=False),
     sa.Column("added_at", sa.Float, nullable=False))
+
+# What each device measured when it tuned a model version (contract 1.4): one row per device, model and version,
+# replaced when the device tunes that version again. A database made before this table is given it on open.
+device_tuning = sa.Table(
+    "device_tuning", metadata,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("device", sa.String(128), primary_key=True),
+    sa.Column("model", sa.String(128), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("profile", sa.String(128), nullable=False),
+    sa.Column("cpu_model", sa.String(256), nullable=False),
+    sa.Column("cpu_class", sa.String(32), nullable=False),
+    sa.Column("complete", sa.Boolean, nullable=False),
+    sa.Column("seconds", sa.Float, nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),  # when the device tuned (its clock)
+    sa.Column("received", sa.Float, nullable=False),
+    sa.Column("chosen", sa.JSON, nullable=True),
+    sa.Column("default_choice", sa.JSON, nullable=True),
+    sa.Column("candidates", sa.JSON, nullable=False),
+    sa.Index("ix_tuning_model", "fleet", "model", "version"))
 
 rollout_log = sa.Table(
     "rollout_log", metadata,
@@ -313,6 +333,25 @@ class DeviceKeyRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class TuningRecord:
+    """What one device measured when it last tuned one model version, and what it picked."""
+
+    device: str
+    model: str
+    version: int
+    profile: str
+    cpu_model: str
+    cpu_class: str
+    complete: bool
+    seconds: float
+    ts: float
+    received: float
+    chosen: TunedCandidate | None
+    default: TunedCandidate | None
+    candidates: tuple[TunedCandidate, ...]
 
 
 @dataclass
@@ -519,6 +558,7 @@ class Registry:
                      "detail": e.detail, "ts": e.ts, "received": received} for d, e, received in batch.events]
             if rows:
                 db.execute(self._upsert(events, ("fleet", "device", "model", "version", "state", "ts"), None), rows)
+            self._apply_tuning(db, fleet, batch)
         for payload in batch.releases.values():
             try:
                 signed = json.loads(payload)
@@ -528,6 +568,62 @@ class Registry:
                     self.record_release(fleet, signed, source="seen", by="broker")
             except (ValueError, TypeError, KeyError):
                 continue
+
+    def _apply_tuning(self, db: DbConnection, fleet: str, batch: Batch) -> None:
+        """The tuning figures of the batch's statuses: a (device, model, version) tuned later than the row the
+        registry holds replaces it; the same figures again (every status repeats them) write nothing."""
+        tuned = {name: st for name, st in batch.statuses.items() if st[0].tuning}
+        if not tuned:
+            return
+        held = {(r.device, r.model, r.version): r.ts for r in db.execute(
+            sa.select(device_tuning.c.device, device_tuning.c.model, device_tuning.c.version, device_tuning.c.ts)
+            .where(device_tuning.c.fleet == fleet, device_tuning.c.device.in_(sorted(tuned))))}
+        rows = []
+        for name, (s, received) in sorted(tuned.items()):
+            latest = {}
+            for t in s.tuning:  # one per model and version: the latest, should a status list one twice
+                if (t.model, t.version) not in latest or t.ts > latest[(t.model, t.version)].ts:
+                    latest[(t.model, t.version)] = t
+            for t in latest.values():
+                old = held.get((name, t.model, t.version))
+                if old is not None and t.ts <= old:
+                    continue
+                rows.append({"fleet": fleet, "device": name, "model": t.model, "version": t.version,
+                             "profile": (t.profile or s.profile)[:128], "cpu_model": t.cpu_model[:256],
+                             "cpu_class": t.cpu_class[:32],
+                             "complete": t.complete, "seconds": t.seconds, "ts": t.ts, "received": received,
+                             "chosen": t.chosen.to_dict() if t.chosen else None,
+                             "default_choice": t.default.to_dict() if t.default else None,
+                             "candidates": [c.to_dict() for c in t.candidates]})
+        if rows:
+            keys = ("fleet", "device", "model", "version")
+            db.execute(self._upsert(device_tuning, keys, [c for c in rows[0] if c not in keys]), rows)
+
+    def tuning(self, fleet: str, model: str, version: int | None = None, *,
+               profile: str | None = None) -> list[TuningRecord]:
+        """What each device measured of ``model`` v``version`` (default: the latest version any device tuned),
+        optionally only the devices of one profile (then by default the latest version they tuned)."""
+        if version is None:
+            version = max(self.tuning_versions(fleet, model, profile=profile), default=None)
+            if version is None:
+                return []
+        q = sa.select(device_tuning).where(device_tuning.c.fleet == fleet, device_tuning.c.model == model,
+                                           device_tuning.c.version == version)
+        if profile:
+            q = q.where(device_tuning.c.profile == profile)
+        with self._begin() as db:
+            rows = db.execute(q.order_by(device_tuning.c.device)).all()
+        return [_tuning(r) for r in rows]
+
+    def tuning_versions(self, fleet: str, model: str, *, profile: str | None = None) -> dict[int, int]:
+        """The versions of ``model`` that devices (of ``profile``) tuned, each with how many devices did."""
+        q = sa.select(device_tuning.c.version, sa.func.count()).where(device_tuning.c.fleet == fleet,
+                                                                       device_tuning.c.model == model)
+        if profile:
+            q = q.where(device_tuning.c.profile == profile)
+        with self._begin() as db:
+            rows = db.execute(q.group_by(device_tuning.c.version).order_by(device_tuning.c.version)).all()
+        return {v: n for v, n in rows}
 
     def devices(self, fleet: str, *, with_status: bool = True) -> list[DeviceRecord]:
         """Every device of ``fleet``; without ``with_status`` the last status itself (the largest column) is left
@@ -724,6 +820,25 @@ def _device(r: Any) -> DeviceRecord:
                         update=m["update_info"], status=m.get("status"), last_error=m["last_error"],
                         first_seen=m["first_seen"], last_seen=m["last_seen"], state_ts=m["state_ts"],
                         status_ts=m["status_ts"])
+
+
+def _tuning(r: Any) -> TuningRecord:
+    m = r._mapping
+    return TuningRecord(device=m["device"], model=m["model"], version=m["version"], profile=m["profile"],
+                        cpu_model=m["cpu_model"], cpu_class=m["cpu_class"], complete=bool(m["complete"]),
+                        seconds=m["seconds"], ts=m["ts"], received=m["received"],
+                        chosen=_tuned(m["chosen"]), default=_tuned(m["default_choice"]),
+                        candidates=tuple(c for c in map(_tuned, m["candidates"] or []) if c))
+
+
+def _tuned(d: Any) -> TunedCandidate | None:
+    """A candidate as ``apply`` wrote it (checked then); one another edgerun wrote is read as a status is."""
+    if isinstance(d, dict) and d.keys() == _TUNED_KEYS and isinstance(d["options"], dict):
+        return TunedCandidate(**d)
+    return TunedCandidate.from_dict(d)
+
+
+_TUNED_KEYS = TunedCandidate("", "").to_dict().keys()
 
 
 _DEVICE_DEFAULTS = {"online": None, "session": None, "profile": "", "tags": {}, "models": [], "update_info": None,

@@ -14,6 +14,12 @@ chance, fixed by the seed, the device and the version (``will_fail`` predicts it
 end (at 20%, the 5th, 10th, 15th... update), so any group of devices that updates first, such as a
 rollout's canary of 10, holds exactly its share of failures whichever devices it is made of.
 
+Tuning (``tune=True``, contract 1.4): once a version is active, each device "tunes" it and its status carries the
+figures: every (variant, backend, threads) its profile's backends run, with a latency drawn from its profile's
+CPU model (``PROFILE_CPUS``; several per profile), its variant's precision and the backend, spread from device to
+device by a few per cent, fixed by the seed and the device; int8 is wrong (dropped) on about one in five x86
+CPUs without VNNI, whose int8 kernels saturate. The device then serves the fastest candidate it kept. ``SimFleet.retune`` measures a device again.
+
 ``python -m edgerun.testing.fleet --port P --fleet F --trusted-keys DIR`` runs one in its own process. Do that
 when the fleet is large and the same process runs other paho clients with ``loop_start()``: paho's own loop
 uses ``select()``, which cannot watch a socket whose descriptor is 1024 or more.
@@ -51,8 +57,8 @@ from paho.mqtt.properties import Properties
 
 from edgerun import manifest as manifest_mod
 from edgerun.agent.agent import OUTBOX_LIMIT, SETTLE_SECONDS
-from edgerun.contract import (FINAL, BackendInfo, Event, ModelInfo, State, Status, Topics, UpdateInfo,
-                              current_update)
+from edgerun.contract import (FINAL, BackendInfo, Event, ModelInfo, State, Status, Topics, TunedCandidate,
+                              TuningInfo, UpdateInfo, current_update)
 from edgerun.errors import ManifestError
 from edgerun.manifest import Manifest
 from edgerun.mqtt import PROTOCOLS, SESSION_EXPIRY, SUBSCRIBE_BATCH, backoff_delay
@@ -69,6 +75,19 @@ PROFILE_BACKENDS = {"generic-x86_64": ("onnxruntime", "openvino"), "raspberry-pi
 PROFILE_MEMORY = {"generic-x86_64": 16 << 30, "raspberry-pi-4": 4 << 30, "raspberry-pi-5": 8 << 30,
                   "jetson-orin-nano": 8 << 30}
 FORMAT_BACKEND = {"onnx": "onnxruntime", "openvino": "openvino", "tflite": "litert"}
+BACKEND_FORMATS = {"onnxruntime": ("onnx",), "openvino": ("onnx", "openvino"), "litert": ("tflite",)}
+# the CPU models of each profile's devices, each with its class and how much slower than the first x86 one it runs
+PROFILE_CPUS: Mapping[str, Sequence[str]] = {
+    "generic-x86_64": ("Intel(R) Core(TM) i5-8259U CPU @ 2.30GHz", "11th Gen Intel(R) Core(TM) i5-1135G7 @ 2.40GHz"),
+    "raspberry-pi-4": ("Cortex-A72",), "raspberry-pi-5": ("Cortex-A76",), "jetson-orin-nano": ("Cortex-A78AE",)}
+CPU_FIGURES = {"Intel(R) Core(TM) i5-8259U CPU @ 2.30GHz": ("x86", 1.0),
+               "11th Gen Intel(R) Core(TM) i5-1135G7 @ 2.40GHz": ("x86-vnni", 0.8),
+               "Cortex-A72": ("arm64", 6.0), "Cortex-A76": ("arm64", 2.5), "Cortex-A78AE": ("arm64", 2.0)}
+PRECISION_FACTOR = {"fp32": 1.0, "fp16": 1.1, "int4": 0.9}  # int8 depends on the CPU's kernels (INT8_FACTOR)
+INT8_FACTOR = {"x86": 1.6, "x86-vnni": 0.6, "arm64": 0.7}
+BACKEND_FACTOR = {("openvino", "x86"): 0.9, ("openvino", "x86-vnni"): 0.85, ("litert", "arm64"): 0.8}
+BASE_LATENCY_MS = 0.05  # an fp32 MLP on onnxruntime, one thread, on the first x86 CPU
+SIM_THREADS = (1, 2)
 BASE_RSS = 120 << 20  # what a simulated device says its process uses before any model
 CONNECT_BATCH = 50  # devices connected at once when the fleet starts
 CONNECT_INTERVAL = 0.02  # seconds between two batches
@@ -154,6 +173,9 @@ class SimDevice:
     mask: int = 0  # the selector events registered for this client's socket
     waiting: set[int] = field(default_factory=set)  # mids whose PUBACK ``ready`` (or a clean stop) waits for
     outbox: list[Event] = field(default_factory=list)
+    tuned: dict[tuple[str, int], TuningInfo] = field(default_factory=dict)  # (model, version) -> what it measured
+    tuned_from: dict[tuple[str, int], Manifest] = field(default_factory=dict)
+    retunes: int = 0
 
     def __repr__(self) -> str:
         return f"SimDevice({self.id!r}, session={self.session}, connected={self.connected}, active={self.active})"
@@ -245,10 +267,12 @@ class SimDevice:
         rss = BASE_RSS + sum(m.memory_bytes or 0 for m in self.models.values())
         total = PROFILE_MEMORY.get(self.profile, 4 << 30)
         backends = tuple(BackendInfo(b, True, "sim") for b in PROFILE_BACKENDS.get(self.profile, ("onnxruntime",)))
+        tuning = tuple(t for m in self.models.values() if (t := self.tuned.get((m.name, m.version))))
         return Status(device=self.id, fleet=self.fleet.fleet, session=self.session, profile=self.profile,
                       tags=dict(self.tags), backends=backends, models=tuple(self.models.values()), update=current,
                       updates=dict(self.updates),
-                      memory={"rss_bytes": rss, "available_bytes": total - rss, "budget_bytes": (total - rss) // 2})
+                      memory={"rss_bytes": rss, "available_bytes": total - rss, "budget_bytes": (total - rss) // 2},
+                      tuning=tuning)
 
     def publish_status(self) -> int:
         return self._publish(self.fleet.topics.status(self.id), self.status().to_payload(), retain=True)
@@ -414,8 +438,66 @@ class SimDevice:
         for stale in set(versions) - {m.version, previous}:
             del versions[stale]
         self.active = {n: i.version for n, i in self.models.items()}
+        if self.fleet.tuning_enabled and v is not None:
+            info = self.tune(m)
         self.report(model, m.version, "active", f"serving v{m.version} ({info.variant} on {info.backend})"
                     + (f"; v{previous} kept for rollback" if previous else ""), None, m.digest)
+
+
+    # --- tuning ---------------------------------------------------------------------------------
+
+    @property
+    def cpu_model(self) -> str:
+        return _pick(PROFILE_CPUS.get(self.profile, ("Intel(R) Core(TM) i5-8259U CPU @ 2.30GHz",)),
+                     self.fleet.seed, self.id, "cpu")
+
+    def tune(self, m: Manifest, slower: float = 1.0) -> ModelInfo:
+        """Measure every candidate of ``m`` as this device would (``slower`` scales every latency), serve the
+        fastest kept one; its ModelInfo."""
+        self.tuned_from[(m.model, m.version)] = m
+        cpu = self.cpu_model
+        cpu_class, speed = CPU_FIGURES.get(cpu, ("x86", 1.0))
+        seed, me = self.fleet.seed, self.id
+        device_factor = 1 + 0.16 * (_unit(seed, me, "device") - 0.5)  # this board: ±8%
+        cands = []
+        for backend in PROFILE_BACKENDS.get(self.profile, ("onnxruntime",)):
+            for v in m.variants:
+                if v.format not in BACKEND_FORMATS.get(backend, (v.format,)):
+                    continue
+                precision = INT8_FACTOR.get(cpu_class, 1.0) if v.precision == "int8" else \
+                    PRECISION_FACTOR.get(v.precision, 1.0)
+                for threads in SIM_THREADS:
+                    parts = (seed, me, m.model, m.version, v.id, backend, threads, self.retunes)
+                    noise = 1 + 0.1 * (_unit(*parts, "latency") - 0.5)  # this candidate on this board: ±5%
+                    latency = (BASE_LATENCY_MS * speed * precision * BACKEND_FACTOR.get((backend, cpu_class), 1.0)
+                               * (1.0 if threads == 1 else 0.65) * device_factor * noise * slower)
+                    agreement = 1.0 if v.precision == "fp32" else round(0.995 + 0.005 * _unit(*parts, "agree"), 4)
+                    kept, reason = True, ""
+                    if v.precision == "int8" and cpu_class == "x86" and _unit(seed, me, v.id, backend, "wrong") < 0.2:
+                        agreement = round(0.9 + 0.05 * _unit(*parts, "agree"), 4)  # its int8 kernels saturate
+                        kept, reason = False, f"wrong on this device: top-1 agreement {agreement} with fp32 < 0.99"
+                    cands.append(TunedCandidate(v.id, backend, {"threads": threads}, round(latency, 5),
+                                                round(latency * 0.03, 5), (v.memory_bytes or v.size) + (2 << 20),
+                                                agreement, kept, reason))
+        kept = [c for c in cands if c.kept]
+        chosen = min(kept, key=lambda c: c.latency_ms or 0.0) if kept else None
+        first, backend = self._choose(m)
+        default = next((c for c in cands if c.variant == first.id and c.backend == backend), None)
+        self.tuned[(m.model, m.version)] = TuningInfo(m.model, m.version, chosen, default, tuple(cands), cpu,
+                                                      cpu_class, self.profile, 0.5 * len(cands), True, time.time())
+        info = self.models[m.model]
+        if chosen is not None:
+            v = next(x for x in m.variants if x.id == chosen.variant)
+            info = ModelInfo(m.model, m.version, v.id, chosen.backend, v.main_file.sha256, v.memory_bytes or v.size)
+            self.models[m.model] = info
+        return info
+
+    def retune(self, model: str, slower: float) -> None:
+        """Tune the version of ``model`` it serves again, every latency ``slower`` times what it was; publish."""
+        self.retunes += 1
+        self.tune(self.tuned_from[(model, self.active[model])], slower)
+        if self.connected:
+            self.publish_status()
 
 
 class SimFleet:
@@ -426,7 +508,8 @@ class SimFleet:
                  profiles: Sequence[str] = PROFILES, tags: Mapping[str, Sequence[str]] = TAGS,
                  step_delay: tuple[float, float] = (0.05, 0.3), protocol: str = "5", keepalive: int = 30,
                  session_expiry: int = SESSION_EXPIRY, fail_devices: Iterable[str] = (),
-                 silent_devices: Iterable[str] = (), fail_from: int = 0, fail_mode: str = "random"):
+                 silent_devices: Iterable[str] = (), fail_from: int = 0, fail_mode: str = "random",
+                 tune: bool = False):
         if protocol not in PROTOCOLS:
             raise ValueError(f"MQTT protocol {protocol!r}: expected one of {sorted(PROTOCOLS)}")
         if fail_mode not in FAIL_MODES:
@@ -437,6 +520,7 @@ class SimFleet:
         self.fail_rate, self.seed, self.fail_mode = fail_rate, seed, fail_mode
         self.fail_from = fail_from  # versions below this one never fail (a fleet's baseline)
         self.step_delay = step_delay
+        self.tuning_enabled = tune  # devices tune each version they activate and report the figures (contract 1.4)
         self.keepalive, self.session_expiry = keepalive, session_expiry
         self.fail_devices: set[str] = set(fail_devices)
         self.silent_devices: set[str] = set(silent_devices)
@@ -502,6 +586,19 @@ class SimFleet:
             self._failed.add((device, version))
             return True
         return False
+
+    def retune(self, device: str, model: str, slower: float = 1.0) -> TuningInfo:
+        """Make ``device`` tune the version of ``model`` it serves again (every latency ``slower`` times what it
+        was) and publish its status; what it measured."""
+        def run() -> TuningInfo:
+            dev = self.devices[device]
+            dev.retune(model, slower)
+            return dev.tuned[(model, dev.active[model])]
+        return self._call(run)
+
+    def tuning(self) -> dict[str, list[TuningInfo]]:
+        """What each device reports in its status's ``tuning`` now."""
+        return self._call(lambda: {d.id: list(d.status().tuning) for d in self.devices.values()})
 
     def set_offline(self, device: str) -> None:
         """Drop the device's socket without DISCONNECT; the broker publishes its last will."""
@@ -784,6 +881,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "to each version fail, evenly in the order they end")
     p.add_argument("--fail-from", type=int, default=0, help="only versions from this one on fail")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tune", action="store_true", help="devices tune each version they activate and report the "
+                                                      "figures in their status (contract 1.4)")
     p.add_argument("--prefix", default="sim")
     p.add_argument("--step-delay", type=float, nargs=2, default=(0.05, 0.3), metavar=("MIN", "MAX"))
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every device to connect")
@@ -795,7 +894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     fleet = SimFleet(args.port, args.fleet, args.trusted_keys, args.devices, host=args.host, prefix=args.prefix,
                      fail_rate=args.fail_rate, seed=args.seed, step_delay=tuple(args.step_delay),
-                     fail_from=args.fail_from, fail_mode=args.fail_mode)
+                     fail_from=args.fail_from, fail_mode=args.fail_mode, tune=args.tune)
     t0 = time.monotonic()
     try:
         fleet.start(timeout=args.timeout)

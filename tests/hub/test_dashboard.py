@@ -149,7 +149,8 @@ def test_snapshot_health_and_guards(world):
         assert len(snap["devices"]) == KNOWN and snap["fleet"] == world.fleet.name
         row = next(d for d in snap["devices"] if d["id"] == "sim-0000")
         assert row["online"] is True and row["profile"] and row["tags"]["site"]
-        assert set(row["models"][0]) == {"name", "version", "variant", "backend", "memory"}
+        assert set(row["models"][0]) == {"name", "version", "variant", "backend", "memory", "tuned"}
+        assert row["models"][0]["tuned"] is None  # these simulated devices do not tune
         assert row["update"]["model"] == MODEL and row["rss"] > 0 and row["available"] > 0 and row["seen"] > 0
         assert len(snap["events"]) == 200 and snap["events"][-1]["seq"] > snap["events"][0]["seq"]
         assert [(r["model"], r["version"]) for r in snap["releases"]] == [(MODEL, 2)]

@@ -6,7 +6,7 @@ import json
 import time
 from typing import Any
 
-from edgerun.contract import FAILED, IN_PROGRESS, Event, State, Status, UpdateInfo
+from edgerun.contract import FAILED, IN_PROGRESS, Event, State, Status, TuningInfo, UpdateInfo
 from edgerun.hub.registry import DeviceRecord, RolloutDevice, RolloutRecord
 from edgerun.hub.rollout import Progress, runner_alive
 
@@ -23,6 +23,17 @@ def _update(u: UpdateInfo | None) -> dict[str, Any] | None:
         return None
     return {"model": u.model, "version": u.version, "state": u.state, "progress": u.progress,
             "detail": u.detail, "error": u.error, "ts": u.ts}
+
+
+def _tuned(t: TuningInfo | None) -> dict[str, Any] | None:
+    """What a device picked when it tuned the version it serves, and what the hub's figures would have."""
+    if t is None or t.chosen is None:
+        return None
+    c = t.chosen
+    return {"variant": c.variant, "backend": c.backend,
+            "options": " ".join(f"{k}={v}" for k, v in sorted(c.options.items())), "latency_ms": c.latency_ms,
+            "default_latency_ms": t.default.latency_ms if t.default else None, "cpu_model": t.cpu_model,
+            "complete": t.complete}
 
 
 def _health(status: Status | None) -> tuple[str, str | None]:
@@ -53,12 +64,14 @@ def device_row(name: str, state: State | None, status: Status | None, record: De
     session = state.session if state is not None else (record.session if record is not None else None)
     health, error = _health(status)
     memory = status.memory if status is not None else {}
+    tuned = {(t.model, t.version): t for t in status.tuning} if status is not None else {}
     return {
         "id": name, "rev": rev, "online": online, "session": session,
         "profile": status.profile if status else (record.profile if record else ""),
         "tags": dict(status.tags) if status else dict(record.tags if record else {}),
         "models": [{"name": m.name, "version": m.version, "variant": m.variant, "backend": m.backend,
-                    "memory": m.memory_bytes} for m in (status.models if status else ())],
+                    "memory": m.memory_bytes, "tuned": _tuned(tuned.get((m.name, m.version)))}
+                   for m in (status.models if status else ())],
         "update": _update(status.update if status else None),
         "health": health, "error": error,
         "rss": memory.get("rss_bytes"), "available": memory.get("available_bytes"),

@@ -80,7 +80,7 @@
   function derive(r) {
     const parts = [r.id, r.profile, r.online === true ? "online" : r.online === false ? "offline" : "unknown", r.health];
     for (const k of Object.keys(r.tags || {})) parts.push(k + "=" + r.tags[k]);
-    for (const m of r.models || []) parts.push(m.name + " v" + m.version, m.variant, m.backend);
+    for (const m of r.models || []) parts.push(m.name + " v" + m.version, m.variant, m.backend, m.tuned ? "tuned" : "");
     const u = r.update;
     if (u) parts.push(u.state, u.model + " v" + u.version);
     if (r.error) parts.push(r.error);
@@ -112,6 +112,12 @@
   };
   function rank(online) { return online === true ? 0 : online === false ? 1 : 2; }
   function healthRank(r) { return r.health === "failed" ? 0 : r.health === "updating" ? 1 : 2; }
+  function tunedText(t) {
+    if (!t) return "";
+    const ms = (x) => (x == null ? "–" : x.toPrecision(3) + " ms");
+    return `\n  tuned on ${t.cpu_model || "this CPU"}: ${t.variant} on ${t.backend}` + (t.options ? ` (${t.options})` : "") +
+      `, ${ms(t.latency_ms)}; the hub's choice ${ms(t.default_latency_ms)}` + (t.complete ? "" : " (ran out of time)");
+  }
   function modelKey(r) { return (r.models || []).map((m) => m.name + " " + String(m.version).padStart(8, "0")).join(","); }
   function parseTerms(q) {
     const out = []; const re = /"([^"]+)"|(\S+)/g; let m;
@@ -211,10 +217,11 @@
       models.appendChild(el("span", "ver", (i ? ", " : "") + m.name + " v" + m.version));
       const sub = [m.variant, m.backend].filter(Boolean).join(" · ");
       if (sub) models.appendChild(el("span", "sub", sub));
+      if (m.tuned) models.appendChild(el("span", "sub tuned", "tuned"));
     }
     if (!(r.models || []).length) models.textContent = "–";
     else models.title = r.models.map((m) => `${m.name} v${m.version}: ${m.variant || "–"} on ${m.backend || "–"}, ` +
-      `${fmtBytes(m.memory)}`).join("\n");
+      `${fmtBytes(m.memory)}` + tunedText(m.tuned)).join("\n");
     tr.appendChild(models);
     tr.appendChild(updateCell(r));
     const mem = cellTd("mem", r.rss ? fmtBytes(r.rss) + " / " + fmtBytes(r.available) : "–");
