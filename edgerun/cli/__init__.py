@@ -11,13 +11,8 @@ from rich.markup import escape
 from edgerun.cli.app import app, err_console
 from edgerun.errors import EdgerunError
 
-<<<<<<< HEAD
-COMMAND_MODULES = ("core", "tune", "serve", "hub_package", "hub_fleet", "hub_keys", "hub_rollout", "hub_dashboard", "config",
-                   "service", "token")
-=======
-COMMAND_MODULES = ("core", "serve", "hub_package", "hub_fleet", "hub_keys", "hub_rollout", "hub_tuning",
+COMMAND_MODULES = ("core", "tune", "serve", "hub_package", "hub_fleet", "hub_keys", "hub_rollout", "hub_tuning",
                    "hub_dashboard", "config", "service", "token")
->>>>>>> main
 
 for _name in COMMAND_MODULES:
     try:
