@@ -12,6 +12,7 @@ import numpy as np
 from edgerun.tensors import TensorSpec
 
 if TYPE_CHECKING:
+    from edgerun.device import DeviceFacts
     from edgerun.protect import MemoryModel
 
 
@@ -115,6 +116,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, path: Path, options: LoadOptions) -> Session:
         """Load one model file; raise ModelLoadError with the backend's message on failure."""
+
+    def tuning_options(self, facts: "DeviceFacts") -> dict[str, tuple[Any, ...]]:
+        """The options of this backend worth measuring on this device when tuning (docs/tuning.md): each option a
+        profile's ``[backends.<name>]`` table may set, with the values to try, the one used by default first.
+        Thread counts are tried for every backend; a backend with nothing else to try returns ``{}``."""
+        return {}
 
     def load_memory(self, model: "MemoryModel", options: LoadOptions) -> Session:
         """Load a model whose clear bytes exist only in memory, writing nothing to disk (no temp file, no cache);

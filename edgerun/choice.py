@@ -207,13 +207,13 @@ def _latency(c: Candidate) -> tuple[float, float | None]:
     return m.latency_ms, m.latency_err_ms
 
 
-def clearly_faster(a: Candidate, b: Candidate) -> bool:
-    """``a`` is faster than ``b`` beyond both measured errors and by more than SPEED_TIE; a latency without an
+def clearly_faster(a: Candidate, b: Candidate, speed_tie: float = SPEED_TIE) -> bool:
+    """``a`` is faster than ``b`` beyond both measured errors and by more than ``speed_tie``; a latency without an
     error (an older package, or one the hub could not time side by side) cannot be told from noise: a tie."""
     (la, ea), (lb, eb) = _latency(a), _latency(b)
     if ea is None or eb is None:
         return False
-    return la + ea < lb - eb and la < lb * (1 - SPEED_TIE)
+    return la + ea < lb - eb and la < lb * (1 - speed_tie)
 
 
 def clearly_lighter(a: Candidate, b: Candidate) -> bool:
@@ -221,9 +221,12 @@ def clearly_lighter(a: Candidate, b: Candidate) -> bool:
     return a.memory_bytes < b.memory_bytes * (1 - MEMORY_GAIN) and b.memory_bytes - a.memory_bytes > MEMORY_NOISE
 
 
-def best_of(kept: list[Candidate], profile: Profile) -> Candidate:
+def best_of(kept: list[Candidate], profile: Profile, *, speed_tie: float = SPEED_TIE,
+            by_precision: bool = True) -> Candidate:
     """Most accurate (within ACCURACY_TIE of the best), then most precise, then fastest; latencies within their
-    errors (or SPEED_TIE) are a tie, decided by memory when one is clearly lighter, then by the profile's order."""
+    errors (or ``speed_tie``) are a tie, decided by memory when one is clearly lighter, then by the profile's order.
+    On-device tuning passes its own ``speed_tie`` and ``by_precision=False``: a variant that agrees with fp32 on
+    this device competes on latency whatever its precision (docs/tuning.md)."""
     rank = {name: i for i, name in enumerate(profile.prefer)}
     accuracies = [c.accuracy for c in kept if c.accuracy is not None]
     best = max(accuracies) if accuracies else None
@@ -236,12 +239,12 @@ def best_of(kept: list[Candidate], profile: Profile) -> Candidate:
             t = (0, 0.0)
         else:
             t = (1, -acc)
-        return (*t, c.variant.precision_rank)
+        return (*t, c.variant.precision_rank if by_precision else 0)
 
     top = min(tier(c) for c in kept)
     group = [c for c in kept if tier(c) == top]
     # no candidate clearly faster than them: every one no other beats beyond the errors and SPEED_TIE
-    tied = [c for c in group if not any(clearly_faster(o, c) for o in group)]
+    tied = [c for c in group if not any(clearly_faster(o, c, speed_tie) for o in group)]
     lightest = min(tied, key=lambda c: c.memory_bytes)
     light = [c for c in tied if not clearly_lighter(lightest, c)]
     return min(light, key=lambda c: (rank.get(c.backend, 99), c.variant.id, c.backend))

@@ -41,6 +41,8 @@ class ModelConfig:
     max_inflight: int = 4  # concurrent runs of this model
     inline_below_us: int = 200  # runs measured shorter than this go on the event loop, not a thread (0: never)
     max_queue: int = 256  # waiting requests before 503
+    tune: str | None = None  # overrides tuning.mode for this model: "off", "first" or "every"
+    tune_budget: float | None = None  # overrides tuning.budget for this model (seconds)
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,20 @@ class MqttConfig:
         return None
 
 
+TUNING_MODES = ("off", "first", "every")
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """On-device tuning when a model version starts serving (docs/tuning.md)."""
+
+    mode: str = "every"  # off; first: only the first version of a model served here; every: every new version
+    budget: float = 30.0  # seconds of measuring per model
+    candidate_timeout: float = 20.0  # seconds a candidate may take to load, or to answer one batch of runs
+    defer_load: float = 0.75  # wait while the 1-minute load average per core is above this (0: never wait)
+    max_defer: float = 600.0  # seconds to wait for a quieter moment before tuning anyway
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything ``edgerun serve`` needs."""
@@ -138,6 +154,7 @@ class Config:
     models: tuple[ModelConfig, ...] = ()
     server: ServerConfig = field(default_factory=ServerConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
     source: str | None = None  # the file read, if any
     overrides: tuple[str, ...] = ()  # the EDGERUN_* variables applied on top of it
 
@@ -201,7 +218,8 @@ def _tags(t: Table, name: str) -> dict[str, str]:
 
 
 def _model(t: Table, base: Path) -> ModelConfig:
-    t.only("path", "name", "variant", "backend", "batching", "max_inflight", "max_queue", "inline_below_us")
+    t.only("path", "name", "variant", "backend", "batching", "max_inflight", "max_queue", "inline_below_us", "tune",
+           "tune_budget")
     path = Path(t.get("path", str, required=True))
     if not path.is_absolute():
         path = base / path
@@ -211,17 +229,24 @@ def _model(t: Table, base: Path) -> ModelConfig:
     for key in ("max_inflight", "max_queue"):
         if key in t.data and t.get(key, int) < 1:
             raise t.fail(key, "expected a positive integer")
+    tune = t.get("tune", str, None)
+    if tune is not None and tune not in TUNING_MODES:
+        raise t.fail("tune", f"expected \"off\", \"first\" or \"every\", got {tune!r}")
+    tune_budget = t.get("tune_budget", (int, float), None)
+    if tune_budget is not None and tune_budget <= 0:
+        raise t.fail("tune_budget", f"expected seconds > 0, got {tune_budget!r}")
     return ModelConfig(path=path, name=t.get("name", str, None), variant=t.get("variant", str, None),
                        backend=t.get("backend", str, None), batching=batching,
                        max_inflight=t.get("max_inflight", int, 4), max_queue=t.get("max_queue", int, 256),
-                       inline_below_us=max(0, t.get("inline_below_us", int, 200)))
+                       inline_below_us=max(0, t.get("inline_below_us", int, 200)), tune=tune,
+                       tune_budget=None if tune_budget is None else float(tune_budget))
 
 
 def parse_config(data: dict[str, Any], source: str | None = None, base: Path | None = None) -> Config:
     """Check and build a Config from a parsed TOML document."""
     t = Table(data, source)
     t.only("state_dir", "profile", "memory_budget", "threads", "log_level", "device_key_file", "fleet_key_file",
-           "models", "server", "mqtt")
+           "models", "server", "mqtt", "tuning")
     base = base or Path.cwd()
     for section, key, where in (("server", "token", "server.token_file or EDGERUN_API_TOKEN"),
                                 ("server", "api_token", "server.token_file or EDGERUN_API_TOKEN"),
@@ -231,6 +256,11 @@ def parse_config(data: dict[str, Any], source: str | None = None, base: Path | N
     server = _dataclass_from_table(ServerConfig, t.table("server"),
                                    {"max_body": _size, "max_body_total": _size, "body_min_rate": _size})
     mqtt = _dataclass_from_table(MqttConfig, t.table("mqtt"), {"tags": _tags})
+    seconds = {k: (lambda tt, n: float(tt.get(n, (int, float)))) for k in ("budget", "candidate_timeout", "defer_load",
+                                                                          "max_defer")}
+    tuning = _dataclass_from_table(TuningConfig, t.table("tuning"), seconds)
+    if tuning.mode not in TUNING_MODES:
+        raise t.fail("tuning.mode", f"expected \"off\", \"first\" or \"every\", got {tuning.mode!r}")
     if mqtt.protocol not in ("auto", "5", "3.1.1"):
         raise t.fail("mqtt.protocol", f"expected \"auto\", \"5\" or \"3.1.1\", got {mqtt.protocol!r}")
     for key, value, low, high, what in (
@@ -247,6 +277,10 @@ def parse_config(data: dict[str, Any], source: str | None = None, base: Path | N
             ("mqtt.keepalive", mqtt.keepalive, 1, 65535, "seconds 1-65535"),
             ("mqtt.clock_skew", mqtt.clock_skew, 0, None, "seconds >= 0"),
             ("mqtt.stall_timeout", mqtt.stall_timeout, 1, None, "seconds >= 1"),
+            ("tuning.budget", tuning.budget, 0.001, None, "seconds > 0"),
+            ("tuning.candidate_timeout", tuning.candidate_timeout, 0.001, None, "seconds > 0"),
+            ("tuning.defer_load", tuning.defer_load, 0, None, "a load per core >= 0 (0: never wait)"),
+            ("tuning.max_defer", tuning.max_defer, 0, None, "seconds >= 0"),
             ("threads", t.get("threads", int, None), 1, None, "a positive number of threads")):
         if value is not None and (value < low or (high is not None and value > high)):
             raise t.fail(key, f"expected {what}, got {value!r}")
@@ -258,7 +292,7 @@ def parse_config(data: dict[str, Any], source: str | None = None, base: Path | N
                   threads=t.get("threads", int, None), log_level=level,
                   device_key_file=_path(t, "device_key_file"), fleet_key_file=_path(t, "fleet_key_file"),
                   models=tuple(_model(m, base) for m in t.tables("models")),
-                  server=server, mqtt=mqtt, source=source)
+                  server=server, mqtt=mqtt, tuning=tuning, source=source)
 
 
 # EDGERUN_<SECTION>_<KEY> (or EDGERUN_<KEY> for top-level keys) override the file.
@@ -272,9 +306,9 @@ def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[str, s
     """The overrides as TOML-like data, and which variable set each dotted key."""
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    sections = {"SERVER": ("server", ServerConfig), "MQTT": ("mqtt", MqttConfig)}
+    sections = {"SERVER": ("server", ServerConfig), "MQTT": ("mqtt", MqttConfig), "TUNING": ("tuning", TuningConfig)}
     top = {f.name.upper(): f.name for f in fields(Config)
-           if f.name not in ("models", "server", "mqtt", "source", "overrides")}
+           if f.name not in ("models", "server", "mqtt", "tuning", "source", "overrides")}
     for key, value in sorted(environ.items()):
         if not key.startswith(ENV_PREFIX) or key in _SECRET_ENV:
             continue
@@ -459,7 +493,7 @@ def to_toml(config: Config, environ: dict[str, str] | None = None) -> str:
     lines = [f"# edgerun effective configuration: {config.source or 'no config file (built-in defaults)'}"]
     if config.overrides:
         lines.append(f"# overridden by the environment: {', '.join(config.overrides)}")
-    _emit(lines, config, skip=("models", "server", "mqtt", "source", "overrides"))
+    _emit(lines, config, skip=("models", "server", "mqtt", "tuning", "source", "overrides"))
     for section in ("server", "mqtt"):
         lines += ["", f"[{section}]"]
         value = getattr(config, section)
@@ -471,6 +505,8 @@ def to_toml(config: Config, environ: dict[str, str] | None = None) -> str:
             lines.append(f"# {what}: <from {file_key} {getattr(value, file_key)}>")
         else:
             lines.append(f"# {what}: not set")
+    lines += ["", "[tuning]"]
+    _emit(lines, config.tuning)
     for m in config.models:
         lines += ["", "[[models]]"]
         _emit(lines, m, skip=("batching",))

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
+from edgerun.autotune import AutoTuner
 from edgerun.config import Config, ModelConfig
 from edgerun.devicekey import DeviceKey
 from edgerun.errors import EdgerunError, IntegrityError
@@ -45,6 +46,7 @@ class Daemon:
     def __post_init__(self) -> None:
         self.runtime = Runtime(profile=self.config.profile, memory_budget=self.config.memory_budget,
                                threads=self.config.threads, device_key=DeviceKey.from_config(self.config))
+        self.tuner = AutoTuner(self.runtime, self.config.tuning, self.config.state_dir, on_tuned=self._tuned)
         self._loaded: dict[ModelConfig, LoadedModel] = {}
         self._stop: asyncio.Event | None = None
         self._stopping = False
@@ -229,6 +231,7 @@ class Daemon:
         return f"serving {names} on {where}{mqtt}"
 
     async def _shutdown(self) -> None:
+        await asyncio.to_thread(self.tuner.stop)
         if self.agent is not None:
             await asyncio.to_thread(_stop_agent, self.agent)
             self.agent = None
@@ -241,8 +244,7 @@ class Daemon:
         """Load one configured model off the event loop, asking systemd for more time while it runs."""
         self.notifier.status(f"loading {m.path}")
         self.notifier.extend_timeout(EXTEND_SECONDS)
-        task = asyncio.ensure_future(asyncio.to_thread(self.runtime.prepare, m.path, variant=m.variant,
-                                                       backend=m.backend))
+        task = asyncio.ensure_future(asyncio.to_thread(self._prepare, m))
         while True:
             done, _ = await asyncio.wait({task}, timeout=EXTEND_SECONDS / 3)
             if done:
@@ -252,12 +254,35 @@ class Daemon:
         self.runtime.activate(model, keep_other_versions=True)
         log.info("serving %s v%d (%s on %s)", model.name, model.version, model.variant.id, model.backend)
         self._loaded[m] = model
+        if m.variant is None and m.backend is None:  # a variant or backend set in the configuration is not tuned
+            self.tuner.activated(model, mode=m.tune, budget=m.tune_budget)
         return model
+
+    def _prepare(self, m: ModelConfig) -> LoadedModel:
+        """Load a configured model: on the cached tuned pick when there is one (docs/tuning.md), else the default."""
+        if m.variant is None and m.backend is None and (m.tune or self.config.tuning.mode) != "off":
+            pkg = self.runtime.open_package(m.path)
+            info = self.tuner.cached(pkg)
+            if info is not None and info.chosen is not None:
+                c = info.chosen
+                try:
+                    return self.runtime.prepare(pkg, variant=c.variant, backend=c.backend, options=c.options)
+                except EdgerunError as exc:
+                    log.warning("%s v%d: the cached tuned pick (%s on %s) does not load here now: %s; loading the "
+                                "default choice", pkg.name, pkg.version, c.variant, c.backend, exc)
+            return self.runtime.prepare(pkg)
+        return self.runtime.prepare(m.path, variant=m.variant, backend=m.backend)
+
+    def _tuned(self, info: Any) -> None:
+        """A model now serves its tuned pick: the agent's next status carries what was measured."""
+        if self.agent is not None:
+            self.agent.status_changed()
 
     async def _start_agent(self, config: Config, *, restore: bool) -> None:
         from edgerun.agent import Agent
 
         self.agent = Agent(self.runtime, config)
+        self.agent.tuner = self.tuner
         if restore:
             self.notifier.status("restoring the update agent's models")
             self.notifier.extend_timeout(EXTEND_SECONDS * 2)
@@ -375,7 +400,8 @@ def _changed_on_disk(m: ModelConfig, current: LoadedModel) -> bool:
         return False  # keep serving what works; the error shows at the next load
 
 
-RESTART_ONLY = ("state_dir", "profile", "memory_budget", "threads", "device_key_file", "fleet_key_file")  # and every key of [server]
+RESTART_ONLY = ("state_dir", "profile", "memory_budget", "threads", "device_key_file", "fleet_key_file",
+                "tuning")  # and every key of [server]
 
 
 def restart_only_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:

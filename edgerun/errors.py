@@ -87,6 +87,12 @@ class NoVariantFits(EdgerunError):
     reason = "no_fit"
 
 
+class TuningFailed(EdgerunError):
+    """Tuning measured no candidate of a package here: every one crashed, hung, overshot memory or was wrong."""
+
+    exit_code = 69
+
+
 class ModelNotFound(EdgerunError):
     """The named model or version is not loaded."""
 

@@ -55,6 +55,7 @@ class LoadedModel:
         self.load_seconds = load_seconds
         self.loaded_at = time.time()
         self.validation: dict[str, Any] | None = None  # agreement with fp32 on the package's validation sample
+        self.options: dict[str, Any] = {}  # what tuning set over the profile's options (threads, hints...)
         # a row's run time in a batch of BATCH_PROBE_ROWS over its time alone, measured at warm-up (None: not measured)
         self.batch_cost: float | None = None
         self.inputs: list[TensorSpec] = list(package.inputs)
@@ -199,7 +200,7 @@ class LoadedModel:
         return {"name": self.name, "version": self.version, "variant": self.variant.id, "backend": self.backend,
                 "format": self.variant.format, "precision": self.variant.precision,
                 "sha256": self.variant.main_file.sha256, "memory_bytes": self.memory_bytes,
-                "device": self.session.device, "validation": self.validation}
+                "device": self.session.device, "validation": self.validation, "options": dict(self.options)}
 
 
 @dataclass
@@ -331,18 +332,19 @@ class Runtime:
 
     def prepare(self, package: str | Path | ModelPackage, *, variant: str | None = None,
                 backend: str | None = None, verify: bool = True, warmup: bool = True,
-                memory_budget: str | int | None = None) -> LoadedModel:
+                memory_budget: str | int | None = None, options: Mapping[str, Any] | None = None) -> LoadedModel:
         """Load and warm up a package without serving it yet (the first half of a swap).
 
         A quantized variant that fails the package's validation sample here is set aside (``explain`` shows why)
         and the next choice is loaded, when its files are present; otherwise VariantRejected is raised.
+        ``options`` (what tuning picked: ``threads`` and the backend's own options) go over the profile's.
         """
         pkg = self.open_package(package)
         while True:
             choice = self.explain(pkg, memory_budget=memory_budget)
             cand = self._pick(choice, variant, backend)
             try:
-                return self._load(pkg, cand, verify=verify, warmup=warmup)
+                return self._load(pkg, cand, verify=verify, warmup=warmup, options=options)
             except VariantRejected as exc:
                 self.rejected[(pkg.name, pkg.version, cand.variant.id, cand.backend)] = str(exc)
                 log.warning("%s v%d: %s; trying the next choice", pkg.name, pkg.version, exc)
@@ -350,14 +352,21 @@ class Runtime:
                 if variant is not None or backend is not None or nxt is None or not _files_present(pkg, nxt.variant):
                     raise
 
-    def _load(self, pkg: ModelPackage, cand: choice_mod.Candidate, *, verify: bool, warmup: bool) -> LoadedModel:
+    def load_options(self, backend: str, options: Mapping[str, Any] | None = None) -> LoadOptions:
+        """How ``backend`` loads models here: the profile's options and thread count, with ``options`` over them."""
+        opts = self.profile.options_for(backend)
+        given = dict(options or {})
+        threads = given.pop("threads", None) or self._threads or self.profile.threads
+        opts.update(given)
+        return LoadOptions(device=opts.pop("device", None), threads=threads, extra=opts)
+
+    def _load(self, pkg: ModelPackage, cand: choice_mod.Candidate, *, verify: bool, warmup: bool,
+              options: Mapping[str, Any] | None = None) -> LoadedModel:
         """Load one candidate, check its interface, warm it up and check it on the validation sample."""
         if verify:
             pkg.verify(cand.variant)
         b = self.backends[cand.backend]
-        opts = self.profile.options_for(b.name)
-        load_opts = LoadOptions(device=opts.pop("device", None), threads=self._threads or self.profile.threads,
-                                extra=opts)
+        load_opts = self.load_options(b.name, options)
         proc = psutil.Process()
         rss0 = proc.memory_info().rss
         t0 = time.perf_counter()
@@ -374,6 +383,7 @@ class Runtime:
         try:
             _check_interface(pkg, session)
             model = LoadedModel(pkg, cand.variant, b.name, session, 0, 0.0)
+            model.options = dict(options or {})
             if warmup:
                 _warm_up(model)
                 _validate(model)
@@ -445,9 +455,10 @@ class Runtime:
         return retired
 
     def load(self, package: str | Path | ModelPackage, *, variant: str | None = None, backend: str | None = None,
-             keep_other_versions: bool = False, verify: bool = True, warmup: bool = True) -> LoadedModel:
+             keep_other_versions: bool = False, verify: bool = True, warmup: bool = True,
+             options: Mapping[str, Any] | None = None) -> LoadedModel:
         """Choose, load, warm up and serve a package; returns the loaded model."""
-        model = self.prepare(package, variant=variant, backend=backend, verify=verify, warmup=warmup)
+        model = self.prepare(package, variant=variant, backend=backend, verify=verify, warmup=warmup, options=options)
         self.activate(model, keep_other_versions=keep_other_versions)
         return model
 
@@ -488,6 +499,7 @@ class Runtime:
             if version is None:
                 gone = list(slot.versions.values())
                 del self._slots[name]
+                self.tuned.pop(name, None)
             else:
                 if version not in slot.versions:
                     raise ModelNotFound(f"model {name!r} has no version {version}")
@@ -496,6 +508,7 @@ class Runtime:
                     slot.latest = slot.versions[max(slot.versions)]
                 else:
                     del self._slots[name]
+                    self.tuned.pop(name, None)
         for m in gone:
             m.retire()
 

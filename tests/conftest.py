@@ -13,6 +13,7 @@ MEASURED = pytest.StashKey[dict]()
 
 os.environ.setdefault("EDGERUN_LOG_LEVEL", "WARNING")
 os.environ.setdefault("EDGERUN_SERVER_GRPC_PORT", "0")  # servers that tests start serve gRPC only where asked
+os.environ.setdefault("EDGERUN_TUNING_MODE", "off")  # servers that tests start tune only where asked (tests/tune)
 
 
 @pytest.fixture(scope="session")

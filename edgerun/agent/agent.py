@@ -8,7 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from edgerun import manifest as manifest_mod
 from edgerun.agent.transfer import Chunks
@@ -39,6 +39,7 @@ class Agent:
     def __init__(self, runtime: "Runtime", config: Config):
         self.runtime = runtime
         self.config = config
+        self.tuner: Any = None  # edgerun.autotune.AutoTuner: tunes each version an update activates (the daemon's)
         cfg = config.mqtt
         for key, value in (("fleet", cfg.fleet), ("device_id", cfg.device_id)):
             if not valid_name(value):
@@ -240,6 +241,10 @@ class Agent:
         if u is not None:
             self._updates[entry.model] = replace(u, progress=round(min(1.0, fraction), 4))
             self._status_dirty.set()
+
+    def status_changed(self) -> None:
+        """Publish a new status soon (a model swapped to its tuned pick, say)."""
+        self._status_dirty.set()
 
     def in_loader(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` (a model load and warm-up) in the normal-priority loader thread and wait for it."""

@@ -274,6 +274,7 @@ class Updater:
         # the pointer first: a crash right after it serves the new, warmed version at restart (see restore)
         self.store.set_pointer(model, Pointer(version, variant, loaded.backend, previous))
         self.runtime.activate(loaded)
+        self._tune(loaded)
         self.store.prune(model)
         self._prune_partials()
         self.transition(j, "active", f"serving v{version} ({variant} on {loaded.backend})"
@@ -408,6 +409,7 @@ class Updater:
                                           backend=ptr.backend or None, memory_budget=RESTORE_BUDGET)
             self.runtime.activate(loaded)
             log.info("restored %s v%d (%s on %s)", model, ptr.version, ptr.variant, ptr.backend)
+            self._tune(loaded)
             return
         except Exception as exc:
             reason = str(exc)
@@ -422,6 +424,12 @@ class Updater:
         else:
             self.transition(JournalEntry(model, ptr.version, "queued"), "failed",
                             f"v{ptr.version} failed to load at startup and no previous version is kept: {reason}")
+
+    def _tune(self, loaded) -> None:
+        """Hand a version that now serves to the tuner, which measures it beside serving (docs/tuning.md)."""
+        tuner = getattr(self.host, "tuner", None)
+        if tuner is not None:
+            tuner.activated(loaded, update=True)
 
     def _loaded(self, model: str):
         try:

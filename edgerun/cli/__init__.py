@@ -11,7 +11,7 @@ from rich.markup import escape
 from edgerun.cli.app import app, err_console
 from edgerun.errors import EdgerunError
 
-COMMAND_MODULES = ("core", "serve", "hub_package", "hub_fleet", "hub_keys", "hub_rollout", "hub_tuning",
+COMMAND_MODULES = ("core", "tune", "serve", "hub_package", "hub_fleet", "hub_keys", "hub_rollout", "hub_tuning",
                    "hub_dashboard", "config", "service", "token")
 
 for _name in COMMAND_MODULES:

@@ -125,26 +125,52 @@ def key(config: Path = typer.Option(None, "--config", "-c", help="Config file (d
 
 @app.command()
 def explain(package: Path = PackageArg,
-            memory_budget: str = BudgetOpt, profile: str = ProfileOpt) -> None:
-    """Show every variant of a package: kept or dropped and why, and the one that would be loaded."""
+            memory_budget: str = BudgetOpt, profile: str = ProfileOpt,
+            config: Path = typer.Option(None, "--config", "-c", help="Config file: its state_dir holds the tuning "
+                                                                     "cache (default /etc/edgerun/edgerun.toml)."),
+            state_dir: Path = typer.Option(None, "--state-dir", help="Where the tuning cache is (default: the "
+                                                                     "configuration's state_dir).")) -> None:
+    """Show every variant of a package: kept or dropped and why, the hub's figures beside this device's (when it was
+    tuned here: `edgerun tune`), and the one that would be loaded."""
     from edgerun.choice import no_fit_error
+    from edgerun.config import load_config, with_overrides
+    from edgerun.tunecache import TuningCache
 
     rt = _runtime(profile, memory_budget)
     c = rt.explain(package, memory_budget=memory_budget)
+    try:
+        cfg = with_overrides(load_config(config), state_dir=state_dir)
+        tuned = TuningCache(cfg.state_dir).get(rt, c.package)
+    except Exception as exc:  # a config that cannot be read only loses the device's figures
+        err_console.print(f"no device figures: {exc}", style="dim", markup=False)
+        tuned = None
     console.print(f"[bold]{escape(c.package.name)}[/] v{c.package.version} on profile "
                   f"[bold]{escape(c.profile.name)}[/], memory budget {format_size(c.budget)}")
     if c.package.model_file is not None:
-        console.print(f"bare model file: version {c.package.version}, no measurements; inputs and outputs read "
+        console.print("bare model file: version 1, no measurements; inputs and outputs read "
                       "from the model; warm-up runs one zero-filled batch of 1 and checks the output names "
                       "(no samples)", style="dim", markup=False)
+    pick = tuned.chosen if tuned is not None else None
+    device: dict[tuple[str, str], object] = {}
+    if tuned is not None:
+        for t in tuned.candidates:  # each pair's figures at its default options, or at the tuned pick's
+            key = (t.variant, t.backend)
+            if not t.options or (pick is not None and t == pick):
+                if key not in device or t == pick:
+                    device[key] = t
     table = Table()
     table.add_column("variant", overflow="fold")
     table.add_column("backend", no_wrap=True)
-    for col in ("memory\nneed", "accuracy", "latency"):
+    fleet = any(cand.by_fleet for cand in c.candidates)
+    for col in ("memory\nneed", "accuracy", "fleet\nlatency" if fleet else "hub\nlatency"):
         table.add_column(col, justify="right")
+    if tuned is not None:
+        table.add_column("device\nlatency", justify="right")
+        table.add_column("device\npeak memory", justify="right")
     table.add_column("verdict", overflow="fold")
     for cand in c.candidates:
-        variant = Text(cand.variant.id, style="bold" if cand.chosen else "")
+        serves = (cand.variant.id, cand.backend) == (pick.variant, pick.backend) if pick else cand.chosen
+        variant = Text(cand.variant.id, style="bold" if serves else "")
         variant.append(f"\n{cand.variant.format} {cand.variant.precision}", style="dim")
         need = "-" if cand.backend == "-" else format_size(cand.memory_bytes)
         if cand.backend != "-" and not cand.memory_measured:
@@ -156,20 +182,45 @@ def explain(package: Path = PackageArg,
                    (", this CPU" if cand.fleet.cpu_model else "")
         elif cand.by_fleet:
             lat += "\nno fleet figure"
-        if cand.chosen:
+        row = [variant, Text(cand.backend), need, acc, lat]
+        if tuned is not None:
+            d = device.get((cand.variant.id, cand.backend))
+            dl = getattr(d, "latency_ms", None)
+            dp = getattr(d, "peak_rss_bytes", None)
+            row += [Text(f"{dl:.3f} ms" if dl is not None else ("dropped" if d is not None else "-")),
+                    format_size(dp) if dp else "-"]
+        if serves and pick is not None:
+            verdict = Text("→ chosen (device figures)", style="bold green")
+            opts = ", ".join(f"{k}={v}" for k, v in sorted(pick.options.items()))
+            if opts:
+                verdict.append(f"\n{opts}", style="dim")
+        elif serves:
             verdict = Text("→ chosen", style="bold green")
+        elif cand.chosen:
+            verdict = Text("hub figures' choice", style="default")
         elif cand.kept:
             verdict = Text("kept")
         else:
             verdict = Text("dropped: ", style="red").append(cand.reason, style="default")
-        table.add_row(variant, Text(cand.backend), need, acc, lat, verdict)
+        d = device.get((cand.variant.id, cand.backend))
+        if d is not None and not getattr(d, "kept", True) and not serves:
+            verdict.append(f"\ndropped on this device: {getattr(d, 'reason', '')}", style="red")
+        row.append(verdict)
+        table.add_row(*row)
     console.print(table)
-    if any(cand.by_fleet for cand in c.candidates):
+    if fleet:
         cpus = {cand.fleet.cpu_model for cand in c.candidates if cand.fleet is not None and cand.fleet.cpu_model}
         console.print(f"Latencies are what devices of profile {escape(c.profile.name)}"
                       + (f" with this CPU ({escape(', '.join(sorted(cpus)))})" if cpus else "")
                       + " measured when they tuned the model (the package's fleet figures), not the hub's; "
                         "a candidate without one ties on speed.", style="dim", highlight=False)
+    if tuned is not None:
+        console.print(f"decided by: this device's figures (tuned {tuned.seconds:.1f}s on {escape(tuned.cpu_model)}"
+                      f"{'' if tuned.complete else ', budget ran out'}); `edgerun tune --no-cache` measures again",
+                      highlight=False)
+    else:
+        console.print(f"decided by: the {'fleet' if fleet else 'hub'}'s figures (not tuned on this device; "
+                      "`edgerun tune` measures here)", highlight=False)
     if c.chosen is None:
         raise no_fit_error(c.package, c.candidates, c.budget)
 

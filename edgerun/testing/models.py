@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgerun.package import ModelPackage, Sample, Variant, file_entry, save_package
+from edgerun.package import ModelPackage, Sample, Validation, Variant, file_entry, save_package
 from edgerun.tensors import TensorSpec
 
 
@@ -96,9 +96,10 @@ def accuracy_of(run, x: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
 
 
 def make_digits_package(root: str | Path, *, name: str = "digits", version: int = 1, hidden: Sequence[int] = (64,),
-                        int8: bool = True, seed: int = 0, samples: int = 2) -> ModelPackage:
+                        int8: bool = True, seed: int = 0, samples: int = 2, validation: int = 0) -> ModelPackage:
     """A package with a trained digits MLP: an ONNX fp32 variant and (optionally) a dynamic-int8 one,
-    each with its accuracy measured on the validation split, and warm-up samples with expected outputs."""
+    each with its accuracy measured on the validation split, and warm-up samples with expected outputs;
+    ``validation``: that many held-out examples as the package's validation sample (fp32's top-1 on each)."""
     import onnxruntime as ort
 
     root = Path(root)
@@ -124,10 +125,15 @@ def make_digits_package(root: str | Path, *, name: str = "digits", version: int 
         atol = 1e-4 if precision == "fp32" else max(1e-3, round(dev * 4, 4))
         variants.append(Variant(vid, "onnx", precision, (file_entry(root, path.name),), accuracy=round(acc, 4),
                                 atol=atol, rtol=1e-3))
+    val = None
+    if validation:
+        x_v = np.ascontiguousarray(x_val[:validation])
+        val = Validation({"input": x_v}, np.argmax(ref.run(None, {"input": x_v})[0], axis=1).astype(np.int64))
     pkg = ModelPackage(name=name, version=version,
                        inputs=[TensorSpec("input", "FP32", (-1, 64))],
                        outputs=[TensorSpec("probabilities", "FP32", (-1, 10))],
                        variants=variants, samples=[Sample({"input": x_s}, {"probabilities": expected})],
+                       validation=val,
                        description="MLP classifier for 8x8 handwritten digits (scikit-learn digits)")
     save_package(pkg, root)
     return ModelPackage.load(root)

@@ -28,6 +28,10 @@ _DEVICE_PROVIDERS = {
     "NNAPI": "NnapiExecutionProvider", "QNN": "QNNExecutionProvider", "CPU": "CPUExecutionProvider",
 }
 
+_EXECUTION_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
+_OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+                        "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
 
 def _spec(arg: Any) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
@@ -65,7 +69,8 @@ class OnnxRuntimeBackend(Backend):
     primary_formats = ("onnx",)
     install_hint = INSTALL_HINT
     aliases = ("ort",)
-    options = {"device": str, "providers": list, "intra_op_threads": int, "inter_op_threads": int, "arena": bool}
+    options = {"device": str, "providers": list, "intra_op_threads": int, "inter_op_threads": int, "arena": bool,
+               "graph_optimization": str, "execution_mode": str}
     memory_formats = frozenset({"onnx"})
     memory_estimate = (11 << 20, 1.5)  # calibrated: benchmarks/calibrate_memory.py
 
@@ -85,6 +90,14 @@ class OnnxRuntimeBackend(Backend):
         providers = set(ort.get_available_providers())
         return [dev for dev, ep in _DEVICE_PROVIDERS.items() if ep in providers]
 
+    def tuning_options(self, facts: Any) -> dict[str, tuple[Any, ...]]:
+        # "extended" leaves out the layout transformations of "all", which are slower for some models on some CPUs;
+        # the parallel executor only helps a graph with independent branches, and needs more than one core
+        tried: dict[str, tuple[Any, ...]] = {"graph_optimization": ("all", "extended")}
+        if facts.cpu_count > 1:
+            tried["execution_mode"] = ("sequential", "parallel")
+        return tried
+
     def load(self, path: Path, options: LoadOptions) -> Session:
         return self._session(str(path), options, str(path))
 
@@ -101,8 +114,17 @@ class OnnxRuntimeBackend(Backend):
         threads = options.threads
         so.intra_op_num_threads = int(options.extra.get("intra_op_threads", threads or 0))
         so.inter_op_num_threads = int(options.extra.get("inter_op_threads", 1))
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        mode = str(options.extra.get("execution_mode", "sequential")).lower()
+        if mode not in _EXECUTION_MODES:
+            raise ModelLoadError(f"onnxruntime: execution_mode {mode!r} is not one of {', '.join(_EXECUTION_MODES)}")
+        level = str(options.extra.get("graph_optimization", "all")).lower()
+        if level not in _OPTIMIZATION_LEVELS:
+            raise ModelLoadError(f"onnxruntime: graph_optimization {level!r} is not one of "
+                                 f"{', '.join(_OPTIMIZATION_LEVELS)}")
+        so.execution_mode = getattr(ort.ExecutionMode, _EXECUTION_MODES[mode])
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION_LEVELS[level])
+        if mode == "parallel" and "inter_op_threads" not in options.extra:
+            so.inter_op_num_threads = int(threads or 0)
         if not options.extra.get("arena", True):
             so.enable_cpu_mem_arena = False
         so.log_severity_level = 3

@@ -162,21 +162,21 @@ def test_shipped_unit_passes_systemd_analyze_verify(tmp_path):
 
 SAMPLE = {bool: "true", int: "7", float: "7.5"}
 SPECIAL = {"log_level": "DEBUG", "memory_budget": "50%", "max_body": "1MiB", "host": "::1", "threads": "2",
-           "protocol": "3.1.1", "tags": "site=berlin"}
+           "protocol": "3.1.1", "tags": "site=berlin", "mode": "first"}
 
 
 def test_every_key_is_documented_with_its_environment_variable_which_works(tmp_path):
     from dataclasses import fields
 
-    from edgerun.config import BatchingConfig, Config, ModelConfig, MqttConfig, ServerConfig
+    from edgerun.config import BatchingConfig, Config, ModelConfig, MqttConfig, ServerConfig, TuningConfig
 
     doc = (REPO / "docs/configuration.md").read_text()
     rows = {ln.split("|")[1].strip(): ln for ln in doc.splitlines() if ln.startswith("| `")}
     empty = tmp_path / "empty.toml"
     empty.write_text("")
-    for prefix, cls in (("", Config), ("server_", ServerConfig), ("mqtt_", MqttConfig)):
+    for prefix, cls in (("", Config), ("server_", ServerConfig), ("mqtt_", MqttConfig), ("tuning_", TuningConfig)):
         for f in fields(cls):
-            if f.name in ("models", "server", "mqtt", "source", "overrides"):
+            if f.name in ("models", "server", "mqtt", "tuning", "source", "overrides"):
                 continue
             var = f"EDGERUN_{prefix}{f.name}".upper()
             row = rows.get(f"`{f.name}`") if not prefix else next(
