@@ -46,6 +46,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+os.environ.setdefault("EDGERUN_TUNING_MODE", "off")  # tune.py measures tuning: here it would skew the figures
+
 # benchmarks/packaging.py would shadow the packaging library (tritonclient.grpc imports it)
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("EDGERUN_TUNING_MODE", "off")  # tune.py measures tuning: here it would skew the figures
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = "import sys; from edgerun.cli import main; sys.argv[0] = 'edgerun'; sys.exit(main())"
 TARGET_READY_OVERHEAD = 1.5

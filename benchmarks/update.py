@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("EDGERUN_TUNING_MODE", "off")  # tune.py measures tuning: here it would skew the figures
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
