@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ctypes
 import hmac
+import mmap
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -359,6 +362,7 @@ class Decryptor:
         self._payload_at = self.header.length + NONCE
         self._payload = None if total is None else total - self._payload_at
         self.size = None if self._payload is None else clear_size(self._payload)
+        self._scratch = threading.local()  # each decrypting thread's buffers, reused from range to range
 
     def segments(self) -> Iterator[tuple[int, memoryview, bool]]:
         """(index, ciphertext segment, is last) in order, reading one byte ahead to know the last one; each view
@@ -414,49 +418,69 @@ class Decryptor:
         segments = max(1, -(-self._payload // CIPHER_SEGMENT))
         return [(first, min(RANGE_SEGMENTS, segments - first)) for first in range(0, segments, RANGE_SEGMENTS)]
 
-    def decrypt_range(self, fd: int, first: int, count: int, out: memoryview) -> int:
+    def decrypt_range(self, fd: int, first: int, count: int, out: memoryview | None) -> int:
         """Read segments ``first``.. ``first + count - 1`` at their offsets in the file ``fd`` (of the size given
-        at construction) and decrypt them into the start of ``out``; returns the plaintext length. Several threads
-        may decrypt ranges of one file at once (the cipher releases the GIL)."""
+        at construction) and decrypt them into the start of ``out`` (or only authenticate them: None); returns the
+        plaintext length. Several threads may decrypt ranges of one file at once (the cipher releases the GIL); each
+        reads into a buffer of its own that it reuses, so a range costs no allocation."""
         assert self._payload is not None
         last_index = max(1, -(-self._payload // CIPHER_SEGMENT)) - 1
         at = first * CIPHER_SEGMENT
         length = min(count * CIPHER_SEGMENT, self._payload - at)
-        data = os.pread(fd, length, self._payload_at + at)
-        if len(data) != length:
-            raise DecryptError(f"truncated: the file shrank while it was read (segment {first})")
-        view, done = memoryview(data), 0
+        view = self._buffer("cipher", max(count, RANGE_SEGMENTS) * CIPHER_SEGMENT)[:length]
+        if out is None:
+            out = self._buffer("clear", max(count, RANGE_SEGMENTS) * SEGMENT)
+        got = 0
+        while got < length:  # a regular file reads whole; a short read is retried, an early end is an error
+            n = os.preadv(fd, [view[got:]], self._payload_at + at + got)
+            if not n:
+                raise DecryptError(f"truncated: the file shrank while it was read (segment {first})")
+            got += n
+        done = 0
         for k in range(count):
             index = first + k
             done += self.decrypt_segment(index, view[k * CIPHER_SEGMENT:(k + 1) * CIPHER_SEGMENT], out[done:],
                                          index == last_index)
         return done
 
+    def _buffer(self, name: str, size: int) -> memoryview:
+        buf = getattr(self._scratch, name, None)
+        if buf is None or len(buf) < size:
+            buf = memoryview(bytearray(size))
+            setattr(self._scratch, name, buf)
+        return buf
+
     def read_parallel(self, fd: int, threads: int | None = None) -> Iterator[memoryview]:
         """Every range's plaintext in order, decrypted ahead on ``threads`` cores (by default this machine's, up to
-        MAX_THREADS), at most two ranges per thread held at once; each view stays valid."""
+        MAX_THREADS), at most two ranges per thread held at once; each view is valid until the next is taken (the
+        buffers are reused, so a stream of any length allocates a few MiB once)."""
         threads = threads or decrypt_threads()
         ranges = self.ranges()
         if threads < 2 or len(ranges) < 2:
+            out = memoryview(bytearray(RANGE_SEGMENTS * SEGMENT))
             for first, count in ranges:
-                out = memoryview(bytearray(count * SEGMENT))
                 yield out[:self.decrypt_range(fd, first, count, out)]
             return
 
-        def one(first: int, count: int) -> memoryview:
-            out = memoryview(bytearray(count * SEGMENT))
-            return out[:self.decrypt_range(fd, first, count, out)]
+        depth = 2 * threads
+        free = deque(memoryview(bytearray(RANGE_SEGMENTS * SEGMENT)) for _ in range(depth + 1))
+
+        def one(first: int, count: int, out: memoryview) -> tuple[memoryview, int]:
+            return out, self.decrypt_range(fd, first, count, out)
 
         with ThreadPoolExecutor(threads, thread_name_prefix="edgerun-decrypt") as pool:
             ahead: deque = deque()
             todo = iter(ranges)
             try:
                 for first, count in todo:
-                    ahead.append(pool.submit(one, first, count))
-                    if len(ahead) >= 2 * threads:
-                        yield ahead.popleft().result()
+                    ahead.append(pool.submit(one, first, count, free.popleft()))
+                    if len(ahead) >= depth:
+                        out, n = ahead.popleft().result()
+                        yield out[:n]
+                        free.append(out)  # the caller is done with it: it asked for the next
                 while ahead:
-                    yield ahead.popleft().result()
+                    out, n = ahead.popleft().result()
+                    yield out[:n]
             finally:
                 for fut in ahead:
                     fut.cancel()
@@ -471,31 +495,61 @@ def decrypt_threads() -> int:
     return max(1, min(cores, MAX_THREADS))
 
 
-def decrypt_to_memory(path: Path, identities: Sequence[Identity], threads: int | None = None) -> bytearray:
-    """The clear content of the age file ``path``, decrypted into one buffer of its exact size (never on disk), its
-    segments decrypted on several cores; the first segment (in order) that fails raises DecryptError."""
+def anonymous_buffer(size: int) -> tuple[object, memoryview]:
+    """A writable buffer of ``size`` bytes from an anonymous map: nothing is zeroed up front, each page is given
+    (zeroed) by the kernel when first written, so threads that fill parts of it fault their own parts in parallel;
+    freed when the last reference goes."""
+    buf: object = mmap.mmap(-1, size) if size else bytearray()
+    return buf, memoryview(buf)  # type: ignore[arg-type]
+
+
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype, _new_bytes.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
+_bytes_data = ctypes.pythonapi.PyBytes_AsString
+_bytes_data.restype, _bytes_data.argtypes = ctypes.c_void_p, (ctypes.py_object,)
+
+
+def bytes_buffer(size: int) -> tuple[object, memoryview]:
+    """A new ``bytes`` object of ``size`` bytes and a writable view of its content, for a library that takes only
+    ``bytes``: the C API's way of building one (``PyBytes_FromStringAndSize(NULL, n)``, filled, then shared), which
+    spares zeroing it and copying a filled buffer into it. The caller fills it through the view before anything
+    else sees the object, and drops the view."""
+    obj = _new_bytes(None, size)
+    if not size:
+        return obj, memoryview(bytearray())
+    return obj, memoryview((ctypes.c_char * size).from_address(_bytes_data(obj))).cast("B")
+
+
+def decrypt_to_memory(path: Path, identities: Sequence[Identity], threads: int | None = None,
+                      into: Callable[[int], tuple[object, memoryview]] = anonymous_buffer):
+    """The clear content of the age file ``path``, decrypted into one buffer of its exact size made by ``into``
+    (an anonymous map by default; ``bytes_buffer`` for ``bytes``), never on disk; its segments are decrypted, and
+    the buffer's pages first touched, on several cores. The first segment (in order) that fails raises
+    DecryptError."""
     with open(path, "rb") as f:
         fd = f.fileno()
         dec = Decryptor(f, identities, total=os.fstat(fd).st_size)
-        out = bytearray(dec.size or 0)
-        view = memoryview(out)
-        ranges = dec.ranges()
-        threads = min(threads or decrypt_threads(), len(ranges))
-        if threads < 2:
-            for first, count in ranges:
-                dec.decrypt_range(fd, first, count, view[first * SEGMENT:])
+        out, view = into(dec.size or 0)
+        try:
+            ranges = dec.ranges()
+            threads = min(threads or decrypt_threads(), len(ranges))
+            if threads < 2:
+                for first, count in ranges:
+                    dec.decrypt_range(fd, first, count, view[first * SEGMENT:])
+                return out
+            with ThreadPoolExecutor(threads, thread_name_prefix="edgerun-decrypt") as pool:
+                futures = [pool.submit(dec.decrypt_range, fd, first, count, view[first * SEGMENT:])
+                           for first, count in ranges]
+                try:
+                    for fut in futures:
+                        fut.result()
+                except BaseException:
+                    for fut in futures:
+                        fut.cancel()
+                    raise
             return out
-        with ThreadPoolExecutor(threads, thread_name_prefix="edgerun-decrypt") as pool:
-            futures = [pool.submit(dec.decrypt_range, fd, first, count, view[first * SEGMENT:])
-                       for first, count in ranges]
-            try:
-                for fut in futures:
-                    fut.result()
-            except BaseException:
-                for fut in futures:
-                    fut.cancel()
-                raise
-        return out
+        finally:
+            view.release()
 
 
 def check_file(path: Path, identities: Sequence[Identity]) -> tuple[str, DecryptError | None]:
@@ -511,7 +565,7 @@ def check_file(path: Path, identities: Sequence[Identity]) -> tuple[str, Decrypt
             return _sha256_of(fd, digest), exc
 
         def authenticate(first: int, count: int) -> None:
-            dec.decrypt_range(fd, first, count, memoryview(bytearray(count * SEGMENT)))
+            dec.decrypt_range(fd, first, count, None)
 
         ranges = dec.ranges()
         with ThreadPoolExecutor(min(decrypt_threads(), len(ranges)), thread_name_prefix="edgerun-check") as pool:

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from edgerun.crypto import SEGMENT, Decryptor, Identity, decrypt_to_memory
+from edgerun.crypto import SEGMENT, Decryptor, Identity, anonymous_buffer, bytes_buffer, decrypt_to_memory
 from edgerun.errors import DecryptError
 
 if TYPE_CHECKING:
@@ -73,17 +73,27 @@ class MemoryModel:
             raise KeyError(f"{name!r} is not a file of this model; it has {sorted(self._entries)}") from None
         return self._root / entry.path, entry.encryption is not None
 
-    def read(self, name: str) -> bytearray:
-        """The clear content of one file in a buffer of its own: the caller holds the only reference."""
-        path, encrypted = self._path(name)
-        if encrypted:
-            return decrypt_to_memory(path, self._identities)
-        with open(path, "rb") as f:
-            return bytearray(f.read())
+    def read(self, name: str):
+        """The clear content of one file in a writable buffer of its own (an anonymous map): the caller holds the
+        only reference."""
+        return self._read(name, anonymous_buffer)
 
     def read_bytes(self, name: str) -> bytes:
-        """One file as ``bytes``, for a library that takes nothing else; the buffer it came from is freed at once."""
-        return bytes(self.read(name))
+        """One file as ``bytes``, for a library that takes nothing else, decrypted straight into it (no copy)."""
+        return self._read(name, bytes_buffer)
+
+    def _read(self, name: str, into):
+        path, encrypted = self._path(name)
+        if encrypted:
+            return decrypt_to_memory(path, self._identities, into=into)
+        with open(path, "rb") as f:
+            out, view = into(os.fstat(f.fileno()).st_size)
+            try:
+                if f.readinto(view) != len(view):
+                    raise DecryptError(f"{name}: the file changed size while it was read")
+            finally:
+                view.release()
+            return out
 
     @contextlib.contextmanager
     def stream(self, name: str) -> Iterator[str]:

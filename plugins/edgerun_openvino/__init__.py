@@ -186,7 +186,7 @@ class OpenVinoBackend(Backend):
         if weights_name not in model.names:
             raise ModelLoadError(f"openvino cannot load {shown}: the IR weights file {weights_name} is not in the "
                                  f"variant")
-        xml = model.read(model.main).decode("utf-8", "replace")
+        xml = model.read_bytes(model.main).decode("utf-8", "replace")
         # the tensor shares the decrypted buffer, and the compiled model goes on reading constants in it (as it reads
         # a mapped .bin): the session keeps the buffer
         weights = ov.Tensor(np.frombuffer(model.read(weights_name), np.uint8), shared_memory=True)
