@@ -65,6 +65,7 @@ class ServerConfig:
     drain_timeout: float = 30.0
     allow_insecure: bool = False  # allow a non-loopback host without a token or client certificates (logged loudly)
     grpc_port: int = 8001  # KServe v2 gRPC on the same host; 0 turns it off
+    grpc_workers: int = 32  # gRPC calls handled at once (an open ModelStreamInfer stream holds one)
     repository_dir: Path | None = None  # packages the repository extension may load and unload (needs a token)
     tls_cert_file: Path | None = None  # serve HTTPS and gRPC over TLS with this certificate (PEM)
     tls_key_file: Path | None = None  # its private key (PEM, not encrypted)
@@ -270,6 +271,7 @@ def parse_config(data: dict[str, Any], source: str | None = None, base: Path | N
             ("server.max_body", server.max_body, 1, None, "a size above 0, e.g. \"64MiB\""),
             ("server.max_body_total", server.max_body_total, 1, None, "a size above 0, e.g. \"128MiB\""),
             ("server.max_connections", server.max_connections, 1, None, "a positive number of connections"),
+            ("server.grpc_workers", server.grpc_workers, 1, None, "a positive number of calls"),
             ("server.header_timeout", server.header_timeout, 0.001, None, "seconds > 0"),
             ("server.body_timeout", server.body_timeout, 0.001, None, "seconds > 0"),
             ("server.idle_timeout", server.idle_timeout, 0.001, None, "seconds > 0"),
