@@ -12,8 +12,9 @@ cell measures every contender in turn, repeat by repeat, so each figure's ratio 
 compares runs taken side by side on this shared host.
 
 Contenders: edgerun with its default settings (``EDGERUN_THREADS=1``; batching where it measures faster at load,
-as the rows say) and with batching off; Triton 2.51 (the ``tritonserver`` inside ``nvidia-pytriton`` 0.7.0's wheel) serving a python-backend
-model that runs onnxruntime, with dynamic batching of at most 16 rows and a 500 us queue delay, installed once into
+as the rows say) and with batching off; Triton 2.51 (the ``tritonserver`` inside ``nvidia-pytriton`` 0.7.0's
+wheel) serving a python-backend model that runs onnxruntime, with dynamic batching of at most 16 rows and a 500 us
+queue delay, installed once into
 its own venv under ``~/.cache/edgerun-bench`` (it needs numpy<2 and tritonclient 2.5x); FastAPI + onnxruntime; in-process
 ``Runtime.infer`` threads. HTTP load: ``wrk`` (one thread, keep-alive, closed loop); gRPC load: a closed-loop
 grpc.aio client on tritonclient.grpc's generated stubs, one channel per unit of concurrency. Every server's
