@@ -258,3 +258,36 @@ def test_edgerun_client_over_grpc(served, digits_package):
         assert c.live()
         with pytest.raises(Unauthenticated, match="bearer token"):
             c.metadata("digits")
+
+
+def test_sigterm_with_a_stream_open_ends_the_server_after_the_drain_time(digits_package):
+    """Calls run on grpcio's worker threads and wait for the event loop: a stream the client keeps open must not
+    keep the process alive past ``drain_timeout`` (the worker threads are all let go), and what it answered
+    before stays answered."""
+    import signal
+    import time
+
+    port = free_port()
+    p = ServerProcess(["--model", str(digits_package.root)],
+                      env={"EDGERUN_SERVER_GRPC_PORT": str(port), "EDGERUN_SERVER_DRAIN_TIMEOUT": "2"}).wait_ready()
+    c = tritongrpc.InferenceServerClient(f"127.0.0.1:{port}")
+    answers: queue.Queue = queue.Queue()
+    c.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        x, inputs = digits(seed=3)
+        c.async_stream_infer("digits", inputs, request_id="before")
+        result, error = answers.get(timeout=30)
+        assert error is None and result.get_response().id == "before"
+        np.testing.assert_allclose(result.as_numpy("probabilities"), reference(digits_package, x), rtol=1e-5,
+                                   atol=1e-6)
+        t0 = time.monotonic()
+        p.proc.send_signal(signal.SIGTERM)
+        code = p.proc.wait(30)  # the stream is still open on the client's side
+        took = time.monotonic() - t0
+    finally:
+        c.stop_stream(cancel_requests=True)
+        c.close()
+        p.stop()
+    assert code == 0, p.output()
+    assert 2 <= took < 15, f"the server took {took:.1f} s to stop with a stream open (drain_timeout 2 s)"
+    assert "gRPC server stopped" in p.output()
