@@ -3,8 +3,9 @@
 grpcio's server reads and writes the calls on its own threads; each call's handler (one of
 ``server.grpc_workers`` threads) hands the call to the daemon's event loop, where the inference service runs it
 as it runs HTTP requests (so batching, limits, metrics and statistics are one), and waits for the answer. On one
-core this serves about twice the calls per second of grpcio's asyncio server, which spends more per call moving
-each event between its poller thread and the loop than edgerun's own work costs (benchmarks/serve.py).
+core this serves 1.8-2.3 times the calls per second of grpcio's asyncio server at 8-32 calls at once (7% fewer at
+one at a time): that server spends more per call moving each event between its poller thread and the loop than
+edgerun's own work costs (benchmarks/serve.py).
 
 Access control is the HTTP server's: ``authorization: Bearer <token>`` metadata on every call but ServerLive and
 ServerReady, each call needing the scope its HTTP twin needs. An EdgerunError ends a call with the error's gRPC

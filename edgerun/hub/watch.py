@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 FLUSH_SECONDS = 0.2
 QUIET = 0.25  # no message for this long after the SUBACKs: the retained messages are in
 QUIET_ALL_KNOWN = 0.05  # ... or this long, once every device the registry knows has sent its state and status
+QUIET_NOTHING_YET = 1.0  # ... or this long when nothing at all has come: a busy broker can be slow to start
 MAX_PENDING_EVENTS = 200_000  # kept while the database is down; the oldest go first beyond this
 HUB_SESSION_EXPIRY = 3600  # the broker keeps a hub's events this long while it restarts
 Listener = Callable[[str, str, object], None]  # (kind: state | status | event | release, device, payload)
@@ -86,13 +87,16 @@ class FleetWatch:
     def settle(self, quiet: float = QUIET, timeout: float = 10.0) -> None:
         """Wait for the subscriptions' acknowledgements, then until no message arrived for ``quiet`` seconds
         (a broker sends the retained messages right after it acknowledges; once every known device's state
-        and status are in, a shorter pause will do), then flush."""
+        and status are in, a shorter pause will do; while nothing at all has come, a longer one), then flush."""
         end = time.monotonic() + timeout
+        before = self.messages
         self.conn.wait_subscribed(timeout)
         self._last_message = max(self._last_message, time.monotonic())
         while time.monotonic() < end:
             silent = time.monotonic() - self._last_message
-            if silent >= quiet or (silent >= QUIET_ALL_KNOWN and self._heard_all_known()):
+            if silent >= quiet and (self.messages > before or silent >= max(quiet, QUIET_NOTHING_YET)):
+                break
+            if silent >= QUIET_ALL_KNOWN and self._heard_all_known():
                 break
             time.sleep(0.01)
         self.flush()
