@@ -50,6 +50,7 @@ class FleetWatch:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._flushed = threading.Event()
+        self._writing = False  # the writer holds a batch it has not written yet
         self._last_message = time.monotonic()
         self._writer: threading.Thread | None = None
         self.db_error: str | None = None
@@ -127,14 +128,18 @@ class FleetWatch:
             self._listeners.remove(fn)
 
     def flush(self, timeout: float = 5.0) -> None:
-        """Wait until what arrived so far is in the registry (or the database refused it)."""
+        """Wait until what arrived so far is in the registry (or the database refused it): the updates waiting, and
+        a write the writer has already taken up."""
         if self.registry is None or self._writer is None:
             return
-        self._flushed.clear()
-        with self._lock:
-            pending = len(self._batch)
-        if pending:
-            self._flushed.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not len(self._batch) and not self._writing:
+                    return
+                self._flushed.clear()
+            if not self._flushed.wait(max(0.0, deadline - time.monotonic())) or self.db_error:
+                return
 
     # --- MQTT in ----------------------------------------------------------------------------
 
@@ -208,6 +213,7 @@ class FleetWatch:
     def _write_once(self) -> bool:
         with self._lock:
             batch, self._batch = self._batch, Batch()
+            self._writing = bool(len(batch))
         if not len(batch):
             self._flushed.set()
             return True
@@ -220,10 +226,13 @@ class FleetWatch:
             with self._lock:
                 batch.merge(self._batch)
                 self._batch = batch
+                self._writing = False
             self._flushed.set()
             return False
         if self.db_error:
             log.info("registry %s is back: wrote %d kept update(s)", self.registry.shown, len(batch))
             self.db_error = None
+        with self._lock:
+            self._writing = False
         self._flushed.set()
         return True
