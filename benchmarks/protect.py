@@ -119,8 +119,7 @@ def make_models(work: Path, mb: float, key_file: Path) -> dict[str, tuple[Path, 
 
 def measure(backend: str, package: Path, key: Path, *extra: str) -> dict:
     r = subprocess.run([sys.executable, "-c", CHILD, backend, str(package), str(key), *extra], capture_output=True,
-                       text=True,
-                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if r.returncode != 0:
         raise RuntimeError(f"{backend} on {package} failed: {r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -284,8 +283,9 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in loads:
         print(f"| {r['backend']} | {r['format']} | {r['clear_load_s']} / {r['encrypted_load_s']} | {r['time_ratio']}"
-              f"{'' if r['time_ok'] else ' ✗'} | {r['decrypt_alone_s']} | {r['clear_ready_s']} / {r['encrypted_ready_s']} | "
-              f"{r['ready_ratio']}{'' if r['ready_ok'] else ' ✗'} | {r['clear_peak_mb']} / {r['encrypted_peak_mb']} | "
+              f"{'' if r['time_ok'] else ' ✗'} | {r['decrypt_alone_s']} | {r['clear_ready_s']} / "
+              f"{r['encrypted_ready_s']} | {r['ready_ratio']}{'' if r['ready_ok'] else ' ✗'} | "
+              f"{r['clear_peak_mb']} / {r['encrypted_peak_mb']} | "
               f"{r['peak_over_clear_mb']} of {r['model_bytes'] / 1e6:.0f}{'' if r['peak_ok'] else ' ✗'} | "
               f"{r['clear_after_mb']} / {r['encrypted_after_mb']} |")
     if summary:

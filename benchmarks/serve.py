@@ -11,16 +11,15 @@ run; median of the repeats. All servers of a model run at once (all idle but one
 cell measures every contender in turn, repeat by repeat, so each figure's ratio to Triton and to the floor
 compares runs taken side by side on this shared host.
 
-Contenders: edgerun with its default settings (``EDGERUN_THREADS=1``; batching where it measures faster at load,
-as the rows say) and with batching off; Triton 2.51 (the ``tritonserver`` inside ``nvidia-pytriton`` 0.7.0's
-wheel) serving a python-backend model that runs onnxruntime, with dynamic batching of at most 16 rows and a 500 us
-queue delay, installed once into
-its own venv under ``~/.cache/edgerun-bench`` (it needs numpy<2 and tritonclient 2.5x); FastAPI + onnxruntime; in-process
-``Runtime.infer`` threads. HTTP load: ``wrk`` (one thread, keep-alive, closed loop); gRPC load: a closed-loop
-grpc.aio client on tritonclient.grpc's generated stubs, one channel per unit of concurrency. Every server's
-answer is first checked against in-process onnxruntime with tritonclient.http (and tritonclient.grpc).
-Triton's own ``perf_analyzer`` (from tritonclient 2.51's wheel, in the same venv) runs against both servers.
-Needs ``wrk`` (Debian package), ``fastapi`` for the baseline, PyPI for Triton's venv, ``py-spy`` for --profile.
+Contenders: edgerun with its default settings (``EDGERUN_THREADS=1``; batching where it measures faster at load, as
+the rows say) and with batching off; Triton 2.51 (the ``tritonserver`` inside ``nvidia-pytriton`` 0.7.0's wheel)
+serving a python-backend model that runs onnxruntime, with dynamic batching of at most 16 rows and a 500 us queue
+delay, installed once into its own venv under ``~/.cache/edgerun-bench`` (it needs numpy<2 and tritonclient 2.5x);
+FastAPI + onnxruntime; in-process ``Runtime.infer`` threads. HTTP load: ``wrk`` (one thread, keep-alive, closed loop);
+gRPC load: a closed-loop grpc.aio client on tritonclient.grpc's generated stubs, one channel per unit of concurrency.
+Every server's answer is first checked against in-process onnxruntime with tritonclient.http (and tritonclient.grpc).
+Triton's own ``perf_analyzer`` (from tritonclient 2.51's wheel, in the same venv) runs against both servers. Needs
+``wrk`` (Debian package), ``fastapi`` for the baseline, PyPI for Triton's venv, ``py-spy`` for --profile.
 """
 
 from __future__ import annotations
@@ -811,7 +810,8 @@ def main() -> None:
                             print(f"  {key} c={conc}: run failed: {exc}", flush=True)
                 for (name, enc), got in runs.items():
                     m = report(f"{name} {enc} c={conc}", got)
-                    rows.append({"model": model, "server": name, "encoding": enc, "batching": default_batching if name == EDGERUN else BATCHING[name],
+                    batching = default_batching if name == EDGERUN else BATCHING[name]
+                    rows.append({"model": model, "server": name, "encoding": enc, "batching": batching,
                                  "concurrency": conc, **m})
 
             if model == "mlp" and not args.no_triton:

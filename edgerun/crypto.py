@@ -8,8 +8,8 @@ reported where it is. docs/protection.md says why age and what the device does w
 from __future__ import annotations
 
 import base64
-import hashlib
 import ctypes
+import hashlib
 import hmac
 import mmap
 import os

@@ -212,16 +212,18 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             result = fn()
             return await result if inspect.isawaitable(result) else result  # type: ignore[return-value]
 
+        call = on_loop()
         try:
-            return asyncio.run_coroutine_threadsafe(on_loop(), self._loop).result()
+            future = asyncio.run_coroutine_threadsafe(call, self._loop)
+        except RuntimeError:  # the event loop is closed: the server is stopping
+            call.close()
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping; retry")
+            raise
+        try:
+            return future.result()
         except EdgerunError as exc:
             context.abort(_code(exc), str(exc))
             raise  # abort raises; this is for type checkers
-        except RuntimeError:  # the event loop is closed: the server is stopping
-            if not self._loop.is_closed():
-                raise
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping; retry")
-            raise
 
 
 def _authorization(context: Any) -> str | None:

@@ -95,9 +95,8 @@ class FleetWatch:
         self._last_message = max(self._last_message, time.monotonic())
         while time.monotonic() < end:
             silent = time.monotonic() - self._last_message
-            if silent >= quiet and (self.messages > before or silent >= max(quiet, QUIET_NOTHING_YET)):
-                break
-            if silent >= QUIET_ALL_KNOWN and self._heard_all_known():
+            enough = quiet if self.messages > before else max(quiet, QUIET_NOTHING_YET)
+            if silent >= enough or (silent >= QUIET_ALL_KNOWN and self._heard_all_known()):
                 break
             time.sleep(0.01)
         self.flush()
