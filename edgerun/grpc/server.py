@@ -1,11 +1,17 @@
 """The KServe v2 gRPC front end (``inference.GRPCInferenceService``): glue around the inference service.
 
-grpcio's server reads and writes the calls on its own threads; each call's handler (one of
-``server.grpc_workers`` threads) hands the call to the daemon's event loop, where the inference service runs it
-as it runs HTTP requests (so batching, limits, metrics and statistics are one), and waits for the answer. On one
-core this serves 1.8-2.3 times the calls per second of grpcio's asyncio server at 8-32 calls at once (7% fewer at
-one at a time): that server spends more per call moving each event between its poller thread and the loop than
-edgerun's own work costs (benchmarks/serve.py).
+Every RPC is a coroutine of :class:`Calls` run on the daemon's event loop, where the inference service runs
+HTTP requests too (so batching, limits, metrics and statistics are one). Two servers carry the calls to it:
+
+- **native** (``edgerun.grpc._native``, built where gRPC's C++ library is installed): gRPC's C++ server reads
+  and writes the calls on a thread of its own and queues each request's bytes for the loop, which takes them in
+  batches through an eventfd and hands the answers straight back. Python's share of a call is one parse, its
+  work and one serialization.
+- **grpcio**: grpcio's server runs each call's handler on one of ``server.grpc_workers`` threads, which hands
+  the call to the loop and waits for its answer.
+
+On one core the native server answers several times the calls per second of grpcio's (benchmarks/serve.py);
+``server.grpc_frontend`` chooses (``auto``: native when it is built).
 
 Access control is the HTTP server's: ``authorization: Bearer <token>`` metadata on every call but ServerLive and
 ServerReady, each call needing the scope its HTTP twin needs. An EdgerunError ends a call with the error's gRPC
@@ -15,31 +21,35 @@ code and message.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, Iterator
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError, Message
 
 import edgerun
 from edgerun.config import ServerConfig
 from edgerun.errors import ConfigError, EdgerunError, InvalidInput, ModelNotFound
 from edgerun.grpc import inference_pb2 as pb
-from edgerun.grpc import inference_pb2_grpc
 from edgerun.grpc.tensors import decode_request, encode_response, model_metadata
-from edgerun.serving.access import ADMIN, INFER, METADATA, SERVER
+from edgerun.serving.access import ADMIN, INFER, METADATA, SERVER, Grant
 from edgerun.serving.service import InferenceService
-from edgerun.serving.tls import server_tls
+from edgerun.serving.tls import ServerTls, server_tls
 
 log = logging.getLogger(__name__)
 
-OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})
+SERVICE = "inference.GRPCInferenceService"
+STREAM = "ModelStreamInfer"
 STREAM_INFLIGHT = 64  # requests of one ModelStreamInfer stream served at once
-R = TypeVar("R")
+MAX_STREAMS = 256  # calls open at once on one connection
+FRONTENDS = ("auto", "native", "grpcio")
+# each RPC's request message class, from the protocol's own description
+REQUESTS: dict[str, type[Message]] = {
+    m.name: getattr(pb, m.input_type.name) for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
 
 
 class _Decoded:
@@ -49,6 +59,253 @@ class _Decoded:
         self.inputs = inputs
         self.output_names = output_names
         self.id = id
+
+
+class Calls:
+    """The RPCs as coroutines on the event loop: each takes the request message and the call's
+    ``authorization`` metadata (None when absent) and returns the response message, or raises an EdgerunError.
+    ModelStreamInfer is :meth:`open_stream` once, then :meth:`stream_one` per request."""
+
+    def __init__(self, service: InferenceService, extensions: list[str]):
+        self.service = service
+        self.runtime = service.runtime
+        self._extensions = extensions
+
+    def _allow(self, authorization: str | None, action: str, model: str | None = None) -> None:
+        if self.service.access.enabled:
+            self.service.authorize(authorization, action, model or None)
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, authorization: str | None) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest,
+                          authorization: str | None) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=bool(self.runtime.models()))
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, authorization: str | None) -> pb.ModelReadyResponse:
+        self._allow(authorization, METADATA, request.name)
+        try:
+            self.service.model(request.name, request.version or None)
+        except ModelNotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             authorization: str | None) -> pb.ServerMetadataResponse:
+        self._allow(authorization, SERVER)
+        return pb.ServerMetadataResponse(name="edgerun", version=edgerun.__version__, extensions=self._extensions)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            authorization: str | None) -> pb.ModelMetadataResponse:
+        self._allow(authorization, METADATA, request.name)
+        m = self.service.model(request.name, request.version or None)
+        return model_metadata(m.name, self.service.versions(m.name), f"{m.backend}_{m.variant.format}",
+                              m.inputs, m.outputs)
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest,
+                          authorization: str | None) -> pb.ModelConfigResponse:
+        self._allow(authorization, METADATA, request.name)
+        doc = self.service.model_config(self.service.model(request.name, request.version or None))
+        return json_format.ParseDict({"config": doc}, pb.ModelConfigResponse(), ignore_unknown_fields=True)
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
+                              authorization: str | None) -> pb.ModelStatisticsResponse:
+        self._allow(authorization, METADATA, request.name)
+        stats = self.service.statistics(request.name or None, request.version or None)
+        return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse(),
+                                     ignore_unknown_fields=True)
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
+                              authorization: str | None) -> pb.RepositoryIndexResponse:
+        self._allow(authorization, METADATA)
+        rows = self.service.repository.index(request.ready)
+        return pb.RepositoryIndexResponse(models=[
+            pb.RepositoryIndexResponse.ModelIndex(name=r["name"], version=r.get("version", ""), state=r["state"],
+                                                  reason=r["reason"]) for r in rows])
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  authorization: str | None) -> pb.RepositoryModelLoadResponse:
+        self._allow(authorization, ADMIN, request.model_name)
+        if request.parameters:
+            raise InvalidInput(f"load parameters {sorted(request.parameters)} are not supported: edgerun loads "
+                               "the package as it is in the repository")
+        await self.service.repository.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    authorization: str | None) -> pb.RepositoryModelUnloadResponse:
+        self._allow(authorization, ADMIN, request.model_name)
+        await self.service.repository.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, authorization: str | None) -> pb.ModelInferResponse:
+        self._allow(authorization, INFER, request.model_name)
+        return await self._infer(request)
+
+    def open_stream(self, authorization: str | None) -> Grant:
+        """A ModelStreamInfer stream's grant: its token is read once; each request is checked against it."""
+        return self.service.identify(authorization)
+
+    async def stream_one(self, grant: Grant, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        """One request of a stream: its answer, or its error as the answer's ``error_message``."""
+        try:
+            self.service.check(grant, INFER, request.model_name)
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+        except EdgerunError as exc:
+            return pb.ModelStreamInferResponse(error_message=str(exc))
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        service = self.service
+
+        def decode(model: Any) -> _Decoded:
+            return _Decoded(*decode_request(request, service.specs(model)[0]))
+
+        def encode(model: Any, outputs: dict) -> pb.ModelInferResponse:
+            return encode_response(model.name, model.version, request.id, outputs, outputs,
+                                   service.specs(model)[1])
+
+        return await service.infer(request.model_name, request.model_version or None, decode, encode)
+
+    def unary(self, name: str) -> Callable[[Any, str | None], Awaitable[Message]]:
+        return getattr(self, name)
+
+
+def _code(exc: EdgerunError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
+
+
+def _target(config: ServerConfig) -> str:
+    host = config.host
+    return f"[{host}]:{config.grpc_port}" if ":" in host else f"{host}:{config.grpc_port}"
+
+
+# --- the native server ----------------------------------------------------------------------------------
+
+
+class _NativeStream:
+    """A ModelStreamInfer call on the native server: requests run side by side, each answer is written as it
+    is ready (so answers may come in another order than the requests: match them by ``id``), and the call ends
+    once the client has sent its last request and every one is answered."""
+
+    __slots__ = ("grant", "pending", "ended")
+
+    def __init__(self, grant: Grant):
+        self.grant = grant
+        self.pending = 0
+        self.ended = False
+
+
+class NativeServer:
+    """The calls read and written by gRPC's C++ server (``edgerun.grpc._native``), answered on the loop."""
+
+    name = "native"
+
+    def __init__(self, calls: Calls, config: ServerConfig, tls: ServerTls | None):
+        from edgerun.grpc import _native
+
+        self._native = _native
+        self._calls = calls
+        self._config, self._tls = config, tls
+        self._server: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[int, _NativeStream] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._handlers = {f"/{SERVICE}/{name}": (calls.unary(name), cls)
+                          for name, cls in REQUESTS.items() if name != STREAM}
+
+    def start(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        key = cert = ca = None
+        if self._tls is not None:
+            key, cert, ca = self._tls.pem()
+        try:
+            self._server = self._native.Server(
+                _target(self._config), [f"/{SERVICE}/{name}" for name in REQUESTS], [f"/{SERVICE}/{STREAM}"],
+                self._config.max_body + (1 << 20), MAX_STREAMS, STREAM_INFLIGHT, 1, key, cert, ca)
+        except OSError:
+            return 0
+        self._loop.add_reader(self._server.fileno(), self._take)
+        return self._server.port
+
+    async def stop(self, grace: float | None) -> None:
+        await asyncio.to_thread(self._server.stop, 0.0 if grace is None else grace)
+        self._take()
+
+    def _take(self) -> None:
+        events = self._server.take_events()
+        if events is None:  # stopped and drained
+            self._loop.remove_reader(self._server.fileno())
+            return
+        native = self._native
+        for kind, call, method, authorization, payload in events:
+            if kind == native.CALL:
+                if payload is None:
+                    self._open_stream(call, authorization)
+                else:
+                    self._spawn(self._unary(call, method, authorization, payload))
+            elif kind == native.MESSAGE:
+                stream = self._streams.get(call)
+                if stream is not None:
+                    stream.pending += 1
+                    self._spawn(self._stream_one(call, stream, payload))
+            elif kind == native.END:
+                stream = self._streams.get(call)
+                if stream is not None:
+                    stream.ended = True
+                    if not stream.pending:
+                        self._end_stream(call)
+            elif kind == native.CANCELLED:
+                self._streams.pop(call, None)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = self._loop.create_task(coro)  # type: ignore[union-attr,arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _unary(self, call: int, method: str, authorization: str | None, payload: bytes) -> None:
+        server = self._server
+        handler, request_class = self._handlers[method]
+        try:
+            request = request_class.FromString(payload)
+        except DecodeError:
+            server.finish(call, grpc.StatusCode.INVALID_ARGUMENT.value[0], undecodable(request_class), None)
+            return
+        try:
+            response = await handler(request, authorization)
+        except EdgerunError as exc:
+            server.finish(call, _code(exc).value[0], str(exc), None)
+        except Exception:
+            log.exception("gRPC %s failed", method.rsplit("/", 1)[-1])
+            server.finish(call, grpc.StatusCode.INTERNAL.value[0], "internal error (see the server's log)", None)
+        else:
+            server.finish(call, 0, None, response.SerializeToString())
+
+    def _open_stream(self, call: int, authorization: str | None) -> None:
+        try:
+            grant = self._calls.open_stream(authorization)
+        except EdgerunError as exc:
+            self._server.finish(call, _code(exc).value[0], str(exc), None)
+            return
+        self._streams[call] = _NativeStream(grant)
+
+    async def _stream_one(self, call: int, stream: _NativeStream, payload: bytes) -> None:
+        try:
+            request = pb.ModelInferRequest.FromString(payload)
+        except DecodeError:
+            answer = pb.ModelStreamInferResponse(error_message=undecodable(pb.ModelInferRequest))
+        else:
+            answer = await self._calls.stream_one(stream.grant, request)
+        self._server.write(call, answer.SerializeToString())
+        stream.pending -= 1
+        if stream.ended and not stream.pending:
+            self._end_stream(call)
+
+    def _end_stream(self, call: int) -> None:
+        if self._streams.pop(call, None) is not None:
+            self._server.finish(call, 0, None, None)
+
+
+# --- grpcio's server ------------------------------------------------------------------------------------
 
 
 class _StreamEnd:
@@ -61,100 +318,91 @@ class _StreamEnd:
         self.error = error
 
 
-class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
-    """The RPCs, each run on a worker thread of grpcio's server and carried out on the event loop ``loop``."""
+class GrpcioServer:
+    """The calls read and written by grpcio's server; each call's handler, on one of ``server.grpc_workers``
+    threads, carries it out on the event loop and waits for the answer."""
 
-    def __init__(self, service: InferenceService, extensions: list[str], loop: asyncio.AbstractEventLoop):
-        self.service = service
-        self.runtime = service.runtime
-        self._extensions = extensions
-        self._loop = loop
+    name = "grpcio"
 
-    # --- the calls --------------------------------------------------------------------------
+    def __init__(self, calls: Calls, config: ServerConfig, tls: ServerTls | None):
+        self._calls = calls
+        self._config, self._tls = config, tls
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._workers = ThreadPoolExecutor(config.grpc_workers, thread_name_prefix="edgerun-grpc")
+        self._server = grpc.server(self._workers, options=[
+            ("grpc.max_receive_message_length", config.max_body + (1 << 20)),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", MAX_STREAMS),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ])
+        handlers: dict[str, grpc.RpcMethodHandler] = {
+            name: grpc.unary_unary_rpc_method_handler(self._unary(calls.unary(name)),
+                                                      request_deserializer=_parser(cls),
+                                                      response_serializer=_serialize)
+            for name, cls in REQUESTS.items() if name != STREAM}
+        handlers[STREAM] = grpc.stream_stream_rpc_method_handler(
+            self._stream, request_deserializer=pb.ModelInferRequest.FromString,
+            response_serializer=_serialize)
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
-    def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
+    def start(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        target = _target(self._config)
+        try:
+            if self._tls is None:
+                port = self._server.add_insecure_port(target)
+            else:
+                key, cert, ca = self._tls.pem()
+                credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                                          require_client_auth=ca is not None)
+                port = self._server.add_secure_port(target, credentials)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            self._workers.shutdown(wait=False)
+            return 0
+        self._server.start()
+        return port
 
-    def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return self._call(context, lambda: pb.ServerReadyResponse(ready=bool(self.runtime.models())), None)
+    async def stop(self, grace: float | None) -> None:
+        await asyncio.to_thread(self._server.stop(grace).wait)
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
-    def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        def ready() -> pb.ModelReadyResponse:
-            try:
-                self.service.model(request.name, request.version or None)
-            except ModelNotFound:
-                return pb.ModelReadyResponse(ready=False)
-            return pb.ModelReadyResponse(ready=True)
-        return self._call(context, ready, METADATA, request.name)
+    def _on_loop(self, context: Any, call: Awaitable[Any]) -> Any:
+        """``call`` run on the event loop, from a worker thread; an EdgerunError aborts the gRPC call."""
+        try:
+            future = asyncio.run_coroutine_threadsafe(call, self._loop)  # type: ignore[arg-type]
+        except RuntimeError:  # the event loop is closed: the server is stopping
+            call.close()  # type: ignore[attr-defined]
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping; retry")
+            raise
+        try:
+            return future.result()
+        except EdgerunError as exc:
+            context.abort(_code(exc), str(exc))
+            raise  # abort raises; this is for type checkers
 
-    def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
-        return self._call(context, lambda: pb.ServerMetadataResponse(
-            name="edgerun", version=edgerun.__version__, extensions=self._extensions), SERVER)
+    def _unary(self, handler: Callable[[Any, str | None], Awaitable[Message]]) -> Callable[[Any, Any], Message]:
+        def on_worker(request: Any, context: Any) -> Message:
+            if isinstance(request, _Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return self._on_loop(context, handler(request, _authorization(context)))
+        return on_worker
 
-    def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        def metadata() -> pb.ModelMetadataResponse:
-            m = self.service.model(request.name, request.version or None)
-            return model_metadata(m.name, self.service.versions(m.name), f"{m.backend}_{m.variant.format}",
-                                  m.inputs, m.outputs)
-        return self._call(context, metadata, METADATA, request.name)
-
-    def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        def config() -> pb.ModelConfigResponse:
-            doc = self.service.model_config(self.service.model(request.name, request.version or None))
-            return json_format.ParseDict({"config": doc}, pb.ModelConfigResponse(), ignore_unknown_fields=True)
-        return self._call(context, config, METADATA, request.name)
-
-    def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
-        def statistics() -> pb.ModelStatisticsResponse:
-            stats = self.service.statistics(request.name or None, request.version or None)
-            return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse(),
-                                         ignore_unknown_fields=True)
-        return self._call(context, statistics, METADATA, request.name or None)
-
-    def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
-        def index() -> pb.RepositoryIndexResponse:
-            rows = self.service.repository.index(request.ready)
-            return pb.RepositoryIndexResponse(models=[
-                pb.RepositoryIndexResponse.ModelIndex(name=r["name"], version=r.get("version", ""), state=r["state"],
-                                                      reason=r["reason"]) for r in rows])
-        return self._call(context, index, METADATA)
-
-    def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
-                            context: Any) -> pb.RepositoryModelLoadResponse:
-        async def load() -> pb.RepositoryModelLoadResponse:
-            if request.parameters:
-                raise InvalidInput(f"load parameters {sorted(request.parameters)} are not supported: edgerun loads "
-                                   "the package as it is in the repository")
-            await self.service.repository.load(request.model_name)
-            return pb.RepositoryModelLoadResponse()
-        return self._call(context, load, ADMIN, request.model_name)
-
-    def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
-                              context: Any) -> pb.RepositoryModelUnloadResponse:
-        async def unload() -> pb.RepositoryModelUnloadResponse:
-            await self.service.repository.unload(request.model_name)
-            return pb.RepositoryModelUnloadResponse()
-        return self._call(context, unload, ADMIN, request.model_name)
-
-    def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        return self._call(context, lambda: self._infer(request), INFER, request.model_name)
-
-    def ModelStreamInfer(self, requests: Iterator[pb.ModelInferRequest],
-                         context: Any) -> Iterator[pb.ModelStreamInferResponse]:
+    def _stream(self, requests: Iterator[pb.ModelInferRequest],
+                context: Any) -> Iterator[pb.ModelStreamInferResponse]:
         """Requests of one stream run side by side (up to STREAM_INFLIGHT); each answer, or its error, is sent
-        as it is ready, so answers may come back in another order than the requests (match them by ``id``).
-        The token is read once per stream; each request needs the scope to run its model."""
-        authorization = _authorization(context)
-        grant = self._call(context, lambda: self.service.identify(authorization), None)
+        as it is ready, so answers may come back in another order than the requests (match them by ``id``)."""
+        calls, loop = self._calls, self._loop
+
+        async def open_stream() -> Grant:
+            return calls.open_stream(_authorization(context))
+
+        grant = self._on_loop(context, open_stream())
         answers: queue.SimpleQueue[Future | _StreamEnd] = queue.SimpleQueue()
         slots = threading.BoundedSemaphore(STREAM_INFLIGHT)
-
-        async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-            try:
-                self.service.check(grant, INFER, request.model_name)
-                return pb.ModelStreamInferResponse(infer_response=await self._infer(request))
-            except EdgerunError as exc:
-                return pb.ModelStreamInferResponse(error_message=str(exc))
 
         def answered(fut: Future) -> None:
             slots.release()
@@ -166,7 +414,8 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 for request in requests:
                     slots.acquire()
                     count += 1
-                    asyncio.run_coroutine_threadsafe(one(request), self._loop).add_done_callback(answered)
+                    asyncio.run_coroutine_threadsafe(calls.stream_one(grant, request),
+                                                     loop).add_done_callback(answered)  # type: ignore[arg-type]
             except BaseException as exc:  # the client broke the stream off
                 error = exc
             answers.put(_StreamEnd(count, error))
@@ -184,46 +433,32 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         if end.error is not None:  # a broken request stream ends the call with its error
             raise end.error
 
-    # --- glue -------------------------------------------------------------------------------
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        service = self.service
+class _Undecodable:
+    """A request that is not the message its RPC takes (refused with INVALID_ARGUMENT, as the native server does;
+    grpcio itself would answer INTERNAL)."""
 
-        def decode(model: Any) -> _Decoded:
-            return _Decoded(*decode_request(request, service.specs(model)[0]))
+    __slots__ = ("message",)
 
-        def encode(model: Any, outputs: dict) -> pb.ModelInferResponse:
-            return encode_response(model.name, model.version, request.id, outputs, outputs,
-                                   service.specs(model)[1])
+    def __init__(self, cls: type[Message]):
+        self.message = undecodable(cls)
 
-        return await service.infer(request.model_name, request.model_version or None, decode, encode)
 
-    def _call(self, context: Any, fn: Callable[[], R | Awaitable[R]], action: str | None,
-              model: str | None = None) -> R:
-        """``fn()`` (awaited when it returns an awaitable) on the event loop, once the call's token allows
-        ``action`` on ``model`` (None: every model; no action: no check); an EdgerunError aborts the call."""
-        service = self.service
-        check = action is not None and service.access.enabled
-        authorization = _authorization(context) if check else None
+def undecodable(cls: type[Message]) -> str:
+    return f"the request is not a valid {cls.DESCRIPTOR.name} message"
 
-        async def on_loop() -> R:
-            if check:
-                service.authorize(authorization, action, model or None)  # type: ignore[arg-type]
-            result = fn()
-            return await result if inspect.isawaitable(result) else result  # type: ignore[return-value]
 
-        call = on_loop()
+def _parser(cls: type[Message]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
         try:
-            future = asyncio.run_coroutine_threadsafe(call, self._loop)
-        except RuntimeError:  # the event loop is closed: the server is stopping
-            call.close()
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping; retry")
-            raise
-        try:
-            return future.result()
-        except EdgerunError as exc:
-            context.abort(_code(exc), str(exc))
-            raise  # abort raises; this is for type checkers
+            return cls.FromString(data)
+        except DecodeError:
+            return _Undecodable(cls)
+    return parse
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
 
 
 def _authorization(context: Any) -> str | None:
@@ -233,59 +468,54 @@ def _authorization(context: Any) -> str | None:
     return None
 
 
-def _code(exc: EdgerunError) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
+def native_available() -> str | None:
+    """None when the native server is built and loads, else why not."""
+    try:
+        from edgerun.grpc import _native  # noqa: F401
+    except ImportError as exc:
+        return str(exc)
+    return None
 
 
 class GrpcServer:
-    """Serve ``GRPCInferenceService`` on ``server.host:server.grpc_port`` until ``stop()``; over TLS when
-    ``server.tls_cert_file`` is set, requiring client certificates when ``server.tls_client_ca_file`` is. Start it
-    from the event loop its calls are to run on."""
+    """Serve ``GRPCInferenceService`` on ``server.host:server.grpc_port`` until ``stop()``, with the server
+    ``server.grpc_frontend`` names; over TLS when ``server.tls_cert_file`` is set, requiring client certificates
+    when ``server.tls_client_ca_file`` is. Start it from the event loop its calls are to run on."""
 
     def __init__(self, service: InferenceService, config: ServerConfig, extensions: list[str]):
         self.config = config
         self.address: str | None = None
-        self._service, self._extensions = service, extensions
-        self._tls = server_tls(config)
-        self._workers = ThreadPoolExecutor(config.grpc_workers, thread_name_prefix="edgerun-grpc")
-        limit = config.max_body + (1 << 20)  # the body limit, plus room for the message's own fields
-        self._server = grpc.server(self._workers, options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_concurrent_streams", 256),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ])
+        calls = Calls(service, extensions)
+        tls = server_tls(config)
+        frontend = config.grpc_frontend
+        missing = native_available() if frontend != "grpcio" else None
+        if frontend == "native" and missing:
+            raise ConfigError(f"the native gRPC server is not built ({missing}): install gRPC's C++ library "
+                              "(Debian: libgrpc++-dev) and reinstall edgerun, or set it to \"auto\"",
+                              key="server.grpc_frontend")
+        if frontend == "auto" and missing:
+            log.info("the native gRPC server is not built (%s); serving gRPC with grpcio", missing)
+        self._server: NativeServer | GrpcioServer = (
+            NativeServer(calls, config, tls) if frontend != "grpcio" and not missing else
+            GrpcioServer(calls, config, tls))
+        self._tls = tls
+
+    @property
+    def frontend(self) -> str:
+        return self._server.name
 
     async def start(self) -> str:
-        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self._service, self._extensions, asyncio.get_running_loop()), self._server)
-        host = self.config.host
-        target = f"[{host}]:{self.config.grpc_port}" if ":" in host else f"{host}:{self.config.grpc_port}"
-        try:
-            if self._tls is None:
-                port = self._server.add_insecure_port(target)
-            else:
-                key, cert, ca = self._tls.pem()
-                credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                                          require_client_auth=ca is not None)
-                port = self._server.add_secure_port(target, credentials)
-        except RuntimeError as exc:
-            port, reason = 0, str(exc)
-        else:
-            reason = "the address is in use or not available"
+        target = _target(self.config)
+        port = self._server.start()
         if port == 0:
-            self._workers.shutdown(wait=False)
-            raise ConfigError(f"cannot listen for gRPC on {target}: {reason}", key="server.grpc_port")
-        self._server.start()
+            raise ConfigError(f"cannot listen for gRPC on {target}: the address is in use or not available",
+                              key="server.grpc_port")
         self.address = f"{'grpc' if self._tls is None else 'grpcs'}://{target.rsplit(':', 1)[0]}:{port}"
-        log.info("serving KServe v2 gRPC on %s", self.address)
+        log.info("serving KServe v2 gRPC on %s (%s server)", self.address, self.frontend)
         return self.address
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let those in flight finish (up to ``grace`` seconds), then close. The event loop
         goes on meanwhile: the calls in flight run on it."""
-        await asyncio.to_thread(self._server.stop(grace).wait)
-        self._workers.shutdown(wait=False, cancel_futures=True)
+        await self._server.stop(grace)
         log.info("gRPC server stopped")

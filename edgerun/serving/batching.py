@@ -7,7 +7,7 @@ import logging
 from collections import deque
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from time import perf_counter
+from time import perf_counter, thread_time
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -65,27 +65,54 @@ class _Item:
 
 
 def _run_batch(model: LoadedModel, items: list[dict[str, np.ndarray]], rows: list[int]
-               ) -> tuple[list[dict[str, np.ndarray]], float, float, float]:
+               ) -> tuple[list[dict[str, np.ndarray]], float, float, float, float]:
     """Stack the requests along the first dimension, run once, split the outputs back (in a worker thread).
 
-    Returns the outputs per request and the seconds spent stacking, running and splitting.
+    Returns the outputs per request, the seconds spent stacking, running and splitting, and the CPU seconds this
+    thread spent running: unlike the run's wall time, they leave out the wait for the GIL once the run is done
+    (on a busy one-core device, up to the interpreter's 5 ms switch interval), so they say what the run would
+    cost the event loop.
     """
     if len(items) == 1:
-        t0 = perf_counter()
+        t0, c0 = perf_counter(), thread_time()
         out = model.run_unchecked(items[0])
-        return [out], 0.0, perf_counter() - t0, 0.0
+        return [out], 0.0, perf_counter() - t0, 0.0, thread_time() - c0
     t0 = perf_counter()
     merged = {name: np.concatenate([x[name] for x in items]) for name in items[0]}
-    t1 = perf_counter()
+    t1, c1 = perf_counter(), thread_time()
     out = model.run_unchecked(merged)
-    t2 = perf_counter()
+    t2, c2 = perf_counter(), thread_time()
     results = []
     start = 0
     for n in rows:
         end = start + n
         results.append({k: v[start:end] for k, v in out.items()})
         start = end
-    return results, t1 - t0, t2 - t1, perf_counter() - t2
+    return results, t1 - t0, t2 - t1, perf_counter() - t2, c2 - c1
+
+
+class _Cost:
+    """Moving averages of runs' wall time, CPU time and rows, to predict a run's time from its rows."""
+
+    __slots__ = ("wall", "cpu", "rows")
+
+    def __init__(self, wall: float, cpu: float, rows: int):
+        self.wall, self.cpu, self.rows = wall, cpu, float(rows)
+
+    @classmethod
+    def update(cls, cost: _Cost | None, wall: float, cpu: float, rows: int) -> _Cost:
+        if cost is None:
+            return cls(wall, cpu, rows)
+        cost.wall += (wall - cost.wall) * 0.2
+        cost.cpu += (cpu - cost.cpu) * 0.2
+        cost.rows += (rows - cost.rows) * 0.2
+        return cost
+
+    def seconds(self, rows: int) -> float:
+        return self.wall * rows / self.rows
+
+    def cpu_seconds(self, rows: int) -> float:
+        return self.cpu * rows / self.rows
 
 
 class ModelScheduler:
@@ -98,7 +125,16 @@ class ModelScheduler:
     such a run to a thread and back costs more than the run (two thread switches, and on a one-core device the
     loop and the worker take turns), so it runs on the event loop, one batch per loop iteration. The first runs
     always go to a thread, and a model whose runs grow longer goes back to threads.
+
+    A run on a thread is timed until it has the GIL back, and while the loop is busy that wait (up to the
+    interpreter's switch interval, 5 ms) can be most of it, so a short model served from threads could look
+    long for good. Runs on the loop are timed apart from runs on threads; when no loop run says otherwise and
+    the threads' CPU time says the run is short, one run in PROBE_EVERY tries the loop (a probe that measures
+    long doubles the wait before the next).
     """
+
+    PROBE_EVERY = 32
+    PROBE_EVERY_MAX = 4096
 
     def __init__(self, model: LoadedModel, policy: Policy, executor: Executor,
                  observe: Callable[[LoadedModel, int, float, float, float, list[float]], None] | None = None):
@@ -112,8 +148,10 @@ class ModelScheduler:
         self._kick_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._run_seconds: float | None = None  # moving average of the runs' compute time ...
-        self._run_rows = 1.0  # ... and of their rows
+        self._loop_cost: _Cost | None = None  # runs on the event loop: wall time
+        self._thread_cost: _Cost | None = None  # runs on threads: wall time (with the GIL wait) and CPU time
+        self._probe_every = self.PROBE_EVERY
+        self._since_probe = 0
 
     @property
     def queued(self) -> int:
@@ -195,23 +233,45 @@ class ModelScheduler:
         now = perf_counter()
         waits = [now - it.enqueued for it in live]
         inputs, rows = [it.inputs for it in live], [it.rows for it in live]
-        limit = self.policy.inline_below
-        if limit and self._run_seconds is not None and self._run_seconds * sum(rows) / self._run_rows < limit:
+        if self._on_loop(sum(rows)):
             try:
                 result = _run_batch(self.model, inputs, rows)
             except Exception as exc:
                 self._finish(live, waits, None, exc)
             else:
                 self._finish(live, waits, result, None)
+                self._loop_cost = _Cost.update(self._loop_cost, result[2], result[2], sum(rows))
+                if result[2] >= self.policy.inline_below:  # a probe that measured long
+                    self._probe_every = min(self._probe_every * 2, self.PROBE_EVERY_MAX)
             return True
         fut = self._executor.submit(_run_batch, self.model, inputs, rows)
         call_back = self._loop.call_soon_threadsafe  # type: ignore[union-attr]
         fut.add_done_callback(lambda f: call_back(self._done, live, waits, f))
         return False
 
+    def _on_loop(self, rows: int) -> bool:
+        """Whether a run of ``rows`` rows goes on the event loop (see the class's description)."""
+        limit = self.policy.inline_below
+        if not limit or self._thread_cost is None:
+            return False
+        if self._loop_cost is not None:
+            if self._loop_cost.seconds(rows) < limit:
+                return True
+        elif self._thread_cost.seconds(rows) < limit:
+            return True
+        if self._thread_cost.cpu_seconds(rows) < limit:
+            self._since_probe += 1
+            if self._since_probe >= self._probe_every:
+                self._since_probe = 0
+                return True
+        return False
+
     def _done(self, batch: list[_Item], waits: list[float], fut: Future) -> None:
         exc = fut.exception()
-        self._finish(batch, waits, None if exc is not None else fut.result(), exc)
+        result = None if exc is not None else fut.result()
+        self._finish(batch, waits, result, exc)
+        if result is not None:
+            self._thread_cost = _Cost.update(self._thread_cost, result[2], result[4], sum(it.rows for it in batch))
         if self._pending:
             self._kick()
 
@@ -222,15 +282,10 @@ class ModelScheduler:
                 if not it.future.done():
                     it.future.set_exception(exc)
             return
-        results, merge, compute, split = result
+        results, merge, compute, split, _ = result
         for it, r, wait in zip(batch, results, waits):
             if not it.future.done():
                 it.future.set_result((r, wait, compute))
         rows = sum(it.rows for it in batch)
-        if self._run_seconds is None:
-            self._run_seconds, self._run_rows = compute, rows
-        else:  # a moving average of the runs' time and size, to predict the next run's time
-            self._run_seconds += (compute - self._run_seconds) * 0.2
-            self._run_rows += (rows - self._run_rows) * 0.2
         if self._observe is not None:
             self._observe(self.model, rows, merge, compute, split, waits)

@@ -27,9 +27,21 @@ def headers() -> dict[str, str]:
     return {"authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, digits_package):
-    """digits and echo (every datatype) over HTTP and gRPC, with a token and a model repository."""
+def native_built() -> bool:
+    from edgerun.grpc.server import native_available
+
+    return native_available() is None
+
+
+FRONTENDS = [pytest.param("native", marks=pytest.mark.skipif(not native_built(), reason="edgerun.grpc._native is "
+                                                             "not built (gRPC's C++ library was not installed)")),
+             "grpcio"]
+
+
+@pytest.fixture(scope="module", params=FRONTENDS)
+def served(request, tmp_path_factory, digits_package):
+    """digits and echo (every datatype) over HTTP and gRPC, with a token and a model repository; each test runs
+    against both gRPC servers (``server.grpc_frontend``)."""
     d = tmp_path_factory.mktemp("grpc")
     echo = make_echo_package(d / "echo")
     repo = d / "models"
@@ -40,11 +52,13 @@ def served(tmp_path_factory, digits_package):
                    f'\n[[models]]\npath = "{digits_package.root}"\nvariant = "onnx-fp32"\n'
                    f'\n[[models]]\npath = "{echo.root}"\nbackend = "onnxruntime"\n')
     port = free_port()
-    proc = ServerProcess(["--config", str(cfg)], env={"EDGERUN_SERVER_GRPC_PORT": str(port)}).wait_ready()
+    proc = ServerProcess(["--config", str(cfg)], env={"EDGERUN_SERVER_GRPC_PORT": str(port),
+                                                      "EDGERUN_SERVER_GRPC_FRONTEND": request.param}).wait_ready()
     proc.grpc_port = port
     yield proc
     assert proc.stop() == 0, proc.output()
     assert "serving KServe v2 gRPC on grpc://127.0.0.1:" in proc.output()
+    assert f"({request.param} server)" in proc.output()
 
 
 @pytest.fixture
@@ -291,3 +305,55 @@ def test_sigterm_with_a_stream_open_ends_the_server_after_the_drain_time(digits_
     assert code == 0, p.output()
     assert 2 <= took < 15, f"the server took {took:.1f} s to stop with a stream open (drain_timeout 2 s)"
     assert "gRPC server stopped" in p.output()
+
+
+def test_bytes_that_are_no_request_and_an_unknown_method_get_clear_statuses(served, stub):
+    with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
+        garbage = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as info:
+            garbage(b"\xff\xff\xff\xff", metadata=AUTH)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid ModelInferRequest message" in info.value.details()
+        unknown = channel.unary_unary("/inference.GRPCInferenceService/CudaSharedMemoryStatus")
+        with pytest.raises(grpc.RpcError) as info:
+            unknown(b"", metadata=AUTH)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert stub.ServerLive(pb.ServerLiveRequest()).live
+
+
+def test_calls_the_clients_give_up_on_leave_the_server_serving(served, stub, digits_package):
+    """Calls cut off by their deadline, and a stream cancelled with requests in flight: their answers have no one
+    to go to, and every later call is answered."""
+    x, _ = digits(8, seed=9)
+    req = pb.ModelInferRequest(model_name="digits")
+    req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    req.raw_input_contents.append(x.tobytes())
+    futures = [stub.ModelInfer.future(req, metadata=AUTH, timeout=0.0005) for _ in range(200)]
+    codes = {f.exception().code() if f.exception() else grpc.StatusCode.OK for f in futures}
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
+    requests: queue.Queue = queue.Queue()
+    for i in range(50):
+        requests.put(pb.ModelInferRequest(model_name="digits", id=str(i), inputs=req.inputs,
+                                          raw_input_contents=req.raw_input_contents))
+    stream = stub.ModelStreamInfer(iter(requests.get, None), metadata=AUTH)
+    next(stream)  # the stream is answering
+    stream.cancel()
+    requests.put(None)  # lets the client's request thread end
+    for _ in range(20):
+        resp = stub.ModelInfer(req, metadata=AUTH, timeout=30)
+        got = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(8, 10)
+        np.testing.assert_allclose(got, reference(digits_package, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_stream_longer_than_its_window_is_answered_whole(client):
+    """More requests than a stream serves at once (64): the rest wait their turn, none is lost."""
+    got: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: got.put((result, error)), headers=headers())
+    try:
+        for i in range(300):
+            client.async_stream_infer("digits", digits(1, i)[1], request_id=str(i))
+        answers = [got.get(timeout=60) for _ in range(300)]
+    finally:
+        client.stop_stream()
+    assert [e for _, e in answers if e is not None] == []
+    assert sorted(int(r.get_response().id) for r, _ in answers) == list(range(300))

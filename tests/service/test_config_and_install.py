@@ -39,6 +39,8 @@ def test_config_check_names_file_key_and_expectation(tmp_path, digits_package):
         '[mqtt]\npassword = "hunter2"\n': ("key 'mqtt.password'", "mqtt.password_file or EDGERUN_MQTT_PASSWORD"),
         '[[models]]\npath = "missing-package"\n': ("key 'models[0].path'", "expected a model package directory"),
         'memory_budget = "lots"\n': ("key 'memory_budget'", "expected a size or a percentage"),
+        '[server]\ngrpc_frontend = "fast"\n': ("key 'server.grpc_frontend'",
+                                               'expected "auto", "native" or "grpcio", got \'fast\''),
         '[server\n': ("invalid TOML", ""),
     }
     for text, (key, expected) in cases.items():
@@ -162,7 +164,7 @@ def test_shipped_unit_passes_systemd_analyze_verify(tmp_path):
 
 SAMPLE = {bool: "true", int: "7", float: "7.5"}
 SPECIAL = {"log_level": "DEBUG", "memory_budget": "50%", "max_body": "1MiB", "host": "::1", "threads": "2",
-           "protocol": "3.1.1", "tags": "site=berlin", "mode": "first"}
+           "protocol": "3.1.1", "tags": "site=berlin", "mode": "first", "grpc_frontend": "grpcio"}
 
 
 def test_every_key_is_documented_with_its_environment_variable_which_works(tmp_path):
