@@ -16,16 +16,18 @@ the rows say) and with batching off; Triton 2.51 (the ``tritonserver`` inside ``
 serving a python-backend model that runs onnxruntime, with dynamic batching of at most 16 rows and a 500 us queue
 delay, installed once into its own venv under ``~/.cache/edgerun-bench`` (it needs numpy<2 and tritonclient 2.5x);
 FastAPI + onnxruntime; in-process ``Runtime.infer`` threads. HTTP load: ``wrk`` (one thread, keep-alive, closed loop);
-gRPC load: a closed-loop grpc.aio client on tritonclient.grpc's generated stubs, one channel per unit of concurrency.
+gRPC load: ``h2load`` (nghttp2's HTTP/2 load generator: one thread, one connection per unit of concurrency, one call
+at a time on each, closed loop), the call's status read from the server's failure count. edgerun's gRPC rows are
+its default server (the native one where it is built; the results say which) and, beside it, the same edgerun
+with ``server.grpc_frontend = "grpcio"``.
 Every server's answer is first checked against in-process onnxruntime with tritonclient.http (and tritonclient.grpc).
 Triton's own ``perf_analyzer`` (from tritonclient 2.51's wheel, in the same venv) runs against both servers. Needs
-``wrk`` (Debian package), ``fastapi`` for the baseline, PyPI for Triton's venv, ``py-spy`` for --profile.
+``wrk`` and ``h2load`` (Debian packages wrk, nghttp2-client), ``fastapi`` for the baseline, PyPI for Triton's venv, ``py-spy`` for --profile.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import atexit
 import json
 import os
@@ -336,67 +338,50 @@ def wrk(url: str, body: tuple, conc: int, duration: float, lua: Path) -> dict:
     return {"rps": rps, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "client_cpu": cpu}
 
 
-def grpc_load(target: str, request: Path, conc: int, warmup: float, duration: float) -> dict:
-    """Closed-loop gRPC ModelInfer load from a client process pinned to the client CPU."""
-    spec = json.dumps({"target": target, "request": str(request), "conc": conc, "warmup": warmup,
-                       "duration": duration})
-    done = subprocess.run(["taskset", "-c", CLIENT_CPU, sys.executable, __file__, "--grpc-client", spec],
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"gRPC load against {target} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def grpc_load(target: str, request: Path, conc: int, warmup: float, duration: float, stats_url: str) -> dict:
+    """Closed-loop gRPC ModelInfer load: h2load (nghttp2's HTTP/2 load generator, in C) on the client CPU, one
+    connection per unit of concurrency with one call at a time on each, as wrk's connections for HTTP.
+
+    h2load counts HTTP statuses, and gRPC carries a call's failure in its trailers: the server's own count of
+    failed requests (``stats_url``, Triton's statistics extension, which both servers answer) must not move.
+    """
+    framed = request.with_suffix(".grpc-frame")
+    if not framed.exists():
+        data = request.read_bytes()
+        framed.write_bytes(b"\0" + len(data).to_bytes(4, "big") + data)
+    log = request.with_suffix(f".h2load-c{conc}.log")
+    failed_before = _failed(stats_url)
+    cmd = ["taskset", "-c", CLIENT_CPU, "h2load", "-t1", f"-c{conc}", "-m1", f"-D{max(1, round(duration))}",
+           f"--warm-up-time={max(1, round(warmup))}", "-d", str(framed), "-H", "content-type: application/grpc",
+           "-H", "te: trailers", f"--log-file={log}",
+           f"http://{target}/inference.GRPCInferenceService/ModelInfer"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / wall
+    rate = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored",
+                     out)
+    if rate is None or done is None:
+        raise RuntimeError(f"cannot read h2load's output:\n{out}")
+    if int(done.group(3)) or int(done.group(4)) or int(done.group(1)) != int(done.group(2)):
+        raise RuntimeError(f"h2load saw failures against {target}:\n{out}")
+    failed = _failed(stats_url) - failed_before
+    if failed:
+        raise RuntimeError(f"{target} failed {failed} gRPC call(s) (its statistics' failure count)")
+    lat = sorted(int(line.split("\t")[2]) for line in log.read_text().splitlines() if line.count("\t") >= 2)
+    log.unlink()
+    if not lat:
+        raise RuntimeError(f"h2load logged no request against {target}:\n{out}")
+    return {"rps": float(rate.group(1)), "p50_ms": lat[len(lat) // 2] / 1e3,
+            "p99_ms": lat[int(len(lat) * 0.99)] / 1e3, "client_cpu": cpu / (1 + warmup / max(duration, 1e-9))}
 
 
-async def _grpc_closed_loop(target: str, request: bytes, conc: int, warmup: float, duration: float) -> dict:
-    import grpc
-    from tritonclient.grpc import service_pb2, service_pb2_grpc
-
-    req = service_pb2.ModelInferRequest.FromString(request)
-    # one channel (so one HTTP/2 connection) per unit of concurrency, as the HTTP clients have
-    channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1),
-                                                           ("grpc.max_receive_message_length", 64 << 20),
-                                                           ("grpc.max_send_message_length", 64 << 20)])
-                for _ in range(conc)]
-    lat: list[float] = []
-    state = {"measuring": False, "stop": False, "errors": 0, "error": ""}
-
-    async def worker(channel) -> None:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        while not state["stop"]:
-            t0 = time.perf_counter()
-            try:
-                await stub.ModelInfer(req, timeout=10)
-            except grpc.aio.AioRpcError as exc:
-                state["errors"] += 1
-                state["error"] = f"{exc.code().name}: {exc.details()}"
-                await asyncio.sleep(0.01)
-                continue
-            if state["measuring"]:
-                lat.append(time.perf_counter() - t0)
-
-    tasks = [asyncio.create_task(worker(ch)) for ch in channels]
-    await asyncio.sleep(warmup)
-    state["errors"], state["measuring"] = 0, True
-    t0, c0 = time.perf_counter(), time.process_time()
-    await asyncio.sleep(duration)
-    state["measuring"] = False
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    state["stop"] = True
-    await asyncio.gather(*tasks)
-    for ch in channels:
-        await ch.close()
-    if state["errors"] or not lat:
-        raise RuntimeError(f"{state['errors']} failed calls: {state['error']}")
-    lat.sort()
-    return {"rps": len(lat) / wall, "p50_ms": lat[len(lat) // 2] * 1e3, "p99_ms": lat[int(len(lat) * 0.99)] * 1e3,
-            "client_cpu": cpu / wall}
-
-
-def _grpc_client_main(spec: str) -> None:
-    a = json.loads(spec)
-    got = asyncio.run(_grpc_closed_loop(a["target"], Path(a["request"]).read_bytes(), a["conc"], a["warmup"],
-                                        a["duration"]))
-    print(json.dumps(got))
+def _failed(stats_url: str) -> int:
+    stats = httpx.get(stats_url, timeout=10).json()["model_stats"]
+    return sum(int(m.get("inference_stats", {}).get("fail", {}).get("count", 0)) for m in stats)
 
 
 def in_process(pkg_dir: Path, x: np.ndarray, conc: int, duration: float, warmup: float) -> dict:
@@ -492,10 +477,11 @@ def _edgerun_cmd() -> list[str]:
     return [sys.executable, "-c", "import sys; from edgerun.cli import main; sys.exit(main())", "serve"]
 
 
-def edgerun_default_server(pkg_dir: Path, workdir: Path, label: str) -> Server:
+def edgerun_default_server(pkg_dir: Path, workdir: Path, label: str, grpc_frontend: str = "auto") -> Server:
     """edgerun with its default settings and one onnxruntime thread (EDGERUN_THREADS=1)."""
     port, grpc_port = free_port(), free_port()
-    env = {**os.environ, "EDGERUN_LOG_LEVEL": "WARNING", "EDGERUN_THREADS": "1"}
+    env = {**os.environ, "EDGERUN_LOG_LEVEL": "INFO", "EDGERUN_THREADS": "1",
+           "EDGERUN_SERVER_GRPC_FRONTEND": grpc_frontend}
     return Server([*_edgerun_cmd(), "--model", str(pkg_dir), "--port", str(port), "--grpc-port", str(grpc_port),
                    "--state-dir", str(workdir / f"{label}-state")], port, workdir, label, env=env,
                   grpc_target=f"127.0.0.1:{grpc_port}")
@@ -662,8 +648,10 @@ def _frame(f: str) -> str:
 
 FLOOR, EDGERUN, UNBATCHED, FASTAPI, TRITON = ("in-process (floor)", "edgerun", "edgerun batching off",
                                               "FastAPI + onnxruntime", "Triton")
-BATCHING = {FLOOR: "-", EDGERUN: "on (default)", UNBATCHED: "off", FASTAPI: "-",
+GRPCIO = "edgerun on grpcio"  # edgerun's defaults, gRPC served by grpcio's server instead of the native one
+BATCHING = {FLOOR: "-", EDGERUN: "on (default)", UNBATCHED: "off", FASTAPI: "-", GRPCIO: "on (default)",
             TRITON: f"dynamic <= {TRITON_MAX_BATCH}, {TRITON_QUEUE_DELAY_US} us"}
+GRPC_ONLY = (GRPCIO,)  # contenders measured over gRPC only
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -691,6 +679,7 @@ def start_servers(model: str, pkg_dir: Path, shape: tuple, work: Path, with_trit
         if with_triton:
             servers[TRITON] = triton_server(pkg_dir, model, shape, work, f"triton-{model}")
         servers[UNBATCHED] = edgerun_unbatched_server(pkg_dir, work, f"edgerun-{model}-batching-off")
+        servers[GRPCIO] = edgerun_default_server(pkg_dir, work, f"edgerun-{model}-grpcio", "grpcio")
         if with_fastapi:
             servers[FASTAPI] = fastapi_server(pkg_dir, work, f"fastapi-{model}")
     except BaseException:
@@ -711,11 +700,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="py-spy the edgerun server at c=8/32 on the MLP, JSON")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--summarize", type=Path, help="only recompute the summary of a saved results file")
-    ap.add_argument("--grpc-client", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.grpc_client:
-        _grpc_client_main(args.grpc_client)
-        return
     if args.summarize:
         resummarize(args.summarize)
         return
@@ -723,6 +708,8 @@ def main() -> None:
         args.duration, args.repeats, args.warmup = 2.0, 1, 1.0
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
+    if shutil.which("h2load") is None:
+        sys.exit("h2load not found: apt-get install nghttp2-client")
     if args.profile and shutil.which("py-spy") is None:
         sys.exit("py-spy not found: pip install py-spy")
     try:
@@ -775,10 +762,12 @@ def main() -> None:
             # as much per row batched as alone is served unbatched): the row says which it chose
             default_batching = "on (default)" if meta.get("parameters", {}).get("batching") else "off (default)"
             for name, srv in servers.items():
-                for enc in ("json",) if name == FASTAPI else ("json", "binary"):
+                for enc in () if name in GRPC_ONLY else ("json",) if name == FASTAPI else ("json", "binary"):
                     check_answers(srv.url, model, x, pkg_dir, enc == "binary")
+            frontend = re.search(r"gRPC on \S+ \((\w+) server\)", servers[EDGERUN].log_path.read_text())
+            edgerun_models[model]["grpc_server"] = frontend.group(1) if frontend else "unknown"
             grpc_targets = {}
-            for name in (EDGERUN, TRITON):
+            for name in (EDGERUN, GRPCIO, TRITON):
                 if name not in servers:
                     continue
                 reason = grpc_unanswered(servers[name].grpc_target, model)
@@ -795,12 +784,12 @@ def main() -> None:
                 contenders = {(FLOOR, "-"): lambda d, w, c=conc: in_process(pkg_dir, x, c, d, w)}
                 for enc in ("json", "binary"):
                     for name, srv in servers.items():
-                        if enc == "json" or name != FASTAPI:
+                        if name not in GRPC_ONLY and (enc == "json" or name != FASTAPI):
                             contenders[name, enc] = (lambda d, w, c=conc, e=enc, u=srv.url + path:
                                                      http_run(u, bodies[e], c, d, w))
                 for name, target in grpc_targets.items():
-                    contenders[name, "grpc"] = (lambda d, w, c=conc, t=target:
-                                                grpc_load(t, bodies["grpc"][0], c, w, d))
+                    contenders[name, "grpc"] = (lambda d, w, c=conc, t=target, u=servers[name].url:
+                                                grpc_load(t, bodies["grpc"][0], c, w, d, f"{u}/v2/models/{model}/stats"))
                 runs: dict[tuple, list[dict]] = {k: [] for k in contenders}
                 for _ in range(args.repeats):
                     for key, run_one in contenders.items():
@@ -844,7 +833,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
-        "method": f"servers on CPU {SERVER_CPU}; wrk -t1 (HTTP) and a grpc.aio client (gRPC) on CPU {CLIENT_CPU}; "
+        "method": f"servers on CPU {SERVER_CPU}; wrk -t1 (HTTP) and h2load -t1 -m1 (gRPC) on CPU {CLIENT_CPU}; "
                   f"{args.warmup}s warm-up + {args.duration}s measured, median of {args.repeats}, each cell's "
                   "contenders in turn; onnxruntime 1 thread; batch-1 FP32; edgerun default settings with "
                   "EDGERUN_THREADS=1; Triton 2.51 (tritonserver of nvidia-pytriton 0.7.0, python backend + onnxruntime, "
@@ -915,6 +904,11 @@ def summarize(rows: list[dict]) -> dict:
     g, b = (_find(rows, model="mlp", server=EDGERUN, encoding=enc, concurrency=32) for enc in ("grpc", "binary"))
     if g and b:
         target("mlp_c32_grpc_vs_binary", g["rps"] / b["rps"], ">=", 1.0, "mlp c=32: edgerun gRPC / HTTP binary")
+    for conc in CONCURRENCY:
+        n, o = (_find(rows, model="mlp", server=s, encoding="grpc", concurrency=conc) for s in (EDGERUN, GRPCIO))
+        if n and o and n["rps"] == n["rps"] and o["rps"] == o["rps"]:
+            lines.append(f"     mlp grpc c={conc}: edgerun's default gRPC server / grpcio's: {n['rps'] / o['rps']:.2f} "
+                         "(no target)")
     floor1 = _find(rows, model="mlp", server=FLOOR, concurrency=1)
     for enc, bound in (("json", 300), ("binary", 300), ("grpc", 200)):
         s = _find(rows, model="mlp", server=EDGERUN, encoding=enc, concurrency=1)
