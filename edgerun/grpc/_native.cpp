@@ -3,18 +3,19 @@
 // The server takes every call of the service generically (method name and message bytes): HTTP/2, framing,
 // flow control and TLS stay in C++ on one completion-queue thread. What Python must see is queued as an event,
 // and a non-blocking eventfd tells the event loop there is something to take: the loop reads the events in
-// batches (`take_events`) and answers with `finish` (a unary call) or `write` (a message of a stream), which
-// start the C++ write at once. So a call costs Python one parse, its work and one serialization, and no thread
-// of Python's waits on gRPC.
+// batches (`take_events`) and answers with `finish` (a unary call) or `write` (a message of a stream). Answers
+// are queued the other way: an alarm set to now wakes the completion-queue thread, which starts the writes.
+// So every gRPC operation starts on that one thread (no lock inside gRPC is fought over), a call costs Python
+// one parse, its work and one serialization, and no thread of Python's waits on gRPC.
 //
 // Calls are known to Python by a number. A call is freed once gRPC reports it done and no operation on it is
-// in flight; an answer for a call already gone (the client cancelled it) is dropped. One mutex guards every
-// call's state and the event queue: each section under it is a few field updates and the start of one gRPC
-// operation, which never blocks.
+// in flight; an answer for a call already gone (the client cancelled it) is dropped. One mutex guards the two
+// queues and the calls' state; the event loop holds it only to swap a queue.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
 
+#include <grpcpp/alarm.h>
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/security/server_credentials.h>
@@ -23,6 +24,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <deque>
@@ -36,7 +38,7 @@
 namespace {
 
 enum EventKind { EV_CALL = 0, EV_MESSAGE = 1, EV_END = 2, EV_CANCELLED = 3 };
-enum Op { OP_NEW, OP_READ, OP_WRITE, OP_FINISH, OP_DONE };
+enum Op { OP_NEW, OP_READ, OP_WRITE, OP_FINISH, OP_DONE, OP_ALARM };
 
 struct Call;
 class Server;
@@ -52,6 +54,16 @@ struct Event {
   int method;
   bool has_auth;
   std::string auth;
+  bool has_payload;
+  grpc::ByteBuffer payload;
+};
+
+// An answer from Python, waiting for the completion-queue thread to send it.
+struct Answer {
+  uint64_t id;
+  bool finish;  // a call's last word (else one message of a stream)
+  int code;
+  std::string message;
   bool has_payload;
   grpc::ByteBuffer payload;
 };
@@ -87,6 +99,10 @@ grpc::ByteBuffer to_buffer(const char* data, Py_ssize_t size) {
 
 class Server {
  public:
+  // With at most this many calls open, an answer is sent from the event loop's thread when the completion-queue
+  // thread is idle (lower latency); with more, answers are left to that thread, which sends them in bursts.
+  static constexpr size_t kSendHere = 2;
+
   Server(std::vector<std::string> methods, std::vector<bool> streaming, int stream_limit)
       : methods_(std::move(methods)), streaming_(std::move(streaming)), stream_limit_(stream_limit) {}
 
@@ -165,46 +181,83 @@ class Server {
     return out;
   }
 
-  // A unary call's answer (payload, or an error status), or a stream's final status. False: the call is gone.
+  // Queues a unary call's answer (payload, or an error status), or a stream's final status. False: stopped.
   bool Finish(uint64_t id, int code, std::string message, const char* data, Py_ssize_t size, bool has_payload) {
-    std::lock_guard<std::mutex> lock(mu_);
-    Call* c = Find(id);
-    if (c == nullptr || c->finished || cq_closed_) return false;
-    c->finished = true;
-    c->final_status = grpc::Status(static_cast<grpc::StatusCode>(code), std::move(message));
-    if (!c->streaming && has_payload && code == 0) {
-      c->finish_sent = true;
-      ++c->outstanding;
-      c->stream.WriteAndFinish(to_buffer(data, size), grpc::WriteOptions(), c->final_status, &c->finish_tag);
-    } else if (!c->writing) {
-      SendFinish(c);
-    }
-    return true;
+    Answer a{id, true, code, std::move(message), has_payload, {}};
+    if (has_payload) a.payload = to_buffer(data, size);
+    return Queue(std::move(a));
   }
 
-  // One answer on a stream, sent after those before it.
+  // Queues one answer on a stream, to be sent after those before it. False: stopped.
   bool Write(uint64_t id, const char* data, Py_ssize_t size) {
-    std::lock_guard<std::mutex> lock(mu_);
-    Call* c = Find(id);
-    if (c == nullptr || c->finished || !c->streaming || cq_closed_) return false;
-    --c->unanswered;
-    if (c->paused && c->unanswered < stream_limit_) {
-      c->paused = false;
-      StartRead(c);
-    }
-    if (c->writing) {
-      c->writes.push_back(to_buffer(data, size));
-    } else {
-      c->writing = true;
-      ++c->outstanding;
-      c->stream.Write(to_buffer(data, size), &c->write_tag);
-    }
-    return true;
+    return Queue(Answer{id, false, 0, {}, true, to_buffer(data, size)});
   }
 
   const std::vector<std::string>& methods() const { return methods_; }
 
  private:
+  bool Queue(Answer a) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (cq_closed_) return false;
+    if (answers_.empty() && calls_.size() <= kSendHere && idle_.load(std::memory_order_acquire)) {
+      Send(a);  // one call or two at a time, and the thread waits for work: sending from here saves waking it
+      return true;
+    }
+    answers_.push_back(std::move(a));
+    if (!alarm_set_) {  // wake the completion-queue thread (an alarm in the past fires at once, on no timer)
+      alarm_set_ = true;
+      alarm_.Set(cq_.get(), gpr_inf_past(GPR_CLOCK_MONOTONIC), &alarm_tag_);
+    }
+    return true;
+  }
+
+  // Sends what Python answered (mu_ held, on the completion-queue thread).
+  void SendAnswers() {
+    alarm_set_ = false;
+    std::deque<Answer> answers;
+    answers.swap(answers_);
+    for (auto& a : answers) Send(a);
+  }
+
+  // Starts sending one answer (mu_ held).
+  void Send(Answer& a) {
+    Call* c = Find(a.id);
+    if (c == nullptr || c->finished) return;  // gone: cancelled, or its deadline passed
+    if (a.finish) {
+      c->finished = true;
+      c->final_status = grpc::Status(static_cast<grpc::StatusCode>(a.code), std::move(a.message));
+      if (!c->streaming && a.has_payload && a.code == 0) {
+        if (cq_closed_) return;
+        c->finish_sent = true;
+        ++c->outstanding;
+        c->stream.WriteAndFinish(a.payload, grpc::WriteOptions(), c->final_status, &c->finish_tag);
+      } else if (!c->writing) {
+        SendFinish(c);
+      }
+    } else if (c->streaming) {
+      --c->unanswered;
+      if (c->paused && c->unanswered < stream_limit_) {
+        c->paused = false;
+        StartRead(c);
+      }
+      if (c->writing) {
+        c->writes.push_back(std::move(a.payload));
+      } else if (!cq_closed_) {
+        c->writing = true;
+        ++c->outstanding;
+        c->stream.Write(a.payload, &c->write_tag);
+      }
+    }
+    MaybeFree(c);
+  }
+
+  void MaybeFree(Call* c) {
+    if (c->done && c->outstanding == 0) {
+      calls_.erase(c->id);
+      delete c;
+    }
+  }
+
   void RequestCall() {
     Call* c = new Call(this);
     c->ctx.AsyncNotifyWhenDone(&c->done_tag);
@@ -220,9 +273,18 @@ class Server {
     pthread_setschedparam(pthread_self(), SCHED_BATCH, &param);
     void* tag;
     bool ok;
-    while (cq_->Next(&tag, &ok)) {
+    for (;;) {
+      idle_.store(true, std::memory_order_release);
+      bool more = cq_->Next(&tag, &ok);
+      idle_.store(false, std::memory_order_release);
+      if (!more) break;
       Tag* t = static_cast<Tag*>(tag);
-      Handle(t->call, t->op, ok);
+      if (t->op == OP_ALARM) {
+        std::lock_guard<std::mutex> lock(mu_);
+        SendAnswers();
+      } else {
+        Handle(t->call, t->op, ok);
+      }
     }
   }
 
@@ -301,11 +363,7 @@ class Server {
         if (c->ctx.IsCancelled() && !c->finish_sent && c->method >= 0) Post(c, EV_CANCELLED, nullptr);
         break;
     }
-    if (c->done && c->outstanding == 0) {
-      calls_.erase(c->id);
-      lock.unlock();
-      delete c;
-    }
+    MaybeFree(c);
   }
 
   void StartRead(Call* c) {
@@ -368,6 +426,11 @@ class Server {
   bool stopping_ = false;
   bool closed_ = false;
   bool cq_closed_ = false;
+  std::deque<Answer> answers_;
+  grpc::Alarm alarm_;
+  bool alarm_set_ = false;
+  std::atomic<bool> idle_{false};  // the completion-queue thread waits in Next
+  Tag alarm_tag_{nullptr, OP_ALARM};
   bool signalled_ = false;
   int event_fd_ = -1;
 };
