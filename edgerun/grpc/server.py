@@ -5,8 +5,8 @@ HTTP requests too (so batching, limits, metrics and statistics are one). Two ser
 
 - **native** (``edgerun.grpc._native``, built where gRPC's C++ library is installed): gRPC's C++ server reads
   and writes the calls on a thread of its own and queues each request's bytes for the loop, which takes them in
-  batches through an eventfd and hands the answers straight back. Python's share of a call is one parse, its
-  work and one serialization.
+  batches through an eventfd and queues the answers back for that thread to send. Python's share of a call is
+  one parse, its work and one serialization.
 - **grpcio**: grpcio's server runs each call's handler on one of ``server.grpc_workers`` threads, which hands
   the call to the loop and waits for its answer.
 

@@ -182,11 +182,14 @@ def test_target_flags_on_the_command_line(bright, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads((out / REPORT_FILE).read_text())
     int8 = [v for v in report["variants"] if v["precision"] == "int8"]
-    assert int8 and all(v["info"]["int8"]["targets"] == ["arm64"] and v["info"]["int8"]["reduce_range"] is False
-                        for v in int8)  # full 8-bit weights: ARM64 kernels do not saturate
+    # full 8-bit weights (read back from each file), whichever tool made them: ARM64 kernels do not saturate
+    assert int8 and all(v["info"]["int8"]["targets"] == ["arm64"] and v["info"]["int8"]["weight_max"] == 127
+                        for v in int8), [v["info"]["int8"] for v in int8]
     host = detect().cpu_class
     kept = [v for v in ModelPackage.load(out).variants if v.precision == "int8"]
-    assert kept, [(v["id"], v["status"], v["reason"]) for v in int8]
+    if not kept:  # on this hub's int8 kernels (e.g. AVX2 without VNNI) no int8 variant beat fp32: each says so
+        assert all(v["status"] == "dropped" and ("faster" in v["reason"] or "accuracy" in v["reason"])
+                   for v in int8), [(v["id"], v["status"], v["reason"]) for v in int8]
     for v in kept:
         unchecked = [rec for rec in v.info["validated"] if rec["cpu"] != host]
         assert unchecked == [{"cpu": "arm64", "how": "not checked: --no-emulate was given"}]
