@@ -169,44 +169,35 @@ class InferenceService:
         scheduler's future (a front end that watches for its client leaving passes its own); errors are
         EdgerunErrors, each carrying its HTTP status and gRPC code.
         """
-        metrics = self.metrics
-        label = ""
-        served = None
-        t0 = perf_counter()
+        run = _Run(self, name, version)
         try:
             for _ in range(ATTEMPTS):
-                model = self.model(name, version)
-                label = model.name
-                served = self.served(model)
+                model = run.look_up()
                 request = decode(model)
                 if asyncio.iscoroutine(request):
                     request = await request
-                wanted = model.select_outputs(request.output_names)
-                checked = model.check_inputs(request.inputs)
-                t1 = perf_counter()
-                fut = served.scheduler.submit(checked)
+                fut = run.submit(request)
                 try:
-                    outputs, waited, computed = await (fut if wait is None else wait(fut))
+                    result = await (fut if wait is None else wait(fut))
                     break
                 except Retired:
                     continue  # swapped out between look-up and run: look the model up again
             else:
                 raise ModelNotReady(f"model {name!r} is being replaced; retry")
-            t2 = perf_counter()
-            answer = encode(model, outputs if wanted is None else {k: outputs[k] for k in wanted})
-            t3 = perf_counter()
-        except EdgerunError as exc:
-            self._failed(label, served, exc.reason, t0)
-            raise
+            return run.finish(result, encode)
         except Exception as exc:
-            log.exception("inference on %s failed", name)
-            self._failed(label, served, "internal", t0)
-            raise InternalError(f"inference failed: {type(exc).__name__}: {exc}") from None
-        metrics.success(label, t3 - t0)
-        first = next(iter(checked.values()))
-        rows = first.shape[0] if served.batched and first.ndim else 1
-        served.stats.request(rows, t3 - t0, t1 - t0, waited, computed, t3 - t2)
-        return answer
+            error = run.failed(exc)
+            if error is exc:
+                raise
+            raise error from None
+
+    def infer_soon(self, name: str, version: str | int | None, decode: Callable[[LoadedModel], Decoded],
+                   encode: Callable[[LoadedModel, dict[str, np.ndarray]], T],
+                   done: Callable[[T | None, EdgerunError | None], None]) -> None:
+        """What :meth:`infer` does, without a task of its own: ``decode`` is plain, and ``done(answer, None)`` or
+        ``done(None, error)`` is called on the event loop when the request is over (perhaps before this returns).
+        A front end that answers many small calls saves a task per call this way."""
+        _Run(self, name, version).start(decode, encode, done)
 
     def _failed(self, label: str, served: _Served | None, reason: str, t0: float) -> None:
         self.metrics.failure(label, reason)
@@ -224,6 +215,89 @@ class InferenceService:
         """(model, version, requests waiting) per scheduler, for /metrics."""
         live = set(self.runtime.models())
         return [(m.name, m.version, s.scheduler.queued) for m, s in list(self._served.items()) if m in live]
+
+
+class _Run:
+    """One inference request's way through the service: look-up, checks and queueing, then the answer and its
+    metrics; or the failure, counted."""
+
+    __slots__ = ("service", "name", "version", "t0", "t1", "label", "served", "model", "wanted", "checked",
+                 "attempts", "decode", "encode", "done")
+
+    def __init__(self, service: InferenceService, name: str, version: str | int | None):
+        self.service, self.name, self.version = service, name, version
+        self.t0 = self.t1 = perf_counter()
+        self.label = ""
+        self.served: _Served | None = None
+        self.model: LoadedModel | None = None
+        self.wanted: list[str] | None = None
+        self.checked: dict[str, np.ndarray] = {}
+
+    def start(self, decode: Callable[[LoadedModel], Decoded], encode: Callable[[LoadedModel, dict], Any],
+              done: Callable[[Any, EdgerunError | None], None]) -> None:
+        """InferenceService.infer_soon's request: no closure refers back to another (no garbage cycle per call)."""
+        self.attempts, self.decode, self.encode, self.done = ATTEMPTS, decode, encode, done
+        try:
+            self._attempt()
+        except Exception as exc:
+            done(None, self.failed(exc))
+
+    def _attempt(self) -> None:
+        self.attempts -= 1
+        self.submit(self.decode(self.look_up())).add_done_callback(self._ran)
+
+    def _ran(self, fut: asyncio.Future) -> None:
+        try:
+            if fut.cancelled():
+                raise ModelNotReady(f"the request to model {self.name!r} was cancelled; retry")
+            exc = fut.exception()
+            if isinstance(exc, Retired):
+                if self.attempts > 0:
+                    self._attempt()  # swapped out between look-up and run: look the model up again
+                    return
+                raise ModelNotReady(f"model {self.name!r} is being replaced; retry")
+            if exc is not None:
+                raise exc
+            answer = self.finish(fut.result(), self.encode)
+        except Exception as exc:
+            self.done(None, self.failed(exc))
+            return
+        self.done(answer, None)
+
+    def look_up(self) -> LoadedModel:
+        model = self.model = self.service.model(self.name, self.version)
+        self.label = model.name
+        self.served = self.service.served(model)
+        return model
+
+    def submit(self, request: Decoded) -> asyncio.Future:
+        model = self.model
+        self.wanted = model.select_outputs(request.output_names)  # type: ignore[union-attr]
+        self.checked = model.check_inputs(request.inputs)  # type: ignore[union-attr]
+        self.t1 = perf_counter()
+        return self.served.scheduler.submit(self.checked)  # type: ignore[union-attr]
+
+    def finish(self, result: tuple, encode: Callable[[LoadedModel, dict[str, np.ndarray]], T]) -> T:
+        outputs, waited, computed = result
+        t2 = perf_counter()
+        wanted = self.wanted
+        answer = encode(self.model, outputs if wanted is None else {k: outputs[k] for k in wanted})  # type: ignore
+        t3 = perf_counter()
+        served, t0 = self.served, self.t0
+        self.service.metrics.success(self.label, t3 - t0)
+        first = next(iter(self.checked.values()))
+        rows = first.shape[0] if served.batched and first.ndim else 1  # type: ignore[union-attr]
+        served.stats.request(rows, t3 - t0, self.t1 - t0, waited, computed, t3 - t2)  # type: ignore[union-attr]
+        return answer
+
+    def failed(self, exc: Exception) -> EdgerunError:
+        """Count a failure; the EdgerunError to give the client (``exc`` itself when it is one)."""
+        if isinstance(exc, EdgerunError):
+            self.service._failed(self.label, self.served, exc.reason, self.t0)
+            return exc
+        log.error("inference on %s failed", self.name, exc_info=exc)
+        self.service._failed(self.label, self.served, "internal", self.t0)
+        return InternalError(f"inference failed: {type(exc).__name__}: {exc}")
 
 
 class _ModelConfigs:
