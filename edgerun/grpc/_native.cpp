@@ -4,7 +4,7 @@
 // flow control and TLS stay in C++ on one completion-queue thread. What Python must see is queued as an event,
 // and a non-blocking eventfd tells the event loop there is something to take: the loop reads the events in
 // batches (`take_events`) and answers with `finish` (a unary call) or `write` (a message of a stream). Answers
-// are queued the other way: an alarm set to now wakes the completion-queue thread, which starts the writes.
+// are queued the other way: an alarm set in the past wakes the completion-queue thread, which starts the writes.
 // So every gRPC operation starts on that one thread (no lock inside gRPC is fought over), a call costs Python
 // one parse, its work and one serialization, and no thread of Python's waits on gRPC.
 //
@@ -69,8 +69,7 @@ struct Answer {
 };
 
 struct Call {
-  explicit Call(Server* s) : server(s), stream(&ctx) {}
-  Server* server;
+  Call() : stream(&ctx) {}
   uint64_t id = 0;
   grpc::GenericServerContext ctx;
   grpc::GenericServerAsyncReaderWriter stream;
@@ -80,7 +79,6 @@ struct Call {
   int method = -1;
   bool streaming = false;
   int outstanding = 0;      // reads, writes and finishes in flight
-  bool started = false;     // matched to a client call (its done tag will come)
   bool done = false;        // gRPC reported the call done
   bool finished = false;    // Python's last word is in (a unary answer, or a stream's status)
   bool finish_sent = false;
@@ -112,7 +110,7 @@ class Server {
 
   // Binds and starts; returns the port bound (0: could not listen).
   int Start(const std::string& address, std::shared_ptr<grpc::ServerCredentials> creds, int max_receive,
-            int max_streams, int threads) {
+            int max_streams) {
     event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (event_fd_ < 0) return -1;
     grpc::ServerBuilder builder;
@@ -136,8 +134,8 @@ class Server {
       }
       return 0;
     }
-    for (int i = 0; i < threads; ++i) RequestCall();
-    for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { Poll(); });
+    RequestCall();
+    thread_ = std::thread([this] { Poll(); });
     return port;
   }
 
@@ -156,8 +154,7 @@ class Server {
       cq_closed_ = true;
     }
     cq_->Shutdown();
-    for (auto& t : threads_) t.join();
-    threads_.clear();
+    thread_.join();
     server_.reset();
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& entry : calls_) delete entry.second;
@@ -192,8 +189,6 @@ class Server {
   bool Write(uint64_t id, const char* data, Py_ssize_t size) {
     return Queue(Answer{id, false, 0, {}, true, to_buffer(data, size)});
   }
-
-  const std::vector<std::string>& methods() const { return methods_; }
 
  private:
   bool Queue(Answer a) {
@@ -259,7 +254,7 @@ class Server {
   }
 
   void RequestCall() {
-    Call* c = new Call(this);
+    Call* c = new Call();
     c->ctx.AsyncNotifyWhenDone(&c->done_tag);
     generic_.RequestCall(&c->ctx, &c->stream, cq_.get(), cq_.get(), &c->new_tag);
   }
@@ -298,7 +293,6 @@ class Server {
           return;
         }
         if (!stopping_) RequestCall();
-        c->started = true;
         c->id = next_id_++;
         calls_[c->id] = c;
         const std::string& name = c->ctx.method();
@@ -418,7 +412,7 @@ class Server {
   grpc::AsyncGenericService generic_;
   std::unique_ptr<grpc::ServerCompletionQueue> cq_;
   std::unique_ptr<grpc::Server> server_;
-  std::vector<std::thread> threads_;
+  std::thread thread_;  // the one completion-queue thread: idle_ and kSendHere count on there being one
   std::mutex mu_;
   std::unordered_map<uint64_t, Call*> calls_;
   std::deque<Event> events_;
@@ -464,14 +458,14 @@ PyObject* buffer_to_bytes(grpc::ByteBuffer& buf) {
 
 int Server_init(ServerObject* self, PyObject* args, PyObject* kwargs) {
   static const char* kw[] = {"address", "methods", "streaming", "max_receive", "max_streams", "stream_limit",
-                             "threads", "key", "cert", "client_ca", nullptr};
+                             "key", "cert", "client_ca", nullptr};
   const char* address;
   PyObject* methods;
   PyObject* streaming;
-  int max_receive, max_streams, stream_limit, threads;
+  int max_receive, max_streams, stream_limit;
   PyObject *key = Py_None, *cert = Py_None, *client_ca = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sOOiiii|OOO", const_cast<char**>(kw), &address, &methods,
-                                   &streaming, &max_receive, &max_streams, &stream_limit, &threads, &key, &cert,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sOOiii|OOO", const_cast<char**>(kw), &address, &methods,
+                                   &streaming, &max_receive, &max_streams, &stream_limit, &key, &cert,
                                    &client_ca))
     return -1;
   PyObject* names = PySequence_Tuple(methods);
@@ -517,7 +511,7 @@ int Server_init(ServerObject* self, PyObject* args, PyObject* kwargs) {
   auto* server = new Server(std::move(table), std::move(streams), stream_limit);
   int port;
   std::string where(address);
-  Py_BEGIN_ALLOW_THREADS port = server->Start(where, creds, max_receive, max_streams, threads);
+  Py_BEGIN_ALLOW_THREADS port = server->Start(where, creds, max_receive, max_streams);
   Py_END_ALLOW_THREADS if (port <= 0) {
     delete server;
     Py_DECREF(names);
@@ -586,14 +580,22 @@ PyObject* Server_take_events(ServerObject* self, PyObject*) {
   return out;
 }
 
+// The checks finish and write share: an open server, `expected` arguments, the call number first.
+bool call_args(ServerObject* self, PyObject* const* args, Py_ssize_t nargs, Py_ssize_t expected, const char* usage,
+               unsigned long long* id) {
+  if (!check_open(self)) return false;
+  if (nargs != expected) {
+    PyErr_SetString(PyExc_TypeError, usage);
+    return false;
+  }
+  *id = PyLong_AsUnsignedLongLong(args[0]);
+  return !PyErr_Occurred();
+}
+
 // finish(call, code, message, payload=None) -> bool
 PyObject* Server_finish(ServerObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (!check_open(self)) return nullptr;
-  if (nargs != 4) {
-    PyErr_SetString(PyExc_TypeError, "finish(call, code, message, payload)");
-    return nullptr;
-  }
-  unsigned long long id = PyLong_AsUnsignedLongLong(args[0]);
+  unsigned long long id;
+  if (!call_args(self, args, nargs, 4, "finish(call, code, message, payload)", &id)) return nullptr;
   long code = PyLong_AsLong(args[1]);
   if (PyErr_Occurred()) return nullptr;
   std::string message;
@@ -613,13 +615,8 @@ PyObject* Server_finish(ServerObject* self, PyObject* const* args, Py_ssize_t na
 
 // write(call, payload) -> bool
 PyObject* Server_write(ServerObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (!check_open(self)) return nullptr;
-  if (nargs != 2) {
-    PyErr_SetString(PyExc_TypeError, "write(call, payload)");
-    return nullptr;
-  }
-  unsigned long long id = PyLong_AsUnsignedLongLong(args[0]);
-  if (PyErr_Occurred()) return nullptr;
+  unsigned long long id;
+  if (!call_args(self, args, nargs, 2, "write(call, payload)", &id)) return nullptr;
   const char* data;
   Py_ssize_t size;
   if (PyBytes_AsStringAndSize(args[1], const_cast<char**>(&data), &size) < 0) return nullptr;
@@ -664,7 +661,7 @@ PyMODINIT_FUNC PyInit__native(void) {
   ServerType.tp_name = "edgerun.grpc._native.Server";
   ServerType.tp_basicsize = sizeof(ServerObject);
   ServerType.tp_flags = Py_TPFLAGS_DEFAULT;
-  ServerType.tp_doc = "Server(address, methods, streaming, max_receive, max_streams, stream_limit, threads, "
+  ServerType.tp_doc = "Server(address, methods, streaming, max_receive, max_streams, stream_limit, "
                       "key=None, cert=None, client_ca=None)";
   ServerType.tp_new = PyType_GenericNew;
   ServerType.tp_init = reinterpret_cast<initproc>(Server_init);

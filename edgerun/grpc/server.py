@@ -236,7 +236,7 @@ class NativeServer:
         try:
             self._server = self._native.Server(
                 _target(self._config), [f"/{SERVICE}/{name}" for name in REQUESTS], [f"/{SERVICE}/{STREAM}"],
-                self._config.max_body + (1 << 20), MAX_STREAMS, STREAM_INFLIGHT, 1, key, cert, ca)
+                self._config.max_body + (1 << 20), MAX_STREAMS, STREAM_INFLIGHT, key, cert, ca)
         except OSError:
             return 0
         self._loop.add_reader(self._server.fileno(), self._take)

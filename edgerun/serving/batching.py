@@ -233,14 +233,15 @@ class ModelScheduler:
         now = perf_counter()
         waits = [now - it.enqueued for it in live]
         inputs, rows = [it.inputs for it in live], [it.rows for it in live]
-        if self._on_loop(sum(rows)):
+        total = sum(rows)
+        if self._on_loop(total):
             try:
                 result = _run_batch(self.model, inputs, rows)
             except Exception as exc:
                 self._finish(live, waits, None, exc)
             else:
                 self._finish(live, waits, result, None)
-                self._loop_cost = _Cost.update(self._loop_cost, result[2], result[2], sum(rows))
+                self._loop_cost = _Cost.update(self._loop_cost, result[2], result[4], total)
                 if result[2] >= self.policy.inline_below:  # a probe that measured long
                     self._probe_every = min(self._probe_every * 2, self.PROBE_EVERY_MAX)
             return True
