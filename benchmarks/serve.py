@@ -57,6 +57,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import orjson  # noqa: E402
+import psutil  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "serve.json"
@@ -473,6 +474,41 @@ class Server:
         self.log.close()
 
 
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the server and every process it started."""
+        total = 0.0
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return total
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+
+def settle(servers, window: float = 0.3, busy: float = 0.05, timeout: float = 30.0) -> float:
+    """Wait until the servers, all on one CPU, are idle (together under ``busy`` of a core over ``window`` s).
+
+    A server keeps working after its load generator stopped on what was queued (a slow contender with 32
+    large JSON bodies can take seconds), and that work would be charged to the next contender on the CPU.
+    Returns the seconds waited.
+    """
+    t0 = time.monotonic()
+    before = sum(s.cpu_seconds() for s in servers)
+    while time.monotonic() - t0 < timeout:
+        time.sleep(window)
+        now = sum(s.cpu_seconds() for s in servers)
+        if now - before < busy * window:
+            break
+        before = now
+    return time.monotonic() - t0
+
+
 def _edgerun_cmd() -> list[str]:
     return [sys.executable, "-c", "import sys; from edgerun.cli import main; sys.exit(main())", "serve"]
 
@@ -793,6 +829,10 @@ def main() -> None:
                 runs: dict[tuple, list[dict]] = {k: [] for k in contenders}
                 for _ in range(args.repeats):
                     for key, run_one in contenders.items():
+                        waited = settle(servers.values())
+                        if waited > 2:
+                            print(f"  waited {waited:.1f} s for the servers to go idle before {key} c={conc}",
+                                  flush=True)
                         try:
                             runs[key].append(run_one(args.duration, args.warmup))
                         except (RuntimeError, subprocess.CalledProcessError) as exc:
@@ -835,7 +875,7 @@ def main() -> None:
         "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
         "method": f"servers on CPU {SERVER_CPU}; wrk -t1 (HTTP) and h2load -t1 -m1 (gRPC) on CPU {CLIENT_CPU}; "
                   f"{args.warmup}s warm-up + {args.duration}s measured, median of {args.repeats}, each cell's "
-                  "contenders in turn; onnxruntime 1 thread; batch-1 FP32; edgerun default settings with "
+                  "contenders in turn, each run started once every server is idle; onnxruntime 1 thread; batch-1 FP32; edgerun default settings with "
                   "EDGERUN_THREADS=1; Triton 2.51 (tritonserver of nvidia-pytriton 0.7.0, python backend + onnxruntime, "
                   f"dynamic batching <= {TRITON_MAX_BATCH}, {TRITON_QUEUE_DELAY_US} us)",
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
