@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
@@ -13,12 +13,14 @@ from edgerun.runtime import Runtime
 from edgerun.server.asgi import JSON, Receive, Send, header, send_error, send_json
 from edgerun.server.auth import needs
 from edgerun.server.errors import HttpError
-from edgerun.server.infer import answer_infer, handle_infer, parse_infer_path
+from edgerun.server.infer import Answer, Cancellable, answer_infer_soon, handle_infer, parse_infer_path
 from edgerun.server.routes import build_routes
 from edgerun.server.state import ServerState
 from edgerun.serving.service import InferenceService
 
 log = logging.getLogger(__name__)
+
+Reply = tuple[int, bytes, list[tuple[bytes, bytes]], bytes]  # status, content type, headers, body
 
 
 class EdgerunApp:
@@ -85,12 +87,24 @@ class EdgerunApp:
         finally:
             state.in_flight -= 1
 
-    async def answer(self, scope: dict, body: bytes | bytearray, receive: Receive
-                     ) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes] | None:
-        """The answer (status, content type, headers, body) to an infer request whose whole body has arrived; None
-        when the client left. The listener calls this for a plain ``POST .../infer`` instead of the ASGI app."""
+    def answer_soon(self, scope: dict, body: bytes | bytearray, reply: Callable[[Reply | None], None]
+                    ) -> Cancellable | None:
+        """Answer an infer request whose whole body (at most ``INLINE_MAX`` bytes) has arrived, without a task:
+        ``reply((status, content type, headers, body))`` on the event loop, perhaps before this returns, or
+        ``reply(None)`` when the client left. The listener calls this for a plain ``POST .../infer`` instead of
+        the ASGI app; ``cancel()`` on what it returns (None: answered already) says the client left."""
         state = self.state
         state.in_flight += 1
+
+        def done(answer: Answer | None, error: EdgerunError | None) -> None:
+            state.in_flight -= 1
+            if answer is not None:
+                reply((200, answer[1], answer[2], answer[0]))
+            elif isinstance(error, ClientGone):
+                reply(None)
+            else:
+                reply(_error_reply(error))  # type: ignore[arg-type]
+
         try:
             if self._access.enabled:
                 need = needs(scope["path"])
@@ -101,15 +115,10 @@ class EdgerunApp:
                 raise HttpError(404, f"no such endpoint: POST {scope['path']}")
             if len(body) > self._max_body:
                 raise HttpError(413, f"request body exceeds the limit of {self._max_body} bytes (server.max_body)")
-            out, content_type, extra = await answer_infer(state, target[0], target[1], scope, body, receive)
-            return 200, content_type, extra, out
-        except ClientGone:
-            return None
         except EdgerunError as err:
-            return (err.http_status, JSON, [(k.encode(), v.encode()) for k, v in err.headers.items()],
-                    orjson.dumps({"error": str(err)}))
-        finally:
-            state.in_flight -= 1
+            done(None, err)
+            return None
+        return answer_infer_soon(state, target[0], target[1], scope, body, done)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -120,6 +129,11 @@ class EdgerunApp:
                 self.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _error_reply(err: EdgerunError) -> Reply:
+    return (err.http_status, JSON, [(k.encode(), v.encode()) for k, v in err.headers.items()],
+            orjson.dumps({"error": str(err)}))
 
 
 def _content_length(scope: dict) -> int | None:

@@ -136,8 +136,9 @@ _INFER_PREFIX, _INFER_SUFFIX = b"/v2/models/", b"/infer"
 
 
 class _InferCycle:
-    """One ``POST .../infer`` answered without the ASGI machinery: its whole body is handed to the app's
-    ``answer`` once it has arrived, and the answer is written to the transport in one piece.
+    """One ``POST .../infer`` answered without the ASGI machinery or a task: its whole body (at most SMALL_BODY
+    bytes) is handed to the app's ``answer_soon`` once it has arrived, and the answer is written to the transport
+    in one piece. When the client leaves first, the request is cancelled (a queued run is dropped).
 
     It stands where uvicorn keeps a request's ``RequestResponseCycle`` and has the attributes the protocol
     reads there (``body``, ``more_body``, ``response_started``, ``response_complete``, ``disconnected``,
@@ -146,7 +147,7 @@ class _InferCycle:
     """
 
     __slots__ = ("protocol", "scope", "keep_alive", "body", "more_body", "response_started", "response_complete",
-                 "disconnected", "started", "gone")
+                 "disconnected", "started", "run")
 
     def __init__(self, protocol: "_HttpProtocol", scope: dict, keep_alive: bool):
         self.protocol = protocol
@@ -155,7 +156,7 @@ class _InferCycle:
         self.body = bytearray()
         self.more_body = True
         self.response_started = self.response_complete = self.disconnected = self.started = False
-        self.gone: asyncio.Future | None = None
+        self.run: Any = None  # the request in the inference service, once the body is whole
 
     @property
     def message_event(self) -> "_InferCycle":
@@ -163,31 +164,23 @@ class _InferCycle:
 
     def set(self) -> None:
         if self.disconnected:
-            if self.gone is not None and not self.gone.done():
-                self.gone.set_result(None)
+            if self.run is not None:
+                self.run.cancel()  # a queued run is dropped: an abandoned request costs no compute
         elif not self.more_body and not self.started:
             self.started = True
-            protocol = self.protocol
-            task = protocol.loop.create_task(self.run())
-            task.add_done_callback(protocol.tasks.discard)
-            protocol.tasks.add(task)
+            try:
+                run = self.protocol.answer_soon(self.scope, self.body, self.reply)
+                if not self.response_complete:  # (answered at once: keep no reference back to this cycle)
+                    self.run = run
+            except Exception:
+                log.exception("inference on %s failed", self.scope.get("path"))
+                self.keep_alive = False
+                self.reply(None)
 
-    async def receive(self) -> dict:
-        """What an ASGI receive() gives after the body: ``http.disconnect``, once the client has left."""
-        if not self.disconnected:
-            if self.gone is None:
-                self.gone = self.protocol.loop.create_future()
-            await self.gone
-        return {"type": "http.disconnect"}
-
-    async def run(self) -> None:
+    def reply(self, answer: tuple[int, bytes, list[tuple[bytes, bytes]], bytes] | None) -> None:
+        """Write the answer (None: none; the connection is closed unless the client left) in one piece."""
+        self.run = None
         protocol = self.protocol
-        try:
-            answer = await protocol.answer(self.scope, self.body, self.receive)
-        except Exception:
-            log.exception("inference on %s failed", self.scope.get("path"))
-            answer = None
-            self.keep_alive = False
         if answer is None or self.disconnected:
             self.response_complete = True
             if not self.disconnected:
@@ -227,7 +220,7 @@ class _HttpProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._window = 0  # body bytes since the body timer was last armed
         self._held = 0  # body bytes of this connection's requests not answered yet
-        self.answer = getattr(self.app, "answer", None)  # the app's infer path without ASGI (EdgerunApp.answer)
+        self.answer_soon = getattr(self.app, "answer_soon", None)  # the app's infer path without ASGI
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_CorkedTransport(transport, self.loop))  # type: ignore[arg-type]
@@ -277,7 +270,7 @@ class _HttpProtocol(HttpToolsProtocol):
                 finally:
                     self.app = app
                 return
-        if self.answer is not None and self._plain_infer():
+        if self.answer_soon is not None and self._plain_infer():
             self._start_infer()
             return
         super().on_headers_complete()

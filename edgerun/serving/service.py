@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, TypeVar
 import numpy as np
 
 from edgerun.config import Config, ModelConfig
-from edgerun.errors import EdgerunError, Forbidden, ModelNotFound, ModelNotReady, Retired, Unauthenticated
+from edgerun.errors import ClientGone, EdgerunError, Forbidden, ModelNotFound, ModelNotReady, Retired, Unauthenticated
 from edgerun.serving.access import Access, Grant, bearer
 from edgerun.serving.batching import ModelScheduler, Policy, has_batch_dim, policy_for
 from edgerun.serving.metrics import ServerMetrics
@@ -193,11 +193,14 @@ class InferenceService:
 
     def infer_soon(self, name: str, version: str | int | None, decode: Callable[[LoadedModel], Decoded],
                    encode: Callable[[LoadedModel, dict[str, np.ndarray]], T],
-                   done: Callable[[T | None, EdgerunError | None], None]) -> None:
+                   done: Callable[[T | None, EdgerunError | None], None]) -> _Run:
         """What :meth:`infer` does, without a task of its own: ``decode`` is plain, and ``done(answer, None)`` or
         ``done(None, error)`` is called on the event loop when the request is over (perhaps before this returns).
-        A front end that answers many small calls saves a task per call this way."""
-        _Run(self, name, version).start(decode, encode, done)
+        A front end that answers many small calls saves a task per call this way. The request's ``cancel()``
+        says its client left: a queued run is dropped and ``done`` gets ClientGone."""
+        run = _Run(self, name, version)
+        run.start(decode, encode, done)
+        return run
 
     def _failed(self, label: str, served: _Served | None, reason: str, t0: float) -> None:
         self.metrics.failure(label, reason)
@@ -222,7 +225,7 @@ class _Run:
     metrics; or the failure, counted."""
 
     __slots__ = ("service", "name", "version", "t0", "t1", "label", "served", "model", "wanted", "checked",
-                 "attempts", "decode", "encode", "done")
+                 "attempts", "decode", "encode", "done", "queued", "gone")
 
     def __init__(self, service: InferenceService, name: str, version: str | int | None):
         self.service, self.name, self.version = service, name, version
@@ -232,6 +235,8 @@ class _Run:
         self.model: LoadedModel | None = None
         self.wanted: list[str] | None = None
         self.checked: dict[str, np.ndarray] = {}
+        self.queued: asyncio.Future | None = None
+        self.gone = False
 
     def start(self, decode: Callable[[LoadedModel], Decoded], encode: Callable[[LoadedModel, dict], Any],
               done: Callable[[Any, EdgerunError | None], None]) -> None:
@@ -242,17 +247,27 @@ class _Run:
         except Exception as exc:
             done(None, self.failed(exc))
 
+    def cancel(self) -> None:
+        """The client left (a request started with ``start``): its run is dropped if it has not started."""
+        self.gone = True
+        if self.queued is not None:
+            self.queued.cancel()
+
     def _attempt(self) -> None:
         self.attempts -= 1
-        self.submit(self.decode(self.look_up())).add_done_callback(self._ran)
+        fut = self.queued = self.submit(self.decode(self.look_up()))
+        fut.add_done_callback(self._ran)
 
     def _ran(self, fut: asyncio.Future) -> None:
+        self.queued = None
         try:
             if fut.cancelled():
+                if self.gone:
+                    raise ClientGone()
                 raise ModelNotReady(f"the request to model {self.name!r} was cancelled; retry")
             exc = fut.exception()
             if isinstance(exc, Retired):
-                if self.attempts > 0:
+                if self.attempts > 0 and not self.gone:
                     self._attempt()  # swapped out between look-up and run: look the model up again
                     return
                 raise ModelNotReady(f"model {self.name!r} is being replaced; retry")
