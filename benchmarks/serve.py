@@ -685,7 +685,7 @@ def _frame(f: str) -> str:
 FLOOR, EDGERUN, UNBATCHED, FASTAPI, TRITON = ("in-process (floor)", "edgerun", "edgerun batching off",
                                               "FastAPI + onnxruntime", "Triton")
 GRPCIO = "edgerun on grpcio"  # edgerun's defaults, gRPC served by grpcio's server instead of the native one
-BATCHING = {FLOOR: "-", EDGERUN: "on (default)", UNBATCHED: "off", FASTAPI: "-", GRPCIO: "on (default)",
+BATCHING = {FLOOR: "-", EDGERUN: "default", UNBATCHED: "off", FASTAPI: "-", GRPCIO: "default",
             TRITON: f"dynamic <= {TRITON_MAX_BATCH}, {TRITON_QUEUE_DELAY_US} us"}
 GRPC_ONLY = (GRPCIO,)  # contenders measured over gRPC only
 
@@ -839,7 +839,7 @@ def main() -> None:
                             print(f"  {key} c={conc}: run failed: {exc}", flush=True)
                 for (name, enc), got in runs.items():
                     m = report(f"{name} {enc} c={conc}", got)
-                    batching = default_batching if name == EDGERUN else BATCHING[name]
+                    batching = default_batching if name in (EDGERUN, GRPCIO) else BATCHING[name]
                     rows.append({"model": model, "server": name, "encoding": enc, "batching": batching,
                                  "concurrency": conc, **m})
 
