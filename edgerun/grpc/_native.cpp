@@ -13,6 +13,7 @@
 // queues and the calls' state; the event loop holds it only to swap a queue.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <absl/synchronization/mutex.h>
 #include <structmember.h>
 
 #include <grpcpp/alarm.h>
@@ -658,6 +659,10 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "edgerun.grpc._native",
 }  // namespace
 
 PyMODINIT_FUNC PyInit__native(void) {
+  // gRPC's locks are abseil's, and a build of abseil with its debug checks on (as some distributions ship it)
+  // records every lock order and stack trace to look for deadlocks: several microseconds per call, here for no
+  // purpose (a release build does not look).
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   ServerType.tp_name = "edgerun.grpc._native.Server";
   ServerType.tp_basicsize = sizeof(ServerObject);
   ServerType.tp_flags = Py_TPFLAGS_DEFAULT;
