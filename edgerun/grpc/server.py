@@ -10,7 +10,7 @@ HTTP requests too (so batching, limits, metrics and statistics are one). Two ser
 - **grpcio**: grpcio's server runs each call's handler on one of ``server.grpc_workers`` threads, which hands
   the call to the loop and waits for its answer.
 
-On one core the native server answers 1.7-3.7 times the calls per second of grpcio's (benchmarks/serve.py);
+On one core the native server answers 1.8-4.0 times the calls per second of grpcio's (benchmarks/serve.py);
 ``server.grpc_frontend`` chooses (``auto``: native when it is built).
 
 Access control is the HTTP server's: ``authorization: Bearer <token>`` metadata on every call but ServerLive and
