@@ -875,8 +875,8 @@ def main() -> None:
         "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
         "method": f"servers on CPU {SERVER_CPU}; wrk -t1 (HTTP) and h2load -t1 -m1 (gRPC) on CPU {CLIENT_CPU}; "
                   f"{args.warmup}s warm-up + {args.duration}s measured, median of {args.repeats}, each cell's "
-                  "contenders in turn, each run started once every server is idle; onnxruntime 1 thread; batch-1 FP32; edgerun default settings with "
-                  "EDGERUN_THREADS=1; Triton 2.51 (tritonserver of nvidia-pytriton 0.7.0, python backend + onnxruntime, "
+                  "contenders in turn, each run started once every server is idle; onnxruntime 1 thread; batch-1 "
+                  "FP32; edgerun default settings with EDGERUN_THREADS=1; Triton 2.51 (tritonserver of nvidia-pytriton 0.7.0, python backend + onnxruntime, "
                   f"dynamic batching <= {TRITON_MAX_BATCH}, {TRITON_QUEUE_DELAY_US} us)",
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
                  "cpu": _cpu_model(), "load_average_before": [round(v, 2) for v in load_before],

@@ -89,10 +89,11 @@ class EdgerunApp:
 
     def answer_soon(self, scope: dict, body: bytes | bytearray, reply: Callable[[Reply | None], None]
                     ) -> Cancellable | None:
-        """Answer an infer request whose whole body (at most ``INLINE_MAX`` bytes) has arrived, without a task:
-        ``reply((status, content type, headers, body))`` on the event loop, perhaps before this returns, or
-        ``reply(None)`` when the client left. The listener calls this for a plain ``POST .../infer`` instead of
-        the ASGI app; ``cancel()`` on what it returns (None: answered already) says the client left."""
+        """Answer an infer request whose whole body has arrived (its JSON part at most ``INLINE_MAX`` bytes, decoded
+        on the event loop), without a task: ``reply((status, content type, headers, body))`` on the event loop,
+        perhaps before this returns, or ``reply(None)`` when the client left. The listener calls this for a plain
+        ``POST .../infer`` instead of the ASGI app; ``cancel()`` on what it returns (None: answered already) says
+        the client left."""
         state = self.state
         state.in_flight += 1
 

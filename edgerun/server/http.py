@@ -19,6 +19,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from edgerun.config import ServerConfig
 from edgerun.errors import ConfigError
+from edgerun.server.offload import INLINE_MAX
 from edgerun.serving.tls import ServerTls, server_tls
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class FrontDoor:
         self.body_window = max(1, int(config.body_min_rate * config.body_timeout))  # bytes due per body_timeout
         self.idle_timeout = config.idle_timeout
         self.max_connections = config.max_connections
+        self.max_body = config.max_body
         self.max_held = config.max_body_total
         self.headroom = config.max_body_total - config.max_body  # while held is below, any allowed body fits
         self.open = 0
@@ -136,8 +138,8 @@ _INFER_PREFIX, _INFER_SUFFIX = b"/v2/models/", b"/infer"
 
 
 class _InferCycle:
-    """One ``POST .../infer`` answered without the ASGI machinery or a task: its whole body (at most SMALL_BODY
-    bytes) is handed to the app's ``answer_soon`` once it has arrived, and the answer is written to the transport
+    """One ``POST .../infer`` answered without the ASGI machinery or a task: its whole body is gathered in one
+    buffer and handed to the app's ``answer_soon`` once it has arrived, and the answer is written to the transport
     in one piece. When the client leaves first, the request is cancelled (a queued run is dropped).
 
     It stands where uvicorn keeps a request's ``RequestResponseCycle`` and has the attributes the protocol
@@ -277,8 +279,9 @@ class _HttpProtocol(HttpToolsProtocol):
 
     def _plain_infer(self) -> bool:
         """Whether this request is a plain ``POST /v2/models/.../infer`` that ``_InferCycle`` can answer: nothing
-        in its path to decode, no answer under way on the connection, no 100-continue, and a body of at most
-        SMALL_BODY bytes, declared and not encoded (a larger one is streamed through the app, under flow control)."""
+        in its path to decode, no answer under way on the connection, no 100-continue, a body declared and not
+        encoded, within server.max_body, whose JSON part is small enough to decode on the event loop (all of it up
+        to INLINE_MAX bytes, or the header of a binary-tensor body). Any other request goes through the app."""
         url = self.url
         if not (url.startswith(_INFER_PREFIX) and url.endswith(_INFER_SUFFIX)) or b"%" in url or b"?" in url:
             return False
@@ -286,13 +289,24 @@ class _HttpProtocol(HttpToolsProtocol):
             return False
         if self.cycle is not None and not self.cycle.response_complete:
             return False  # a pipelined request waits its turn in uvicorn's queue
-        length = None
+        length = json_length = None
         for name, value in self.headers:
             if name == b"content-length":
                 length = value
+            elif name == b"inference-header-content-length":
+                json_length = value
             elif name == b"content-encoding" or name == b"transfer-encoding":
                 return False
-        return length is not None and length.isdigit() and int(length) <= SMALL_BODY
+        if length is None or not length.isdigit():
+            return False
+        size = int(length)
+        if size <= SMALL_BODY:
+            return True
+        if size > self.door.max_body:
+            return False  # the app answers 413
+        if json_length is not None:
+            return json_length.isdigit() and int(json_length) <= INLINE_MAX
+        return size <= INLINE_MAX  # a larger JSON body is decoded off the event loop, by the app
 
     def _start_infer(self) -> None:
         scope = self.scope
@@ -304,6 +318,14 @@ class _HttpProtocol(HttpToolsProtocol):
         if version != "1.1":
             scope["http_version"] = version
         self.cycle = _InferCycle(self, scope, version != "1.0" and self.parser.should_keep_alive())  # type: ignore
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if type(cycle) is _InferCycle:  # read whole, without the app's flow control: it takes it whole anyway
+            if not cycle.disconnected:
+                cycle.body += body
+            return
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._done_scope = self.scope

@@ -60,8 +60,9 @@ async def answer_infer(state: ServerState, name: str, version: str | None, scope
 
 def answer_infer_soon(state: ServerState, name: str, version: str | None, scope: dict, body: bytes | bytearray,
                       done: Callable[[Answer | None, EdgerunError | None], None]) -> Cancellable:
-    """``answer_infer`` without a task, for a body of at most ``INLINE_MAX`` bytes: ``done(answer, None)`` or
-    ``done(None, error)`` on the event loop. ``cancel()`` on what it returns says the client left."""
+    """``answer_infer`` without a task, for a body whose JSON part is at most ``INLINE_MAX`` bytes (decoded on the
+    event loop): ``done(answer, None)`` or ``done(None, error)`` on the event loop. ``cancel()`` on what it
+    returns says the client left."""
     c = _Codec(state, scope, body)
 
     def answered(out: tuple[bytes, int | None] | None, error: EdgerunError | None) -> None:

@@ -238,6 +238,53 @@ def test_request_bodies_held_beyond_the_cap_are_refused_while_the_server_serves(
     assert _cuts(roomy, "body_budget") == before + 2
 
 
+def _binary_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """A binary-tensor infer body for ``x`` (the digits input) and its headers."""
+    header = orjson.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                       "parameters": {"binary_data_size": x.nbytes}}],
+                           "parameters": {"binary_data_output": True}})
+    return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header)),
+                                  "Content-Type": "application/octet-stream"}
+
+
+def test_binary_tensor_bodies_of_megabytes_are_answered_and_held_like_any_body(roomy, digits_package):
+    """A binary-tensor body of megabytes, sent in many writes, is read whole and answered right; one held open
+    counts against server.max_body_total (a second does not fit) until its client leaves."""
+    x = np.random.default_rng(4).random((16384, 64), dtype=np.float32)  # 4 MiB
+    body, headers = _binary_request(x)
+    with _connect(roomy) as s:
+        s.sendall(_head("POST", "/v2/models/digits/infer", len(body), headers))
+        for i in range(0, len(body), 100_000):
+            s.sendall(body[i:i + 100_000])
+        status, answer_headers, answer = _response(s, timeout=30)
+        assert status == 200, answer[:300]
+        n = int(answer_headers["inference-header-content-length"])
+        got = np.frombuffer(answer[n:], np.float32).reshape(16384, 10)
+        np.testing.assert_allclose(got, reference(digits_package, x), rtol=1e-5, atol=1e-6)
+        s.sendall(_head("POST", "/v2/models/digits/infer", len(GOOD)) + GOOD)  # the connection goes on
+        assert _response(s)[0] == 200
+
+    before = _cuts(roomy, "body_budget")
+    big, headers = _binary_request(np.zeros((122_880, 64), np.float32))  # 30 MiB
+    with _connect(roomy) as holder:
+        holder.sendall(_head("POST", "/v2/models/digits/infer", len(big), headers) + big[:25 * MiB])
+        deadline = time.monotonic() + 20
+        while _metric(roomy, "edgerun_request_body_bytes_held") < 25 * MiB and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _metric(roomy, "edgerun_request_body_bytes_held") >= 25 * MiB
+        with _connect(roomy) as late:
+            late.sendall(_head("POST", "/v2/models/digits/infer", len(big), headers))
+            status, response_headers, answer = _response(late, timeout=5)
+            assert status == 503 and response_headers["retry-after"] == "1", answer
+        _serves(roomy)
+    deadline = time.monotonic() + 10
+    while _metric(roomy, "edgerun_request_body_bytes_held") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(roomy, "edgerun_request_body_bytes_held") == 0, "the held body was not let go with its client"
+    assert _cuts(roomy, "body_budget") == before + 1
+    _serves(roomy)
+
+
 def _outgoing(s: socket.socket) -> int:
     """Bytes sent on ``s`` that the peer has not acknowledged yet."""
     return struct.unpack("I", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
