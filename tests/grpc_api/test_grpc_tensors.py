@@ -84,6 +84,14 @@ def test_scalar_and_empty_tensors_keep_their_shape(build, shape) -> None:
     assert_same(inputs["s"], decoded("BYTES", s))
 
 
+@pytest.mark.parametrize("shape", [(), (0, 3), (2, 5)])
+def test_one_raw_input_keeps_its_shape(shape) -> None:
+    f = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    inputs, outputs, _ = _decode(_triton_request({"f": ("FP32", f)}), [TensorSpec("f", "FP32", shape)])
+    assert outputs is None
+    assert_same(inputs["f"], f)
+
+
 def test_requested_outputs_and_id_come_back_in_order() -> None:
     wire = _triton_request({"in_fp32": ("FP32", SAMPLES["FP32"])}, outputs=["probs", "label"], request_id="r-9")
     _, outputs, req_id = _decode(wire, [spec_of("FP32")])
