@@ -473,7 +473,6 @@ class Server:
             pass
         self.log.close()
 
-
     def cpu_seconds(self) -> float:
         """CPU time used so far by the server and every process it started."""
         total = 0.0
@@ -876,7 +875,8 @@ def main() -> None:
         "method": f"servers on CPU {SERVER_CPU}; wrk -t1 (HTTP) and h2load -t1 -m1 (gRPC) on CPU {CLIENT_CPU}; "
                   f"{args.warmup}s warm-up + {args.duration}s measured, median of {args.repeats}, each cell's "
                   "contenders in turn, each run started once every server is idle; onnxruntime 1 thread; batch-1 "
-                  "FP32; edgerun default settings with EDGERUN_THREADS=1; Triton 2.51 (tritonserver of nvidia-pytriton 0.7.0, python backend + onnxruntime, "
+                  "FP32; edgerun default settings with EDGERUN_THREADS=1; Triton 2.51 (tritonserver of "
+                  "nvidia-pytriton 0.7.0, python backend + onnxruntime, "
                   f"dynamic batching <= {TRITON_MAX_BATCH}, {TRITON_QUEUE_DELAY_US} us)",
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
                  "cpu": _cpu_model(), "load_average_before": [round(v, 2) for v in load_before],

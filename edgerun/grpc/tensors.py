@@ -44,7 +44,7 @@ def decode_request(req: ModelInferRequest,
     if len(raw) == 1 and len(specs) == 1:
         arrays = _one_raw_input(req, raw[0], specs)  # what tritonclient and edgerun.Client send a one-input model
         if arrays is not None:
-            return arrays, _wanted_outputs(req) if req.outputs else None, req.id
+            return arrays, _wanted_outputs(req), req.id
     model = req.model_name
     if not req.inputs:
         raise InvalidInput(f"the request has no inputs; model {model!r} takes {sorted(specs)}")

@@ -202,11 +202,6 @@ class InferenceService:
         run.start(decode, encode, done)
         return run
 
-    def _failed(self, label: str, served: _Served | None, reason: str, t0: float) -> None:
-        self.metrics.failure(label, reason)
-        if served is not None:
-            served.stats.failed(perf_counter() - t0)
-
     def _observe(self, model: LoadedModel, rows: int, merge: float, compute: float, split: float,
                  waits: list[float]) -> None:
         self.metrics.batch(model.name, rows, compute, waits)
@@ -308,11 +303,14 @@ class _Run:
     def failed(self, exc: Exception) -> EdgerunError:
         """Count a failure; the EdgerunError to give the client (``exc`` itself when it is one)."""
         if isinstance(exc, EdgerunError):
-            self.service._failed(self.label, self.served, exc.reason, self.t0)
-            return exc
-        log.error("inference on %s failed", self.name, exc_info=exc)
-        self.service._failed(self.label, self.served, "internal", self.t0)
-        return InternalError(f"inference failed: {type(exc).__name__}: {exc}")
+            error = exc
+        else:
+            log.error("inference on %s failed", self.name, exc_info=exc)
+            error = InternalError(f"inference failed: {type(exc).__name__}: {exc}")
+        self.service.metrics.failure(self.label, error.reason)
+        if self.served is not None:
+            self.served.stats.failed(perf_counter() - self.t0)
+        return error
 
 
 class _ModelConfigs:

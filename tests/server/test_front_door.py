@@ -11,6 +11,7 @@ import struct
 import termios
 import time
 import zlib
+from typing import Callable
 
 import httpx
 import numpy as np
@@ -110,6 +111,16 @@ def _metric(server, sample: str) -> float:
         if line.startswith(sample + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def _held_when(server, reached: Callable[[float], bool], within: float) -> float:
+    """The request-body bytes the server holds, once ``reached`` says so or ``within`` seconds have passed."""
+    deadline = time.monotonic() + within
+    held = _metric(server, "edgerun_request_body_bytes_held")
+    while not reached(held) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        held = _metric(server, "edgerun_request_body_bytes_held")
+    return held
 
 
 def _cuts(server, reason: str) -> float:
@@ -217,9 +228,7 @@ def test_request_bodies_held_beyond_the_cap_are_refused_while_the_server_serves(
     before = _cuts(roomy, "body_budget")
     with _connect(roomy) as holder:
         holder.sendall(_head("POST", "/v2/models/digits/infer", 30 * MiB) + b" " * (25 * MiB))
-        deadline = time.monotonic() + 20
-        while _metric(roomy, "edgerun_request_body_bytes_held") < 25 * MiB and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _held_when(roomy, lambda held: held >= 25 * MiB, within=20)
         with _connect(roomy) as late:
             late.sendall(_head("POST", "/v2/models/digits/infer", 30 * MiB))
             status, headers, body = _response(late, timeout=5)
@@ -231,10 +240,8 @@ def test_request_bodies_held_beyond_the_cap_are_refused_while_the_server_serves(
             assert status == 413 and "server.max_body_total" in orjson.loads(body)["error"]
         assert httpx.get(roomy.url + "/v2/health/ready", timeout=10).status_code == 200
         _serves(roomy)
-    deadline = time.monotonic() + 10
-    while _metric(roomy, "edgerun_request_body_bytes_held") > 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _metric(roomy, "edgerun_request_body_bytes_held") == 0, "the held body was not let go with its client"
+    held = _held_when(roomy, lambda held: held == 0, within=10)
+    assert held == 0, "the held body was not let go with its client"
     assert _cuts(roomy, "body_budget") == before + 2
 
 
@@ -268,19 +275,14 @@ def test_binary_tensor_bodies_of_megabytes_are_answered_and_held_like_any_body(r
     big, headers = _binary_request(np.zeros((122_880, 64), np.float32))  # 30 MiB
     with _connect(roomy) as holder:
         holder.sendall(_head("POST", "/v2/models/digits/infer", len(big), headers) + big[:25 * MiB])
-        deadline = time.monotonic() + 20
-        while _metric(roomy, "edgerun_request_body_bytes_held") < 25 * MiB and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _metric(roomy, "edgerun_request_body_bytes_held") >= 25 * MiB
+        assert _held_when(roomy, lambda held: held >= 25 * MiB, within=20) >= 25 * MiB
         with _connect(roomy) as late:
             late.sendall(_head("POST", "/v2/models/digits/infer", len(big), headers))
             status, response_headers, answer = _response(late, timeout=5)
             assert status == 503 and response_headers["retry-after"] == "1", answer
         _serves(roomy)
-    deadline = time.monotonic() + 10
-    while _metric(roomy, "edgerun_request_body_bytes_held") > 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _metric(roomy, "edgerun_request_body_bytes_held") == 0, "the held body was not let go with its client"
+    held = _held_when(roomy, lambda held: held == 0, within=10)
+    assert held == 0, "the held body was not let go with its client"
     assert _cuts(roomy, "body_budget") == before + 1
     _serves(roomy)
 

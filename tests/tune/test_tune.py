@@ -75,7 +75,8 @@ def test_a_candidate_that_crashes_hangs_overshoots_memory_or_is_wrong_is_dropped
         by_backend.setdefault(c.backend, []).append(c)
     assert all(not c.kept and c.reason.startswith("crashed (signal SIGSEGV)") for c in by_backend["crashing"])
     assert all(not c.kept and c.reason.startswith("timed out") for c in by_backend["hanging"])
-    assert all(not c.kept and c.reason.startswith("over the memory budget") for c in by_backend["hungry"]), [(c.kept, c.reason) for c in by_backend["hungry"]]
+    assert all(not c.kept and c.reason.startswith("over the memory budget") for c in by_backend["hungry"]), \
+        [(c.kept, c.reason) for c in by_backend["hungry"]]
     assert all(not c.kept and c.reason.startswith("wrong on this device") and c.agreement < 0.5
                for c in by_backend["wrong"])
     assert info.chosen.backend in ("onnxruntime", "openvino")
