@@ -39,7 +39,9 @@ class ModelConfig:
     backend: str | None = None
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     max_inflight: int = 4  # concurrent runs of this model
-    inline_below_us: int = 200  # runs measured shorter than this go on the event loop, not a thread (0: never)
+    # runs measured shorter than this go on the event loop, not a thread (0: never; None: 200, or 1000 when the
+    # server may use one CPU only, see edgerun.serving.batching.policy_for)
+    inline_below_us: int | None = None
     max_queue: int = 256  # waiting requests before 503
     tune: str | None = None  # overrides tuning.mode for this model: "off", "first" or "every"
     tune_budget: float | None = None  # overrides tuning.budget for this model (seconds)
@@ -219,6 +221,10 @@ def _tags(t: Table, name: str) -> dict[str, str]:
     return out
 
 
+def _inline_below(value: int | None) -> int | None:
+    return None if value is None else max(0, value)
+
+
 def _model(t: Table, base: Path) -> ModelConfig:
     t.only("path", "name", "variant", "backend", "batching", "max_inflight", "max_queue", "inline_below_us", "tune",
            "tune_budget")
@@ -240,7 +246,7 @@ def _model(t: Table, base: Path) -> ModelConfig:
     return ModelConfig(path=path, name=t.get("name", str, None), variant=t.get("variant", str, None),
                        backend=t.get("backend", str, None), batching=batching,
                        max_inflight=t.get("max_inflight", int, 4), max_queue=t.get("max_queue", int, 256),
-                       inline_below_us=max(0, t.get("inline_below_us", int, 200)), tune=tune,
+                       inline_below_us=_inline_below(t.get("inline_below_us", int, None)), tune=tune,
                        tune_budget=None if tune_budget is None else float(tune_budget))
 
 

@@ -73,6 +73,13 @@ class _CorkedTransport:
             self._loop.call_soon(self._flush)
         self._pending.append(data)
 
+    def write_whole(self, data: bytes) -> None:
+        """Write a whole response: sent at once, unless something written in this iteration waits to go first."""
+        if self._pending:
+            self._pending.append(data)
+        elif not self._transport.is_closing():
+            self._transport.write(data)
+
     def _flush(self) -> None:
         pending = self._pending
         if pending:
@@ -197,7 +204,7 @@ class _InferCycle:
             parts.append(b"connection: close\r\n")
         parts += (b"\r\n", body)
         transport = protocol.transport
-        transport.write(b"".join(parts))
+        transport.write_whole(b"".join(parts))
         self.response_started = self.response_complete = True
         if not self.keep_alive:
             transport.close()
@@ -208,7 +215,9 @@ class _HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol on a corked transport, holding the front door's limits.
 
     Timers are armed only when a request is not read whole at once: a small request read in one piece costs
-    a few attribute reads. A connection is cut (and counted by reason) when it waits for a request longer than
+    a few attribute reads. The idle timer is not cancelled and armed again per request (uvicorn's way, a timer
+    handle made and dropped for every request): it stays armed while the connection is used, and when it fires
+    on a connection that was busy meanwhile it is armed again for the rest of the idle time. A connection is cut (and counted by reason) when it waits for a request longer than
     ``idle_timeout``, takes longer than ``header_timeout`` to send a request's head, or sends a body slower than
     ``body_min_rate`` over a ``body_timeout`` window; beyond ``max_connections`` a new one gets a 503.
     """
@@ -222,6 +231,8 @@ class _HttpProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._window = 0  # body bytes since the body timer was last armed
         self._held = 0  # body bytes of this connection's requests not answered yet
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0  # loop time the connection last became idle
         self.answer_soon = getattr(self.app, "answer_soon", None)  # the app's infer path without ASGI
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -232,13 +243,16 @@ class _HttpProtocol(HttpToolsProtocol):
             self._cut("connection_limit", 503, f"the server has its maximum of {door.max_connections} connections "
                                                "open (server.max_connections); retry later")
             return
-        self.timeout_keep_alive_task = self.loop.call_later(door.idle_timeout, self.timeout_keep_alive_handler)
+        self._idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.door.open -= 1
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self._release()
         super().connection_lost(exc)
 
@@ -334,7 +348,34 @@ class _HttpProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         if self._held:
             self._release()
-        super().on_response_complete()
+        if self.pipeline or self.transport.is_closing():
+            super().on_response_complete()  # starts the next pipelined request
+            return
+        self.server_state.total_requests += 1
+        self.timeout_keep_alive_task = None
+        self.flow.resume_reading()
+        self._idle()
+
+    def _unset_keepalive_if_required(self) -> None:
+        self.timeout_keep_alive_task = None  # busy: the idle timer looks again when it fires (see _idle_due)
+
+    def _idle(self) -> None:
+        """The connection waits for its next request from now: it is cut after idle_timeout unless one comes."""
+        self._idle_since = self.loop.time()
+        timer = self._idle_timer
+        if timer is None:
+            timer = self._idle_timer = self.loop.call_later(self.door.idle_timeout, self._idle_due)
+        self.timeout_keep_alive_task = timer
+
+    def _idle_due(self) -> None:
+        self._idle_timer = None
+        if self.timeout_keep_alive_task is None or self.transport.is_closing():
+            return  # busy now: armed again when it is idle
+        left = self._idle_since + self.door.idle_timeout - self.loop.time()
+        if left > 0:  # it was used since the timer was armed
+            self._idle_timer = self.timeout_keep_alive_task = self.loop.call_later(left, self._idle_due)
+            return
+        self.timeout_keep_alive_handler()
 
     def timeout_keep_alive_handler(self) -> None:
         if not self.transport.is_closing():
@@ -351,7 +392,7 @@ class _HttpProtocol(HttpToolsProtocol):
             self._window = 0
             self._timer = self.loop.call_later(door.body_timeout, self._body_slow)
         elif self.timeout_keep_alive_task is None and (self.cycle is None or self.cycle.response_complete):
-            self.timeout_keep_alive_task = self.loop.call_later(door.idle_timeout, self.timeout_keep_alive_handler)
+            self._idle()
 
     def _head_late(self) -> None:
         self._timer = None

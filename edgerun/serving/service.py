@@ -117,7 +117,7 @@ class InferenceService:
         return [m.version for m in self.runtime.models() if m.name == name]
 
     def policy(self, model: LoadedModel) -> Policy:
-        return policy_for(model, self._model_configs.get(model))
+        return policy_for(model, self._model_configs.get(model), self.runtime.facts.cpu_count)
 
     def served(self, model: LoadedModel) -> _Served:
         s = self._served.get(model)

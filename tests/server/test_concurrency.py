@@ -250,3 +250,22 @@ def test_batching_is_on_by_default_only_where_it_saves_compute(tmp_path, per_row
         assert model.batch_cost < 0.5 and model.batching_pays
         assert policy.batching and "dynamic_batching" in cfg
     assert forced.batching, "batching.enabled = true must turn batching on whatever was measured"
+
+
+def test_short_runs_stay_on_the_event_loop_longer_when_the_server_has_one_cpu(tmp_path):
+    """With one CPU a worker thread cannot run beside the event loop, so unless configured runs predicted shorter
+    than 1 ms go on the loop (200 µs with more CPUs); a configured inline_below_us holds whatever the CPUs."""
+    from edgerun.config import ModelConfig, parse_config
+    from edgerun.runtime import Runtime
+    from edgerun.serving.batching import policy_for
+
+    with Runtime(threads=1) as rt:
+        model = rt.load(make_slow_package(tmp_path / "slow"), backend="onnxruntime")
+        assert policy_for(model, None, cpus=1).inline_below == pytest.approx(0.001)
+        assert policy_for(model, None, cpus=4).inline_below == pytest.approx(0.0002)
+        for configured in (0, 50, 5000):
+            cfg = ModelConfig(path=tmp_path / "slow", inline_below_us=configured)
+            assert policy_for(model, cfg, cpus=1).inline_below == pytest.approx(configured / 1e6)
+    default, zero = (parse_config({"models": [{"path": str(tmp_path), **extra}]}).models[0]
+                     for extra in ({}, {"inline_below_us": 0}))
+    assert default.inline_below_us is None and zero.inline_below_us == 0

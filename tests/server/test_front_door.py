@@ -198,6 +198,21 @@ def test_idle_connections_are_closed(tight):
     _serves(tight)
 
 
+def test_a_connection_in_use_is_not_cut_as_idle(tight):
+    """The idle timer is not armed again per request: used every 0.4 s for twice idle_timeout, a connection stays
+    open, and it is cut once it has been idle for idle_timeout."""
+    before = _cuts(tight, "idle")
+    with _connect(tight) as s:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            s.sendall(_head("GET", "/v2/health/live"))
+            assert _response(s)[0] == 200, "a connection in use was cut"
+            time.sleep(0.4)
+        assert _cuts(tight, "idle") == before
+        assert _closed(s, within=15), "the connection stayed open past idle_timeout once idle"
+    assert _cuts(tight, "idle") == before + 1
+
+
 def test_connections_beyond_the_cap_are_refused(tight):
     before = _cuts(tight, "connection_limit")
     time.sleep(0.2)  # the connection that read the metrics is gone
