@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import platform
 from dataclasses import dataclass, field
@@ -65,6 +66,26 @@ def _read(path: str) -> str:
         return ""
 
 
+def usable_cpus(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup") -> int:
+    """The CPUs this process may use: its CPU affinity (``taskset``, cpusets), capped by a cgroup v2 CPU quota on
+    its cgroup or one above it (``cpu.max``: ``docker run --cpus``, systemd's ``CPUQuota=``), rounded up."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    base = Path(root)
+    for line in _read(self_cgroup).splitlines():
+        if line.startswith("0::"):
+            cgroup = base / line[3:].strip().lstrip("/")
+            break
+    else:
+        return n  # cgroup v1, or no cgroups: the affinity alone
+    while True:
+        quota, _, period = _read(str(cgroup / "cpu.max")).strip().partition(" ")
+        if quota.isdigit() and period.isdigit() and int(period) > 0:
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+        if cgroup == base or base not in cgroup.parents:
+            return n
+        cgroup = cgroup.parent
+
+
 def _cpuinfo() -> tuple[str, frozenset[str], str]:
     """CPU model, flags (x86 ``flags``, Arm ``Features``) and board (a Pi's ``Model``) from /proc/cpuinfo."""
     model, flags, board = "", set(), ""
@@ -114,7 +135,7 @@ def detect(pm: Any = None) -> DeviceFacts:
         arch=normalize_arch(platform.machine()),
         cpu_model=model,
         cpu_flags=flags,
-        cpu_count=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+        cpu_count=usable_cpus(),
         device_tree_model=_read("/proc/device-tree/model").rstrip("\x00").strip() or board,
         memory_total=mem.total,
         memory_available=mem.available,

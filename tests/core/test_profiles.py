@@ -265,3 +265,26 @@ def test_device_command_unknown_profile_exits_with_config_error(cli) -> None:
     rc, _, err = cli("device", "--profile", "toaster")
     assert rc == 78
     assert "unknown profile 'toaster'" in err
+
+
+def test_usable_cpus_are_capped_by_a_cgroup_cpu_quota(tmp_path):
+    """`docker run --cpus 1.5` or systemd's CPUQuota= on this cgroup or one above it caps the CPUs edgerun plans
+    for (rounded up), never above the CPU affinity; no quota ("max"), or no cgroup v2, leaves the affinity."""
+    import os
+
+    from edgerun.device import usable_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    root = tmp_path / "cgroup"
+    leaf = root / "system.slice" / "edgerun.service"
+    leaf.mkdir(parents=True)
+    (leaf / "cpu.max").write_text("max 100000\n")
+    self_cgroup = tmp_path / "self-cgroup"
+    self_cgroup.write_text("0::/system.slice/edgerun.service\n")
+    assert usable_cpus(str(root), str(self_cgroup)) == affinity
+    (root / "system.slice" / "cpu.max").write_text("50000 100000\n")  # half a CPU on the slice above
+    assert usable_cpus(str(root), str(self_cgroup)) == 1
+    (root / "system.slice" / "cpu.max").write_text("150000 100000\n")
+    assert usable_cpus(str(root), str(self_cgroup)) == min(affinity, 2)
+    self_cgroup.write_text("12:cpu,cpuacct:/docker/abc\n")  # cgroup v1 only
+    assert usable_cpus(str(root), str(self_cgroup)) == affinity
