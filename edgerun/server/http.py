@@ -217,9 +217,10 @@ class _HttpProtocol(HttpToolsProtocol):
     Timers are armed only when a request is not read whole at once: a small request read in one piece costs
     a few attribute reads. The idle timer is not cancelled and armed again per request (uvicorn's way, a timer
     handle made and dropped for every request): it stays armed while the connection is used, and when it fires
-    on a connection that was busy meanwhile it is armed again for the rest of the idle time. A connection is cut (and counted by reason) when it waits for a request longer than
-    ``idle_timeout``, takes longer than ``header_timeout`` to send a request's head, or sends a body slower than
-    ``body_min_rate`` over a ``body_timeout`` window; beyond ``max_connections`` a new one gets a 503.
+    on a connection that was busy meanwhile it is armed again for the rest of the idle time. A connection is cut
+    (and counted by reason) when it waits for a request longer than ``idle_timeout``, takes longer than
+    ``header_timeout`` to send a request's head, or sends a body slower than ``body_min_rate`` over a
+    ``body_timeout`` window; beyond ``max_connections`` a new one gets a 503.
     """
 
     door: FrontDoor  # set on a subclass per server
