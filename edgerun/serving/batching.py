@@ -67,15 +67,46 @@ def policy_for(model: LoadedModel, cfg: ModelConfig | None, cpus: int = 2) -> Po
                   max(1, cfg.max_inflight), max(1, cfg.max_queue), max(0, inline) / 1e6)
 
 
-class _Item:
-    __slots__ = ("inputs", "future", "rows", "key", "enqueued")
+Done = Callable[[Any, "BaseException | None"], None]  # (result, None) or (None, error)
 
-    def __init__(self, inputs: dict[str, np.ndarray], future: asyncio.Future, rows: int, key: Any, enqueued: float):
+
+class _Item:
+    """A queued request: its answer goes to a future (``submit``) or straight to a callback (``submit_call``)."""
+
+    __slots__ = ("inputs", "future", "call", "rows", "key", "enqueued")
+
+    def __init__(self, inputs: dict[str, np.ndarray], future: asyncio.Future | None, call: Done | None, rows: int,
+                 key: Any, enqueued: float):
         self.inputs = inputs
         self.future = future
+        self.call = call
         self.rows = rows
         self.key = key
         self.enqueued = enqueued
+
+    def live(self) -> bool:
+        """False once its requester has gone (the future cancelled, or ``cancel()``)."""
+        future = self.future
+        return self.call is not None if future is None else not future.done()
+
+    def cancel(self) -> None:
+        """The requester of a ``submit_call`` request left: it is not run if it has not started, never answered."""
+        self.call = None
+
+    def resolve(self, result: Any, exc: BaseException | None) -> None:
+        future = self.future
+        if future is None:
+            call, self.call = self.call, None
+            if call is not None:
+                try:
+                    call(result, exc)
+                except Exception:
+                    log.exception("answering a request failed")
+        elif not future.done():
+            if exc is None:
+                future.set_result(result)
+            else:
+                future.set_exception(exc)
 
 
 def _run_batch(model: LoadedModel, items: list[dict[str, np.ndarray]], rows: list[int]
@@ -178,14 +209,29 @@ class ModelScheduler:
     def submit(self, inputs: dict[str, np.ndarray]) -> asyncio.Future:
         """Queue checked inputs; the future resolves to (this request's outputs, seconds it waited, seconds its
         run took)."""
-        p = self.policy
-        if len(self._pending) >= p.max_queue:
-            raise Busy(f"model {self.model.name!r} is busy: its queue is full ({p.max_queue} requests waiting, "
-                       f"{self._inflight} runs in flight); retry later")
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         fut = loop.create_future()
+        self._queue(_Item(inputs, fut, None, 0, None, 0.0))
+        return fut
+
+    def submit_call(self, inputs: dict[str, np.ndarray], call: Done) -> _Item:
+        """``submit`` without a future: ``call(result, None)`` or ``call(None, error)`` when the run is over, from
+        the scheduler itself (perhaps before this returns), which saves a loop iteration per request. ``cancel()``
+        on what it returns drops the request."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        item = _Item(inputs, None, call, 0, None, 0.0)
+        self._queue(item)
+        return item
+
+    def _queue(self, item: _Item) -> None:
+        inputs = item.inputs
+        p = self.policy
+        if len(self._pending) >= p.max_queue:
+            raise Busy(f"model {self.model.name!r} is busy: its queue is full ({p.max_queue} requests waiting, "
+                       f"{self._inflight} runs in flight); retry later")
         if p.batching:
             key: Any
             if len(inputs) == 1:  # the common case, without the loops below
@@ -200,14 +246,14 @@ class ModelScheduler:
                     key = object()  # inputs disagree on the batch size: run alone, never split
         else:
             rows, key = 1, None
-        self._pending.append(_Item(inputs, fut, rows, key, perf_counter()))
+        item.rows, item.key, item.enqueued = rows, key, perf_counter()
+        self._pending.append(item)
         self._pending_rows += rows
         if not p.batching and self._inflight < p.max_inflight:
             self._kick()
         elif not self._kick_scheduled:
             self._kick_scheduled = True
-            loop.call_soon(self._kick)  # let requests read in the same loop iteration join the batch
-        return fut
+            self._loop.call_soon(self._kick)  # type: ignore[union-attr]  # requests read in this iteration join
 
     def _kick(self) -> None:
         self._kick_scheduled = False
@@ -245,7 +291,7 @@ class ModelScheduler:
     def _start(self, batch: list[_Item]) -> bool:
         """Run a batch: on the event loop when its run is predicted short, else on a worker thread; True when it
         ran on the loop (and is done)."""
-        live = [it for it in batch if not it.future.done()]  # drop requests whose client went away
+        live = [it for it in batch if it.live()]  # drop requests whose client went away
         if not live:
             return False
         self._inflight += 1
@@ -299,13 +345,11 @@ class ModelScheduler:
         self._inflight -= 1
         if exc is not None:
             for it in batch:
-                if not it.future.done():
-                    it.future.set_exception(exc)
+                it.resolve(None, exc)
             return
         results, merge, compute, split, _ = result
         for it, r, wait in zip(batch, results, waits):
-            if not it.future.done():
-                it.future.set_result((r, wait, compute))
+            it.resolve((r, wait, compute), None)
         rows = sum(it.rows for it in batch)
         if self._observe is not None:
             self._observe(self.model, rows, merge, compute, split, waits)

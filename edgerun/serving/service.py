@@ -230,7 +230,7 @@ class _Run:
         self.model: LoadedModel | None = None
         self.wanted: list[str] | None = None
         self.checked: dict[str, np.ndarray] = {}
-        self.queued: asyncio.Future | None = None
+        self.queued: Any = None  # the scheduler's item while a started request waits for its run
         self.gone = False
 
     def start(self, decode: Callable[[LoadedModel], Decoded], encode: Callable[[LoadedModel, dict], Any],
@@ -243,32 +243,45 @@ class _Run:
             done(None, self.failed(exc))
 
     def cancel(self) -> None:
-        """The client left (a request started with ``start``): its run is dropped if it has not started."""
+        """The client left (a request started with ``start``): its run is dropped if it has not started, and it
+        fails with ClientGone now."""
         self.gone = True
-        if self.queued is not None:
-            self.queued.cancel()
+        item, self.queued = self.queued, None
+        if item is not None and item.live():
+            item.cancel()
+            self.done(None, self.failed(ClientGone()))
 
     def _attempt(self) -> None:
         self.attempts -= 1
-        fut = self.queued = self.submit(self.decode(self.look_up()))
-        fut.add_done_callback(self._ran)
+        request = self.decode(self.look_up())
+        self.wanted_and_checked(request)
+        item = self.served.scheduler.submit_call(self.checked, self._ran)  # type: ignore[union-attr]
+        if item.live():  # (not answered already)
+            self.queued = item
 
-    def _ran(self, fut: asyncio.Future) -> None:
+    def _retry(self) -> None:
+        if self.gone:
+            self.done(None, self.failed(ClientGone()))
+            return
+        try:
+            self._attempt()
+        except Exception as exc:
+            self.done(None, self.failed(exc))
+
+    def _ran(self, result: Any, exc: BaseException | None) -> None:
+        """The scheduler's answer to ``_attempt``'s request (called by the scheduler, not by the loop)."""
         self.queued = None
         try:
-            if fut.cancelled():
-                if self.gone:
-                    raise ClientGone()
-                raise ModelNotReady(f"the request to model {self.name!r} was cancelled; retry")
-            exc = fut.exception()
             if isinstance(exc, Retired):
                 if self.attempts > 0 and not self.gone:
-                    self._attempt()  # swapped out between look-up and run: look the model up again
+                    # swapped out between look-up and run: look the model up again, from the loop (not from
+                    # inside the scheduler that ran the retired version)
+                    asyncio.get_running_loop().call_soon(self._retry)
                     return
                 raise ModelNotReady(f"model {self.name!r} is being replaced; retry")
             if exc is not None:
                 raise exc
-            answer = self.finish(fut.result(), self.encode)
+            answer = self.finish(result, self.encode)
         except Exception as exc:
             self.done(None, self.failed(exc))
             return
@@ -281,11 +294,15 @@ class _Run:
         return model
 
     def submit(self, request: Decoded) -> asyncio.Future:
+        self.wanted_and_checked(request)
+        return self.served.scheduler.submit(self.checked)  # type: ignore[union-attr]
+
+    def wanted_and_checked(self, request: Decoded) -> None:
+        """The outputs asked for (unknown names refused) and the checked inputs, before the request is queued."""
         model = self.model
         self.wanted = model.select_outputs(request.output_names)  # type: ignore[union-attr]
         self.checked = model.check_inputs(request.inputs)  # type: ignore[union-attr]
         self.t1 = perf_counter()
-        return self.served.scheduler.submit(self.checked)  # type: ignore[union-attr]
 
     def finish(self, result: tuple, encode: Callable[[LoadedModel, dict[str, np.ndarray]], T]) -> T:
         outputs, waited, computed = result
