@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator
 
+import httptools
 import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -155,14 +156,19 @@ class _InferCycle:
     ends or the client leaves, is ``self.set()``.
     """
 
-    __slots__ = ("protocol", "scope", "keep_alive", "body", "more_body", "response_started", "response_complete",
-                 "disconnected", "started", "run")
+    __slots__ = ("protocol", "scope", "keep_alive", "body", "filled", "more_body", "response_started",
+                 "response_complete", "disconnected", "started", "run")
 
-    def __init__(self, protocol: "_HttpProtocol", scope: dict, keep_alive: bool):
+    def __init__(self, protocol: "_HttpProtocol", scope: dict, keep_alive: bool, size: int):
         self.protocol = protocol
         self.scope = scope
         self.keep_alive = keep_alive
-        self.body = bytearray()
+        if size > SMALL_BODY:  # read into its place (see _BodyReader); `filled` counts the bytes in
+            self.body = bytearray(size)
+            self.filled = 0
+        else:  # in one read or a few: appended
+            self.body = bytearray()
+            self.filled = -1
         self.more_body = True
         self.response_started = self.response_complete = self.disconnected = self.started = False
         self.run: Any = None  # the request in the inference service, once the body is whole
@@ -234,6 +240,7 @@ class _HttpProtocol(HttpToolsProtocol):
         self._held = 0  # body bytes of this connection's requests not answered yet
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0  # loop time the connection last became idle
+        self._size = 0  # the body size of the request whose head was just read, when it is a plain infer
         self.answer_soon = getattr(self.app, "answer_soon", None)  # the app's infer path without ASGI
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -274,6 +281,8 @@ class _HttpProtocol(HttpToolsProtocol):
             self._arm(phase)  # bytes between requests (or the rest of a body answered early): idle again
         if phase == _BODY or before == _BODY:
             self._count(len(data), phase)
+            if phase == _BODY and type(cycle) is _InferCycle and cycle.filled >= 0 and not self.transport.is_closing():
+                self.transport.set_protocol(_BodyReader(self, cycle))  # the rest of the body goes into its place
 
     def on_headers_complete(self) -> None:
         door = self.door
@@ -315,6 +324,7 @@ class _HttpProtocol(HttpToolsProtocol):
         if length is None or not length.isdigit():
             return False
         size = int(length)
+        self._size = size
         if size <= SMALL_BODY:
             return True
         if size > self.door.max_body:
@@ -332,15 +342,36 @@ class _HttpProtocol(HttpToolsProtocol):
         scope["query_string"] = b""
         if version != "1.1":
             scope["http_version"] = version
-        self.cycle = _InferCycle(self, scope, version != "1.0" and self.parser.should_keep_alive())  # type: ignore
+        self.cycle = _InferCycle(self, scope, version != "1.0" and self.parser.should_keep_alive(),  # type: ignore
+                                 self._size)
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
         if type(cycle) is _InferCycle:  # read whole, without the app's flow control: it takes it whole anyway
             if not cycle.disconnected:
-                cycle.body += body
+                if cycle.filled < 0:
+                    cycle.body += body
+                else:
+                    end = cycle.filled + len(body)
+                    cycle.body[cycle.filled:end] = body
+                    cycle.filled = end
             return
         super().on_body(body)
+
+    def body_read(self, n: int) -> None:
+        """``n`` more bytes of a large infer body were read into place by ``_BodyReader``."""
+        cycle: _InferCycle = self.cycle  # type: ignore[assignment]
+        self._count(n, _BODY)
+        if cycle.filled < len(cycle.body) or self.transport.is_closing():
+            return
+        self.transport.set_protocol(self)
+        # the parser still waits for the body it did not see: the next request starts on a new one
+        self.parser = httptools.HttpRequestParser(self)
+        with contextlib.suppress(AttributeError):  # as uvicorn sets its own (httptools >= 0.6.3)
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.on_message_complete()
+        self._phase = _DONE
+        self._arm(_DONE)
 
     def on_message_complete(self) -> None:
         self._done_scope = self.scope
@@ -449,6 +480,40 @@ class _HttpProtocol(HttpToolsProtocol):
             cycle.disconnected = True  # the app sees the client gone; nothing it sends goes out
             cycle.message_event.set()
         transport.close()
+
+
+class _BodyReader(asyncio.BufferedProtocol):
+    """Stands in for a connection's protocol while the rest of a large infer body is read: the event loop reads
+    it from the socket straight into the request's buffer, where the tensors are then taken from in place (a
+    body otherwise goes through a bytes object per read, another per parser callback, and a growing buffer:
+    three copies, and a Python call chain per read). Once the body is whole, the protocol is itself again.
+    """
+
+    __slots__ = ("protocol", "cycle", "view")
+
+    def __init__(self, protocol: _HttpProtocol, cycle: _InferCycle):
+        self.protocol = protocol
+        self.cycle = cycle
+        self.view = memoryview(cycle.body)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.view[self.cycle.filled:]  # never more than the body: what follows it is the next request's
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.cycle.filled += nbytes
+        self.protocol.body_read(nbytes)
+
+    def eof_received(self) -> bool | None:
+        return self.protocol.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.protocol.resume_writing()
 
 
 def _response(status: int, message: str) -> bytes:

@@ -11,7 +11,7 @@ import orjson
 
 from edgerun.server.codec import encode_request
 from edgerun.tensors import DATATYPE_TO_DTYPE
-from edgerun.testing.serving import ALL_DATATYPES
+from edgerun.testing.serving import ALL_DATATYPES, reference
 
 INFER_JSON = orjson.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]})
 
@@ -71,6 +71,34 @@ def test_pipelined_requests_are_answered_in_order(server):
         assert status == 404 and "nosuchmodel" in orjson.loads(body)["error"]
         status, _, body = r.response()
         assert status == 200 and orjson.loads(body)["name"] == "digits"
+
+
+def test_large_bodies_followed_by_more_requests_in_the_same_writes_are_answered_in_order(server, digits_package):
+    """Large binary-tensor bodies (read straight into their buffers) with the next request right behind each, in
+    one write and split at odd places: each answer is right and in order, none takes bytes of the next."""
+    rng = np.random.default_rng(11)
+    xs = [rng.random((n, 64), dtype=np.float32) for n in (3000, 1500, 3500)]  # under the 1 MiB max_body
+    wire = b""
+    for x in xs:
+        body, hlen = encode_request({"input": x}, binary=True, outputs=["probabilities"])
+        wire += _request("POST", "/v2/models/digits/versions/1/infer", body,
+                         {"Inference-Header-Content-Length": str(hlen)})
+    wire += _request("GET", "/v2/health/ready")
+    for cuts in ([], [77, 300_001, 800_000, 1_300_000]):
+        with _connect(server) as s:
+            start = 0
+            for end in [*cuts, len(wire)]:
+                s.sendall(wire[start:end])
+                start = end
+                time.sleep(0.02)
+            r = _Reader(s)
+            for x in xs:
+                status, headers, body = r.response()
+                assert status == 200, body[:300]
+                n = int(headers["inference-header-content-length"])
+                got = np.frombuffer(body[n:], np.float32).reshape(len(x), 10)
+                np.testing.assert_allclose(got, reference(digits_package, x), rtol=1e-5, atol=1e-6)
+            assert r.response()[0] == 200
 
 
 def test_connection_close_gets_the_whole_answer_then_eof(server):

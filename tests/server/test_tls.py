@@ -60,6 +60,14 @@ def test_a_client_with_a_certificate_from_the_ca_is_served(mtls, pki, digits_pac
             assert c.metadata("digits")["name"] == "digits"
 
 
+def test_a_body_of_megabytes_is_read_whole_over_tls(mtls, pki, digits_package):
+    x = np.random.default_rng(6).random((16384, 64), dtype=np.float32)  # 4 MiB of binary tensor data
+    with edgerun.Client(mtls.url, **client_options(pki)) as c:
+        for _ in range(2):  # and the connection goes on
+            got = c.infer("digits", {"input": x})["probabilities"]
+            np.testing.assert_allclose(got, reference(digits_package, x), rtol=1e-5, atol=1e-6)
+
+
 def test_a_client_without_a_certificate_is_refused(mtls, pki):
     no_cert = ssl.create_default_context(cafile=str(pki / "ours" / "ca.pem"))
     with pytest.raises(httpx.TransportError):
