@@ -267,6 +267,7 @@ class Server {
   }
 
   void Poll() {
+    pthread_setname_np(pthread_self(), "edgerun-grpc");  // as top -H and /proc/<pid>/task/*/comm show it
     void* tag;
     bool ok;
     int handled = 0;  // completions handled since the event loop was last woken

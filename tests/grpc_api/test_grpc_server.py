@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -357,3 +362,57 @@ def test_a_stream_longer_than_its_window_is_answered_whole(client):
         client.stop_stream()
     assert [e for _, e in answers if e is not None] == []
     assert sorted(int(r.get_response().id) for r, _ in answers) == list(range(300))
+
+
+def _grpc_thread(pid: int) -> int:
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if (task / "comm").read_text().strip() == "edgerun-grpc":
+            return int(task.name)
+    raise AssertionError("no thread named edgerun-grpc in the server")
+
+
+def _policy_becomes(tid: int, policy: int, within: float = 10) -> bool:
+    deadline = time.monotonic() + within
+    while os.sched_getscheduler(tid) != policy:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_the_native_server_thread_gives_way_to_the_event_loop_only_under_load(served, stub, digits_package):
+    """The native server's gRPC thread is an ordinary thread with no call open (woken while another process has
+    the CPU, it runs at once), SCHED_BATCH while several are (it leaves the event loop be until the loop sleeps),
+    and ordinary again once they end; calls are answered throughout."""
+    if "(native server)" not in served.output():
+        pytest.skip("the grpcio server has no thread of its own")
+    tid = _grpc_thread(served.proc.pid)
+    x, inputs = digits(2, seed=5)
+    req = pb.ModelInferRequest(model_name="digits", inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="input", datatype="FP32", shape=[2, 64])], raw_input_contents=[x.tobytes()])
+
+    def answered() -> None:
+        resp = stub.ModelInfer(req, metadata=AUTH, timeout=30)
+        got = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(2, 10)
+        np.testing.assert_allclose(got, reference(digits_package, x), rtol=1e-5, atol=1e-6)
+
+    answered()
+    assert _policy_becomes(tid, os.SCHED_OTHER), "the gRPC thread is SCHED_BATCH with no call open"
+    ends = [threading.Event() for _ in range(6)]
+
+    def held_open(end: threading.Event) -> Iterator[pb.ModelInferRequest]:
+        end.wait(60)
+        return
+        yield
+
+    streams = [stub.ModelStreamInfer(held_open(end), metadata=AUTH, timeout=60) for end in ends]
+    try:
+        assert _policy_becomes(tid, os.SCHED_BATCH), "six open streams did not make the gRPC thread SCHED_BATCH"
+        answered()
+    finally:
+        for end in ends:
+            end.set()
+        for s in streams:
+            assert list(s) == []
+    assert _policy_becomes(tid, os.SCHED_OTHER), "the gRPC thread stayed SCHED_BATCH once the streams ended"
+    answered()
