@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 MEASURED = pytest.StashKey[dict]()
+EXIT_STATUS = pytest.StashKey[int]()
 
 os.environ.setdefault("EDGERUN_LOG_LEVEL", "WARNING")
 os.environ.setdefault("EDGERUN_SERVER_GRPC_PORT", "0")  # servers that tests start serve gRPC only where asked
@@ -62,3 +66,27 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
 @pytest.fixture(scope="session")
 def measured(request) -> dict[str, Any]:
     return request.config.stash.setdefault(MEASURED, {})
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
+
+
+def pytest_unconfigure(config) -> None:
+    """A thread a test started and left running (say a runner a failed assertion never stopped) would keep the
+    interpreter from exiting after the summary, and a CI job would wait for it until its time-out: name the
+    threads, show where they are, and exit with the session's status."""
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join(10)
+    left = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not left:
+        return
+    frames = sys._current_frames()
+    sys.stderr.write(f"\n{len(left)} thread(s) a test started are still running; exiting without them:\n")
+    for t in left:
+        frame = frames.get(t.ident)
+        sys.stderr.write(f"--- {t.name}\n" + ("".join(traceback.format_stack(frame)) if frame else ""))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(config.stash.get(EXIT_STATUS, 1))

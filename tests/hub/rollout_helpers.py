@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from edgerun.contract import Topics
 from edgerun.hub.publish import build_manifest, encode
@@ -34,6 +36,7 @@ class Setup:
         self.db = db
         self.registry = Registry(self.db)
         self.key = load_private_key(keys / "hub-t.key")
+        self.devices = 0  # the size of the simulated fleet (``sim``)
 
     def manifest(self, version: int, edit: Callable[[dict], Any] | None = None) -> dict:
         m = build_manifest(self.package)
@@ -54,8 +57,33 @@ class Setup:
     def upload(self, version: int, edit: Callable[[dict], Any] | None = None) -> None:
         self.registry.record_release(self.fleet, self.manifest(version, edit), source="upload")
 
+    def sim(self, **kw: Any) -> SimFleet:
+        """A simulated fleet on this broker; the watches of ``watch`` wait until the registry knows all of it."""
+        self.devices = kw["n"]
+        return SimFleet(self.broker.port, self.fleet, self.keydir, **kw)
+
     def watch(self, registry: Registry | None = None) -> FleetWatch:
-        return FleetWatch(Broker(port=self.broker.port), self.topics, registry or self.registry, name="test")
+        """A started watch whose registry knows every device of the simulated fleet: a watch settles on a pause
+        in the retained messages, and on a loaded host a pause can come before the last device is in."""
+        registry = registry or self.registry
+        w = FleetWatch(Broker(port=self.broker.port), self.topics, registry, name="test").start()
+        try:
+            wait_for(lambda: len(registry.device_names(self.fleet)) >= self.devices, what="every device known")
+        except BaseException:
+            w.stop()
+            raise
+        return w
+
+    @contextlib.contextmanager
+    def running(self, runner: RolloutRunner) -> Iterator[threading.Thread]:
+        """``runner.run`` on a thread for the block, stopped and joined after it, whatever the block raised."""
+        thread = threading.Thread(target=runner.run, name="rollout-runner", daemon=True)
+        thread.start()
+        try:
+            yield thread
+        finally:
+            runner.stop()
+            thread.join(30)
 
     def start(self, watch: FleetWatch, version: int, *, selector=(), runner: str = "test:1", **plan) -> int:
         """Record a rollout (``start_rollout``); its id."""

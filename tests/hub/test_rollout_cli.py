@@ -24,7 +24,7 @@ def _row(listing: str, rid: int) -> str:
 
 
 def test_pause_resume_and_list_reach_the_hub_that_runs_the_rollout(setup):
-    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=12, seed=31) as fleet:
+    with setup.sim(n=12, seed=31) as fleet:
         setup.publish(1)
         wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         setup.upload(2)
@@ -70,18 +70,16 @@ def test_pause_resume_and_list_reach_the_hub_that_runs_the_rollout(setup):
 
 
 def test_pause_and_abort_with_no_hub_running_the_rollout_do_the_work_themselves(setup):
-    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=10, seed=33) as fleet:
+    with setup.sim(n=10, seed=33) as fleet:
         setup.publish(1)
         wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         setup.upload(2)
         with setup.watch() as w:
             rid = setup.start(w, 2, canary=3, step="100%", bake="10m", runner="gone:1")
             runner = RolloutRunner(setup.registry, w, rid, runner="gone:1", tick=0.1)
-            thread = threading.Thread(target=runner.run)
-            thread.start()
-            wait_for(lambda: setup.registry.rollout(rid).stage_done_at, what="the canary done, baking")
-            runner.stop()  # that hub is gone
-            thread.join(10)
+            with setup.running(runner):
+                wait_for(lambda: setup.registry.rollout(rid).stage_done_at, what="the canary done, baking")
+            # that hub is gone
         setup.registry.update_rollout(rid, heartbeat=time.time() - 60)
         canary = {d.device for d in setup.registry.rollout_devices(rid) if d.stage == 0}
         assert all(fleet.devices[d].active["digits"] == 2 for d in canary)

@@ -104,7 +104,7 @@ def test_a_sqlite_registry_locked_by_another_process_mid_rollout_loses_nothing(s
     path = setup.db.removeprefix("sqlite:///")
     runner_registry = Registry(setup.db, timeout=0.5)  # gives up on a lock after 0.5 s instead of 10 s
     caplog.set_level(logging.WARNING, logger="edgerun.hub.rollout")
-    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=20, seed=23) as fleet:
+    with setup.sim(n=20, seed=23) as fleet:
         setup.publish(1)
         wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         setup.upload(2)

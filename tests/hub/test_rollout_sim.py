@@ -31,7 +31,7 @@ REGISTRIES = pytest.mark.parametrize("setup", ["sqlite", "postgresql"], indirect
 
 @REGISTRIES
 def test_a_staged_rollout_reaches_every_device_stage_after_stage(setup):
-    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=200, seed=1) as fleet:
+    with setup.sim(n=200, seed=1) as fleet:
         setup.publish(1)
         wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         setup.upload(2)
@@ -51,7 +51,7 @@ def test_a_staged_rollout_reaches_every_device_stage_after_stage(setup):
 
 @REGISTRIES
 def test_injected_failures_abort_at_the_first_gate_and_the_canary_rolls_back(setup):
-    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=100, seed=3, fail_mode="spread") as fleet:
+    with setup.sim(n=100, seed=3, fail_mode="spread") as fleet:
         setup.publish(1)
         wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         fleet.fail_rate = 0.2  # from now on exactly one update in five fails: two in a canary of 10
@@ -88,7 +88,7 @@ def test_the_gate_judges_the_devices_that_finished_once_enough_did_and_at_each_s
 
 def test_devices_that_never_answer_time_out_and_count_as_failures(setup):
     silent = {"sim-0003", "sim-0007"}
-    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=10, seed=5) as fleet:
+    with setup.sim(n=10, seed=5) as fleet:
         setup.publish(1)
         wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         fleet.silent_devices |= silent  # two devices hang from now on
@@ -102,7 +102,7 @@ def test_devices_that_never_answer_time_out_and_count_as_failures(setup):
 
 
 def test_a_paused_rollout_starts_no_stage_until_resumed(setup):
-    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=20, seed=7) as fleet:
+    with setup.sim(n=20, seed=7) as fleet:
         setup.publish(1)
         wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         setup.upload(2)
@@ -110,21 +110,21 @@ def test_a_paused_rollout_starts_no_stage_until_resumed(setup):
             start = start_rollout(setup.registry, w, setup.key, "hub-t", "digits", 2, selector=[],
                                   plan=Plan.parse(canary=2, step="100%", bake="0.2s"), runner="test:1")
             runner = RolloutRunner(setup.registry, w, start.rollout.id, runner="test:1", tick=0.1)
-            thread = threading.Thread(target=runner.run)
-            thread.start()
-            request(setup.registry, start.rollout.id, "pause")
-            wait_for(lambda: setup.registry.rollout(start.rollout.id).state == "paused", what="paused")
-            time.sleep(1.5)  # the canary finishes and bakes, but the next stage waits
-            devices = setup.registry.rollout_devices(start.rollout.id)
-            assert sum(1 for d in devices if d.state == "pending") >= 18, [d.state for d in devices]
-            request(setup.registry, start.rollout.id, "resume")
-            thread.join(30)
+            with setup.running(runner) as thread:
+                request(setup.registry, start.rollout.id, "pause")
+                wait_for(lambda: setup.registry.rollout(start.rollout.id).state == "paused", what="paused")
+                time.sleep(1.5)  # the canary finishes and bakes, but the next stage waits
+                devices = setup.registry.rollout_devices(start.rollout.id)
+                assert len(devices) == 20
+                assert sum(1 for d in devices if d.state == "pending") >= 18, [d.state for d in devices]
+                request(setup.registry, start.rollout.id, "resume")
+                thread.join(30)
         assert setup.registry.rollout(start.rollout.id).state == "succeeded"
         wait_for(lambda: all_on(fleet, 2), what="v2 everywhere")
 
 
 def test_bad_rollouts_are_refused_with_a_clear_message(setup):
-    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=5, seed=9) as fleet:
+    with setup.sim(n=5, seed=9) as fleet:
         setup.publish(1)
         wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         with setup.watch() as w:
@@ -160,7 +160,7 @@ def test_bad_rollouts_are_refused_with_a_clear_message(setup):
 
 def test_devices_on_an_older_contract_are_skipped_for_a_release_they_would_refuse(setup):
     old = {"old-11": "1.1", "old-10": None}  # None: a status without "contract", as 1.0 devices send it
-    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=4, seed=13) as fleet, \
+    with setup.sim(n=4, seed=13) as fleet, \
             Connection(Broker(port=setup.broker.port), persistent=False) as c:
         for name, contract in old.items():
             data = Status(name, setup.fleet, 1, "raspberry-pi-4", contract=contract or "1.0").to_dict()
@@ -193,7 +193,7 @@ def test_devices_on_an_older_contract_are_skipped_for_a_release_they_would_refus
 
 
 def test_a_hub_killed_mid_rollout_loses_nothing_and_resume_finishes_it(setup):
-    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=30, seed=11) as fleet:
+    with setup.sim(n=30, seed=11) as fleet:
         setup.publish(1)
         wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         setup.upload(2)

@@ -68,7 +68,7 @@ def tables(text: str) -> dict[str, list[str]]:
 
 @REGISTRIES
 def test_devices_tuning_figures_reach_the_registry_and_hub_tuning_shows_them_per_profile_and_cpu(setup):
-    with SimFleet(setup.broker.port, setup.fleet, setup.keydir, n=40, seed=2, profiles=PROFILES, tune=True) as fleet:
+    with setup.sim(n=40, seed=2, profiles=PROFILES, tune=True) as fleet:
         setup.publish(1)
         wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         r = setup.cli("tuning", "digits", "--json")
