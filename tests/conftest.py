@@ -76,10 +76,9 @@ def pytest_unconfigure(config) -> None:
     """A thread a test started and left running (say a runner a failed assertion never stopped) would keep the
     interpreter from exiting after the summary, and a CI job would wait for it until its time-out: name the
     threads, show where they are, and exit with the session's status."""
-    for t in threading.enumerate():
-        if t is not threading.main_thread() and not t.daemon:
-            t.join(10)
-    left = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    for t in _test_threads():
+        t.join(10)
+    left = [t for t in _test_threads() if t.is_alive()]
     if not left:
         return
     frames = sys._current_frames()
@@ -90,3 +89,11 @@ def pytest_unconfigure(config) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(config.stash.get(EXIT_STATUS, 1))
+
+
+def _test_threads() -> list[threading.Thread]:
+    """The threads that would keep the interpreter from exiting, but for the workers of thread pools: the
+    interpreter's exit stops and joins those itself."""
+    return [t for t in threading.enumerate()
+            if t is not threading.main_thread() and not t.daemon
+            and getattr(getattr(t, "_target", None), "__module__", None) != "concurrent.futures.thread"]

@@ -74,6 +74,11 @@ class Setup:
             raise
         return w
 
+    def known(self) -> None:
+        """The registry knows every simulated device, as the registry of a hub that has watched its fleet before
+        (a command started now settles once all of them are in, instead of on a pause in the retained messages)."""
+        self.watch().stop()
+
     @contextlib.contextmanager
     def running(self, runner: RolloutRunner) -> Iterator[threading.Thread]:
         """``runner.run`` on a thread for the block, stopped and joined after it, whatever the block raised."""

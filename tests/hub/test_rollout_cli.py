@@ -28,6 +28,7 @@ def test_pause_resume_and_list_reach_the_hub_that_runs_the_rollout(setup):
         setup.publish(1)
         wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         setup.upload(2)
+        setup.known()
         hub = subprocess.Popen([sys.executable, "-c", CLI, "hub", "rollout", "start", "digits", "2", "--canary", "2",
                                 "--step", "100%", "--bake", "4s", "--timeout", "60s", *setup.common], env=setup.env(),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

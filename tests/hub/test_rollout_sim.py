@@ -197,6 +197,7 @@ def test_a_hub_killed_mid_rollout_loses_nothing_and_resume_finishes_it(setup):
         setup.publish(1)
         wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
         setup.upload(2)
+        setup.known()
         env, common = setup.env(), setup.common
         hub = subprocess.Popen([sys.executable, "-c", CLI, "hub", "rollout", "start", "digits", "2", "--canary", "3",
                                 "--step", "50%", "--bake", "2s", *common], env=env,
