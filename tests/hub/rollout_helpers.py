@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -57,10 +57,11 @@ class Setup:
     def upload(self, version: int, edit: Callable[[dict], Any] | None = None) -> None:
         self.registry.record_release(self.fleet, self.manifest(version, edit), source="upload")
 
-    def sim(self, **kw: Any) -> SimFleet:
-        """A simulated fleet on this broker; the watches of ``watch`` wait until the registry knows all of it."""
-        self.devices = kw["n"]
-        return SimFleet(self.broker.port, self.fleet, self.keydir, **kw)
+    def sim(self, *, n: int, **kw: Any) -> SimFleet:
+        """A simulated fleet of ``n`` devices on this broker; the watches of ``watch`` wait until the registry knows
+        all of it."""
+        self.devices = n
+        return SimFleet(self.broker.port, self.fleet, self.keydir, n=n, **kw)
 
     def watch(self, registry: Registry | None = None) -> FleetWatch:
         """A started watch whose registry knows every device of the simulated fleet: a watch settles on a pause

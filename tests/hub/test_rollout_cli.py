@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from edgerun.hub.rollout import RolloutRunner
-from edgerun.testing.fleet import SimFleet
 from edgerun.testing.mosquitto import find_mosquitto
 from rollout_helpers import CLI, all_on, wait_for
 

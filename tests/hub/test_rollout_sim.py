@@ -10,7 +10,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -19,7 +18,6 @@ from edgerun.contract import State, Status
 from edgerun.hub.rollout import Plan, RolloutError, RolloutRunner, request, start_rollout
 from edgerun.hub.select import SelectorError
 from edgerun.mqtt import Broker, Connection
-from edgerun.testing.fleet import SimFleet
 from edgerun.testing.mosquitto import find_mosquitto
 from rollout_helpers import CLI, all_on, wait_for
 

@@ -17,7 +17,6 @@ import pytest
 from edgerun.contract import ModelInfo, Status, TunedCandidate, TuningInfo
 from edgerun.hub.registry import Batch, Registry
 from edgerun.mqtt import Broker, Connection
-from edgerun.testing.fleet import SimFleet
 from edgerun.testing.mosquitto import find_mosquitto
 from rollout_helpers import CLI, all_on, wait_for
 
