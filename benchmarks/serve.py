@@ -18,8 +18,8 @@ delay, installed once into its own venv under ``~/.cache/edgerun-bench`` (it nee
 FastAPI + onnxruntime; in-process ``Runtime.infer`` threads. HTTP load: ``wrk`` (one thread, keep-alive, closed loop);
 gRPC load: ``h2load`` (nghttp2's HTTP/2 load generator: one thread, one connection per unit of concurrency, one call
 at a time on each, closed loop), the call's status read from the server's failure count. edgerun's gRPC rows are
-its default server (the native one where it is built; the results say which) and, beside it, the same edgerun
-with ``server.grpc_frontend = "grpcio"``.
+its default server (the loop one where it is built; the results say which) and, beside it, the same edgerun
+with ``server.grpc_frontend = "native"`` (where it is built) and ``"grpcio"``.
 Every server's answer is first checked against in-process onnxruntime with tritonclient.http (and tritonclient.grpc).
 Triton's own ``perf_analyzer`` (from tritonclient 2.51's wheel, in the same venv) runs against both servers. Needs
 ``wrk`` and ``h2load`` (Debian packages wrk, nghttp2-client), ``fastapi`` for the baseline, PyPI for Triton's venv, ``py-spy`` for --profile.
@@ -512,6 +512,12 @@ def _edgerun_cmd() -> list[str]:
     return [sys.executable, "-c", "import sys; from edgerun.cli import main; sys.exit(main())", "serve"]
 
 
+def native_built() -> bool:
+    from edgerun.grpc.server import native_available
+
+    return native_available("_native") is None
+
+
 def edgerun_default_server(pkg_dir: Path, workdir: Path, label: str, grpc_frontend: str = "auto") -> Server:
     """edgerun with its default settings and one onnxruntime thread (EDGERUN_THREADS=1)."""
     port, grpc_port = free_port(), free_port()
@@ -683,10 +689,11 @@ def _frame(f: str) -> str:
 
 FLOOR, EDGERUN, UNBATCHED, FASTAPI, TRITON = ("in-process (floor)", "edgerun", "edgerun batching off",
                                               "FastAPI + onnxruntime", "Triton")
-GRPCIO = "edgerun on grpcio"  # edgerun's defaults, gRPC served by grpcio's server instead of the native one
-BATCHING = {FLOOR: "-", EDGERUN: "default", UNBATCHED: "off", FASTAPI: "-", GRPCIO: "default",
+# edgerun's defaults, gRPC served by another of its servers than the default (loop) one
+NATIVE, GRPCIO = "edgerun on gRPC C++ (native)", "edgerun on grpcio"
+BATCHING = {FLOOR: "-", EDGERUN: "default", UNBATCHED: "off", FASTAPI: "-", NATIVE: "default", GRPCIO: "default",
             TRITON: f"dynamic <= {TRITON_MAX_BATCH}, {TRITON_QUEUE_DELAY_US} us"}
-GRPC_ONLY = (GRPCIO,)  # contenders measured over gRPC only
+GRPC_ONLY = (NATIVE, GRPCIO)  # contenders measured over gRPC only
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -714,6 +721,8 @@ def start_servers(model: str, pkg_dir: Path, shape: tuple, work: Path, with_trit
         if with_triton:
             servers[TRITON] = triton_server(pkg_dir, model, shape, work, f"triton-{model}")
         servers[UNBATCHED] = edgerun_unbatched_server(pkg_dir, work, f"edgerun-{model}-batching-off")
+        if native_built():
+            servers[NATIVE] = edgerun_default_server(pkg_dir, work, f"edgerun-{model}-native", "native")
         servers[GRPCIO] = edgerun_default_server(pkg_dir, work, f"edgerun-{model}-grpcio", "grpcio")
         if with_fastapi:
             servers[FASTAPI] = fastapi_server(pkg_dir, work, f"fastapi-{model}")
@@ -802,7 +811,7 @@ def main() -> None:
             frontend = re.search(r"gRPC on \S+ \((\w+) server\)", servers[EDGERUN].log_path.read_text())
             edgerun_models[model]["grpc_server"] = frontend.group(1) if frontend else "unknown"
             grpc_targets = {}
-            for name in (EDGERUN, GRPCIO, TRITON):
+            for name in (EDGERUN, NATIVE, GRPCIO, TRITON):
                 if name not in servers:
                     continue
                 reason = grpc_unanswered(servers[name].grpc_target, model)
@@ -838,7 +847,7 @@ def main() -> None:
                             print(f"  {key} c={conc}: run failed: {exc}", flush=True)
                 for (name, enc), got in runs.items():
                     m = report(f"{name} {enc} c={conc}", got)
-                    batching = default_batching if name in (EDGERUN, GRPCIO) else BATCHING[name]
+                    batching = default_batching if name in (EDGERUN, NATIVE, GRPCIO) else BATCHING[name]
                     rows.append({"model": model, "server": name, "encoding": enc, "batching": batching,
                                  "concurrency": conc, **m})
 
@@ -944,11 +953,12 @@ def summarize(rows: list[dict]) -> dict:
     g, b = (_find(rows, model="mlp", server=EDGERUN, encoding=enc, concurrency=32) for enc in ("grpc", "binary"))
     if g and b:
         target("mlp_c32_grpc_vs_binary", g["rps"] / b["rps"], ">=", 1.0, "mlp c=32: edgerun gRPC / HTTP binary")
-    for conc in CONCURRENCY:
-        n, o = (_find(rows, model="mlp", server=s, encoding="grpc", concurrency=conc) for s in (EDGERUN, GRPCIO))
-        if n and o and n["rps"] == n["rps"] and o["rps"] == o["rps"]:
-            lines.append(f"     mlp grpc c={conc}: edgerun's default gRPC server / grpcio's: {n['rps'] / o['rps']:.2f} "
-                         "(no target)")
+    for other, whose in ((NATIVE, "the native one"), (GRPCIO, "grpcio's")):
+        for conc in CONCURRENCY:
+            n, o = (_find(rows, model="mlp", server=s, encoding="grpc", concurrency=conc) for s in (EDGERUN, other))
+            if n and o and n["rps"] == n["rps"] and o["rps"] == o["rps"]:
+                lines.append(f"     mlp grpc c={conc}: edgerun's default gRPC server / {whose}: "
+                             f"{n['rps'] / o['rps']:.2f} (no target)")
     floor1 = _find(rows, model="mlp", server=FLOOR, concurrency=1)
     for enc, bound in (("json", 300), ("binary", 300), ("grpc", 200)):
         s = _find(rows, model="mlp", server=EDGERUN, encoding=enc, concurrency=1)

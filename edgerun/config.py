@@ -67,7 +67,8 @@ class ServerConfig:
     drain_timeout: float = 30.0
     allow_insecure: bool = False  # allow a non-loopback host without a token or client certificates (logged loudly)
     grpc_port: int = 8001  # KServe v2 gRPC on the same host; 0 turns it off
-    grpc_frontend: str = "auto"  # the gRPC server: "native" (gRPC's C++ server), "grpcio", or "auto" (native if built)
+    grpc_frontend: str = "auto"  # the gRPC server: "loop" (on the event loop, nghttp2), "native" (gRPC's C++ server),
+    # "grpcio", or "auto" (the first of them built)
     grpc_workers: int = 32  # grpcio's server: calls handled at once (an open ModelStreamInfer stream holds one)
     repository_dir: Path | None = None  # packages the repository extension may load and unload (needs a token)
     tls_cert_file: Path | None = None  # serve HTTPS and gRPC over TLS with this certificate (PEM)
@@ -269,9 +270,9 @@ def parse_config(data: dict[str, Any], source: str | None = None, base: Path | N
     tuning = _dataclass_from_table(TuningConfig, t.table("tuning"), seconds)
     if tuning.mode not in TUNING_MODES:
         raise t.fail("tuning.mode", f"expected \"off\", \"first\" or \"every\", got {tuning.mode!r}")
-    if server.grpc_frontend not in ("auto", "native", "grpcio"):
+    if server.grpc_frontend not in ("auto", "loop", "native", "grpcio"):
         raise t.fail("server.grpc_frontend",
-                     f"expected \"auto\", \"native\" or \"grpcio\", got {server.grpc_frontend!r}")
+                     f"expected \"auto\", \"loop\", \"native\" or \"grpcio\", got {server.grpc_frontend!r}")
     if mqtt.protocol not in ("auto", "5", "3.1.1"):
         raise t.fail("mqtt.protocol", f"expected \"auto\", \"5\" or \"3.1.1\", got {mqtt.protocol!r}")
     for key, value, low, high, what in (

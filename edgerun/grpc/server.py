@@ -21,9 +21,11 @@ code and message.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import queue
 import threading
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Iterator
 
@@ -46,7 +48,11 @@ SERVICE = "inference.GRPCInferenceService"
 STREAM = "ModelStreamInfer"
 STREAM_INFLIGHT = 64  # requests of one ModelStreamInfer stream served at once
 MAX_STREAMS = 256  # calls open at once on one connection
-FRONTENDS = ("auto", "native", "grpcio")
+FRONTENDS = ("auto", "loop", "native", "grpcio")
+CALL, MESSAGE, END, CANCELLED = 0, 1, 2, 3  # the raw servers' event kinds (edgerun.grpc._native and _h2)
+WINDOW = 4 << 20  # the loop server's HTTP/2 receive window, per stream and per connection
+FRAME = 1 << 20  # the largest HTTP/2 frame the loop server takes
+READ_SIZE = 256 << 10  # the loop server's reads
 # each RPC's request message class, from the protocol's own description
 REQUESTS: dict[str, type[Message]] = {
     m.name: getattr(pb, m.input_type.name) for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
@@ -196,10 +202,10 @@ def _target(config: ServerConfig) -> str:
 # --- the native server ----------------------------------------------------------------------------------
 
 
-class _NativeStream:
-    """A ModelStreamInfer call on the native server: requests run side by side, each answer is written as it
-    is ready (so answers may come in another order than the requests: match them by ``id``), and the call ends
-    once the client has sent its last request and every one is answered."""
+class _RawStream:
+    """A ModelStreamInfer call on a server that hands Python raw calls: requests run side by side, each answer
+    is written as it is ready (so answers may come in another order than the requests: match them by ``id``),
+    and the call ends once the client has sent its last request and every one is answered."""
 
     __slots__ = ("grant", "pending", "ended")
 
@@ -207,6 +213,158 @@ class _NativeStream:
         self.grant = grant
         self.pending = 0
         self.ended = False
+
+
+class _Dispatch:
+    """The calls of the servers that hand Python raw calls (native and loop), carried out on the event loop.
+
+    Each server gives :meth:`handle` its events, ``(kind, call, method, authorization, payload)`` tuples, and
+    the sink they came from, which takes the answers: ``finish(call, code, message, payload)`` (a call's last
+    word) and ``write(call, payload)`` (one message of a stream). A compressed payload comes as
+    ``(grpc-encoding, bytes)``. With ``hold_streams`` the sink also has ``hold()`` and ``release()``: a stream
+    with STREAM_INFLIGHT requests in flight holds its sink's reading until one is answered.
+    """
+
+    def __init__(self, calls: Calls, loop: asyncio.AbstractEventLoop, max_message: int, *, hold_streams: bool):
+        self._calls = calls
+        self._loop = loop
+        self._max_message = max_message
+        self._hold = hold_streams
+        self._streams: dict[tuple[Any, int], _RawStream] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._handlers = {f"/{SERVICE}/{name}": (calls.unary(name), cls)
+                          for name, cls in REQUESTS.items() if name != STREAM}
+        self._infer_method = f"/{SERVICE}/ModelInfer"
+
+    def handle(self, sink: Any, events: list[tuple[int, int, str | None, str | None, Any]]) -> None:
+        infer = self._infer_method
+        for kind, call, method, authorization, payload in events:
+            if payload.__class__ is tuple:
+                payload = self._inflate(sink, call, payload)
+                if payload is None:
+                    continue
+            if kind == CALL:
+                if method == infer:
+                    self._infer(sink, call, authorization, payload)
+                elif payload is None:
+                    self._open_stream(sink, call, authorization)
+                else:
+                    self._spawn(self._unary(sink, call, method, authorization, payload))
+            elif kind == MESSAGE:
+                stream = self._streams.get((sink, call))
+                if stream is not None:
+                    stream.pending += 1
+                    if self._hold and stream.pending == STREAM_INFLIGHT:
+                        sink.hold()
+                    self._spawn(self._stream_one(sink, call, stream, payload))
+            elif kind == END:
+                stream = self._streams.get((sink, call))
+                if stream is not None:
+                    stream.ended = True
+                    if not stream.pending:
+                        self._end_stream(sink, call)
+            elif kind == CANCELLED:
+                self._forget(sink, call)
+
+    def gone(self, sink: Any) -> None:
+        """The sink's connection is closed: its streams are forgotten (their answers would go nowhere)."""
+        for key in [key for key in self._streams if key[0] is sink]:
+            self._forget(*key)
+
+    def _forget(self, sink: Any, call: int) -> None:
+        stream = self._streams.pop((sink, call), None)
+        if stream is not None and self._hold and stream.pending >= STREAM_INFLIGHT:
+            sink.release()
+
+    def _inflate(self, sink: Any, call: int, payload: tuple[str, bytes]) -> bytes | None:
+        """A compressed message, inflated; None when it was refused (the call is finished)."""
+        encoding, data = payload
+        wbits = {"gzip": 31, "deflate": 15}.get(encoding)
+        if wbits is None:
+            sink.finish(call, grpc.StatusCode.UNIMPLEMENTED.value[0], f"grpc-encoding {encoding!r} is not "
+                        "supported: send messages as identity, gzip or deflate", None)
+            return None
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(data, self._max_message + 1)
+        except zlib.error as exc:
+            sink.finish(call, grpc.StatusCode.INTERNAL.value[0], f"cannot inflate the {encoding} message: {exc}",
+                        None)
+            return None
+        if len(out) > self._max_message:
+            sink.finish(call, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "the request message inflates to more "
+                        f"than this server's limit of {self._max_message} bytes (server.max_body)", None)
+            return None
+        return out
+
+    def _infer(self, sink: Any, call: int, authorization: str | None, payload: bytes) -> None:
+        """ModelInfer, the call that comes by the thousand: run through the service with no task of its own."""
+        try:
+            request = pb.ModelInferRequest.FromString(payload)
+        except DecodeError:
+            sink.finish(call, grpc.StatusCode.INVALID_ARGUMENT.value[0], undecodable(pb.ModelInferRequest), None)
+            return
+
+        def done(response: pb.ModelInferResponse | None, error: EdgerunError | None) -> None:
+            if error is not None:
+                sink.finish(call, _code(error).value[0], str(error), None)
+            else:
+                sink.finish(call, 0, None, response.SerializeToString())  # type: ignore[union-attr]
+
+        self._calls.infer_soon(request, authorization, done)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = self._loop.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _unary(self, sink: Any, call: int, method: str, authorization: str | None, payload: bytes) -> None:
+        handler, request_class = self._handlers[method]
+        try:
+            request = request_class.FromString(payload)
+        except DecodeError:
+            sink.finish(call, grpc.StatusCode.INVALID_ARGUMENT.value[0], undecodable(request_class), None)
+            return
+        try:
+            response = await handler(request, authorization)
+        except EdgerunError as exc:
+            sink.finish(call, _code(exc).value[0], str(exc), None)
+        except Exception:
+            log.exception("gRPC %s failed", method.rsplit("/", 1)[-1])
+            sink.finish(call, grpc.StatusCode.INTERNAL.value[0], "internal error (see the server's log)", None)
+        else:
+            sink.finish(call, 0, None, response.SerializeToString())
+
+    def _open_stream(self, sink: Any, call: int, authorization: str | None) -> None:
+        try:
+            grant = self._calls.open_stream(authorization)
+        except EdgerunError as exc:
+            sink.finish(call, _code(exc).value[0], str(exc), None)
+            return
+        self._streams[(sink, call)] = _RawStream(grant)
+
+    async def _stream_one(self, sink: Any, call: int, stream: _RawStream, payload: bytes) -> None:
+        try:
+            request = pb.ModelInferRequest.FromString(payload)
+        except DecodeError:
+            answer = pb.ModelStreamInferResponse(error_message=undecodable(pb.ModelInferRequest))
+        else:
+            answer = await self._calls.stream_one(stream.grant, request)
+        if self._streams.get((sink, call)) is not stream:  # cancelled meanwhile
+            return
+        sink.write(call, answer.SerializeToString())
+        stream.pending -= 1
+        if self._hold and stream.pending == STREAM_INFLIGHT - 1:
+            sink.release()
+        if stream.ended and not stream.pending:
+            self._end_stream(sink, call)
+
+    def _end_stream(self, sink: Any, call: int) -> None:
+        if self._streams.pop((sink, call), None) is not None:
+            sink.finish(call, 0, None, None)
+
+
+# --- the native server ----------------------------------------------------------------------------------
 
 
 class NativeServer:
@@ -222,21 +380,18 @@ class NativeServer:
         self._config, self._tls = config, tls
         self._server: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._streams: dict[int, _NativeStream] = {}
-        self._tasks: set[asyncio.Task] = set()
-        self._handlers = {f"/{SERVICE}/{name}": (calls.unary(name), cls)
-                          for name, cls in REQUESTS.items() if name != STREAM}
-        self._infer_method = f"/{SERVICE}/ModelInfer"
+        self._dispatch: _Dispatch | None = None
 
-    def start(self) -> int:
+    async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
+        self._dispatch = _Dispatch(self._calls, self._loop, _max_message(self._config), hold_streams=False)
         key = cert = ca = None
         if self._tls is not None:
             key, cert, ca = self._tls.pem()
         try:
             self._server = self._native.Server(
                 _target(self._config), [f"/{SERVICE}/{name}" for name in REQUESTS], [f"/{SERVICE}/{STREAM}"],
-                self._config.max_body + (1 << 20), MAX_STREAMS, STREAM_INFLIGHT, key, cert, ca)
+                _max_message(self._config), MAX_STREAMS, STREAM_INFLIGHT, key, cert, ca)
         except OSError:
             return 0
         self._loop.add_reader(self._server.fileno(), self._take)
@@ -249,95 +404,147 @@ class NativeServer:
     def _take(self) -> None:
         events = self._server.take_events()
         if events is None:  # stopped and drained
-            self._loop.remove_reader(self._server.fileno())
+            self._loop.remove_reader(self._server.fileno())  # type: ignore[union-attr]
             return
-        native = self._native
-        infer = self._infer_method
-        for kind, call, method, authorization, payload in events:
-            if kind == native.CALL:
-                if method == infer:
-                    self._infer(call, authorization, payload)
-                elif payload is None:
-                    self._open_stream(call, authorization)
-                else:
-                    self._spawn(self._unary(call, method, authorization, payload))
-            elif kind == native.MESSAGE:
-                stream = self._streams.get(call)
-                if stream is not None:
-                    stream.pending += 1
-                    self._spawn(self._stream_one(call, stream, payload))
-            elif kind == native.END:
-                stream = self._streams.get(call)
-                if stream is not None:
-                    stream.ended = True
-                    if not stream.pending:
-                        self._end_stream(call)
-            elif kind == native.CANCELLED:
-                self._streams.pop(call, None)
+        self._dispatch.handle(self._server, events)  # type: ignore[union-attr]
 
-    def _infer(self, call: int, authorization: str | None, payload: bytes) -> None:
-        """ModelInfer, the call that comes by the thousand: run through the service with no task of its own."""
+
+# --- the loop server ------------------------------------------------------------------------------------
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One HTTP/2 connection of the loop server: what is read goes through its nghttp2 session, the calls it
+    yields to the dispatcher, and what the session has to say is written at once."""
+
+    def __init__(self, server: LoopServer):
+        self._server = server
+        self._session: Any = None
+        self._transport: asyncio.Transport | None = None
+        self._held = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = self._server
-        try:
-            request = pb.ModelInferRequest.FromString(payload)
-        except DecodeError:
-            server.finish(call, grpc.StatusCode.INVALID_ARGUMENT.value[0], undecodable(pb.ModelInferRequest), None)
-            return
-
-        def done(response: pb.ModelInferResponse | None, error: EdgerunError | None) -> None:
-            if error is not None:
-                server.finish(call, _code(error).value[0], str(error), None)
-            else:
-                server.finish(call, 0, None, response.SerializeToString())  # type: ignore[union-attr]
-
-        self._calls.infer_soon(request, authorization, done)
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = self._loop.create_task(coro)  # type: ignore[union-attr,arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _unary(self, call: int, method: str, authorization: str | None, payload: bytes) -> None:
-        server = self._server
-        handler, request_class = self._handlers[method]
-        try:
-            request = request_class.FromString(payload)
-        except DecodeError:
-            server.finish(call, grpc.StatusCode.INVALID_ARGUMENT.value[0], undecodable(request_class), None)
-            return
-        try:
-            response = await handler(request, authorization)
-        except EdgerunError as exc:
-            server.finish(call, _code(exc).value[0], str(exc), None)
-        except Exception:
-            log.exception("gRPC %s failed", method.rsplit("/", 1)[-1])
-            server.finish(call, grpc.StatusCode.INTERNAL.value[0], "internal error (see the server's log)", None)
+        self._transport = transport  # type: ignore[assignment]
+        self._session = server.h2.Session(server.unary, server.streaming, server.max_message, MAX_STREAMS,
+                                          WINDOW, FRAME)
+        server.connections.add(self)
+        if server.stopping:
+            self.goaway()
         else:
-            server.finish(call, 0, None, response.SerializeToString())
+            self._send(self._session.send())
 
-    def _open_stream(self, call: int, authorization: str | None) -> None:
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self._server.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            grant = self._calls.open_stream(authorization)
-        except EdgerunError as exc:
-            self._server.finish(call, _code(exc).value[0], str(exc), None)
+            events, out = self._session.receive(self._server.buffer, nbytes)
+        except self._server.h2.H2Error as exc:
+            log.debug("gRPC connection dropped: %s", exc.args[0])
+            if len(exc.args) > 1:
+                self._send(exc.args[1])
+            self._transport.close()  # type: ignore[union-attr]
             return
-        self._streams[call] = _NativeStream(grant)
+        if out is not None:
+            self._transport.write(out)  # type: ignore[union-attr]
+        if events is not None:
+            self._server.dispatch.handle(self, events)
+        elif self._session.done():
+            self._transport.close()  # type: ignore[union-attr]
 
-    async def _stream_one(self, call: int, stream: _NativeStream, payload: bytes) -> None:
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._server.connections.discard(self)
+        self._server.dispatch.gone(self)
+
+    def _send(self, out: bytes | None) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        if out is not None:
+            transport.write(out)
+        if self._server.stopping and self._session.done():
+            transport.close()
+
+    def finish(self, call: int, code: int, message: str | None, payload: bytes | None) -> None:
+        if self._transport is not None:
+            self._send(self._session.answer(call, code, message, payload))
+
+    def write(self, call: int, payload: bytes) -> None:
+        if self._transport is not None:
+            self._send(self._session.write(call, payload))
+
+    def goaway(self) -> None:
+        """Take no new call; close once those open are answered."""
+        if self._transport is not None:
+            self._send(self._session.goaway())
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def hold(self) -> None:
+        self._held += 1
+        if self._held == 1 and self._transport is not None:
+            self._transport.pause_reading()
+
+    def release(self) -> None:
+        self._held -= 1
+        if self._held == 0 and self._transport is not None:
+            self._transport.resume_reading()
+
+
+class LoopServer:
+    """The calls read and written on the event loop itself (``edgerun.grpc._h2``, nghttp2): each connection is
+    an asyncio protocol whose HTTP/2 nghttp2 handles, so a call crosses no thread and no queue."""
+
+    name = "loop"
+
+    def __init__(self, calls: Calls, config: ServerConfig, tls: ServerTls | None):
+        from edgerun.grpc import _h2
+
+        self.h2 = _h2
+        self._calls = calls
+        self._config, self._tls = config, tls
+        self.unary = [f"/{SERVICE}/{name}" for name in REQUESTS if name != STREAM]
+        self.streaming = [f"/{SERVICE}/{STREAM}"]
+        self.max_message = _max_message(config)
+        self.buffer = bytearray(READ_SIZE)  # every connection reads into it: the session copies out at once
+        self.connections: set[_Connection] = set()
+        self.stopping = False
+        self.dispatch: _Dispatch | None = None
+        self._listener: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.dispatch = _Dispatch(self._calls, loop, self.max_message, hold_streams=True)
+        context = self._tls.context(alpn=["h2"]) if self._tls is not None else None
         try:
-            request = pb.ModelInferRequest.FromString(payload)
-        except DecodeError:
-            answer = pb.ModelStreamInferResponse(error_message=undecodable(pb.ModelInferRequest))
-        else:
-            answer = await self._calls.stream_one(stream.grant, request)
-        self._server.write(call, answer.SerializeToString())
-        stream.pending -= 1
-        if stream.ended and not stream.pending:
-            self._end_stream(call)
+            self._listener = await loop.create_server(lambda: _Connection(self), self._config.host,
+                                                      self._config.grpc_port, ssl=context, reuse_address=True,
+                                                      backlog=1024)
+        except OSError:
+            return 0
+        return self._listener.sockets[0].getsockname()[1]
 
-    def _end_stream(self, call: int) -> None:
-        if self._streams.pop(call, None) is not None:
-            self._server.finish(call, 0, None, None)
+    async def stop(self, grace: float | None) -> None:
+        self.stopping = True
+        self._listener.close()  # type: ignore[union-attr]
+        for connection in list(self.connections):
+            connection.goaway()
+        deadline = asyncio.get_running_loop().time() + (grace if grace is not None else 0.0)
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            connection.abort()
+        await asyncio.sleep(0)
+
+
+def _max_message(config: ServerConfig) -> int:
+    return config.max_body + (1 << 20)
 
 
 # --- grpcio's server ------------------------------------------------------------------------------------
@@ -365,7 +572,7 @@ class GrpcioServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._workers = ThreadPoolExecutor(config.grpc_workers, thread_name_prefix="edgerun-grpc")
         self._server = grpc.server(self._workers, options=[
-            ("grpc.max_receive_message_length", config.max_body + (1 << 20)),
+            ("grpc.max_receive_message_length", _max_message(config)),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", MAX_STREAMS),
@@ -382,7 +589,7 @@ class GrpcioServer:
             response_serializer=_serialize)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
-    def start(self) -> int:
+    async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
         target = _target(self._config)
         try:
@@ -503,13 +710,37 @@ def _authorization(context: Any) -> str | None:
     return None
 
 
-def native_available() -> str | None:
-    """None when the native server is built and loads, else why not."""
+def native_available(module: str = "_native") -> str | None:
+    """None when the compiled server ``module`` (``_native``: gRPC's C++ server; ``_h2``: the loop server's
+    nghttp2 sessions) is built and loads, else why not."""
     try:
-        from edgerun.grpc import _native  # noqa: F401
+        importlib.import_module(f"edgerun.grpc.{module}")
     except ImportError as exc:
         return str(exc)
     return None
+
+
+# each compiled server: its module, and what to install for it (Debian's package)
+COMPILED = {"loop": ("_h2", "nghttp2 (Debian: libnghttp2-dev)"),
+            "native": ("_native", "gRPC's C++ library (Debian: libgrpc++-dev)")}
+
+
+def choose_frontend(frontend: str) -> str:
+    """The gRPC server ``server.grpc_frontend`` names: "auto" is the first built of loop, native and grpcio."""
+    if frontend in COMPILED:
+        module, needs = COMPILED[frontend]
+        missing = native_available(module)
+        if missing:
+            raise ConfigError(f"the {frontend} gRPC server is not built ({missing}): install {needs} and reinstall "
+                              "edgerun, or set it to \"auto\"", key="server.grpc_frontend")
+        return frontend
+    if frontend == "auto":
+        for name, (module, needs) in COMPILED.items():
+            missing = native_available(module)
+            if missing is None:
+                return name
+            log.info("the %s gRPC server is not built (%s; it needs %s)", name, missing, needs)
+    return "grpcio"
 
 
 class GrpcServer:
@@ -522,17 +753,9 @@ class GrpcServer:
         self.address: str | None = None
         calls = Calls(service, extensions)
         tls = server_tls(config)
-        frontend = config.grpc_frontend
-        missing = native_available() if frontend != "grpcio" else None
-        if frontend == "native" and missing:
-            raise ConfigError(f"the native gRPC server is not built ({missing}): install gRPC's C++ library "
-                              "(Debian: libgrpc++-dev) and reinstall edgerun, or set it to \"auto\"",
-                              key="server.grpc_frontend")
-        if frontend == "auto" and missing:
-            log.info("the native gRPC server is not built (%s); serving gRPC with grpcio", missing)
-        self._server: NativeServer | GrpcioServer = (
-            NativeServer(calls, config, tls) if frontend != "grpcio" and not missing else
-            GrpcioServer(calls, config, tls))
+        kind = {"loop": LoopServer, "native": NativeServer, "grpcio": GrpcioServer}[
+            choose_frontend(config.grpc_frontend)]
+        self._server: LoopServer | NativeServer | GrpcioServer = kind(calls, config, tls)
         self._tls = tls
 
     @property
@@ -541,7 +764,7 @@ class GrpcServer:
 
     async def start(self) -> str:
         target = _target(self.config)
-        port = self._server.start()
+        port = await self._server.start()
         if port == 0:
             raise ConfigError(f"cannot listen for gRPC on {target}: the address is in use or not available",
                               key="server.grpc_port")

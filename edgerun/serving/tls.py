@@ -29,6 +29,19 @@ class ServerTls:
                 "ssl_ca_certs": str(self.client_ca_file) if self.client_ca_file else None,
                 "ssl_cert_reqs": ssl.CERT_REQUIRED if self.client_ca_file else ssl.CERT_NONE}
 
+    def context(self, alpn: list[str] | None = None) -> ssl.SSLContext:
+        """A server SSLContext with this certificate (TLS 1.2 or newer), requiring client certificates the CA
+        signed when one is set; ``alpn``: the protocols it offers (gRPC over TLS needs "h2")."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        if self.client_ca_file is not None:
+            ctx.load_verify_locations(cafile=self.client_ca_file)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        if alpn:
+            ctx.set_alpn_protocols(alpn)
+        return ctx
+
     def pem(self) -> tuple[bytes, bytes, bytes | None]:
         """(key, certificate chain, client CA) as PEM bytes, for grpc.ssl_server_credentials."""
         ca = _read(self.client_ca_file, "server.tls_client_ca_file") if self.client_ca_file else None

@@ -32,13 +32,15 @@ def headers() -> dict[str, str]:
     return {"authorization": f"Bearer {TOKEN}"}
 
 
-def native_built() -> bool:
+def built(module: str) -> bool:
     from edgerun.grpc.server import native_available
 
-    return native_available() is None
+    return native_available(module) is None
 
 
-FRONTENDS = [pytest.param("native", marks=pytest.mark.skipif(not native_built(), reason="edgerun.grpc._native is "
+FRONTENDS = [pytest.param("loop", marks=pytest.mark.skipif(not built("_h2"), reason="edgerun.grpc._h2 is not built "
+                                                           "(nghttp2's headers were not installed)")),
+             pytest.param("native", marks=pytest.mark.skipif(not built("_native"), reason="edgerun.grpc._native is "
                                                              "not built (gRPC's C++ library was not installed)")),
              "grpcio"]
 
@@ -46,7 +48,7 @@ FRONTENDS = [pytest.param("native", marks=pytest.mark.skipif(not native_built(),
 @pytest.fixture(scope="module", params=FRONTENDS)
 def served(request, tmp_path_factory, digits_package):
     """digits and echo (every datatype) over HTTP and gRPC, with a token and a model repository; each test runs
-    against both gRPC servers (``server.grpc_frontend``)."""
+    against each gRPC server (``server.grpc_frontend``)."""
     d = tmp_path_factory.mktemp("grpc")
     echo = make_echo_package(d / "echo")
     repo = d / "models"
@@ -385,7 +387,7 @@ def test_the_native_server_thread_gives_way_to_the_event_loop_only_under_load(se
     the CPU, it runs at once), SCHED_BATCH while several are (it leaves the event loop be until the loop sleeps),
     and ordinary again once they end; calls are answered throughout."""
     if "(native server)" not in served.output():
-        pytest.skip("the grpcio server has no thread of its own")
+        pytest.skip("only the native server has a thread of its own")
     tid = _grpc_thread(served.proc.pid)
     x, inputs = digits(2, seed=5)
     req = pb.ModelInferRequest(model_name="digits", inputs=[pb.ModelInferRequest.InferInputTensor(

@@ -40,7 +40,7 @@ def test_config_check_names_file_key_and_expectation(tmp_path, digits_package):
         '[[models]]\npath = "missing-package"\n': ("key 'models[0].path'", "expected a model package directory"),
         'memory_budget = "lots"\n': ("key 'memory_budget'", "expected a size or a percentage"),
         '[server]\ngrpc_frontend = "fast"\n': ("key 'server.grpc_frontend'",
-                                               'expected "auto", "native" or "grpcio", got \'fast\''),
+                                               'expected "auto", "loop", "native" or "grpcio", got \'fast\''),
         '[server\n': ("invalid TOML", ""),
     }
     for text, (key, expected) in cases.items():
