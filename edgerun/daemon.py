@@ -152,7 +152,10 @@ class Daemon:
         from edgerun.serving.service import InferenceService
 
         config = self._app_config()
-        self.app = create_app(self.runtime, config, InferenceService(self.runtime, config, access=self.access))
+        # one service for both front ends: closed once both have stopped (gRPC may still be draining when HTTP
+        # has stopped, and a stream's requests still arriving need its executor)
+        service = InferenceService(self.runtime, config, access=self.access)
+        self.app = create_app(self.runtime, config, service)
         self.server = HttpServer(self.app, self.config.server, handle_signals=False)
         self.server.check_security()
         await self._start_grpc()
@@ -180,6 +183,7 @@ class Daemon:
             self._ready = False
             if self.grpc is not None:
                 await (self._grpc_stopped or self.grpc.stop(self.config.server.drain_timeout))
+            await asyncio.to_thread(service.close)  # waits for the runs in flight, off the loop
 
     async def _start_grpc(self) -> None:
         """The gRPC front end beside HTTP, sharing its inference service, unless ``server.grpc_port`` is 0."""

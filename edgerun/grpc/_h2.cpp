@@ -172,16 +172,24 @@ int respond(nghttp2_session* h2, Stream* s) {
   return nghttp2_submit_response(h2, s->id, fields.data(), fields.size(), &data);
 }
 
-// The session's own answer to a call Python never sees; the rest of its request is dropped.
-void refuse(nghttp2_session* h2, Stream* s, int code, const std::string& message) {
+bool emit(State* st, int kind, Stream* s, PyObject* payload);
+
+// The session's own answer to a call whose request it cannot take; the rest of the request is dropped. A
+// streaming call Python holds is cancelled there (its answers are not sent), and the answers already queued
+// go out before the status.
+void refuse(nghttp2_session* h2, State* st, Stream* s, int code, const std::string& message) {
   s->closed_by_us = true;
   Py_CLEAR(s->message);
   Py_CLEAR(s->first);
-  if (s->responded) return;
+  if (s->done) return;
   s->done = true;
   s->code = code;
   s->status_message = message;
-  respond(h2, s);
+  if (s->kind == M_STREAM && s->called) emit(st, EV_CANCELLED, s, nullptr);
+  if (s->responded)
+    nghttp2_session_resume_data(h2, s->id);
+  else
+    respond(h2, s);
 }
 
 // An HTTP error for a request that is not a gRPC call at all.
@@ -199,7 +207,12 @@ void refuse_http(nghttp2_session* h2, Stream* s, const char* status, const std::
 State* state_of(void* user) { return static_cast<State*>(user); }
 
 bool emit(State* st, int kind, Stream* s, PyObject* payload) {
-  // steals `payload` (may be null: None)
+  // steals `payload` (may be null: None); a cancellation outside `receive` waits for the next one
+  if (st->events == nullptr) {
+    Py_XDECREF(payload);
+    if (kind == EV_CANCELLED) st->cancelled_late.push_back(s->id);
+    return true;
+  }
   PyObject* path = Py_None;
   PyObject* auth = Py_None;
   Py_INCREF(Py_None);
@@ -290,7 +303,7 @@ void message_done(nghttp2_session* h2, State* st, Stream* s, bool compressed) {
     s->first = payload;
   } else {
     Py_DECREF(payload);
-    refuse(h2, s, 3, "a unary call takes one request message; this one sent more");
+    refuse(h2, st, s, 3, "a unary call takes one request message; this one sent more");
   }
 }
 
@@ -309,15 +322,15 @@ int on_data_chunk(nghttp2_session* h2, uint8_t, int32_t id, const uint8_t* data,
       size_t size = (size_t(s->head[1]) << 24) | (size_t(s->head[2]) << 16) | (size_t(s->head[3]) << 8) |
                     size_t(s->head[4]);
       if (s->head[0] > 1) {
-        refuse(h2, s, 13, "the request message's gRPC prefix has unknown flags");
+        refuse(h2, st, s, 13, "the request message's gRPC prefix has unknown flags");
         break;
       }
       if (s->head[0] == 1 && s->encoding.empty()) {
-        refuse(h2, s, 13, "a compressed request message without a grpc-encoding header");
+        refuse(h2, st, s, 13, "a compressed request message without a grpc-encoding header");
         break;
       }
       if (size > st->max_message) {
-        refuse(h2, s, 8, "the request message is " + std::to_string(size) + " bytes, more than this server's " +
+        refuse(h2, st, s, 8, "the request message is " + std::to_string(size) + " bytes, more than this server's " +
                              "limit of " + std::to_string(st->max_message) + " (server.max_body)");
         break;
       }
@@ -342,7 +355,7 @@ int on_data_chunk(nghttp2_session* h2, uint8_t, int32_t id, const uint8_t* data,
 void request_end(nghttp2_session* h2, State* st, Stream* s) {
   if (s->closed_by_us) return;
   if (s->message != nullptr || s->head_len > 0) {
-    refuse(h2, s, 13, "the request ended inside a gRPC message");
+    refuse(h2, st, s, 13, "the request ended inside a gRPC message");
     return;
   }
   if (s->kind == M_STREAM) {
@@ -350,7 +363,7 @@ void request_end(nghttp2_session* h2, State* st, Stream* s) {
     return;
   }
   if (s->messages != 1) {
-    refuse(h2, s, 3, "a unary call takes one request message; this one sent none");
+    refuse(h2, st, s, 3, "a unary call takes one request message; this one sent none");
     return;
   }
   s->called = true;
@@ -372,7 +385,7 @@ int on_frame_recv(nghttp2_session* h2, const nghttp2_frame* frame, void* user) {
     } else {
       auto m = st->methods.find(s->path);
       if (m == st->methods.end()) {
-        refuse(h2, s, 12, "this server has no method " + s->path);
+        refuse(h2, st, s, 12, "this server has no method " + s->path);
       } else {
         s->kind = m->second;
         if (s->kind == M_STREAM) {
@@ -400,12 +413,7 @@ int on_stream_close(nghttp2_session* h2, int32_t id, uint32_t, void* user) {
   State* st = state_of(user);
   Stream* s = static_cast<Stream*>(nghttp2_session_get_stream_user_data(h2, id));
   if (s == nullptr) return 0;
-  if (s->kind == M_STREAM && s->called && !s->done) {
-    if (st->events != nullptr)
-      emit(st, EV_CANCELLED, s, nullptr);
-    else
-      st->cancelled_late.push_back(id);
-  }
+  if (s->kind == M_STREAM && s->called && !s->done) emit(st, EV_CANCELLED, s, nullptr);
   nghttp2_session_set_stream_user_data(h2, id, nullptr);
   free_stream(st, s);
   return 0;

@@ -1,17 +1,19 @@
 """The KServe v2 gRPC front end (``inference.GRPCInferenceService``): glue around the inference service.
 
 Every RPC is a coroutine of :class:`Calls` run on the daemon's event loop, where the inference service runs
-HTTP requests too (so batching, limits, metrics and statistics are one). Two servers carry the calls to it:
+HTTP requests too (so batching, limits, metrics and statistics are one). Three servers carry the calls to it:
 
+- **loop** (``edgerun.grpc._h2``, built where nghttp2's headers are installed): each connection is an asyncio
+  protocol on the loop, whose HTTP/2 nghttp2 speaks; a call crosses no thread and no queue.
 - **native** (``edgerun.grpc._native``, built where gRPC's C++ library is installed): gRPC's C++ server reads
   and writes the calls on a thread of its own and queues each request's bytes for the loop, which takes them in
-  batches through an eventfd and queues the answers back for that thread to send. Python's share of a call is
-  one parse, its work and one serialization.
+  batches through an eventfd and queues the answers back for that thread to send.
 - **grpcio**: grpcio's server runs each call's handler on one of ``server.grpc_workers`` threads, which hands
   the call to the loop and waits for its answer.
 
-On one core the native server answers 1.8-4.0 times the calls per second of grpcio's (benchmarks/serve.py);
-``server.grpc_frontend`` chooses (``auto``: native when it is built).
+The two compiled servers hand Python raw calls (method, metadata, message bytes), which one dispatcher carries
+out; Python's share of a call is one parse, its work and one serialization. ``server.grpc_frontend`` chooses
+(``auto``: the first built of loop, native, grpcio).
 
 Access control is the HTTP server's: ``authorization: Bearer <token>`` metadata on every call but ServerLive and
 ServerReady, each call needing the scope its HTTP twin needs. An EdgerunError ends a call with the error's gRPC

@@ -12,6 +12,7 @@ from edgerun.serving.service import InferenceService
 class ServerState:
     def __init__(self, runtime: Runtime, config: Config, service: InferenceService | None = None):
         self.runtime = runtime
+        self._owns_service = service is None  # a service handed in is shared (gRPC): its owner closes it
         self.service = service or InferenceService(runtime, config)
         self.metrics = self.service.metrics
         self.max_body = config.server.max_body
@@ -23,4 +24,5 @@ class ServerState:
         self.service.reconfigure(config)
 
     def close(self) -> None:
-        self.service.close()
+        if self._owns_service:
+            self.service.close()
