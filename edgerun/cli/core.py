@@ -151,6 +151,10 @@ def explain(package: Path = PackageArg,
                       "from the model; warm-up runs one zero-filled batch of 1 and checks the output names "
                       "(no samples)", style="dim", markup=False)
     pick = tuned.chosen if tuned is not None else None
+    unfit = None  # the tuned pick, when this budget drops it (it was tuned under another budget)
+    if pick is not None and not any((cand.variant.id, cand.backend) == (pick.variant, pick.backend) and cand.kept
+                                    for cand in c.candidates):
+        unfit, pick = pick, None
     device: dict[tuple[str, str], object] = {}
     if tuned is not None:
         for t in tuned.candidates:  # each pair's figures at its default options, or at the tuned pick's
@@ -214,7 +218,11 @@ def explain(package: Path = PackageArg,
                       + (f" with this CPU ({escape(', '.join(sorted(cpus)))})" if cpus else "")
                       + " measured when they tuned the model (the package's fleet figures), not the hub's; "
                         "a candidate without one ties on speed.", style="dim", highlight=False)
-    if tuned is not None:
+    if unfit is not None:
+        console.print(f"decided by: the {'fleet' if fleet else 'hub'}'s figures: this device's tuned pick "
+                      f"({escape(unfit.variant)} on {escape(unfit.backend)}) does not fit this memory budget",
+                      highlight=False)
+    elif tuned is not None:
         console.print(f"decided by: this device's figures (tuned {tuned.seconds:.1f}s on {escape(tuned.cpu_model)}"
                       f"{'' if tuned.complete else ', budget ran out'}); `edgerun tune --no-cache` measures again",
                       highlight=False)

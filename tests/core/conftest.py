@@ -82,9 +82,12 @@ def digits_input(digits_package: ModelPackage) -> np.ndarray:
 
 
 @pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[int, str, str]]:
-    """Run ``edgerun ARGS`` in-process: (exit code, stdout, stderr), with a wide terminal so tables don't wrap."""
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> Callable[..., tuple[int, str, str]]:
+    """Run ``edgerun ARGS`` in-process: (exit code, stdout, stderr), with a wide terminal so tables don't wrap, and
+    a state directory of its own (the machine's default one may hold a tuning cache of the example model)."""
     monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.setattr("edgerun.config.DEFAULT_STATE_DIR", tmp_path / "state")
     monkeypatch.setenv("EDGERUN_LOG_LEVEL", "WARNING")
 
     root = logging.getLogger()

@@ -141,6 +141,15 @@ def test_explain_shows_the_device_figures_beside_the_hubs_and_which_decided(chec
     assert "chosen (device figures)" in after.output
     cached = runner.invoke(app, ["tune", str(checked_digits.root), "--state-dir", str(state), "--json"])
     assert json.loads(cached.output)["ts"] == result["ts"], "a second tune reads the cache"
+    # a budget the tuned pick does not fit: the pick is not shown as chosen, and the line says why
+    with Runtime() as rt:
+        need = next(cand.memory_bytes for cand in rt.explain(checked_digits).candidates
+                    if (cand.variant.id, cand.backend) == (result["chosen"]["variant"], result["chosen"]["backend"]))
+    small = runner.invoke(app, ["explain", str(checked_digits.root), "--state-dir", str(state),
+                                "--memory-budget", str(need - 1)])
+    assert "chosen (device figures)" not in small.output
+    assert (f"this device's tuned pick ({result['chosen']['variant']} on {result['chosen']['backend']}) does not "
+            "fit this memory budget") in " ".join(small.output.split())
 
 
 @pytest.mark.parametrize("damage", ["garbage", "other-format", "other-key"])
