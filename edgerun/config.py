@@ -132,6 +132,7 @@ class MqttConfig:
 
 
 TUNING_MODES = ("off", "first", "every")
+GRPC_FRONTENDS = ("auto", "loop", "native", "grpcio")  # server.grpc_frontend (edgerun.grpc.server chooses)
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,7 @@ def parse_config(data: dict[str, Any], source: str | None = None, base: Path | N
     tuning = _dataclass_from_table(TuningConfig, t.table("tuning"), seconds)
     if tuning.mode not in TUNING_MODES:
         raise t.fail("tuning.mode", f"expected \"off\", \"first\" or \"every\", got {tuning.mode!r}")
-    if server.grpc_frontend not in ("auto", "loop", "native", "grpcio"):
+    if server.grpc_frontend not in GRPC_FRONTENDS:
         raise t.fail("server.grpc_frontend",
                      f"expected \"auto\", \"loop\", \"native\" or \"grpcio\", got {server.grpc_frontend!r}")
     if mqtt.protocol not in ("auto", "5", "3.1.1"):

@@ -54,7 +54,7 @@ struct Stream {
   size_t header_bytes = 0;
   int kind = M_UNKNOWN;
   bool called = false;  // Python has the call (a CALL event)
-  bool closed_by_us = false;  // answered by the session itself: what comes after is dropped
+  bool closed_by_us = false;  // answered by the session itself (so done too): what comes after is dropped
   // the request message being read
   unsigned char head[5];
   size_t head_len = 0;
@@ -622,7 +622,7 @@ PyObject* Session_answer(SessionObject* self, PyObject* args) {
   PyObject *message, *payload;
   if (!ready(self) || !PyArg_ParseTuple(args, "iiOO", &id, &code, &message, &payload)) return nullptr;
   Stream* s = static_cast<Stream*>(nghttp2_session_get_stream_user_data(self->h2, id));
-  if (s != nullptr && !s->done && !s->closed_by_us) {
+  if (s != nullptr && !s->done) {  // done: answered, by Python or by the session itself
     if (payload != Py_None && !queue_message(s, payload)) return nullptr;
     s->done = true;
     s->code = code;
@@ -643,7 +643,7 @@ PyObject* Session_write(SessionObject* self, PyObject* args) {
   PyObject* payload;
   if (!ready(self) || !PyArg_ParseTuple(args, "iO", &id, &payload)) return nullptr;
   Stream* s = static_cast<Stream*>(nghttp2_session_get_stream_user_data(self->h2, id));
-  if (s != nullptr && !s->done && !s->closed_by_us) {
+  if (s != nullptr && !s->done) {  // done: answered, by Python or by the session itself
     if (!queue_message(s, payload) || !submit(self, s)) return nullptr;
   }
   return take_out(self);
@@ -673,11 +673,6 @@ PyObject* Session_done(SessionObject* self, PyObject*) {
   return PyBool_FromLong(!nghttp2_session_want_read(self->h2) && !nghttp2_session_want_write(self->h2));
 }
 
-PyObject* Session_open(SessionObject* self, PyObject*) {
-  if (!ready(self)) return nullptr;
-  return PyLong_FromSize_t(self->st->streams.size());
-}
-
 PyMethodDef Session_methods[] = {
     {"receive", reinterpret_cast<PyCFunction>(Session_receive), METH_VARARGS,
      "receive(buffer, n) -> (events or None, bytes to write or None): the first n bytes of buffer, as read"},
@@ -690,8 +685,6 @@ PyMethodDef Session_methods[] = {
     {"send", reinterpret_cast<PyCFunction>(Session_send), METH_NOARGS, "send() -> bytes to write or None"},
     {"done", reinterpret_cast<PyCFunction>(Session_done), METH_NOARGS,
      "done() -> True once the connection has nothing more to read or write"},
-    {"open_streams", reinterpret_cast<PyCFunction>(Session_open), METH_NOARGS,
-     "open_streams() -> the number of streams the session holds"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyTypeObject SessionType = {PyVarObject_HEAD_INIT(nullptr, 0)};

@@ -50,7 +50,6 @@ SERVICE = "inference.GRPCInferenceService"
 STREAM = "ModelStreamInfer"
 STREAM_INFLIGHT = 64  # requests of one ModelStreamInfer stream served at once
 MAX_STREAMS = 256  # calls open at once on one connection
-FRONTENDS = ("auto", "loop", "native", "grpcio")
 CALL, MESSAGE, END, CANCELLED = 0, 1, 2, 3  # the raw servers' event kinds (edgerun.grpc._native and _h2)
 WINDOW = 4 << 20  # the loop server's HTTP/2 receive window, per stream and per connection
 FRAME = 1 << 20  # the largest HTTP/2 frame the loop server takes
@@ -386,14 +385,15 @@ class NativeServer:
 
     async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
-        self._dispatch = _Dispatch(self._calls, self._loop, _max_message(self._config), hold_streams=False)
+        max_message = _max_message(self._config)
+        self._dispatch = _Dispatch(self._calls, self._loop, max_message, hold_streams=False)
         key = cert = ca = None
         if self._tls is not None:
             key, cert, ca = self._tls.pem()
         try:
             self._server = self._native.Server(
                 _target(self._config), [f"/{SERVICE}/{name}" for name in REQUESTS], [f"/{SERVICE}/{STREAM}"],
-                _max_message(self._config), MAX_STREAMS, STREAM_INFLIGHT, key, cert, ca)
+                max_message, MAX_STREAMS, STREAM_INFLIGHT, key, cert, ca)
         except OSError:
             return 0
         self._loop.add_reader(self._server.fileno(), self._take)
@@ -463,9 +463,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._server.dispatch.gone(self)
 
     def _send(self, out: bytes | None) -> None:
-        transport = self._transport
-        if transport is None:
-            return
+        """Write what the session gave (callers hold an open transport); once stopping, close when it is done."""
+        transport: asyncio.Transport = self._transport  # type: ignore[assignment]
         if out is not None:
             transport.write(out)
         if self._server.stopping and self._session.done():
