@@ -16,8 +16,9 @@
 // A compressed message's payload is (grpc-encoding, bytes): Python inflates it or refuses the encoding.
 //
 // The session answers by itself what never reaches Python: a method the service does not have (UNIMPLEMENTED),
-// a request that is not gRPC (HTTP 405 or 415), a message over the size limit (RESOURCE_EXHAUSTED) and a unary
-// call with other than one message (INVALID_ARGUMENT).
+// a request that is not gRPC (HTTP 405 or 415), a message over the size limit (RESOURCE_EXHAUSTED), a message
+// that does not fit beside those every session of the process is receiving (UNAVAILABLE: see `held`) and a
+// unary call with other than one message (INVALID_ARGUMENT).
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <nghttp2/nghttp2.h>
@@ -35,6 +36,11 @@ enum Kind { EV_CALL = 0, EV_MESSAGE = 1, EV_END = 2, EV_CANCELLED = 3 };
 enum Method { M_UNKNOWN = 0, M_UNARY = 1, M_STREAM = 2 };
 
 const size_t MAX_HEADER_BYTES = 16 << 10;  // a request's headers, as HTTP/2 counts them (32 bytes a field more)
+const size_t SMALL_MESSAGE = 64 << 10;  // a message this small is always let in: many of them still hold little
+
+// The bytes of the request messages every session of the process is receiving: each is allocated whole when its
+// prefix arrives, and counted until it is whole (handed to Python) or dropped. One loop thread runs the sessions.
+size_t g_held = 0;
 
 PyObject* H2Error;
 
@@ -60,6 +66,7 @@ struct Stream {
   size_t head_len = 0;
   PyObject* message = nullptr;
   size_t message_len = 0, message_fill = 0;
+  size_t held = 0;  // what this stream adds to g_held
   int messages = 0;
   PyObject* first = nullptr;  // a unary call's message
   // the answer
@@ -74,6 +81,7 @@ struct State {
   std::unordered_map<std::string, int> methods;
   std::unordered_set<Stream*> streams;
   size_t max_message = 0;
+  size_t max_held = 0;  // the most g_held may reach with a message over SMALL_MESSAGE
   PyObject* events = nullptr;  // the list `receive` fills (null outside it)
   std::vector<int32_t> cancelled_late;  // streaming calls closed while no list was open
   std::string out;  // bytes to write, gathered from nghttp2
@@ -174,6 +182,12 @@ int respond(nghttp2_session* h2, Stream* s) {
 
 bool emit(State* st, int kind, Stream* s, PyObject* payload);
 
+// The message a stream was receiving is whole or dropped: its bytes no longer count as held.
+void release_held(Stream* s) {
+  g_held -= s->held;
+  s->held = 0;
+}
+
 // The session's own answer to a call whose request it cannot take; the rest of the request is dropped. A
 // streaming call Python holds is cancelled there (its answers are not sent), and the answers already queued
 // go out before the status.
@@ -181,6 +195,7 @@ void refuse(nghttp2_session* h2, State* st, Stream* s, int code, const std::stri
   s->closed_by_us = true;
   Py_CLEAR(s->message);
   Py_CLEAR(s->first);
+  release_held(s);
   if (s->done) return;
   s->done = true;
   s->code = code;
@@ -288,6 +303,7 @@ void message_done(nghttp2_session* h2, State* st, Stream* s, bool compressed) {
   PyObject* payload = s->message;
   s->message = nullptr;
   s->head_len = 0;
+  release_held(s);
   if (compressed) {
     PyObject* pair = Py_BuildValue("(s#N)", s->encoding.data(), (Py_ssize_t)s->encoding.size(), payload);
     if (pair == nullptr) {
@@ -334,6 +350,16 @@ int on_data_chunk(nghttp2_session* h2, uint8_t, int32_t id, const uint8_t* data,
                              "limit of " + std::to_string(st->max_message) + " (server.max_body)");
         break;
       }
+      if (size > SMALL_MESSAGE && g_held + size > st->max_held) {
+        if (size > st->max_held)
+          refuse(h2, st, s, 8, "the request message is " + std::to_string(size) + " bytes, more than the " +
+                               std::to_string(st->max_held) + " bytes of requests this server holds at once " +
+                               "(server.max_body_total)");
+        else
+          refuse(h2, st, s, 14, "the server holds the most request bytes it takes at once " +
+                                std::string("(server.max_body_total); retry later"));
+        break;
+      }
       s->message = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(size));
       if (s->message == nullptr) {
         st->failed = true;
@@ -341,6 +367,10 @@ int on_data_chunk(nghttp2_session* h2, uint8_t, int32_t id, const uint8_t* data,
       }
       s->message_len = size;
       s->message_fill = 0;
+      if (size > SMALL_MESSAGE) {
+        s->held = size;
+        g_held += size;
+      }
     }
     size_t k = std::min(len, s->message_len - s->message_fill);
     memcpy(PyBytes_AS_STRING(s->message) + s->message_fill, data, k);
@@ -402,6 +432,7 @@ int on_frame_recv(nghttp2_session* h2, const nghttp2_frame* frame, void* user) {
 }
 
 void free_stream(State* st, Stream* s) {
+  release_held(s);
   Py_XDECREF(s->message);
   Py_XDECREF(s->first);
   for (Chunk& c : s->out) Py_DECREF(c.payload);
@@ -445,11 +476,12 @@ PyObject* take_out(SessionObject* self) {
 }
 
 int Session_init(SessionObject* self, PyObject* args, PyObject* kwds) {
-  static const char* kwlist[] = {"unary", "streaming", "max_message", "max_streams", "window", "frame", nullptr};
+  static const char* kwlist[] = {"unary",  "streaming", "max_message", "max_streams",
+                                 "window", "frame",     "max_held",    nullptr};
   PyObject *unary, *streaming;
-  Py_ssize_t max_message, max_streams, window, frame;
-  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOnnnn", const_cast<char**>(kwlist), &unary, &streaming,
-                                   &max_message, &max_streams, &window, &frame))
+  Py_ssize_t max_message, max_streams, window, frame, max_held;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOnnnnn", const_cast<char**>(kwlist), &unary, &streaming,
+                                   &max_message, &max_streams, &window, &frame, &max_held))
     return -1;
   if (self->st != nullptr) {
     PyErr_SetString(PyExc_RuntimeError, "a Session is initialised once");
@@ -457,6 +489,7 @@ int Session_init(SessionObject* self, PyObject* args, PyObject* kwds) {
   }
   auto st = new State();
   st->max_message = static_cast<size_t>(max_message);
+  st->max_held = static_cast<size_t>(max_held);
   for (auto [paths, kind] : {std::pair{unary, M_UNARY}, std::pair{streaming, M_STREAM}}) {
     PyObject* it = PyObject_GetIter(paths);
     if (it == nullptr) {
@@ -649,11 +682,15 @@ PyObject* Session_write(SessionObject* self, PyObject* args) {
   return take_out(self);
 }
 
-// goaway() -> bytes to write or None: no new call is taken; those open go on to their end
-PyObject* Session_goaway(SessionObject* self, PyObject*) {
-  if (!ready(self)) return nullptr;
+// goaway(error=0, reason=None) -> bytes to write or None: no new call is taken; those open go on to their end.
+// `error` is the HTTP/2 error code, `reason` the GOAWAY's debug text.
+PyObject* Session_goaway(SessionObject* self, PyObject* args) {
+  unsigned int error = NGHTTP2_NO_ERROR;
+  const char* reason = nullptr;
+  Py_ssize_t reason_len = 0;
+  if (!ready(self) || !PyArg_ParseTuple(args, "|Iz#", &error, &reason, &reason_len)) return nullptr;
   int rc = nghttp2_submit_goaway(self->h2, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(self->h2),
-                                 NGHTTP2_NO_ERROR, nullptr, 0);
+                                 error, reinterpret_cast<const uint8_t*>(reason), static_cast<size_t>(reason_len));
   if (rc != 0) {
     PyErr_Format(H2Error, "HTTP/2: %s", nghttp2_strerror(rc));
     return nullptr;
@@ -665,6 +702,21 @@ PyObject* Session_goaway(SessionObject* self, PyObject*) {
 PyObject* Session_send(SessionObject* self, PyObject*) {
   if (!ready(self)) return nullptr;
   return take_out(self);
+}
+
+// streams() -> (open, heads, bodies): the streams the session holds; of them, those whose request headers are
+// still arriving, and those whose request message is (a unary call not yet whole, or a stream's message cut)
+PyObject* Session_streams(SessionObject* self, PyObject*) {
+  if (!ready(self)) return nullptr;
+  Py_ssize_t heads = 0, bodies = 0;
+  for (Stream* s : self->st->streams) {
+    if (s->closed_by_us) continue;
+    if (s->kind == M_UNKNOWN)
+      heads++;
+    else if (!s->called || s->message != nullptr || s->head_len > 0)
+      bodies++;
+  }
+  return Py_BuildValue("(nnn)", static_cast<Py_ssize_t>(self->st->streams.size()), heads, bodies);
 }
 
 // done() -> True once the connection has nothing more to read or write (close it)
@@ -680,8 +732,10 @@ PyMethodDef Session_methods[] = {
      "answer(stream_id, code, message, payload) -> bytes to write or None: a call's last word"},
     {"write", reinterpret_cast<PyCFunction>(Session_write), METH_VARARGS,
      "write(stream_id, payload) -> bytes to write or None: one message of a streaming call's answer"},
-    {"goaway", reinterpret_cast<PyCFunction>(Session_goaway), METH_NOARGS,
-     "goaway() -> bytes to write or None: take no new call; those open go on"},
+    {"goaway", reinterpret_cast<PyCFunction>(Session_goaway), METH_VARARGS,
+     "goaway(error=0, reason=None) -> bytes to write or None: take no new call; those open go on"},
+    {"streams", reinterpret_cast<PyCFunction>(Session_streams), METH_NOARGS,
+     "streams() -> (open, heads, bodies): the streams held; those whose headers, or message, are arriving"},
     {"send", reinterpret_cast<PyCFunction>(Session_send), METH_NOARGS, "send() -> bytes to write or None"},
     {"done", reinterpret_cast<PyCFunction>(Session_done), METH_NOARGS,
      "done() -> True once the connection has nothing more to read or write"},
@@ -689,9 +743,15 @@ PyMethodDef Session_methods[] = {
 
 PyTypeObject SessionType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
+PyObject* held(PyObject*, PyObject*) { return PyLong_FromSize_t(g_held); }
+
+PyMethodDef module_methods[] = {
+    {"held", held, METH_NOARGS, "held() -> the bytes of the request messages the sessions are receiving"},
+    {nullptr, nullptr, 0, nullptr}};
+
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "edgerun.grpc._h2",
                       "One HTTP/2 connection's gRPC calls, read and written by nghttp2 on the caller's thread.", -1,
-                      nullptr};
+                      module_methods};
 
 }  // namespace
 
@@ -699,8 +759,8 @@ PyMODINIT_FUNC PyInit__h2() {
   SessionType.tp_name = "edgerun.grpc._h2.Session";
   SessionType.tp_basicsize = sizeof(SessionObject);
   SessionType.tp_flags = Py_TPFLAGS_DEFAULT;
-  SessionType.tp_doc = "Session(unary, streaming, max_message, max_streams, window, frame): one connection's "
-                       "HTTP/2 state";
+  SessionType.tp_doc = "Session(unary, streaming, max_message, max_streams, window, frame, max_held): one "
+                       "connection's HTTP/2 state";
   SessionType.tp_new = PyType_GenericNew;
   SessionType.tp_init = reinterpret_cast<initproc>(Session_init);
   SessionType.tp_dealloc = reinterpret_cast<destructor>(Session_dealloc);

@@ -116,7 +116,7 @@ class Server {
 
   // Binds and starts; returns the port bound (0: could not listen).
   int Start(const std::string& address, std::shared_ptr<grpc::ServerCredentials> creds, int max_receive,
-            int max_streams) {
+            int max_streams, int idle_ms) {
     event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (event_fd_ < 0) return -1;
     grpc::ServerBuilder builder;
@@ -127,6 +127,7 @@ class Server {
     builder.SetMaxSendMessageSize(-1);
     builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, max_streams);
+    if (idle_ms > 0) builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, idle_ms);
     builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
     builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
     cq_ = builder.AddCompletionQueue();
@@ -510,15 +511,16 @@ PyObject* buffer_to_bytes(grpc::ByteBuffer& buf) {
 
 int Server_init(ServerObject* self, PyObject* args, PyObject* kwargs) {
   static const char* kw[] = {"address", "methods", "streaming", "max_receive", "max_streams", "stream_limit",
-                             "key", "cert", "client_ca", nullptr};
+                             "key",     "cert",    "client_ca", "idle_ms",    nullptr};
   const char* address;
   PyObject* methods;
   PyObject* streaming;
   int max_receive, max_streams, stream_limit;
   PyObject *key = Py_None, *cert = Py_None, *client_ca = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sOOiii|OOO", const_cast<char**>(kw), &address, &methods,
+  int idle_ms = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sOOiii|OOOi", const_cast<char**>(kw), &address, &methods,
                                    &streaming, &max_receive, &max_streams, &stream_limit, &key, &cert,
-                                   &client_ca))
+                                   &client_ca, &idle_ms))
     return -1;
   PyObject* names = PySequence_Tuple(methods);
   if (names == nullptr) return -1;
@@ -563,7 +565,7 @@ int Server_init(ServerObject* self, PyObject* args, PyObject* kwargs) {
   auto* server = new Server(std::move(table), std::move(streams), stream_limit);
   int port;
   std::string where(address);
-  Py_BEGIN_ALLOW_THREADS port = server->Start(where, creds, max_receive, max_streams);
+  Py_BEGIN_ALLOW_THREADS port = server->Start(where, creds, max_receive, max_streams, idle_ms);
   Py_END_ALLOW_THREADS if (port <= 0) {
     delete server;
     Py_DECREF(names);
@@ -718,7 +720,7 @@ PyMODINIT_FUNC PyInit__native(void) {
   ServerType.tp_basicsize = sizeof(ServerObject);
   ServerType.tp_flags = Py_TPFLAGS_DEFAULT;
   ServerType.tp_doc = "Server(address, methods, streaming, max_receive, max_streams, stream_limit, "
-                      "key=None, cert=None, client_ca=None)";
+                      "key=None, cert=None, client_ca=None, idle_ms=0)";
   ServerType.tp_new = PyType_GenericNew;
   ServerType.tp_init = reinterpret_cast<initproc>(Server_init);
   ServerType.tp_dealloc = reinterpret_cast<destructor>(Server_dealloc);

@@ -54,6 +54,9 @@ CALL, MESSAGE, END, CANCELLED = 0, 1, 2, 3  # the raw servers' event kinds (edge
 WINDOW = 4 << 20  # the loop server's HTTP/2 receive window, per stream and per connection
 FRAME = 1 << 20  # the largest HTTP/2 frame the loop server takes
 READ_SIZE = 256 << 10  # the loop server's reads
+CUT_REASONS = ("idle", "header_timeout", "body_timeout", "connection_limit")  # why the loop server closed a connection
+REFUSED_GRACE = 1.0  # seconds a connection beyond server.max_connections is kept to answer its calls UNAVAILABLE
+ENHANCE_YOUR_CALM = 0xB  # the HTTP/2 error code of a GOAWAY that closes a connection too slow to send its request
 # each RPC's request message class, from the protocol's own description
 REQUESTS: dict[str, type[Message]] = {
     m.name: getattr(pb, m.input_type.name) for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
@@ -393,7 +396,7 @@ class NativeServer:
         try:
             self._server = self._native.Server(
                 _target(self._config), [f"/{SERVICE}/{name}" for name in REQUESTS], [f"/{SERVICE}/{STREAM}"],
-                max_message, MAX_STREAMS, STREAM_INFLIGHT, key, cert, ca)
+                max_message, MAX_STREAMS, STREAM_INFLIGHT, key, cert, ca, _idle_ms(self._config))
         except OSError:
             return 0
         self._loop.add_reader(self._server.fileno(), self._take)
@@ -414,6 +417,34 @@ class NativeServer:
 # --- the loop server ------------------------------------------------------------------------------------
 
 
+class _Door:
+    """The loop server's limits on its connections, from the HTTP front door's settings, and what they cut.
+
+    A connection with no call open for ``idle_timeout`` gets a GOAWAY and is closed; one whose request headers
+    take longer than ``header_timeout``, or whose request messages bring fewer than ``body_min_rate`` ×
+    ``body_timeout`` bytes in a ``body_timeout`` window, is closed (a GOAWAY ENHANCE_YOUR_CALM); one beyond
+    ``max_connections`` answers its calls UNAVAILABLE and is closed. A sweep every ``period`` seconds looks at
+    each connection, so a limit takes effect up to ``period`` late.
+    """
+
+    def __init__(self, config: ServerConfig, h2: Any):
+        self.max_connections = config.max_connections
+        self.idle_timeout = config.idle_timeout
+        self.header_timeout = config.header_timeout
+        self.body_timeout = config.body_timeout
+        self.body_window = max(1, int(config.body_min_rate * config.body_timeout))
+        self.max_held = config.max_body_total
+        self.period = min(config.idle_timeout, config.header_timeout, config.body_timeout) / 2
+        self.open = 0  # connections within max_connections
+        self.cut = dict.fromkeys(CUT_REASONS, 0)
+        self._h2 = h2
+
+    @property
+    def held(self) -> int:
+        """Bytes of the request messages being received, across connections (``server.max_body_total``)."""
+        return self._h2.held()
+
+
 class _Connection(asyncio.BufferedProtocol):
     """One HTTP/2 connection of the loop server: what is read goes through its nghttp2 session, the calls it
     yields to the dispatcher, and what the session has to say is written at once."""
@@ -423,13 +454,30 @@ class _Connection(asyncio.BufferedProtocol):
         self._session: Any = None
         self._transport: asyncio.Transport | None = None
         self._held = 0
+        self._closing = False  # a GOAWAY is sent: close once the calls open are answered
+        self._refused = False  # beyond server.max_connections: its calls are answered UNAVAILABLE
+        self._received = 0  # bytes read
+        self._busy = 0  # reads that brought calls or messages (the sweep compares it with what it saw last)
+        # the sweep's view: when it last saw the connection busy, and since when headers or messages are arriving
+        self._seen_busy, self._quiet_since = -1, 0.0
+        self._heads_since: float | None = None
+        self._bodies_since: float | None = None
+        self._bodies_mark = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = self._server
+        door = server.door
         self._transport = transport  # type: ignore[assignment]
         self._session = server.h2.Session(server.unary, server.streaming, server.max_message, MAX_STREAMS,
-                                          WINDOW, FRAME)
+                                          WINDOW, FRAME, door.max_held)
+        self._quiet_since = server.loop.time()
         server.connections.add(self)
+        if door.open >= door.max_connections:
+            self._refused = True
+            door.cut["connection_limit"] += 1
+            server.loop.call_later(REFUSED_GRACE, self.abort)
+        else:
+            door.open += 1
         if server.stopping:
             self.goaway()
         else:
@@ -439,6 +487,7 @@ class _Connection(asyncio.BufferedProtocol):
         return self._server.buffer
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._received += nbytes
         try:
             events, out = self._session.receive(self._server.buffer, nbytes)
         except self._server.h2.H2Error as exc:
@@ -450,24 +499,80 @@ class _Connection(asyncio.BufferedProtocol):
         if out is not None:
             self._transport.write(out)  # type: ignore[union-attr]
         if events is not None:
-            self._server.dispatch.handle(self, events)
+            self._busy += 1
+            if self._refused:
+                self._refuse(events)
+            else:
+                self._server.dispatch.handle(self, events)
         elif self._session.done():
             self._transport.close()  # type: ignore[union-attr]
+
+    def _refuse(self, events: list[tuple[int, int, str | None, str | None, Any]]) -> None:
+        limit = self._server.door.max_connections
+        for kind, call, *_ in events:
+            if kind == CALL:
+                self.finish(call, grpc.StatusCode.UNAVAILABLE.value[0], f"the server has its maximum of {limit} "
+                            "gRPC connections open (server.max_connections); retry later", None)
+        self.goaway()
+
+    def sweep(self, now: float) -> None:
+        """The loop server's periodic look (see _Door): close the connection if it is idle or too slow."""
+        if self._transport is None or self._closing:
+            return
+        door = self._server.door
+        open_, heads, bodies = self._session.streams()
+        if open_ or self._busy != self._seen_busy:
+            self._seen_busy, self._quiet_since = self._busy, now
+        elif now - self._quiet_since >= door.idle_timeout:
+            self._cut("idle")
+            return
+        if not heads:
+            self._heads_since = None
+        elif self._heads_since is None:
+            self._heads_since = now
+        elif now - self._heads_since >= door.header_timeout:
+            self._cut("header_timeout", f"request headers took longer than {door.header_timeout:g} s "
+                                        "(server.header_timeout)")
+            return
+        if not bodies:
+            self._bodies_since = None
+        elif self._bodies_since is None:
+            self._bodies_since, self._bodies_mark = now, self._received
+        elif now - self._bodies_since >= door.body_timeout:
+            if self._received - self._bodies_mark < door.body_window:
+                self._cut("body_timeout", f"request messages arrived slower than {door.body_window} bytes in "
+                                          f"{door.body_timeout:g} s (server.body_min_rate, server.body_timeout)")
+                return
+            self._bodies_since, self._bodies_mark = now, self._received
+
+    def _cut(self, reason: str, slow: str | None = None) -> None:
+        """Close the connection: an idle one with a GOAWAY, a slow one with GOAWAY ENHANCE_YOUR_CALM at once."""
+        self._server.door.cut[reason] += 1
+        log.debug("cut a gRPC connection: %s", reason)
+        if slow is None:
+            self.goaway()
+            return
+        self._closing = True
+        self._transport.write(self._session.goaway(ENHANCE_YOUR_CALM, slow) or b"")  # type: ignore[union-attr]
+        self._transport.close()  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        self._server.connections.discard(self)
-        self._server.dispatch.gone(self)
+        server = self._server
+        server.connections.discard(self)
+        if not self._refused:
+            server.door.open -= 1
+        server.dispatch.gone(self)
 
     def _send(self, out: bytes | None) -> None:
-        """Write what the session gave (callers hold an open transport); once stopping, close when it is done."""
+        """Write what the session gave (callers hold an open transport); after a GOAWAY, close once it is done."""
         transport: asyncio.Transport = self._transport  # type: ignore[assignment]
         if out is not None:
             transport.write(out)
-        if self._server.stopping and self._session.done():
+        if self._closing and self._session.done():
             transport.close()
 
     def finish(self, call: int, code: int, message: str | None, payload: bytes | None) -> None:
@@ -481,6 +586,7 @@ class _Connection(asyncio.BufferedProtocol):
     def goaway(self) -> None:
         """Take no new call; close once those open are answered."""
         if self._transport is not None:
+            self._closing = True
             self._send(self._session.goaway())
 
     def abort(self) -> None:
@@ -515,12 +621,15 @@ class LoopServer:
         self.max_message = _max_message(config)
         self.buffer = bytearray(READ_SIZE)  # every connection reads into it: the session copies out at once
         self.connections: set[_Connection] = set()
+        self.door = _Door(config, _h2)
         self.stopping = False
         self.dispatch: _Dispatch | None = None
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._listener: asyncio.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self) -> int:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         self.dispatch = _Dispatch(self._calls, loop, self.max_message, hold_streams=True)
         context = self._tls.context(alpn=["h2"]) if self._tls is not None else None
         try:
@@ -529,10 +638,20 @@ class LoopServer:
                                                       backlog=1024)
         except OSError:
             return 0
+        self._calls.service.metrics.watch_front_door(self.door, "grpc")
+        self._sweeper = loop.call_later(self.door.period, self._sweep)
         return self._listener.sockets[0].getsockname()[1]
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for connection in list(self.connections):
+            connection.sweep(now)
+        self._sweeper = self.loop.call_later(self.door.period, self._sweep)
 
     async def stop(self, grace: float | None) -> None:
         self.stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self._listener.close()  # type: ignore[union-attr]
         for connection in list(self.connections):
             connection.goaway()
@@ -546,6 +665,12 @@ class LoopServer:
 
 def _max_message(config: ServerConfig) -> int:
     return config.max_body + (1 << 20)
+
+
+def _idle_ms(config: ServerConfig) -> int:
+    """server.idle_timeout for gRPC's own servers (native, grpcio): a connection with no call open that long
+    gets a GOAWAY."""
+    return max(1, round(config.idle_timeout * 1000))
 
 
 # --- grpcio's server ------------------------------------------------------------------------------------
@@ -577,6 +702,7 @@ class GrpcioServer:
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", MAX_STREAMS),
+            ("grpc.max_connection_idle_ms", _idle_ms(config)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ])

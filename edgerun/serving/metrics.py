@@ -127,20 +127,27 @@ class _QueueCollector(Collector):
 
 
 class _FrontDoorCollector(Collector):
-    """The listener's connections and held request bodies (``edgerun.server.http.FrontDoor``), at scrape time."""
+    """A listener's connections and held request bytes, at scrape time: the HTTP server's
+    (``edgerun.server.http.FrontDoor``) as ``edgerun_connections_*`` and ``edgerun_request_body_bytes_held``, the
+    loop gRPC server's as ``edgerun_grpc_connections_*`` and ``edgerun_grpc_request_bytes_held``."""
 
-    def __init__(self, door: Any):
+    NAMES = {"http": ("edgerun_connections", "edgerun_request_body_bytes_held", "HTTP",
+                      "Request-body bytes received for requests not answered yet"),
+             "grpc": ("edgerun_grpc_connections", "edgerun_grpc_request_bytes_held", "gRPC",
+                      "Bytes of the gRPC request messages being received")}
+
+    def __init__(self, door: Any, protocol: str):
         self.door = door
+        self.connections, self.held, self.what, self.held_help = self.NAMES[protocol]
 
     def collect(self) -> Iterator[Any]:
-        cut = CounterMetricFamily("edgerun_connections_cut", "Connections the server closed on a client, by reason",
-                                  labels=["reason"])
+        cut = CounterMetricFamily(f"{self.connections}_cut", f"{self.what} connections the server closed on a "
+                                  "client, by reason", labels=["reason"])
         for reason, n in self.door.cut.items():
             cut.add_metric([reason], n)
         yield cut
-        yield GaugeMetricFamily("edgerun_connections_open", "Open HTTP connections", value=self.door.open)
-        yield GaugeMetricFamily("edgerun_request_body_bytes_held",
-                                "Request-body bytes received for requests not answered yet", value=self.door.held)
+        yield GaugeMetricFamily(f"{self.connections}_open", f"Open {self.what} connections", value=self.door.open)
+        yield GaugeMetricFamily(self.held, self.held_help, value=self.door.held)
 
 
 class _ModelEvents:
@@ -169,6 +176,7 @@ class ServerMetrics:
         r = self.registry = CollectorRegistry()
         self.per_model: dict[str, _PerModel] = {}
         self.failed: dict[tuple[str, str], int] = {}
+        self._doors: dict[str, Collector] = {}
         self.auth_refusals = Counter("edgerun_auth_refusals", "Requests refused by access control, by reason",
                                      ["reason"], registry=r)
         for reason in REFUSALS:
@@ -212,9 +220,14 @@ class ServerMetrics:
         for w in waits:
             queue.observe(w)
 
-    def watch_front_door(self, door: Any) -> None:
-        """Export a listener's connection counts and held request bodies."""
-        self.registry.register(_FrontDoorCollector(door))
+    def watch_front_door(self, door: Any, protocol: str = "http") -> None:
+        """Export a listener's connection counts and held request bytes (``protocol``: "http" or "grpc"); a
+        listener started again replaces its protocol's earlier one."""
+        old = self._doors.pop(protocol, None)
+        if old is not None:
+            self.registry.unregister(old)
+        self._doors[protocol] = collector = _FrontDoorCollector(door, protocol)
+        self.registry.register(collector)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
