@@ -12,7 +12,8 @@
 //   its headers are in (payload None);
 // - MESSAGE: one request message of a streaming call;
 // - END: the client has sent the last message of a streaming call;
-// - CANCELLED: a streaming call ended before Python's last word (the client reset it or went away).
+// - CANCELLED: a call Python has ended before Python's last word (the client reset it, its deadline passed, or
+//   the connection went away).
 // A compressed message's payload is (grpc-encoding, bytes): Python inflates it or refuses the encoding.
 //
 // The session answers by itself what never reaches Python: a method the service does not have (UNIMPLEMENTED),
@@ -444,7 +445,7 @@ int on_stream_close(nghttp2_session* h2, int32_t id, uint32_t, void* user) {
   State* st = state_of(user);
   Stream* s = static_cast<Stream*>(nghttp2_session_get_stream_user_data(h2, id));
   if (s == nullptr) return 0;
-  if (s->kind == M_STREAM && s->called && !s->done) emit(st, EV_CANCELLED, s, nullptr);
+  if (s->called && !s->done) emit(st, EV_CANCELLED, s, nullptr);
   nghttp2_session_set_stream_user_data(h2, id, nullptr);
   free_stream(st, s);
   return 0;

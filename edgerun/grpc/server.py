@@ -168,14 +168,16 @@ class Calls:
         return await self.service.infer(request.model_name, request.model_version or None, *self._codec(request))
 
     def infer_soon(self, request: pb.ModelInferRequest, authorization: str | None,
-                   done: Callable[[pb.ModelInferResponse | None, EdgerunError | None], None]) -> None:
-        """ModelInfer without a task of its own (see InferenceService.infer_soon): ``done(response, error)``."""
+                   done: Callable[[pb.ModelInferResponse | None, EdgerunError | None], None]) -> Any:
+        """ModelInfer without a task of its own (see InferenceService.infer_soon): ``done(response, error)``.
+        The request, whose ``cancel()`` says the client left (None when it was refused at once)."""
         try:
             self._allow(authorization, INFER, request.model_name)
         except EdgerunError as exc:
             done(None, exc)
-            return
-        self.service.infer_soon(request.model_name, request.model_version or None, *self._codec(request), done)
+            return None
+        return self.service.infer_soon(request.model_name, request.model_version or None, *self._codec(request),
+                                       done)
 
     def _codec(self, request: pb.ModelInferRequest) -> tuple[Callable[[Any], _Decoded],
                                                              Callable[[Any, dict], pb.ModelInferResponse]]:
@@ -235,6 +237,7 @@ class _Dispatch:
         self._max_message = max_message
         self._hold = hold_streams
         self._streams: dict[tuple[Any, int], _RawStream] = {}
+        self._waiting: dict[tuple[Any, int], Any] = {}  # ModelInfer calls queued for a run: their requests
         self._tasks: set[asyncio.Task] = set()
         self._handlers = {f"/{SERVICE}/{name}": (calls.unary(name), cls)
                           for name, cls in REQUESTS.items() if name != STREAM}
@@ -268,12 +271,19 @@ class _Dispatch:
                     if not stream.pending:
                         self._end_stream(sink, call)
             elif kind == CANCELLED:
-                self._forget(sink, call)
+                run = self._waiting.pop((sink, call), None)
+                if run is not None:
+                    run.cancel()  # not run if it has not started
+                else:
+                    self._forget(sink, call)
 
     def gone(self, sink: Any) -> None:
-        """The sink's connection is closed: its streams are forgotten (their answers would go nowhere)."""
+        """The sink's connection is closed: its streams are forgotten (their answers would go nowhere), and its
+        ModelInfer calls still queued are not run."""
         for key in [key for key in self._streams if key[0] is sink]:
             self._forget(*key)
+        for key in [key for key in self._waiting if key[0] is sink]:
+            self._waiting.pop(key).cancel()
 
     def _forget(self, sink: Any, call: int) -> None:
         stream = self._streams.pop((sink, call), None)
@@ -309,13 +319,19 @@ class _Dispatch:
             sink.finish(call, grpc.StatusCode.INVALID_ARGUMENT.value[0], undecodable(pb.ModelInferRequest), None)
             return
 
+        key = (sink, call)
+        waiting = self._waiting
+
         def done(response: pb.ModelInferResponse | None, error: EdgerunError | None) -> None:
+            waiting.pop(key, None)
             if error is not None:
                 sink.finish(call, _code(error).value[0], str(error), None)
             else:
                 sink.finish(call, 0, None, response.SerializeToString())  # type: ignore[union-attr]
 
-        self._calls.infer_soon(request, authorization, done)
+        run = self._calls.infer_soon(request, authorization, done)
+        if run is not None and run.queued is not None:  # (a run on the loop has answered already)
+            waiting[key] = run
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = self._loop.create_task(coro)  # type: ignore[arg-type]

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
+import httpx
 import numpy as np
 import pytest
 
@@ -830,3 +831,36 @@ def test_a_stream_open_through_the_drain_is_served_after_http_has_stopped(stoppi
         requests.put(None)
     out = proc.output()
     assert "gRPC server stopped" in out and "Traceback" not in out, out
+
+
+def test_modelinfer_calls_whose_clients_gave_up_are_not_run(tmp_path, digits_package, expected):
+    """One slow call runs (max_inflight 1, batching off) while five more wait behind it with a 0.3 s deadline:
+    each fails DEADLINE_EXCEEDED at the client, which resets its stream, and the server drops it from the queue
+    instead of running it afterwards (the model's statistics count one execution and five failures)."""
+    slow = make_slow_package(tmp_path / "slow")
+    cfg = tmp_path / "edgerun.toml"
+    cfg.write_text(f'[[models]]\npath = "{slow.root}"\nbackend = "onnxruntime"\nmax_inflight = 1\n'
+                   f'inline_below_us = 0\n[models.batching]\nenabled = false\n')
+    proc = serve(cfg)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            first = stub.ModelInfer.future(slow_request(15000, id="first"), timeout=TIMEOUT)  # seconds
+            time.sleep(0.3)  # running now
+            for i in range(5):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.ModelInfer(slow_request(5000, id=f"late{i}"), timeout=0.3)
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value
+            assert not first.done(), "the first call was over before the others had timed out: make it slower"
+            assert slow_value(first.result()) == 15000.0
+            time.sleep(2)  # a late call run after the first would have finished by now
+        stats = httpx.get(f"{proc.url}/v2/models/slow/stats", timeout=TIMEOUT).json()["model_stats"][0]
+        assert stats["execution_count"] == 1, stats
+        assert stats["inference_stats"]["fail"]["count"] == 5, stats
+        metrics = httpx.get(f"{proc.url}/metrics", timeout=TIMEOUT).text
+        assert 'reason="client_gone"' in metrics
+        with grpc.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as channel:  # and it goes on serving
+            resp = inference_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(slow_request(5), timeout=TIMEOUT)
+        assert slow_value(resp) == 5.0
+    finally:
+        assert proc.stop() == 0, proc.output()
