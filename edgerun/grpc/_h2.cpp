@@ -84,7 +84,7 @@ struct State {
   size_t max_message = 0;
   size_t max_held = 0;  // the most g_held may reach with a message over SMALL_MESSAGE
   PyObject* events = nullptr;  // the list `receive` fills (null outside it)
-  std::vector<int32_t> cancelled_late;  // streaming calls closed while no list was open
+  std::vector<int32_t> cancelled_late;  // calls closed while no list was open
   std::string out;  // bytes to write, gathered from nghttp2
   bool failed = false;  // a Python error was raised inside a callback
 };
