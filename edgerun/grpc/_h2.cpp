@@ -17,7 +17,7 @@
 // A compressed message's payload is (grpc-encoding, bytes): Python inflates it or refuses the encoding.
 //
 // The session answers by itself what never reaches Python: a method the service does not have (UNIMPLEMENTED),
-// a request that is not gRPC (HTTP 405 or 415), a message over the size limit (RESOURCE_EXHAUSTED), a message
+// a request that is not gRPC (HTTP 405 or 415), headers or a message over the size limit (RESOURCE_EXHAUSTED), a message
 // that does not fit beside those every session of the process is receiving (UNAVAILABLE: see `held`) and a
 // unary call with other than one message (INVALID_ARGUMENT).
 #define PY_SSIZE_T_CLEAN
@@ -283,7 +283,11 @@ int on_header(nghttp2_session* h2, const nghttp2_frame* frame, const uint8_t* na
   Stream* s = static_cast<Stream*>(nghttp2_session_get_stream_user_data(h2, frame->hd.stream_id));
   if (s == nullptr) return 0;
   s->header_bytes += namelen + valuelen + 32;
-  if (s->header_bytes > MAX_HEADER_BYTES) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;  // reset the stream
+  if (s->header_bytes > MAX_HEADER_BYTES) {
+    // the field is dropped, and the call refused once its headers are in; far beyond the limit (CONTINUATION
+    // frames without end) the connection is dropped
+    return s->header_bytes > 4 * MAX_HEADER_BYTES ? NGHTTP2_ERR_CALLBACK_FAILURE : 0;
+  }
   const char* v = reinterpret_cast<const char*>(value);
   if (is(name, namelen, ":path")) {
     s->path.assign(v, valuelen);
@@ -408,7 +412,10 @@ int on_frame_recv(nghttp2_session* h2, const nghttp2_frame* frame, void* user) {
   Stream* s = static_cast<Stream*>(nghttp2_session_get_stream_user_data(h2, frame->hd.stream_id));
   if (s == nullptr) return 0;
   if (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
-    if (s->method != "POST") {
+    if (s->header_bytes > MAX_HEADER_BYTES) {
+      refuse(h2, st, s, 8, "the request's headers are " + std::to_string(s->header_bytes) + " bytes (as HTTP/2 " +
+                           "counts them), more than this server's limit of " + std::to_string(MAX_HEADER_BYTES));
+    } else if (s->method != "POST") {
       refuse_http(h2, s, "405", "gRPC calls are POST requests");
     } else if (s->content_type.compare(0, 16, "application/grpc") != 0 ||
                (s->content_type.size() > 16 && s->content_type[16] != '+' && s->content_type[16] != ';')) {

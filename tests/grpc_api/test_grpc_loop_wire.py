@@ -545,6 +545,26 @@ def test_metadata_over_the_header_limit_fails_that_call_only(served, expected):
     assert_serves(served, expected)
 
 
+def test_request_headers_over_the_limit_get_a_status_that_names_it(served, expected):
+    """20 KB of metadata sent as is (grpc's own client may refuse to send it): RESOURCE_EXHAUSTED naming the
+    16 KiB limit, and the connection goes on; headers far beyond the limit close that connection only."""
+    _, req = digits_request(1)
+    body = grpc_message(req.SerializeToString())
+    with RawH2(served.grpc_port) as raw:
+        answer = raw.answer(raw.request(INFER, body, headers=(("x-big", "a" * (20 << 10)),)))
+        assert answer.grpc_status == 8, answer
+        assert "limit of 16384" in answer.grpc_message, answer.grpc_message
+        raw_infer(raw, 17, expected)
+    with RawH2(served.grpc_port) as raw:  # 90 KB of headers: the connection is dropped
+        try:
+            raw.request(INFER, body, headers=tuple((f"x-big-{i}", "a" * (15 << 10)) for i in range(6)))
+            raw.read_to_eof()
+        except (ConnectionResetError, BrokenPipeError):
+            raw.eof = True
+        assert raw.eof
+    assert_serves(served, expected)
+
+
 # --- a stream whose request the session refuses ---------------------------------------------------------------
 
 STREAM_REFUSALS = {  # the bad request bytes, the grpc-status the stream must end with, words of its grpc-message
