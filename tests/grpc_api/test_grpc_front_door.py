@@ -28,8 +28,8 @@ grpc = pytest.importorskip("grpc")
 pytest.importorskip("h2.connection", reason="python-hyper's h2 is not installed (pip install h2)")
 
 import h2.errors  # noqa: E402
-from test_grpc_loop_wire import (INFER, TIMEOUT, RawH2, Reference, assert_serves, digits_request,  # noqa: E402
-                                 grpc_message, probabilities, raw_infer, rpc_error, serve)
+from test_grpc_loop_wire import (INFER, TIMEOUT, RawH2, assert_serves, digits_request, expected,  # noqa: E402,F401
+                                 grpc_message, probabilities, raw_infer, rpc_error, serve_digits)
 
 from edgerun.grpc import inference_pb2 as pb  # noqa: E402
 from edgerun.grpc import inference_pb2_grpc  # noqa: E402
@@ -42,19 +42,11 @@ LATE = PERIOD + 1.5  # how late a limit may take effect: one sweep, and a margin
 
 
 @pytest.fixture(scope="module")
-def expected(digits_package) -> Reference:
-    return Reference(digits_package)
-
-
-@pytest.fixture(scope="module")
 def limited(tmp_path_factory, digits_package):
-    d = tmp_path_factory.mktemp("grpc-door")
-    cfg = d / "edgerun.toml"
-    cfg.write_text(f'[server]\nmax_body = "1MiB"\nmax_body_total = "1536KiB"\nidle_timeout = {IDLE}\n'
-                   f'header_timeout = {SLOW}\nbody_timeout = {SLOW}\nbody_min_rate = "16KiB"\n'
-                   f'max_connections = {MAX_CONNECTIONS}\n'
-                   f'\n[[models]]\npath = "{digits_package.root}"\nvariant = "onnx-fp32"\n')
-    proc = serve(cfg)
+    proc = serve_digits(tmp_path_factory.mktemp("grpc-door"), digits_package,
+                        f'max_body = "1MiB"\nmax_body_total = "1536KiB"\nidle_timeout = {IDLE}\n'
+                        f'header_timeout = {SLOW}\nbody_timeout = {SLOW}\nbody_min_rate = "16KiB"\n'
+                        f'max_connections = {MAX_CONNECTIONS}')
     yield proc
     assert proc.stop() == 0, proc.output()
     out = proc.output()
@@ -266,10 +258,7 @@ def test_request_messages_being_received_count_against_max_body_total(limited, e
 
 def test_a_message_larger_than_max_body_total_is_refused_outright(tmp_path, digits_package, expected):
     """max_body 1 MiB but max_body_total 512 KiB: a 1 MiB message can never fit (RESOURCE_EXHAUSTED)."""
-    cfg = tmp_path / "edgerun.toml"
-    cfg.write_text(f'[server]\nmax_body = "1MiB"\nmax_body_total = "512KiB"\n'
-                   f'\n[[models]]\npath = "{digits_package.root}"\nvariant = "onnx-fp32"\n')
-    proc = serve(cfg)
+    proc = serve_digits(tmp_path, digits_package, 'max_body = "1MiB"\nmax_body_total = "512KiB"')
     try:
         x, req = big_request(4000)
         with grpc.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as channel:
@@ -289,10 +278,9 @@ def test_grpcs_own_servers_send_an_idle_connection_a_goaway(tmp_path, digits_pac
 
     if frontend == "native" and native_available("_native") is not None:
         pytest.skip(f"the native gRPC server is not built: {native_available('_native')}")
-    cfg = tmp_path / "edgerun.toml"
-    cfg.write_text(f'[server]\nidle_timeout = {IDLE}\n\n[[models]]\npath = "{digits_package.root}"\n')
-    proc = serve(cfg, EDGERUN_SERVER_GRPC_FRONTEND=frontend)
+    proc = serve_digits(tmp_path, digits_package, f"idle_timeout = {IDLE}", EDGERUN_SERVER_GRPC_FRONTEND=frontend)
     try:
+        assert f"({frontend} server)" in proc.output()
         with RawH2(proc.grpc_port) as raw:
             raw_infer(raw, 3, expected)
             t0 = time.monotonic()

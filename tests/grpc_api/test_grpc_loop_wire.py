@@ -96,14 +96,18 @@ def expected(digits_package) -> Reference:
     return Reference(digits_package)
 
 
+def serve_digits(d: Path, digits_package, server: str = 'max_body = "1MiB"', **env: str) -> ServerProcess:
+    """``edgerun serve`` with the digits model and the loop gRPC server (unless ``env`` names another), no token;
+    ``server``: the lines of its [server] table."""
+    cfg = d / "edgerun.toml"
+    cfg.write_text(f'[server]\n{server}\n\n[[models]]\npath = "{digits_package.root}"\nvariant = "onnx-fp32"\n')
+    return serve(cfg, **env)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, digits_package):
     """``edgerun serve`` with the digits model and the loop gRPC server, max_body 1 MiB, no token."""
-    d = tmp_path_factory.mktemp("loop-wire")
-    cfg = d / "edgerun.toml"
-    cfg.write_text(f'[server]\nmax_body = "1MiB"\n'
-                   f'\n[[models]]\npath = "{digits_package.root}"\nvariant = "onnx-fp32"\n')
-    proc = serve(cfg)
+    proc = serve_digits(tmp_path_factory.mktemp("loop-wire"), digits_package)
     yield proc
     assert proc.stop() == 0, proc.output()
     out = proc.output()
