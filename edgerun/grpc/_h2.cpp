@@ -17,9 +17,9 @@
 // A compressed message's payload is (grpc-encoding, bytes): Python inflates it or refuses the encoding.
 //
 // The session answers by itself what never reaches Python: a method the service does not have (UNIMPLEMENTED),
-// a request that is not gRPC (HTTP 405 or 415), headers or a message over the size limit (RESOURCE_EXHAUSTED), a message
-// that does not fit beside those every session of the process is receiving (UNAVAILABLE: see `held`) and a
-// unary call with other than one message (INVALID_ARGUMENT).
+// a request that is not gRPC (HTTP 405 or 415), headers or a message over the size limit (RESOURCE_EXHAUSTED),
+// a message that does not fit beside those every session of the process is receiving (UNAVAILABLE: see `held`)
+// and a unary call with other than one message (INVALID_ARGUMENT).
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <nghttp2/nghttp2.h>

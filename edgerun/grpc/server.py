@@ -41,6 +41,7 @@ from edgerun.errors import ConfigError, EdgerunError, InvalidInput, ModelNotFoun
 from edgerun.grpc import inference_pb2 as pb
 from edgerun.grpc.tensors import decode_request, encode_response, model_metadata
 from edgerun.serving.access import ADMIN, INFER, METADATA, SERVER, Grant
+from edgerun.serving.limits import ConnectionLimits
 from edgerun.serving.service import InferenceService
 from edgerun.serving.tls import ServerTls, server_tls
 
@@ -433,7 +434,7 @@ class NativeServer:
 # --- the loop server ------------------------------------------------------------------------------------
 
 
-class _Door:
+class _Door(ConnectionLimits):
     """The loop server's limits on its connections, from the HTTP front door's settings, and what they cut.
 
     A connection with no call open for ``idle_timeout`` gets a GOAWAY and is closed; one whose request headers
@@ -444,15 +445,8 @@ class _Door:
     """
 
     def __init__(self, config: ServerConfig, h2: Any):
-        self.max_connections = config.max_connections
-        self.idle_timeout = config.idle_timeout
-        self.header_timeout = config.header_timeout
-        self.body_timeout = config.body_timeout
-        self.body_window = max(1, int(config.body_min_rate * config.body_timeout))
-        self.max_held = config.max_body_total
+        super().__init__(config, CUT_REASONS)
         self.period = min(config.idle_timeout, config.header_timeout, config.body_timeout) / 2
-        self.open = 0  # connections within max_connections
-        self.cut = dict.fromkeys(CUT_REASONS, 0)
         self._h2 = h2
 
     @property

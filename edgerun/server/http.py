@@ -21,6 +21,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from edgerun.config import ServerConfig
 from edgerun.errors import ConfigError
 from edgerun.server.offload import INLINE_MAX
+from edgerun.serving.limits import ConnectionLimits
 from edgerun.serving.tls import ServerTls, server_tls
 
 log = logging.getLogger(__name__)
@@ -103,22 +104,14 @@ CUT_REASONS = ("idle", "header_timeout", "body_timeout", "connection_limit", "bo
 SMALL_BODY = 64 << 10  # a body this small is always let in: many of them still hold little
 
 
-class FrontDoor:
+class FrontDoor(ConnectionLimits):
     """What a server's connections share: their limits, the request-body bytes they hold, and what was cut."""
 
     def __init__(self, config: ServerConfig):
-        self.header_timeout = config.header_timeout
-        self.body_timeout = config.body_timeout
-        self.body_min_rate = config.body_min_rate
-        self.body_window = max(1, int(config.body_min_rate * config.body_timeout))  # bytes due per body_timeout
-        self.idle_timeout = config.idle_timeout
-        self.max_connections = config.max_connections
+        super().__init__(config, CUT_REASONS)
         self.max_body = config.max_body
-        self.max_held = config.max_body_total
         self.headroom = config.max_body_total - config.max_body  # while held is below, any allowed body fits
-        self.open = 0
         self.held = 0  # request-body bytes received for requests not answered yet
-        self.cut = dict.fromkeys(CUT_REASONS, 0)
 
     def refusal(self, headers: list[tuple[bytes, bytes]]) -> tuple[int, str] | None:
         """(status, message) for a request whose declared body does not fit beside those held, else None."""
