@@ -24,6 +24,8 @@
 #include <Python.h>
 #include <nghttp2/nghttp2.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <deque>
 #include <string>
@@ -42,6 +44,12 @@ const size_t SMALL_MESSAGE = 64 << 10;  // a message this small is always let in
 // The bytes of the request messages every session of the process is receiving: each is allocated whole when its
 // prefix arrives, and counted until it is whole (handed to Python) or dropped. One loop thread runs the sessions.
 size_t g_held = 0;
+// The request bytes the whole process holds, gRPC's and what Python adds (the HTTP server's bodies): the cell
+// share_held() gives, else one of this module's own. server.max_body_total bounds it; the loop thread alone
+// reads and writes it.
+int64_t g_own_total = 0;
+int64_t* g_total = &g_own_total;
+Py_buffer g_total_view = {};  // the shared cell's buffer, held while it is shared
 
 PyObject* H2Error;
 
@@ -186,6 +194,7 @@ bool emit(State* st, int kind, Stream* s, PyObject* payload);
 // The message a stream was receiving is whole or dropped: its bytes no longer count as held.
 void release_held(Stream* s) {
   g_held -= s->held;
+  *g_total -= static_cast<int64_t>(s->held);
   s->held = 0;
 }
 
@@ -355,7 +364,7 @@ int on_data_chunk(nghttp2_session* h2, uint8_t, int32_t id, const uint8_t* data,
                              "limit of " + std::to_string(st->max_message) + " (server.max_body)");
         break;
       }
-      if (size > SMALL_MESSAGE && g_held + size > st->max_held) {
+      if (size > SMALL_MESSAGE && static_cast<size_t>(std::max<int64_t>(*g_total, 0)) + size > st->max_held) {
         if (size > st->max_held)
           refuse(h2, st, s, 8, "the request message is " + std::to_string(size) + " bytes, more than the " +
                                std::to_string(st->max_held) + " bytes of requests this server holds at once " +
@@ -375,6 +384,7 @@ int on_data_chunk(nghttp2_session* h2, uint8_t, int32_t id, const uint8_t* data,
       if (size > SMALL_MESSAGE) {
         s->held = size;
         g_held += size;
+        *g_total += static_cast<int64_t>(size);
       }
     }
     size_t k = std::min(len, s->message_len - s->message_fill);
@@ -753,8 +763,31 @@ PyTypeObject SessionType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
 PyObject* held(PyObject*, PyObject*) { return PyLong_FromSize_t(g_held); }
 
+// Count the bytes held in `cell` (a writable buffer of one 8-byte signed integer) from now on, beside the bytes
+// others add there; what the sessions hold now moves with the count.
+PyObject* share_held(PyObject*, PyObject* cell) {
+  if (g_total_view.obj == cell) Py_RETURN_NONE;
+  Py_buffer view;
+  if (PyObject_GetBuffer(cell, &view, PyBUF_WRITABLE | PyBUF_FORMAT) < 0) return nullptr;
+  const auto size = static_cast<Py_ssize_t>(sizeof(int64_t));
+  if (view.len != size || view.itemsize != size || view.format == nullptr || (strcmp(view.format, "q") != 0 && strcmp(view.format, "l") != 0)) {
+    PyBuffer_Release(&view);
+    PyErr_SetString(PyExc_ValueError, "share_held() takes a writable buffer of one 8-byte signed integer");
+    return nullptr;
+  }
+  *g_total -= static_cast<int64_t>(g_held);
+  if (g_total_view.obj != nullptr) PyBuffer_Release(&g_total_view);
+  g_total_view = view;
+  g_total = static_cast<int64_t*>(view.buf);
+  *g_total += static_cast<int64_t>(g_held);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef module_methods[] = {
     {"held", held, METH_NOARGS, "held() -> the bytes of the request messages the sessions are receiving"},
+    {"share_held", share_held, METH_O,
+     "share_held(cell) -> None: check server.max_body_total against the count in cell (a writable buffer of one "
+     "8-byte signed integer) and keep the sessions' bytes in it too"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "edgerun.grpc._h2",

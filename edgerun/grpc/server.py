@@ -448,10 +448,12 @@ class _Door(ConnectionLimits):
         super().__init__(config, CUT_REASONS)
         self.period = min(config.idle_timeout, config.header_timeout, config.body_timeout) / 2
         self._h2 = h2
+        h2.share_held(self.shared.cell)  # server.max_body_total holds the HTTP server's bodies and these together
 
     @property
     def held(self) -> int:
-        """Bytes of the request messages being received, across connections (``server.max_body_total``)."""
+        """Bytes of the request messages being received, across connections: gRPC's part of what
+        ``server.max_body_total`` bounds."""
         return self._h2.held()
 
 

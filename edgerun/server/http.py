@@ -21,7 +21,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from edgerun.config import ServerConfig
 from edgerun.errors import ConfigError
 from edgerun.server.offload import INLINE_MAX
-from edgerun.serving.limits import ConnectionLimits
+from edgerun.serving.limits import HELD, ConnectionLimits, HeldBytes
 from edgerun.serving.tls import ServerTls, server_tls
 
 log = logging.getLogger(__name__)
@@ -105,13 +105,22 @@ SMALL_BODY = 64 << 10  # a body this small is always let in: many of them still 
 
 
 class FrontDoor(ConnectionLimits):
-    """What a server's connections share: their limits, the request-body bytes they hold, and what was cut."""
+    """What a server's connections share: their limits, the request-body bytes they hold, and what was cut.
 
-    def __init__(self, config: ServerConfig):
-        super().__init__(config, CUT_REASONS)
+    ``held`` counts this server's bodies (its /metrics gauge); ``server.max_body_total`` bounds them together
+    with every other listener's request bytes (``shared``: the gRPC messages being received too).
+    """
+
+    def __init__(self, config: ServerConfig, held: HeldBytes = HELD):
+        super().__init__(config, CUT_REASONS, held)
         self.max_body = config.max_body
-        self.headroom = config.max_body_total - config.max_body  # while held is below, any allowed body fits
+        self.headroom = config.max_body_total - config.max_body  # while the total is below, any allowed body fits
         self.held = 0  # request-body bytes received for requests not answered yet
+        self.total = held.cell  # [0]: the request bytes held by every listener
+
+    def add(self, n: int) -> None:
+        self.held += n
+        self.total[0] += n
 
     def refusal(self, headers: list[tuple[bytes, bytes]]) -> tuple[int, str] | None:
         """(status, message) for a request whose declared body does not fit beside those held, else None."""
@@ -126,11 +135,12 @@ class FrontDoor(ConnectionLimits):
         if size <= SMALL_BODY:
             return None
         if size > self.max_held:
-            return 413, (f"request body of {size} bytes exceeds the {self.max_held} bytes of request bodies the "
-                         "server holds at once (server.max_body_total)")
-        if self.held + size > self.max_held:
-            return 503, (f"the server holds {self.held} bytes of request bodies and takes at most {self.max_held} "
-                         f"(server.max_body_total): no room for {size} more now; retry later")
+            return 413, (f"request body of {size} bytes exceeds the {self.max_held} bytes of requests the server "
+                         "holds at once (server.max_body_total)")
+        held = self.total[0]
+        if held + size > self.max_held:
+            return 503, (f"the server holds {held} bytes of requests (HTTP and gRPC) and takes at most "
+                         f"{self.max_held} (server.max_body_total): no room for {size} more now; retry later")
         return None
 
 
@@ -279,7 +289,7 @@ class _HttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         door = self.door
-        if door.held > door.headroom:
+        if door.total[0] > door.headroom:
             refusal = door.refusal(self.headers)
             if refusal is not None:
                 door.cut["body_budget"] += 1
@@ -445,18 +455,19 @@ class _HttpProtocol(HttpToolsProtocol):
             return  # the rest of a body answered early is read and dropped
         door = self.door
         self._held += n
-        door.held += n
-        if phase == _BODY and door.held > door.max_held and self._held > SMALL_BODY:
+        door.add(n)
+        if phase == _BODY and door.total[0] > door.max_held and self._held > SMALL_BODY:
             if self._held > door.max_held:
-                self._cut("body_budget", 413, f"request body exceeds the {door.max_held} bytes of request bodies the "
+                self._cut("body_budget", 413, f"request body exceeds the {door.max_held} bytes of requests the "
                                               "server holds at once (server.max_body_total)")
             else:
-                self._cut("body_budget", 503, f"the server holds the most request-body bytes it takes at once "
+                self._cut("body_budget", 503, f"the server holds the most request bytes it takes at once "
                                               f"({door.max_held}, server.max_body_total); retry later")
 
     def _release(self) -> None:
-        self.door.held -= self._held
-        self._held = 0
+        if self._held:
+            self.door.add(-self._held)
+            self._held = 0
 
     def _cut(self, reason: str, status: int | None = None, message: str = "") -> None:
         """Close the connection, first answering ``status`` if no answer is under way; count it by ``reason``."""

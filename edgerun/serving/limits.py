@@ -1,21 +1,47 @@
 """The limits of ``[server]`` that every listener holds its connections to: the HTTP front door
-(``edgerun.server.http.FrontDoor``) and the loop gRPC server (``edgerun.grpc.server``) each keep their own."""
+(``edgerun.server.http.FrontDoor``) and the loop gRPC server (``edgerun.grpc.server``) each keep their own
+connection counts, and share one count of the request bytes held (``server.max_body_total``)."""
 
 from __future__ import annotations
 
+from array import array
+
 from edgerun.config import ServerConfig
+
+
+class HeldBytes:
+    """The request bytes the process's listeners hold at once, HTTP bodies and gRPC messages together: what
+    ``server.max_body_total`` bounds. One 8-byte cell, which the loop gRPC server's sessions (C++) update in place
+    too (``edgerun.grpc._h2.share_held``); every listener runs on the one event-loop thread."""
+
+    __slots__ = ("cell",)
+
+    def __init__(self) -> None:
+        self.cell = array("q", [0])
+
+    @property
+    def total(self) -> int:
+        return self.cell[0]
+
+    def add(self, n: int) -> None:
+        """Count ``n`` more bytes (fewer, when negative)."""
+        self.cell[0] += n
+
+
+HELD = HeldBytes()  # the process's: one budget, whichever listeners run
 
 
 class ConnectionLimits:
     """A listener's limits on its connections, how many are open, and how many it cut, by reason."""
 
-    def __init__(self, config: ServerConfig, reasons: tuple[str, ...]):
+    def __init__(self, config: ServerConfig, reasons: tuple[str, ...], held: HeldBytes = HELD):
         self.header_timeout = config.header_timeout
         self.body_timeout = config.body_timeout
         self.body_min_rate = config.body_min_rate
         self.body_window = max(1, int(config.body_min_rate * config.body_timeout))  # bytes due per body_timeout
         self.idle_timeout = config.idle_timeout
         self.max_connections = config.max_connections
-        self.max_held = config.max_body_total  # request bytes held at once, across connections
+        self.max_held = config.max_body_total  # request bytes held at once, across connections and listeners
+        self.shared = held
         self.open = 0
         self.cut = dict.fromkeys(reasons, 0)

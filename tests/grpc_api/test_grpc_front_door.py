@@ -10,14 +10,19 @@ max_connections 4, max_body_total 1.5 MiB), each test shows what a client sees a
 - a connection beyond max_connections gets its call answered UNAVAILABLE naming the setting, and is closed;
 - request messages being received count against max_body_total across connections: one that does not fit
   beside them is answered UNAVAILABLE (one larger than the whole budget RESOURCE_EXHAUSTED), while those already
-  arriving go on and are answered.
+  arriving go on and are answered;
+- the HTTP server's request bodies and the gRPC messages being received count in one max_body_total: either
+  leaves the other no room (a gRPC UNAVAILABLE, an HTTP 503), and there is room again once it is let go.
 
 After each, a normal ModelInfer on a new channel is answered (the server keeps serving).
 """
 
 from __future__ import annotations
 
+import json
 import re
+import socket
+import threading
 import time
 
 import httpx
@@ -253,6 +258,100 @@ def test_request_messages_being_received_count_against_max_body_total(limited, e
         assert gauge(limited, "edgerun_grpc_request_bytes_held") == 0
         resp = stub.ModelInfer(req2, timeout=TIMEOUT)  # room again
         np.testing.assert_allclose(probabilities(resp), expected(x2), rtol=1e-5, atol=1e-6)
+    assert_serves(limited, expected)
+
+
+class HeldHttpBody:
+    """An HTTP infer request declaring ``declared`` body bytes, of which ``sent`` are sent, then more at 32 KiB/s
+    (above server.body_min_rate, so the server keeps the connection) until closed."""
+
+    def __init__(self, served, declared: int, sent: int):
+        self.sock = socket.create_connection(("127.0.0.1", served.port), timeout=TIMEOUT)
+        self.sock.sendall(f"POST /v2/models/digits/infer HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                          f"content-type: application/json\r\ncontent-length: {declared}\r\n\r\n".encode())
+        self.sock.sendall(b" " * sent)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._trickle, daemon=True)
+        self.thread.start()
+
+    def _trickle(self) -> None:
+        while not self.stop.wait(0.25):
+            try:
+                self.sock.sendall(b" " * 8192)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+
+
+def wait_for_gauge(served, name: str, at_least: float) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while gauge(served, name) < at_least:
+        assert time.monotonic() < deadline, f"{name} never reached {at_least}"
+        time.sleep(0.02)
+
+
+def test_http_bodies_and_grpc_messages_share_max_body_total(limited, expected):
+    """700 KB of an HTTP body held: a 1 MiB gRPC message no longer fits in the 1.5 MiB of server.max_body_total
+    (UNAVAILABLE, "retry later"); once the HTTP client leaves, it is answered."""
+    x, req = big_request(4000)
+    body = HeldHttpBody(limited, 1_000_000, 700_000)
+    try:
+        wait_for_gauge(limited, "edgerun_request_body_bytes_held", 700_000)
+        with grpc.insecure_channel(f"127.0.0.1:{limited.grpc_port}") as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            err = rpc_error(stub.ModelInfer, req)
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, (err.code(), err.details())
+            assert "server.max_body_total" in err.details() and "retry later" in err.details()
+            body.close()
+            deadline = time.monotonic() + TIMEOUT
+            while gauge(limited, "edgerun_request_body_bytes_held") > 0:
+                assert time.monotonic() < deadline, "the HTTP body's bytes were never let go"
+                time.sleep(0.02)
+            resp = stub.ModelInfer(req, timeout=TIMEOUT)  # room again
+            np.testing.assert_allclose(probabilities(resp), expected(x), rtol=1e-5, atol=1e-6)
+    finally:
+        body.close()
+    assert_serves(limited, expected)
+
+
+def test_a_grpc_message_arriving_leaves_no_room_for_a_large_http_body(limited, expected):
+    """A 1 MiB gRPC message arriving: an HTTP request declaring 600 KB gets 503 with Retry-After naming
+    server.max_body_total before its body is read; the gRPC call, completed, is answered, and then the HTTP
+    request fits."""
+    x, req = big_request(4000)
+    message = grpc_message(req.SerializeToString())
+    with RawH2(limited.grpc_port) as raw:
+        sid = raw.request(INFER, end=False)
+        raw.send(sid, message[:200_000])
+        raw.ping()  # the server has read the message's prefix: its whole size is held
+        with socket.create_connection(("127.0.0.1", limited.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                         b"content-type: application/json\r\ncontent-length: 600000\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head, _, text = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), answer
+        assert b"retry-after: 1" in head.lower(), head
+        assert "server.max_body_total" in text.decode() and "gRPC" in text.decode(), text
+        raw.send(sid, message[200_000:], end=True)
+        done = raw.answer(sid)
+        assert done.grpc_status == 0, done
+        np.testing.assert_allclose(probabilities(pb.ModelInferResponse.FromString(done.messages()[0])), expected(x),
+                                   rtol=1e-5, atol=1e-6)
+    rows = np.random.default_rng(5).random((600, 64), dtype=np.float32)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [600, 64], "datatype": "FP32",
+                                   "data": rows.ravel().tolist()}]}).encode()
+    assert len(body) > 600_000
+    resp = httpx.post(limited.url + "/v2/models/digits/infer", content=body, timeout=TIMEOUT,
+                      headers={"content-type": "application/json"})
+    assert resp.status_code == 200, resp.text
+    np.testing.assert_allclose(np.array(resp.json()["outputs"][0]["data"], np.float32).reshape(600, 10),
+                               expected(rows), rtol=1e-4, atol=1e-5)
     assert_serves(limited, expected)
 
 
