@@ -39,7 +39,8 @@ enum Kind { EV_CALL = 0, EV_MESSAGE = 1, EV_END = 2, EV_CANCELLED = 3 };
 enum Method { M_UNKNOWN = 0, M_UNARY = 1, M_STREAM = 2 };
 
 const size_t MAX_HEADER_BYTES = 16 << 10;  // a request's headers, as HTTP/2 counts them (32 bytes a field more)
-const size_t SMALL_MESSAGE = 64 << 10;  // a message this small is always let in: many of them still hold little
+// A message this small is always let in (many of them still hold little): share_held() gives Python's threshold.
+size_t g_small = 64 << 10;
 
 // The bytes of the request messages every session of the process is receiving: each is allocated whole when its
 // prefix arrives, and counted until it is whole (handed to Python) or dropped. One loop thread runs the sessions.
@@ -90,7 +91,7 @@ struct State {
   std::unordered_map<std::string, int> methods;
   std::unordered_set<Stream*> streams;
   size_t max_message = 0;
-  size_t max_held = 0;  // the most g_held may reach with a message over SMALL_MESSAGE
+  size_t max_held = 0;  // the most the total held may reach with a message over g_small
   PyObject* events = nullptr;  // the list `receive` fills (null outside it)
   std::vector<int32_t> cancelled_late;  // calls closed while no list was open
   std::string out;  // bytes to write, gathered from nghttp2
@@ -364,7 +365,7 @@ int on_data_chunk(nghttp2_session* h2, uint8_t, int32_t id, const uint8_t* data,
                              "limit of " + std::to_string(st->max_message) + " (server.max_body)");
         break;
       }
-      if (size > SMALL_MESSAGE && static_cast<size_t>(std::max<int64_t>(*g_total, 0)) + size > st->max_held) {
+      if (size > g_small && static_cast<size_t>(std::max<int64_t>(*g_total, 0)) + size > st->max_held) {
         if (size > st->max_held)
           refuse(h2, st, s, 8, "the request message is " + std::to_string(size) + " bytes, more than the " +
                                std::to_string(st->max_held) + " bytes of requests this server holds at once " +
@@ -381,7 +382,7 @@ int on_data_chunk(nghttp2_session* h2, uint8_t, int32_t id, const uint8_t* data,
       }
       s->message_len = size;
       s->message_fill = 0;
-      if (size > SMALL_MESSAGE) {
+      if (size > g_small) {
         s->held = size;
         g_held += size;
         *g_total += static_cast<int64_t>(size);
@@ -764,13 +765,25 @@ PyTypeObject SessionType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 PyObject* held(PyObject*, PyObject*) { return PyLong_FromSize_t(g_held); }
 
 // Count the bytes held in `cell` (a writable buffer of one 8-byte signed integer) from now on, beside the bytes
-// others add there; what the sessions hold now moves with the count.
-PyObject* share_held(PyObject*, PyObject* cell) {
-  if (g_total_view.obj == cell) Py_RETURN_NONE;
+// others add there, and let a message of up to `small` bytes in whatever is held; what the sessions hold now
+// moves with the count.
+PyObject* share_held(PyObject*, PyObject* args) {
+  PyObject* cell;
+  Py_ssize_t small;
+  if (!PyArg_ParseTuple(args, "On", &cell, &small)) return nullptr;
+  if (small < 0) {
+    PyErr_SetString(PyExc_ValueError, "share_held(): small must be 0 or more");
+    return nullptr;
+  }
+  if (g_total_view.obj == cell) {
+    g_small = static_cast<size_t>(small);
+    Py_RETURN_NONE;
+  }
   Py_buffer view;
   if (PyObject_GetBuffer(cell, &view, PyBUF_WRITABLE | PyBUF_FORMAT) < 0) return nullptr;
   const auto size = static_cast<Py_ssize_t>(sizeof(int64_t));
-  if (view.len != size || view.itemsize != size || view.format == nullptr || (strcmp(view.format, "q") != 0 && strcmp(view.format, "l") != 0)) {
+  const bool int64 = view.format != nullptr && (strcmp(view.format, "q") == 0 || strcmp(view.format, "l") == 0);
+  if (view.len != size || view.itemsize != size || !int64) {
     PyBuffer_Release(&view);
     PyErr_SetString(PyExc_ValueError, "share_held() takes a writable buffer of one 8-byte signed integer");
     return nullptr;
@@ -780,14 +793,16 @@ PyObject* share_held(PyObject*, PyObject* cell) {
   g_total_view = view;
   g_total = static_cast<int64_t*>(view.buf);
   *g_total += static_cast<int64_t>(g_held);
+  g_small = static_cast<size_t>(small);
   Py_RETURN_NONE;
 }
 
 PyMethodDef module_methods[] = {
     {"held", held, METH_NOARGS, "held() -> the bytes of the request messages the sessions are receiving"},
-    {"share_held", share_held, METH_O,
-     "share_held(cell) -> None: check server.max_body_total against the count in cell (a writable buffer of one "
-     "8-byte signed integer) and keep the sessions' bytes in it too"},
+    {"share_held", share_held, METH_VARARGS,
+     "share_held(cell, small) -> None: check server.max_body_total against the count in cell (a writable buffer of "
+     "one 8-byte signed integer), keep the sessions' bytes in it too, and always let in a message of up to small "
+     "bytes"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "edgerun.grpc._h2",

@@ -41,7 +41,7 @@ from edgerun.errors import ConfigError, EdgerunError, InvalidInput, ModelNotFoun
 from edgerun.grpc import inference_pb2 as pb
 from edgerun.grpc.tensors import decode_request, encode_response, model_metadata
 from edgerun.serving.access import ADMIN, INFER, METADATA, SERVER, Grant
-from edgerun.serving.limits import ConnectionLimits
+from edgerun.serving.limits import SMALL_REQUEST, ConnectionLimits
 from edgerun.serving.service import InferenceService
 from edgerun.serving.tls import ServerTls, server_tls
 
@@ -448,7 +448,8 @@ class _Door(ConnectionLimits):
         super().__init__(config, CUT_REASONS)
         self.period = min(config.idle_timeout, config.header_timeout, config.body_timeout) / 2
         self._h2 = h2
-        h2.share_held(self.shared.cell)  # server.max_body_total holds the HTTP server's bodies and these together
+        # server.max_body_total holds the HTTP server's bodies and these together; small ones always get in
+        h2.share_held(self.shared.cell, SMALL_REQUEST)
 
     @property
     def held(self) -> int:

@@ -21,7 +21,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from edgerun.config import ServerConfig
 from edgerun.errors import ConfigError
 from edgerun.server.offload import INLINE_MAX
-from edgerun.serving.limits import HELD, ConnectionLimits, HeldBytes
+from edgerun.serving.limits import HELD, SMALL_REQUEST, ConnectionLimits, HeldBytes
 from edgerun.serving.tls import ServerTls, server_tls
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class _CorkedTransport:
 
 
 CUT_REASONS = ("idle", "header_timeout", "body_timeout", "connection_limit", "body_budget")
-SMALL_BODY = 64 << 10  # a body this small is always let in: many of them still hold little
+SMALL_BODY = SMALL_REQUEST  # a body this small is always let in: many of them still hold little
 
 
 class FrontDoor(ConnectionLimits):

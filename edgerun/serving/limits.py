@@ -29,6 +29,7 @@ class HeldBytes:
 
 
 HELD = HeldBytes()  # the process's: one budget, whichever listeners run
+SMALL_REQUEST = 64 << 10  # a request body (or gRPC message) this small is always let in: many still hold little
 
 
 class ConnectionLimits:

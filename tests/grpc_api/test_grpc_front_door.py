@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import threading
 import time
 
 import httpx
@@ -262,60 +261,57 @@ def test_request_messages_being_received_count_against_max_body_total(limited, e
 
 
 class HeldHttpBody:
-    """An HTTP infer request declaring ``declared`` body bytes, of which ``sent`` are sent, then more at 32 KiB/s
-    (above server.body_min_rate, so the server keeps the connection) until closed."""
+    """An HTTP infer request declaring ``declared`` body bytes of which ``sent`` are sent, the rest never."""
 
     def __init__(self, served, declared: int, sent: int):
         self.sock = socket.create_connection(("127.0.0.1", served.port), timeout=TIMEOUT)
         self.sock.sendall(f"POST /v2/models/digits/infer HTTP/1.1\r\nhost: 127.0.0.1\r\n"
                           f"content-type: application/json\r\ncontent-length: {declared}\r\n\r\n".encode())
         self.sock.sendall(b" " * sent)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._trickle, daemon=True)
-        self.thread.start()
-
-    def _trickle(self) -> None:
-        while not self.stop.wait(0.25):
-            try:
-                self.sock.sendall(b" " * 8192)
-            except OSError:
-                return
 
     def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
         self.sock.close()
 
 
-def wait_for_gauge(served, name: str, at_least: float) -> None:
+def wait_for_gauge(served, name: str, done) -> None:
     deadline = time.monotonic() + TIMEOUT
-    while gauge(served, name) < at_least:
-        assert time.monotonic() < deadline, f"{name} never reached {at_least}"
+    while not done(gauge(served, name)):
+        assert time.monotonic() < deadline, f"{name} is {gauge(served, name)}"
         time.sleep(0.02)
 
 
-def test_http_bodies_and_grpc_messages_share_max_body_total(limited, expected):
-    """700 KB of an HTTP body held: a 1 MiB gRPC message no longer fits in the 1.5 MiB of server.max_body_total
-    (UNAVAILABLE, "retry later"); once the HTTP client leaves, it is answered."""
-    x, req = big_request(4000)
-    body = HeldHttpBody(limited, 1_000_000, 700_000)
+def test_http_bodies_and_grpc_messages_share_max_body_total(tmp_path, digits_package, expected):
+    """Two HTTP bodies holding 1,540,000 of the 1.5 MiB of server.max_body_total (patient timeouts): a 100 KB gRPC
+    message no longer fits (UNAVAILABLE, "retry later"), one under 64 KiB is still let in and answered, and once
+    the HTTP clients leave a 1 MiB message is answered."""
+    proc = serve_digits(tmp_path, digits_package, 'max_body = "1MiB"\nmax_body_total = "1536KiB"\n'
+                                                  'body_timeout = 60\nheader_timeout = 60')
+    bodies = []
     try:
-        wait_for_gauge(limited, "edgerun_request_body_bytes_held", 700_000)
-        with grpc.insecure_channel(f"127.0.0.1:{limited.grpc_port}") as channel:
+        # (each declared size fits beside what is held when its head arrives: else a 503 before its body)
+        bodies = [HeldHttpBody(proc, 810_000, 800_000)]
+        wait_for_gauge(proc, "edgerun_request_body_bytes_held", lambda v: v >= 800_000)
+        bodies.append(HeldHttpBody(proc, 760_000, 740_000))
+        wait_for_gauge(proc, "edgerun_request_body_bytes_held", lambda v: v >= 1_540_000)
+        with grpc.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as channel:
             stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
-            err = rpc_error(stub.ModelInfer, req)
+            err = rpc_error(stub.ModelInfer, big_request(400)[1])  # 102,400 bytes of tensor data
             assert err.code() == grpc.StatusCode.UNAVAILABLE, (err.code(), err.details())
             assert "server.max_body_total" in err.details() and "retry later" in err.details()
-            body.close()
-            deadline = time.monotonic() + TIMEOUT
-            while gauge(limited, "edgerun_request_body_bytes_held") > 0:
-                assert time.monotonic() < deadline, "the HTTP body's bytes were never let go"
-                time.sleep(0.02)
-            resp = stub.ModelInfer(req, timeout=TIMEOUT)  # room again
-            np.testing.assert_allclose(probabilities(resp), expected(x), rtol=1e-5, atol=1e-6)
+            xs, small = big_request(200, seed=2)  # 51,200 bytes: over the room left, but small enough to get in
+            np.testing.assert_allclose(probabilities(stub.ModelInfer(small, timeout=TIMEOUT)), expected(xs),
+                                       rtol=1e-5, atol=1e-6)
+            for body in bodies:
+                body.close()
+            wait_for_gauge(proc, "edgerun_request_body_bytes_held", lambda v: v == 0)
+            x, req = big_request(4000)
+            np.testing.assert_allclose(probabilities(stub.ModelInfer(req, timeout=TIMEOUT)), expected(x),
+                                       rtol=1e-5, atol=1e-6)
+        assert_serves(proc, expected)
     finally:
-        body.close()
-    assert_serves(limited, expected)
+        for body in bodies:
+            body.close()
+        assert proc.stop() == 0, proc.output()
 
 
 def test_a_grpc_message_arriving_leaves_no_room_for_a_large_http_body(limited, expected):
