@@ -17,15 +17,7 @@ class HeldBytes:
     __slots__ = ("cell",)
 
     def __init__(self) -> None:
-        self.cell = array("q", [0])
-
-    @property
-    def total(self) -> int:
-        return self.cell[0]
-
-    def add(self, n: int) -> None:
-        """Count ``n`` more bytes (fewer, when negative)."""
-        self.cell[0] += n
+        self.cell = array("q", [0])  # [0]: the bytes held; a listener reads and adds to it directly (hot path)
 
 
 HELD = HeldBytes()  # the process's: one budget, whichever listeners run
