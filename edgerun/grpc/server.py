@@ -449,7 +449,7 @@ class _Door(ConnectionLimits):
         self.period = min(config.idle_timeout, config.header_timeout, config.body_timeout) / 2
         self._h2 = h2
         # server.max_body_total holds the HTTP server's bodies and these together; small ones always get in
-        h2.share_held(self.shared.cell, SMALL_REQUEST)
+        h2.share_held(self.total, SMALL_REQUEST)
 
     @property
     def held(self) -> int:

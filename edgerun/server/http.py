@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import stat
+from array import array
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator
 
@@ -21,7 +22,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from edgerun.config import ServerConfig
 from edgerun.errors import ConfigError
 from edgerun.server.offload import INLINE_MAX
-from edgerun.serving.limits import HELD, SMALL_REQUEST, ConnectionLimits, HeldBytes
+from edgerun.serving.limits import HELD, SMALL_REQUEST, ConnectionLimits
 from edgerun.serving.tls import ServerTls, server_tls
 
 log = logging.getLogger(__name__)
@@ -101,22 +102,20 @@ class _CorkedTransport:
 
 
 CUT_REASONS = ("idle", "header_timeout", "body_timeout", "connection_limit", "body_budget")
-SMALL_BODY = SMALL_REQUEST  # a body this small is always let in: many of them still hold little
 
 
 class FrontDoor(ConnectionLimits):
     """What a server's connections share: their limits, the request-body bytes they hold, and what was cut.
 
     ``held`` counts this server's bodies (its /metrics gauge); ``server.max_body_total`` bounds them together
-    with every other listener's request bytes (``shared``: the gRPC messages being received too).
+    with every other listener's request bytes (``total``: the gRPC messages being received too).
     """
 
-    def __init__(self, config: ServerConfig, held: HeldBytes = HELD):
+    def __init__(self, config: ServerConfig, held: array = HELD):
         super().__init__(config, CUT_REASONS, held)
         self.max_body = config.max_body
         self.headroom = config.max_body_total - config.max_body  # while the total is below, any allowed body fits
         self.held = 0  # request-body bytes received for requests not answered yet
-        self.total = held.cell  # [0]: the request bytes held by every listener
 
     def add(self, n: int) -> None:
         self.held += n
@@ -132,7 +131,7 @@ class FrontDoor(ConnectionLimits):
                 break
         else:
             return None  # chunked: counted as it arrives
-        if size <= SMALL_BODY:
+        if size <= SMALL_REQUEST:
             return None
         if size > self.max_held:
             return 413, (f"request body of {size} bytes exceeds the {self.max_held} bytes of requests the server "
@@ -166,7 +165,7 @@ class _InferCycle:
         self.protocol = protocol
         self.scope = scope
         self.keep_alive = keep_alive
-        if size > SMALL_BODY:  # read into its place (see _BodyReader); `filled` counts the bytes in
+        if size > SMALL_REQUEST:  # read into its place (see _BodyReader); `filled` counts the bytes in
             self.body = bytearray(size)
             self.filled = 0
         else:  # in one read or a few: appended
@@ -328,7 +327,7 @@ class _HttpProtocol(HttpToolsProtocol):
             return False
         size = int(length)
         self._size = size
-        if size <= SMALL_BODY:
+        if size <= SMALL_REQUEST:
             return True
         if size > self.door.max_body:
             return False  # the app answers 413
@@ -456,7 +455,7 @@ class _HttpProtocol(HttpToolsProtocol):
         door = self.door
         self._held += n
         door.add(n)
-        if phase == _BODY and door.total[0] > door.max_held and self._held > SMALL_BODY:
+        if phase == _BODY and door.total[0] > door.max_held and self._held > SMALL_REQUEST:
             if self._held > door.max_held:
                 self._cut("body_budget", 413, f"request body exceeds the {door.max_held} bytes of requests the "
                                               "server holds at once (server.max_body_total)")

@@ -9,25 +9,18 @@ from array import array
 from edgerun.config import ServerConfig
 
 
-class HeldBytes:
-    """The request bytes the process's listeners hold at once, HTTP bodies and gRPC messages together: what
-    ``server.max_body_total`` bounds. One 8-byte cell, which the loop gRPC server's sessions (C++) update in place
-    too (``edgerun.grpc._h2.share_held``); every listener runs on the one event-loop thread."""
-
-    __slots__ = ("cell",)
-
-    def __init__(self) -> None:
-        self.cell = array("q", [0])  # [0]: the bytes held; a listener reads and adds to it directly (hot path)
-
-
-HELD = HeldBytes()  # the process's: one budget, whichever listeners run
+# The request bytes the process's listeners hold at once, HTTP bodies and gRPC messages together: what
+# server.max_body_total bounds. One 8-byte cell ([0]), which the listeners read and add to in place and the loop
+# gRPC server's sessions (C++) update too (edgerun.grpc._h2.share_held); every listener runs on the one
+# event-loop thread.
+HELD = array("q", [0])
 SMALL_REQUEST = 64 << 10  # a request body (or gRPC message) this small is always let in: many still hold little
 
 
 class ConnectionLimits:
     """A listener's limits on its connections, how many are open, and how many it cut, by reason."""
 
-    def __init__(self, config: ServerConfig, reasons: tuple[str, ...], held: HeldBytes = HELD):
+    def __init__(self, config: ServerConfig, reasons: tuple[str, ...], held: array = HELD):
         self.header_timeout = config.header_timeout
         self.body_timeout = config.body_timeout
         self.body_min_rate = config.body_min_rate
@@ -35,6 +28,6 @@ class ConnectionLimits:
         self.idle_timeout = config.idle_timeout
         self.max_connections = config.max_connections
         self.max_held = config.max_body_total  # request bytes held at once, across connections and listeners
-        self.shared = held
+        self.total = held  # [0]: the request bytes held by every listener
         self.open = 0
         self.cut = dict.fromkeys(reasons, 0)
