@@ -13,6 +13,7 @@ registry, so another hub process can pick it up after a crash (``resume``).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -520,14 +521,32 @@ class RolloutRunner:
         payloads = {d.device: (d.before_release or "").encode() for d in touched}
         self._publish([d.device for d in touched], payloads)
         changed = {}
+        fleet_version = self._fleet_release_version()
         for d in touched:
-            if d.before_version is None and d.state == "active":
+            if d.before_version is None and not d.before_release and fleet_version not in (None,
+                                                                                          self.rollout.version):
+                # no version known before (its status had not reached the hub), but with its own release
+                # cleared it follows the fleet's release again: it goes back to that version
+                changed[d.device] = {"state": "reverting", "published_at": now, "before_version": fleet_version,
+                                     "detail": f"{d.state}: {d.detail}; the fleet's release names "
+                                               f"v{fleet_version}"[:500]}
+            elif d.before_version is None and d.state == "active":
                 changed[d.device] = {"state": "kept", "finished_at": now,
                                      "detail": f"keeps v{self.rollout.version}: it served no earlier version"}
             else:
                 changed[d.device] = {"state": "reverting", "published_at": now,
                                      "detail": f"{d.state}: {d.detail}"[:500]}
         self._save(changed)
+
+    def _fleet_release_version(self) -> int | None:
+        """The version the fleet's retained release of the model names, which a device without a release of its
+        own serves."""
+        payload = self.watch.releases.get(self.topics.release(self.rollout.model))
+        try:
+            version = json.loads(payload)["version"] if payload else None
+        except (ValueError, KeyError, TypeError):
+            return None
+        return version if isinstance(version, int) else None
 
     def _track_reverts(self) -> None:
         now = time.time()

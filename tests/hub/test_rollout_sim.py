@@ -70,6 +70,26 @@ def test_injected_failures_abort_at_the_first_gate_and_the_canary_rolls_back(set
     assert not any(left.values()), "the per-device releases of the canary were not put back"
 
 
+def test_an_abort_brings_back_devices_whose_version_the_hub_had_not_heard_to_the_fleet_release(setup):
+    """A device whose status had not reached the hub when the rollout started has no version recorded before
+    it; with its own release cleared it follows the fleet's release again, and the abort waits for that."""
+    with setup.sim(n=10, seed=3, fail_mode="spread") as fleet:
+        setup.publish(1)
+        wait_for(lambda: all_on(fleet, 1), what="v1 everywhere")
+        fleet.fail_rate = 0.2
+        setup.upload(2)
+        with setup.watch() as w:
+            rid = setup.start(w, 2, canary=10, bake="0.3s", max_failures="10%", timeout="30s")
+            names = [d.device for d in setup.registry.rollout_devices(rid)]
+            setup.registry.set_rollout_devices(rid, [(n, {"before_version": None}) for n in names])
+            final = RolloutRunner(setup.registry, w, rid, runner="test:1", tick=0.1).run()
+        assert final.state == "aborted", final.reason
+        devices = setup.registry.rollout_devices(rid)
+        assert {d.state for d in devices} == {"reverted"}, {d.device: (d.state, d.detail) for d in devices}
+        assert all("the fleet's release names v1" in d.detail and d.before_version == 1 for d in devices)
+        assert all_on(fleet, 1)
+
+
 def test_the_gate_judges_the_devices_that_finished_once_enough_did_and_at_each_stage_end():
     plan = Plan.parse(canary=10, step="25%", max_failures="10%", min_finished=10)
     assert plan.gate(1, 10, stage_over=True) is None  # one failure in a canary of 10 is allowed
