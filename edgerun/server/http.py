@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator
 
 import httptools
+import numpy as np
 import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -165,8 +166,9 @@ class _InferCycle:
         self.protocol = protocol
         self.scope = scope
         self.keep_alive = keep_alive
+        self.body: bytearray | memoryview
         if size > SMALL_REQUEST:  # read into its place (see _BodyReader); `filled` counts the bytes in
-            self.body = bytearray(size)
+            self.body = memoryview(np.empty(size, np.uint8))  # not zeroed first: every byte is read into it
             self.filled = 0
         else:  # in one read or a few: appended
             self.body = bytearray()
