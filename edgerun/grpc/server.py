@@ -29,7 +29,7 @@ import queue
 import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator, Optional, Sequence, Union
 
 import grpc
 from google.protobuf import json_format
@@ -39,7 +39,7 @@ import edgerun
 from edgerun.config import ServerConfig
 from edgerun.errors import ConfigError, EdgerunError, InvalidInput, ModelNotFound
 from edgerun.grpc import inference_pb2 as pb
-from edgerun.grpc.tensors import decode_request, encode_response, model_metadata
+from edgerun.grpc.tensors import decode_request, encode_response, model_metadata, read_infer_request
 from edgerun.serving.access import ADMIN, INFER, METADATA, SERVER, Grant
 from edgerun.serving.limits import SMALL_REQUEST, ConnectionLimits
 from edgerun.serving.service import InferenceService
@@ -54,6 +54,7 @@ MAX_STREAMS = 256  # calls open at once on one connection
 CALL, MESSAGE, END, CANCELLED = 0, 1, 2, 3  # the raw servers' event kinds (edgerun.grpc._native and _h2)
 WINDOW = 4 << 20  # the loop server's HTTP/2 receive window, per stream and per connection
 FRAME = 1 << 20  # the largest HTTP/2 frame the loop server takes
+RawInputs = Optional[Sequence[Union[bytes, memoryview]]]  # a request's raw_input_contents taken apart, or None
 READ_SIZE = 256 << 10  # the loop server's reads
 CUT_REASONS = ("idle", "header_timeout", "body_timeout", "connection_limit")  # why the loop server closed a connection
 REFUSED_GRACE = 1.0  # seconds a connection beyond server.max_connections is kept to answer its calls UNAVAILABLE
@@ -157,35 +158,39 @@ class Calls:
         """A ModelStreamInfer stream's grant: its token is read once; each request is checked against it."""
         return self.service.identify(authorization)
 
-    async def stream_one(self, grant: Grant, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+    async def stream_one(self, grant: Grant, request: pb.ModelInferRequest, raw: RawInputs = None
+                         ) -> pb.ModelStreamInferResponse:
         """One request of a stream: its answer, or its error as the answer's ``error_message``."""
         try:
             self.service.check(grant, INFER, request.model_name)
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, raw))
         except EdgerunError as exc:
             return pb.ModelStreamInferResponse(error_message=str(exc))
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        return await self.service.infer(request.model_name, request.model_version or None, *self._codec(request))
+    async def _infer(self, request: pb.ModelInferRequest, raw: RawInputs = None) -> pb.ModelInferResponse:
+        return await self.service.infer(request.model_name, request.model_version or None,
+                                        *self._codec(request, raw))
 
     def infer_soon(self, request: pb.ModelInferRequest, authorization: str | None,
-                   done: Callable[[pb.ModelInferResponse | None, EdgerunError | None], None]) -> Any:
+                   done: Callable[[pb.ModelInferResponse | None, EdgerunError | None], None],
+                   raw: RawInputs = None) -> Any:
         """ModelInfer without a task of its own (see InferenceService.infer_soon): ``done(response, error)``.
-        The request, whose ``cancel()`` says the client left (None when it was refused at once)."""
+        The request, whose ``cancel()`` says the client left (None when it was refused at once). ``raw``: the
+        request's raw_input_contents when they were taken apart from it (``read_infer_request``)."""
         try:
             self._allow(authorization, INFER, request.model_name)
         except EdgerunError as exc:
             done(None, exc)
             return None
-        return self.service.infer_soon(request.model_name, request.model_version or None, *self._codec(request),
-                                       done)
+        return self.service.infer_soon(request.model_name, request.model_version or None,
+                                       *self._codec(request, raw), done)
 
-    def _codec(self, request: pb.ModelInferRequest) -> tuple[Callable[[Any], _Decoded],
-                                                             Callable[[Any, dict], pb.ModelInferResponse]]:
+    def _codec(self, request: pb.ModelInferRequest, raw: RawInputs
+               ) -> tuple[Callable[[Any], _Decoded], Callable[[Any, dict], pb.ModelInferResponse]]:
         service = self.service
 
         def decode(model: Any) -> _Decoded:
-            return _Decoded(*decode_request(request, service.specs(model)[0]))
+            return _Decoded(*decode_request(request, service.specs(model)[0], raw))
 
         def encode(model: Any, outputs: dict) -> pb.ModelInferResponse:
             return encode_response(model.name, model.version, request.id, outputs, outputs,
@@ -315,7 +320,7 @@ class _Dispatch:
     def _infer(self, sink: Any, call: int, authorization: str | None, payload: bytes) -> None:
         """ModelInfer, the call that comes by the thousand: run through the service with no task of its own."""
         try:
-            request = pb.ModelInferRequest.FromString(payload)
+            request, raw = read_infer_request(payload)
         except DecodeError:
             sink.finish(call, grpc.StatusCode.INVALID_ARGUMENT.value[0], undecodable(pb.ModelInferRequest), None)
             return
@@ -330,7 +335,7 @@ class _Dispatch:
             else:
                 sink.finish(call, 0, None, response.SerializeToString())  # type: ignore[union-attr]
 
-        run = self._calls.infer_soon(request, authorization, done)
+        run = self._calls.infer_soon(request, authorization, done, raw)
         if run is not None and run.queued is not None:  # (a run on the loop has answered already)
             waiting[key] = run
 
@@ -366,11 +371,11 @@ class _Dispatch:
 
     async def _stream_one(self, sink: Any, call: int, stream: _RawStream, payload: bytes) -> None:
         try:
-            request = pb.ModelInferRequest.FromString(payload)
+            request, raw = read_infer_request(payload)
         except DecodeError:
             answer = pb.ModelStreamInferResponse(error_message=undecodable(pb.ModelInferRequest))
         else:
-            answer = await self._calls.stream_one(stream.grant, request)
+            answer = await self._calls.stream_one(stream.grant, request, raw)
         if self._streams.get((sink, call)) is not stream:  # cancelled meanwhile
             return
         sink.write(call, answer.SerializeToString())

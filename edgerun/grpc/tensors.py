@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from math import prod
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -36,11 +36,84 @@ _NARROW = ("INT8", "INT16", "UINT8", "UINT16")
 _SHARED_MEMORY = "shared_memory_region"
 
 
-def decode_request(req: ModelInferRequest,
-                   specs: Mapping[str, TensorSpec]) -> tuple[dict[str, np.ndarray], list[str] | None, str]:
+RAW_INPUT_CONTENTS = 7 << 3 | 2  # the tag of ModelInferRequest.raw_input_contents: field 7, length-delimited
+SPLIT_ABOVE = 64 << 10  # messages larger than this have their raw_input_contents taken in place
+
+
+def read_infer_request(payload: bytes) -> tuple[ModelInferRequest, Sequence[bytes | memoryview]]:
+    """A serialized ModelInferRequest and its raw_input_contents. Above ``SPLIT_ABOVE`` bytes the contents are
+    views of ``payload`` and the message is parsed without them: protobuf would copy each twice (into the message
+    and again into a bytes object when read), and a large copy costs fresh pages too: about 0.3 ms on a 600 KB
+    image, against 3 us for the split. DecodeError as ``FromString`` when it is not a ModelInferRequest."""
+    if len(payload) > SPLIT_ABOVE:
+        split = _split_raw_inputs(payload)
+        if split is not None:
+            rest, raw = split
+            return ModelInferRequest.FromString(rest), raw
+    req = ModelInferRequest.FromString(payload)
+    return req, req.raw_input_contents
+
+
+def _split_raw_inputs(payload: bytes) -> tuple[bytes, list[memoryview]] | None:
+    """(the message's other fields, its raw_input_contents as views): protobuf's wire format is a sequence of
+    fields, so the message without field 7 is those fields' bytes joined. None when a field is not framed as the
+    wire format says (the ordinary parse then refuses the message)."""
+    view = memoryview(payload)
+    rest: list[memoryview] = []
+    raw: list[memoryview] = []
+    i = kept = 0
+    n = len(payload)
+    try:
+        while i < n:
+            at = i
+            tag, i = _varint(payload, i)
+            wire = tag & 7
+            if wire == 2:
+                length, i = _varint(payload, i)
+                end = i + length
+            elif wire == 0:
+                end = _varint(payload, i)[1]
+            elif wire == 1:
+                end = i + 8
+            elif wire == 5:
+                end = i + 4
+            else:
+                return None  # groups, or not protobuf at all
+            if end > n:
+                return None
+            if tag == RAW_INPUT_CONTENTS:
+                rest.append(view[kept:at])
+                raw.append(view[i:end])
+                kept = end
+            i = end
+    except IndexError:
+        return None  # cut inside a varint
+    rest.append(view[kept:])
+    return b"".join(rest), raw
+
+
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    """The varint at ``b[i]`` and the position after it (IndexError when cut or overlong)."""
+    value = shift = 0
+    while True:
+        c = b[i]
+        i += 1
+        value |= (c & 0x7F) << shift
+        if c < 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise IndexError("a varint longer than 10 bytes")
+
+
+def decode_request(req: ModelInferRequest, specs: Mapping[str, TensorSpec],
+                   raw: Sequence[bytes | memoryview] | None = None
+                   ) -> tuple[dict[str, np.ndarray], list[str] | None, str]:
     """The input arrays, the requested output names (None: all) and the id of a request, checked against a
-    model's inputs; every error is an InvalidInput naming the input."""
-    raw = req.raw_input_contents
+    model's inputs; every error is an InvalidInput naming the input. ``raw``: its raw_input_contents, when they
+    were taken apart from the message (``read_infer_request``)."""
+    if raw is None:
+        raw = req.raw_input_contents
     if len(raw) == 1 and len(specs) == 1:
         arrays = _one_raw_input(req, raw[0], specs)  # what tritonclient and edgerun.Client send a one-input model
         if arrays is not None:
@@ -86,7 +159,7 @@ def decode_request(req: ModelInferRequest,
     return arrays, _wanted_outputs(req), req.id
 
 
-def _one_raw_input(req: ModelInferRequest, buf: bytes, specs: Mapping[str, TensorSpec]
+def _one_raw_input(req: ModelInferRequest, buf: bytes | memoryview, specs: Mapping[str, TensorSpec]
                    ) -> dict[str, np.ndarray] | None:
     """The input of a request holding one raw input for a one-input model, when nothing in it needs a closer
     look (None: decode_request's checks say what is wrong, or take what is unusual)."""
@@ -122,7 +195,7 @@ def _wanted_outputs(req: ModelInferRequest) -> list[str] | None:
     return wanted or None
 
 
-def _from_raw(buf: bytes, datatype: str, count: int, name: str) -> np.ndarray:
+def _from_raw(buf: bytes | memoryview, datatype: str, count: int, name: str) -> np.ndarray:
     if datatype == "BYTES":
         items = unpack_bytes(buf, name, "raw_input_contents")
         if len(items) != count:

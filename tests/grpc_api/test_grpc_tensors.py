@@ -14,7 +14,10 @@ from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult, ser
 from tritonclient.grpc._utils import _get_inference_request  # noqa: E402
 
 from edgerun.grpc import inference_pb2  # noqa: E402
-from edgerun.grpc.tensors import decode_request, encode_response, model_metadata  # noqa: E402
+from google.protobuf.message import DecodeError  # noqa: E402
+
+from edgerun.grpc.tensors import (SPLIT_ABOVE, decode_request, encode_response, model_metadata,  # noqa: E402
+                                  read_infer_request)
 from edgerun.tensors import TensorSpec  # noqa: E402
 
 TYPED = [d for d in DATATYPES if d != "FP16"]
@@ -140,3 +143,72 @@ def test_model_metadata_reads_in_tritonclient() -> None:
         "inputs": [{"name": "x", "datatype": "FP32", "shape": ["-1", "64"]}],
         "outputs": [{"name": "probs", "datatype": "FP32", "shape": ["-1", "10"]},
                     {"name": "label", "datatype": "INT64", "shape": ["-1"]}]}
+
+
+def _large_request() -> tuple[bytes, dict[str, np.ndarray]]:
+    """Three raw inputs, 600 KB of them, with the other fields before, between and after their contents (a
+    producer may write protobuf fields in any order)."""
+    rng = np.random.default_rng(7)
+    arrays = {"image": rng.random((1, 3, 224, 224), dtype=np.float32), "scale": np.array([[0.5]], np.float32),
+              "ids": rng.integers(0, 1 << 40, (2, 4), dtype=np.int64)}
+    parts = [inference_pb2.ModelInferRequest(model_name="m", id="req-7").SerializeToString()]
+    for name, arr in arrays.items():
+        datatype = "FP32" if arr.dtype == np.float32 else "INT64"
+        parts.append(inference_pb2.ModelInferRequest(raw_input_contents=[arr.tobytes()]).SerializeToString())
+        parts.append(inference_pb2.ModelInferRequest(inputs=[inference_pb2.ModelInferRequest.InferInputTensor(
+            name=name, datatype=datatype, shape=arr.shape)]).SerializeToString())
+    parts.append(inference_pb2.ModelInferRequest(outputs=[
+        inference_pb2.ModelInferRequest.InferRequestedOutputTensor(name="out")]).SerializeToString())
+    return b"".join(parts), arrays
+
+
+def test_a_large_request_is_read_with_its_raw_contents_in_place_and_decodes_the_same() -> None:
+    wire, arrays = _large_request()
+    assert len(wire) > SPLIT_ABOVE
+    request, raw = read_infer_request(wire)
+    whole = inference_pb2.ModelInferRequest.FromString(wire)
+    assert [bytes(r) for r in raw] == list(whole.raw_input_contents)
+    assert all(isinstance(r, memoryview) and r.obj is wire for r in raw)  # views of the message, not copies
+    whole.ClearField("raw_input_contents")
+    assert request == whole
+    specs = {"image": TensorSpec("image", "FP32", (-1, 3, 224, 224)), "scale": TensorSpec("scale", "FP32", (1, 1)),
+             "ids": TensorSpec("ids", "INT64", (2, 4))}
+    got, wanted, request_id = decode_request(request, specs, raw)
+    assert wanted == ["out"] and request_id == "req-7"
+    for name, arr in arrays.items():
+        assert_same(got[name], arr)
+
+
+def test_a_small_request_is_read_whole() -> None:
+    wire = _triton_request({"x": ("FP32", np.ones((1, 64), np.float32))})
+    request, raw = read_infer_request(wire)
+    assert list(raw) == [np.ones((1, 64), np.float32).tobytes()] and request.raw_input_contents == raw
+
+
+def test_a_large_request_cut_or_corrupted_reads_as_protobuf_reads_it() -> None:
+    """Every cut and a few hundred byte flips of a large request: refused exactly when protobuf refuses the whole
+    message, and otherwise read to the same request and contents."""
+    wire, arrays = _large_request()
+    rng = np.random.default_rng(3)
+    image = arrays["image"].tobytes()
+    after = wire.index(image) + len(image)  # the framing of the other fields, past the image's contents
+    spots = sorted({*range(0, 64), *range(after - 8, len(wire)), *(int(i) for i in rng.integers(0, len(wire), 200))})
+    tried = []
+    for i in spots:
+        tried.append(wire[:i])
+        for flip in (0x80, 0x7F, 0x07):
+            tried.append(wire[:i] + bytes([wire[i] ^ flip]) + wire[i + 1:])
+    refused = 0
+    for bad in tried:
+        try:
+            whole = inference_pb2.ModelInferRequest.FromString(bad)
+        except DecodeError:
+            with pytest.raises(DecodeError):
+                read_infer_request(bad)
+            refused += 1
+            continue
+        request, raw = read_infer_request(bad)
+        assert [bytes(r) for r in raw] == list(whole.raw_input_contents)
+        whole.ClearField("raw_input_contents")
+        assert request == whole
+    assert 0 < refused < len(tried)
