@@ -29,7 +29,7 @@ import queue
 import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Awaitable, Callable, Iterator, Sequence
 
 import grpc
 from google.protobuf import json_format
@@ -54,7 +54,7 @@ MAX_STREAMS = 256  # calls open at once on one connection
 CALL, MESSAGE, END, CANCELLED = 0, 1, 2, 3  # the raw servers' event kinds (edgerun.grpc._native and _h2)
 WINDOW = 4 << 20  # the loop server's HTTP/2 receive window, per stream and per connection
 FRAME = 1 << 20  # the largest HTTP/2 frame the loop server takes
-RawInputs = Optional[Sequence[Union[bytes, memoryview]]]  # a request's raw_input_contents taken apart, or None
+RawInputs = Sequence[bytes | memoryview] | None  # a request's raw_input_contents taken apart, or None
 READ_SIZE = 256 << 10  # the loop server's reads
 CUT_REASONS = ("idle", "header_timeout", "body_timeout", "connection_limit")  # why the loop server closed a connection
 REFUSED_GRACE = 1.0  # seconds a connection beyond server.max_connections is kept to answer its calls UNAVAILABLE
