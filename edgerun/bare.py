@@ -15,11 +15,12 @@ import struct
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from edgerun.backend import Backend, LoadOptions
 from edgerun.errors import BackendUnavailable, ModelLoadError, PackageError
 from edgerun.package import PACKAGE_FILE, ModelPackage, Variant, file_entry
+from edgerun.protowire import fields, varint
 from edgerun.tensors import DATATYPE_TO_DTYPE, TensorSpec
 from edgerun.units import decimal
 
@@ -140,43 +141,13 @@ _ONNX_INT4_OPS = {"MatMulNBits", "GatherBlockQuantized"}
 _ONNX_TYPES = {1: "fp32", 10: "fp16", 16: "fp16", 21: "int4", 22: "int4"}  # TensorProto.DataType
 
 
-def _varint(buf: mmap.mmap, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, i
-        shift += 7
-
-
-def _fields(buf: mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int | tuple[int, int]]]:
-    """(field number, value) of a protobuf message: a varint's int, a length-delimited field's (start, end)."""
-    i = start
-    while i < end:
-        key, i = _varint(buf, i)
-        wire = key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-            yield key >> 3, value
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            yield key >> 3, (i, i + n)
-            i += n
-        elif wire in (1, 5):
-            i += 8 if wire == 1 else 4
-        else:
-            raise ValueError(f"protobuf wire type {wire} at byte {i}")
-
-
 def _onnx_precision(path: Path) -> str:
     ops: set[str] = set()
     elements: Counter = Counter()
     with _mapped(path) as buf:
         def spans(span: tuple[int, int], number: int) -> list[tuple[int, int]]:
             """The length-delimited fields ``number`` of the message at ``span``."""
-            return [v for f, v in _fields(buf, *span) if f == number and isinstance(v, tuple)]
+            return [v for f, _, v, _ in fields(buf, *span) if f == number and isinstance(v, tuple)]
 
         def op_types(span: tuple[int, int], node_field: int) -> None:
             for node in spans(span, node_field):
@@ -187,7 +158,7 @@ def _onnx_precision(path: Path) -> str:
             op_types(graph, 1)  # GraphProto.node
             for tensor in spans(graph, 5):  # GraphProto.initializer
                 dims, kind = 1, None
-                for f, v in _fields(buf, *tensor):
+                for f, _, v, _ in fields(buf, *tensor):
                     if f == 1:  # TensorProto.dims, one by one or packed
                         dims *= math.prod(_packed(buf, v)) if isinstance(v, tuple) else v
                     elif f == 2 and isinstance(v, int):  # TensorProto.data_type
@@ -203,7 +174,7 @@ def _onnx_precision(path: Path) -> str:
 def _packed(buf: mmap.mmap, span: tuple[int, int]) -> list[int]:
     values, i = [], span[0]
     while i < span[1]:
-        value, i = _varint(buf, i)
+        value, i = varint(buf, i)
         values.append(value)
     return values
 

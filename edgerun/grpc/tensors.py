@@ -9,6 +9,7 @@ import numpy as np
 
 from edgerun.errors import InvalidInput
 from edgerun.grpc.inference_pb2 import ModelInferRequest, ModelInferResponse, ModelMetadataResponse
+from edgerun.protowire import fields
 from edgerun.tensors import (DATATYPE_TO_DTYPE, TensorSpec, as_text, datatype_of, object_array, pack_bytes,
                              unpack_bytes)
 
@@ -36,7 +37,7 @@ _NARROW = ("INT8", "INT16", "UINT8", "UINT16")
 _SHARED_MEMORY = "shared_memory_region"
 
 
-RAW_INPUT_CONTENTS = 7 << 3 | 2  # the tag of ModelInferRequest.raw_input_contents: field 7, length-delimited
+RAW_INPUT_CONTENTS = 7  # ModelInferRequest.raw_input_contents, a repeated bytes field
 SPLIT_ABOVE = 64 << 10  # messages larger than this have their raw_input_contents taken in place
 
 
@@ -61,49 +62,17 @@ def _split_raw_inputs(payload: bytes) -> tuple[bytes, list[memoryview]] | None:
     view = memoryview(payload)
     rest: list[memoryview] = []
     raw: list[memoryview] = []
-    i = kept = 0
-    n = len(payload)
+    kept = 0
     try:
-        while i < n:
-            at = i
-            tag, i = _varint(payload, i)
-            wire = tag & 7
-            if wire == 2:
-                length, i = _varint(payload, i)
-                end = i + length
-            elif wire == 0:
-                end = _varint(payload, i)[1]
-            elif wire == 1:
-                end = i + 8
-            elif wire == 5:
-                end = i + 4
-            else:
-                return None  # groups, or not protobuf at all
-            if end > n:
-                return None
-            if tag == RAW_INPUT_CONTENTS:
+        for number, at, value, end in fields(payload, 0, len(payload)):
+            if number == RAW_INPUT_CONTENTS and isinstance(value, tuple):
                 rest.append(view[kept:at])
-                raw.append(view[i:end])
+                raw.append(view[value[0]:value[1]])
                 kept = end
-            i = end
-    except IndexError:
-        return None  # cut inside a varint
+    except (IndexError, ValueError):
+        return None  # cut, overlong, a group, or not protobuf at all
     rest.append(view[kept:])
     return b"".join(rest), raw
-
-
-def _varint(b: bytes, i: int) -> tuple[int, int]:
-    """The varint at ``b[i]`` and the position after it (IndexError when cut or overlong)."""
-    value = shift = 0
-    while True:
-        c = b[i]
-        i += 1
-        value |= (c & 0x7F) << shift
-        if c < 0x80:
-            return value, i
-        shift += 7
-        if shift > 63:
-            raise IndexError("a varint longer than 10 bytes")
 
 
 def decode_request(req: ModelInferRequest, specs: Mapping[str, TensorSpec],
