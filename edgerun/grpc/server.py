@@ -58,6 +58,7 @@ RawInputs = Sequence[bytes | memoryview] | None  # a request's raw_input_content
 READ_SIZE = 256 << 10  # the loop server's reads
 CUT_REASONS = ("idle", "header_timeout", "body_timeout", "connection_limit")  # why the loop server closed a connection
 REFUSED_GRACE = 1.0  # seconds a connection beyond server.max_connections is kept to answer its calls UNAVAILABLE
+LINGER = 1.0  # seconds a connection cut for slowness still reads (and drops) what its client sends
 ENHANCE_YOUR_CALM = 0xB  # the HTTP/2 error code of a GOAWAY that closes a connection too slow to send its request
 # each RPC's request message class, from the protocol's own description
 REQUESTS: dict[str, type[Message]] = {
@@ -474,6 +475,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._held = 0
         self._closing = False  # a GOAWAY is sent: close once the calls open are answered
         self._refused = False  # beyond server.max_connections: its calls are answered UNAVAILABLE
+        self._lingering = False  # cut: what arrives is dropped until the client closes or LINGER is over
         self._received = 0  # bytes read
         self._busy = 0  # reads that brought calls or messages (the sweep compares it with what it saw last)
         # the sweep's view: when it last saw the connection busy, and since when headers or messages are arriving
@@ -505,6 +507,8 @@ class _Connection(asyncio.BufferedProtocol):
         return self._server.buffer
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._lingering:
+            return
         self._received += nbytes
         try:
             events, out = self._session.receive(self._server.buffer, nbytes)
@@ -571,8 +575,14 @@ class _Connection(asyncio.BufferedProtocol):
             self.goaway()
             return
         self._closing = True
-        self._transport.write(self._session.goaway(ENHANCE_YOUR_CALM, slow) or b"")  # type: ignore[union-attr]
-        self._transport.close()  # type: ignore[union-attr]
+        transport: asyncio.Transport = self._transport  # type: ignore[assignment]
+        transport.write(self._session.goaway(ENHANCE_YOUR_CALM, slow) or b"")
+        # closed with the client's bytes unread, the socket would answer them with a reset, and a client still
+        # sending would lose the GOAWAY that says why: end the writing side, drop what comes, close after LINGER
+        # (or at the client's own close, see eof_received)
+        self._lingering = True
+        transport.write_eof()
+        self._server.loop.call_later(LINGER, transport.close)
 
     def eof_received(self) -> bool:
         return False
