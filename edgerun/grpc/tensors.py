@@ -140,16 +140,23 @@ def _one_raw_input(req: ModelInferRequest, buf: bytes | memoryview, specs: Mappi
     spec = specs.get(name)
     if spec is None or datatype != spec.datatype or datatype == "BYTES" or t.parameters or t.HasField("contents"):
         return None
-    shape = tuple(t.shape)
+    shape = tuple(t.shape[:])  # (a slice is a list at once; iterating the field goes element by element)
     if shape and min(shape) < 0:
         return None
     dtype = _LE_DTYPES[datatype]
     if len(buf) != prod(shape) * dtype.itemsize:
         return None
-    return {name: np.frombuffer(buf, dtype=dtype).reshape(shape)}
+    return {name: np.ndarray(shape, dtype, buf)}  # a view of buf, as np.frombuffer(...).reshape(...) in one call
 
 
 def _wanted_outputs(req: ModelInferRequest) -> list[str] | None:
+    outputs = req.outputs
+    if not outputs:
+        return None
+    if len(outputs) == 1:  # the common case, without the loop's iterator over the field
+        only = outputs[0]
+        if not only.parameters:
+            return [only.name]
     wanted: list[str] = []
     for o in req.outputs:
         if o.name in wanted:

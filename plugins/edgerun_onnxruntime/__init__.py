@@ -48,9 +48,15 @@ class OnnxRuntimeSession(Session):
         self.outputs = [_spec(a) for a in sess.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
         self._run = sess.run
+        binding = getattr(sess, "_sess", None)
+        if sess.get_providers() == ["CPUExecutionProvider"] and callable(getattr(binding, "run", None)):
+            # the session's wrapper checks each run's feed (names, graph capture, OrtValue owners) and falls back
+            # to another provider on a provider's failure: with the CPU alone there is nothing to fall back from,
+            # and runtime.check_inputs has checked the feed, so a run goes to the binding (about 2 us less a run)
+            self._run = binding.run
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._output_names, self._run(self._output_names, inputs)))
+        return dict(zip(self._output_names, self._run(self._output_names, inputs, None)))
 
     @property
     def device(self) -> str:
