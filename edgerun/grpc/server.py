@@ -29,7 +29,7 @@ import queue
 import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Iterator, Sequence
+from typing import Any, Awaitable, Callable, Iterator
 
 import grpc
 from google.protobuf import json_format
@@ -39,7 +39,7 @@ import edgerun
 from edgerun.config import ServerConfig
 from edgerun.errors import ConfigError, EdgerunError, InvalidInput, ModelNotFound
 from edgerun.grpc import inference_pb2 as pb
-from edgerun.grpc.tensors import decode_request, encode_response, model_metadata, read_infer_request
+from edgerun.grpc.tensors import RawInputs, decode_request, encode_response, model_metadata, read_infer_request
 from edgerun.serving.access import ADMIN, INFER, METADATA, SERVER, Grant
 from edgerun.serving.limits import SMALL_REQUEST, ConnectionLimits
 from edgerun.serving.service import InferenceService
@@ -54,7 +54,6 @@ MAX_STREAMS = 256  # calls open at once on one connection
 CALL, MESSAGE, END, CANCELLED = 0, 1, 2, 3  # the raw servers' event kinds (edgerun.grpc._native and _h2)
 WINDOW = 4 << 20  # the loop server's HTTP/2 receive window, per stream and per connection
 FRAME = 1 << 20  # the largest HTTP/2 frame the loop server takes
-RawInputs = Sequence[bytes | memoryview] | None  # a request's raw_input_contents taken apart, or None
 READ_SIZE = 256 << 10  # the loop server's reads
 CUT_REASONS = ("idle", "header_timeout", "body_timeout", "connection_limit")  # why the loop server closed a connection
 REFUSED_GRACE = 1.0  # seconds a connection beyond server.max_connections is kept to answer its calls UNAVAILABLE

@@ -522,9 +522,9 @@ class RolloutRunner:
         self._publish([d.device for d in touched], payloads)
         changed = {}
         fleet_version = self._fleet_release_version()
+        follows_fleet = fleet_version is not None and fleet_version != self.rollout.version
         for d in touched:
-            if d.before_version is None and not d.before_release and fleet_version not in (None,
-                                                                                          self.rollout.version):
+            if d.before_version is None and not d.before_release and follows_fleet:
                 # no version known before (its status had not reached the hub), but with its own release
                 # cleared it follows the fleet's release again: it goes back to that version
                 changed[d.device] = {"state": "reverting", "published_at": now, "before_version": fleet_version,
